@@ -1,0 +1,34 @@
+# make book   : run the notebook suite (PROFILE=smoke by default) and build the HTML book in _build/html
+# make test   : every test (unit, integration, nbval on the notebooks, the smoke suite and book build)
+# Both bootstrap their virtual environment (VENV=.venv by default) from pyproject.toml.
+VENV ?= .venv
+PYTHON ?= python3
+PROFILE ?= smoke
+SET ?=
+RUN_DIR ?=
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.synthgap-installed
+
+.PHONY: book test venv notebooks clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+book: $(STAMP)
+	$(PY) -m synthgap_helpers run --profile $(PROFILE) $(if $(RUN_DIR),--run-dir $(RUN_DIR)) $(foreach s,$(SET),--set $(s))
+
+test: $(STAMP)
+	$(PY) -m pytest tests
+	$(PY) -m pytest --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider notebooks/
+
+# Re-execute the committed notebooks in place with the smoke profile: their outputs are nbval's reference.
+notebooks: $(STAMP)
+	cd notebooks && for nb in [0-9][0-9]_*.ipynb; do $(abspath $(PY)) -m papermill --cwd . "$$nb" "$$nb" || exit 1; done
+
+clean:
+	rm -rf _build book/executed runs/smoke

@@ -1,0 +1,266 @@
+"""Profiles, parameter validation, the run directory and its provenance record.
+
+A run is one configuration: `load` resolves a profile plus overrides into a validated `Config`,
+and records it in `<run_dir>/config.json`; a later call with other parameters on the same run
+directory is refused, so that resumed stages never mix results of two configurations.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+from importlib import metadata, resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from synthgap_helpers.storage import atomic_write_json
+
+PROFILES = ("smoke", "gpu-small", "paper")
+_PROVENANCE_PACKAGES = ("torch", "torchvision", "numpy", "diffusers", "transformers", "opencv-python-headless",
+                        "captum", "papermill", "jupyter-book", "synthgap-helpers")
+
+
+class ConfigError(ValueError):
+    """A profile, override or run directory that cannot be used; the message says what to change."""
+
+
+class _Section(BaseModel):
+    """Strict, closed parameter group: unknown keys and wrong types are errors, not guesses."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class DataParams(_Section):
+    """Where CIFAR-10 comes from and which part of it a run uses."""
+
+    root: str | None = None  # CIFAR-10 folder; None: $SYNTHGAP_DATA_DIR, then the download cache
+    download: bool = True  # let torchvision download CIFAR-10 when no local copy is found
+    cache_dir: str | None = None  # decoded-array cache; None: $SYNTHGAP_CACHE_DIR or ~/.cache/synthgap
+    train_per_class: int | None = Field(default=None, ge=1, le=5000)  # None: all that the split leaves
+    val_per_class: int = Field(default=500, ge=1, le=2500)  # validation images carved from train
+    test_per_class: int | None = Field(default=None, ge=1, le=1000)  # None: the full official test set
+    on_bad_image: Literal["error", "skip"] = "error"
+
+    @model_validator(mode="after")
+    def _fits_in_train(self) -> DataParams:
+        if self.train_per_class is not None and self.train_per_class + self.val_per_class > 5000:
+            raise ValueError(
+                f"train_per_class ({self.train_per_class}) + val_per_class ({self.val_per_class}) "
+                "must be at most 5000, the CIFAR-10 training images per class")
+        return self
+
+
+class Config(_Section):
+    """Every parameter of a run, validated; `run_dir` is where each stage reads and writes."""
+
+    profile: str
+    run_dir: Path
+    seed: int = Field(default=0, ge=0)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    data: DataParams = DataParams()
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+            raise ValueError(f"device must be one of auto, cpu, cuda, cuda:N, mps; got {value!r}")
+        return value
+
+    def params(self) -> dict[str, Any]:
+        """The parameters as plain JSON values, without the run directory (which may move)."""
+        return self.model_dump(mode="json", exclude={"run_dir"})
+
+
+def profile_names() -> tuple[str, ...]:
+    """Names of the profiles shipped inside the package."""
+    return PROFILES
+
+
+def read_profile(profile: str) -> dict[str, Any]:
+    """The raw parameters of a shipped profile, or of a YAML file given by path."""
+    path = Path(profile)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"profile file {path} does not exist")
+        text = path.read_text()
+    elif profile in PROFILES:
+        text = (resources.files("synthgap_helpers") / "profiles" / f"{profile}.yaml").read_text()
+    else:
+        raise ConfigError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)} or a path to a .yaml file")
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"profile {profile!r} must hold a mapping of parameters, got {type(data).__name__}")
+    return data
+
+
+def parse_overrides(overrides: str | list[str] | dict[str, Any] | None) -> dict[str, Any]:
+    """`key=value` pairs (dotted keys, YAML values) as a nested dict: `data.val_per_class=50`."""
+    if not overrides:
+        return {}
+    if isinstance(overrides, dict):
+        items = list(overrides.items())
+    else:
+        pairs = overrides.split() if isinstance(overrides, str) else list(overrides)
+        items = []
+        for pair in pairs:
+            key, sep, value = pair.partition("=")
+            if not sep or not key:
+                raise ConfigError(f"override {pair!r} is not of the form key=value (e.g. data.val_per_class=50)")
+            items.append((key, yaml.safe_load(value) if value else None))
+    nested: dict[str, Any] = {}
+    for key, value in items:
+        *parents, leaf = key.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r} conflicts with another override of {part!r}")
+        node[leaf] = value
+    return nested
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge; values of `extra` win."""
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
+    """One validation error as 'key = value: what is allowed'."""
+    loc = [str(part) for part in error["loc"]]
+    key = ".".join(loc)
+    if error["type"] == "extra_forbidden":
+        owner: type[BaseModel] = model
+        for part in loc[:-1]:
+            owner = owner.model_fields[part].annotation  # type: ignore[assignment]
+        allowed = ", ".join(name for name in owner.model_fields if name not in ("profile", "run_dir"))
+        return f"unknown key {key!r} (value {error['input']!r}); allowed here: {allowed}"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{key} = {error['input']!r}: {message}"
+
+
+def resolve(profile: str = "smoke", run_dir: str | Path | None = None,
+            overrides: str | list[str] | dict[str, Any] | None = None) -> Config:
+    """Validated config from a profile plus overrides; errors name the key, the value and what is allowed."""
+    raw = _merge(read_profile(profile), parse_overrides(overrides))
+    name = Path(profile).stem if Path(profile).suffix in (".yaml", ".yml") else profile
+    raw["profile"] = name
+    raw["run_dir"] = Path(run_dir if run_dir is not None else Path("runs") / name).resolve()
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        problems = "\n  ".join(_describe(err, Config) for err in exc.errors())
+        raise ConfigError(f"invalid parameters for profile {name!r}:\n  {problems}") from None
+
+
+def _git_sha() -> str | None:
+    """Commit of the package checkout, with '-dirty' when it has uncommitted changes."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                             check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sha + ("-dirty" if dirty else "")
+
+
+def resolve_device(name: str) -> str:
+    """'auto' becomes cuda when a GPU is visible, else cpu; other names pass through."""
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def provenance(cfg: Config) -> dict[str, Any]:
+    """Versions, commit, device and start time: what a reader needs to trust or repeat a run."""
+    versions = {}
+    for package in _PROVENANCE_PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    device = resolve_device(cfg.device)
+    device_name = platform.processor() or platform.machine()
+    if device.startswith("cuda"):
+        import torch
+
+        device_name = torch.cuda.get_device_name(torch.device(device))
+    return {
+        "started_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "packages": versions,
+        "git_sha": _git_sha(),
+        "device": device,
+        "device_name": device_name,
+        "cpu_count": os.cpu_count(),
+        "seed": cfg.seed,
+        "argv": sys.argv,
+    }
+
+
+def load(profile: str = "smoke", run_dir: str | Path | None = None,
+         overrides: str | list[str] | dict[str, Any] | None = None, record: bool = True) -> Config:
+    """Resolve the config and (with `record`) write or check `<run_dir>/config.json`.
+
+    The first call on a run directory writes the parameters and provenance; later calls must
+    resolve to the same parameters, else the error lists the keys that differ.
+    """
+    cfg = resolve(profile, run_dir, overrides)
+    if not record:
+        return cfg
+    path = cfg.run_dir / "config.json"
+    if path.exists():
+        try:
+            previous = json.loads(path.read_text())["params"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise ConfigError(f"{path} is not a synthgap config record ({exc}); delete it or choose another run_dir") from None
+        differences = _differences(previous, cfg.params())
+        if differences:
+            listing = "\n  ".join(differences)
+            raise ConfigError(
+                f"run directory {cfg.run_dir} was made with other parameters:\n  {listing}\n"
+                "A run directory holds one configuration: pass another run_dir, or delete this one to start over.")
+    else:
+        atomic_write_json(path, {"params": cfg.params(), "provenance": provenance(cfg)})
+    return cfg
+
+
+def _differences(old: Any, new: Any, key: str = "") -> list[str]:
+    """Human-readable list of leaf values that differ between two parameter trees."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        found = []
+        for name in sorted(set(old) | set(new)):
+            found += _differences(old.get(name), new.get(name), f"{key}.{name}" if key else name)
+        return found
+    return [] if old == new else [f"{key}: recorded {old!r}, now {new!r}"]
+
+
+def banner(cfg: Config) -> Any:
+    """Markdown banner that opens every notebook: the profile, and what its numbers can mean."""
+    from IPython.display import Markdown
+
+    meaning = {
+        "smoke": "a tiny CPU run with a random-weight diffusion model: **its numbers check the machinery only "
+                 "and say nothing about synthetic data**.",
+        "gpu-small": "one GPU, Stable Diffusion 1.5, a few thousand real images: indicative numbers, few seeds.",
+        "paper": "the full study: all of CIFAR-10, several seeds.",
+    }.get(cfg.profile, "a custom profile: read its parameters before trusting its numbers.")
+    return Markdown(f"> **Profile `{cfg.profile}`** ({resolve_device(cfg.device)}, seed {cfg.seed}): {meaning}")

@@ -1,0 +1,111 @@
+"""Executes the notebook suite with papermill into `book/executed/`, then builds the Jupyter Book."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+EXECUTED_DIR = Path("book") / "executed"
+
+
+class NotebookFailed(RuntimeError):
+    """A notebook raised: the message names the notebook, the cell and the error."""
+
+
+def project_root() -> Path:
+    """The checkout holding `_toc.yml` and `notebooks/`: the current folder, else the package's parent."""
+    for candidate in (Path.cwd(), Path(__file__).resolve().parents[1]):
+        if (candidate / "_toc.yml").is_file() and (candidate / "notebooks").is_dir():
+            return candidate
+    raise FileNotFoundError("no synthgap checkout found (a folder with _toc.yml and notebooks/); "
+                            "run from the repository root")
+
+
+def select_notebooks(notebook_dir: Path, only: list[str] | None = None) -> list[Path]:
+    """The `NN_*.ipynb` notebooks in order; `only` keeps those whose number or name is listed."""
+    notebooks = sorted(p for p in notebook_dir.glob("*.ipynb") if re.match(r"\d\d_", p.name))
+    if not only:
+        return notebooks
+    wanted = {item.strip() for item in only if item.strip()}
+    chosen = [p for p in notebooks if p.name[:2] in wanted or p.stem in wanted]
+    unknown = wanted - {p.name[:2] for p in chosen} - {p.stem for p in chosen}
+    if unknown:
+        raise ValueError(f"--only {', '.join(sorted(unknown))}: no such notebook; "
+                         f"have {', '.join(p.stem for p in notebooks)}")
+    return chosen
+
+
+def execute_notebooks(notebooks: list[Path], out_dir: Path, parameters: dict[str, Any]) -> list[tuple[str, float]]:
+    """Run each notebook with papermill (cwd: its own folder); stop at the first failure."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    timings = []
+    for number, notebook in enumerate(notebooks, start=1):
+        print(f"[{number}/{len(notebooks)}] {notebook.name}", flush=True)
+        start = time.perf_counter()
+        output = out_dir / notebook.name
+        try:
+            papermill.execute_notebook(str(notebook), str(output), parameters=parameters, cwd=str(notebook.parent),
+                                       kernel_name="python3", progress_bar=True)
+        except PapermillExecutionError as exc:
+            raise NotebookFailed(f"{notebook.name} failed in cell {exc.cell_index} (execution count {exc.exec_count}):"
+                                 f" {exc.ename}: {exc.evalue}\nThe executed notebook, with the traceback, is {output}") from None
+        timings.append((notebook.stem, time.perf_counter() - start))
+        print(f"    done in {timings[-1][1]:.1f} s", flush=True)
+    return timings
+
+
+def toc_files(root: Path) -> list[str]:
+    """Every `file:` entry of `_toc.yml`, in order."""
+    def walk(node: Any) -> list[str]:
+        if isinstance(node, dict):
+            return ([node["file"]] if "file" in node else []) + [f for value in node.values() for f in walk(value)]
+        if isinstance(node, list):
+            return [f for item in node for f in walk(item)]
+        return []
+
+    return walk(yaml.safe_load((root / "_toc.yml").read_text()))
+
+
+def build_book(root: Path) -> Path:
+    """`jupyter-book build . -W -n --keep-going` (warnings are errors); returns the HTML index."""
+    executed = EXECUTED_DIR.as_posix()
+    missing = [f for f in toc_files(root) if f.startswith(executed) and not (root / f"{f}.ipynb").exists()
+               and not (root / f).exists()]
+    if missing:
+        raise FileNotFoundError(f"the book needs executed notebooks that are missing: {', '.join(missing)}; "
+                                "run them first (drop --only)")
+    executable = shutil.which("jupyter-book", path=str(Path(sys.executable).parent)) or shutil.which("jupyter-book")
+    if executable is None:
+        raise FileNotFoundError("jupyter-book is not installed in this environment (pip install -e '.[dev]')")
+    print("building the book: jupyter-book build . -W -n --keep-going", flush=True)
+    result = subprocess.run([executable, "build", str(root), "-W", "-n", "--keep-going"], cwd=root)
+    if result.returncode != 0:
+        raise RuntimeError(f"jupyter-book build failed (exit {result.returncode}); its warnings are printed above")
+    return root / "_build" / "html" / "index.html"
+
+
+def run(profile: str = "smoke", run_dir: str | Path | None = None, only: list[str] | None = None,
+        overrides: list[str] | None = None, build: bool = True) -> Path | None:
+    """Execute the suite (or `only` some notebooks) for one profile, then build the book."""
+    from synthgap_helpers import config
+
+    root = project_root()
+    cfg = config.load(profile, run_dir=run_dir if run_dir is not None else root / "runs" / Path(profile).stem,
+                      overrides=overrides)
+    notebooks = select_notebooks(root / "notebooks", only)
+    if Path(profile).suffix in (".yaml", ".yml"):
+        profile = str(Path(profile).resolve())  # the notebooks run in notebooks/, not here
+    parameters = {"profile": profile, "run_dir": str(cfg.run_dir), "overrides": list(overrides or [])}
+    timings = execute_notebooks(notebooks, root / EXECUTED_DIR, parameters)
+    print("notebook times: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timings), flush=True)
+    return build_book(root) if build else None

@@ -1,0 +1,230 @@
+"""CIFAR-10 sources, image folders, bad inputs, balanced subsets and the run's split."""
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from synthgap_helpers import config, data
+from synthgap_helpers.data import CLASSES, DataError, ImageFolderWriter, load_cifar10, load_image_folder
+
+
+def write_batches(folder: Path, per_file: int = 20, seed: int = 0) -> dict[str, np.ndarray]:
+    """Official-format `cifar-10-batches-py` files with random images; returns what was written."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    written = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        images = rng.integers(0, 256, size=(per_file, 3072), dtype=np.uint8)
+        labels = [int(x) for x in rng.integers(0, 10, size=per_file)]
+        with open(folder / name, "wb") as handle:
+            pickle.dump({b"data": images, b"labels": labels, b"batch_label": name.encode()}, handle)
+        written[name] = images
+    return written
+
+
+def write_folder(root: Path, per_class: int = 3, size: int = 32, mode: str = "RGB", suffix: str = ".png") -> None:
+    """A class-folder layout with `per_class` images of each class; pixel (0,0) encodes class and index."""
+    for class_index, name in enumerate(CLASSES):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            array = np.full((size, size, 3), 10 * class_index + i, dtype=np.uint8)
+            Image.fromarray(array).convert(mode).save(root / name / f"{i:04d}{suffix}")
+
+
+def test_official_batches_load_in_file_order(tmp_path):
+    written = write_batches(tmp_path / "cifar-10-batches-py")
+    train = load_cifar10("train", root=tmp_path)
+    test = load_cifar10("test", root=tmp_path / "cifar-10-batches-py")
+    assert train.images.shape == (100, 3, 32, 32) and train.images.dtype == torch.uint8
+    assert train.labels.dtype == torch.int64 and train.classes == CLASSES
+    expected = np.concatenate([written[f"data_batch_{i}"] for i in range(1, 6)]).reshape(-1, 3, 32, 32)
+    assert np.array_equal(train.images.numpy(), expected)
+    assert np.array_equal(test.images.numpy(), written["test_batch"].reshape(-1, 3, 32, 32))
+
+
+def test_corrupt_batch_file_is_named(tmp_path):
+    write_batches(tmp_path / "cifar-10-batches-py")
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="data_batch_3"):
+        load_cifar10("train", root=tmp_path)
+
+
+def test_class_folders_load_from_the_environment_variable(tmp_path, monkeypatch):
+    write_folder(tmp_path / "cifar10" / "train", per_class=2)
+    write_folder(tmp_path / "cifar10" / "test", per_class=1, suffix=".jpg")
+    monkeypatch.setenv("SYNTHGAP_DATA_DIR", str(tmp_path))
+    train = load_cifar10("train")
+    assert len(train) == 20 and train.class_counts().tolist() == [2] * 10
+    assert train.ids[:2] == ["airplane/0000", "airplane/0001"]
+    assert int(train.images[3, 0, 0, 0]) == 11  # automobile, image 1
+    assert len(load_cifar10("test")) == 10
+
+
+def test_class_folders_are_cached_as_npy_and_reread(tmp_path, isolated_cache):
+    write_folder(tmp_path / "train", per_class=2)
+    first = load_cifar10("train", root=tmp_path)
+    cached = list(isolated_cache.glob("cifar10/*/images.npy"))
+    assert len(cached) == 1
+    second = load_cifar10("train", root=tmp_path)
+    assert torch.equal(first.images, second.images) and first.ids == second.ids
+
+
+def test_changed_folder_is_not_served_from_a_stale_cache(tmp_path):
+    write_folder(tmp_path / "train", per_class=2)
+    load_cifar10("train", root=tmp_path)
+    write_folder(tmp_path / "train", per_class=3)
+    assert len(load_cifar10("train", root=tmp_path)) == 30
+
+
+def test_download_path_reads_what_torchvision_fetched(tmp_path, monkeypatch):
+    fetched = tmp_path / "fetched" / "cifar-10-batches-py"
+    write_batches(fetched)
+    monkeypatch.setattr(data, "_download", lambda cache: fetched)
+    monkeypatch.delenv("SYNTHGAP_DATA_DIR", raising=False)
+    assert len(load_cifar10("test", download=True, cache_dir=tmp_path / "cache")) == 20
+
+
+def test_nothing_found_lists_every_attempt_and_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("SYNTHGAP_DATA_DIR", str(tmp_path / "empty"))
+
+    def offline(cache):
+        raise OSError("no network")
+
+    monkeypatch.setattr(data, "_download", offline)
+    with pytest.raises(DataError) as info:
+        load_cifar10("train", root=tmp_path / "nowhere", download=True)
+    message = str(info.value)
+    assert "root parameter" in message and "nowhere" in message and "$SYNTHGAP_DATA_DIR" in message
+    assert "no network" in message and "Fix: set SYNTHGAP_DATA_DIR" in message
+
+
+def test_corrupt_image_is_named_or_skipped_and_counted(tmp_path):
+    write_folder(tmp_path, per_class=2)
+    bad = tmp_path / "cat" / "0001.png"
+    bad.write_bytes(b"\x89PNG broken")
+    with pytest.raises(DataError, match="cat/0001.png"):
+        load_image_folder(tmp_path)
+    loaded = load_image_folder(tmp_path, on_bad_image="skip")
+    assert len(loaded) == 19 and "cat/0001" not in loaded.ids
+    assert [Path(f).name for f, _ in loaded.report.skipped] == ["0001.png"]
+
+
+def test_truncated_jpeg_is_a_bad_image(tmp_path):
+    write_folder(tmp_path, per_class=1, suffix=".jpg")
+    jpeg = tmp_path / "dog" / "0000.jpg"
+    jpeg.write_bytes(jpeg.read_bytes()[:200])
+    with pytest.raises(DataError, match="dog/0000.jpg"):
+        load_image_folder(tmp_path)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "LA"])
+def test_non_rgb_images_are_converted_and_counted(tmp_path, mode):
+    write_folder(tmp_path, per_class=1, mode=mode)
+    loaded = load_image_folder(tmp_path)
+    assert loaded.images.shape == (10, 3, 32, 32) and len(loaded.report.converted) == 10
+    assert not loaded.report.resized
+
+
+def test_other_sizes_are_resized_with_antialiasing_and_counted(tmp_path):
+    (tmp_path / "frog").mkdir()
+    stripes = np.zeros((64, 64, 3), np.uint8)
+    stripes[::2] = 255  # one-pixel stripes: antialiasing averages them to grey, nearest would keep 0/255
+    Image.fromarray(stripes).save(tmp_path / "frog" / "big.png")
+    loaded = load_image_folder(tmp_path)
+    assert loaded.images.shape == (1, 3, 32, 32) and len(loaded.report.resized) == 1
+    assert 100 < loaded.images.float().mean() < 155 and loaded.images.float().std() < 20
+
+
+def test_unknown_class_folder_lists_the_ten_classes(tmp_path):
+    write_folder(tmp_path, per_class=1)
+    (tmp_path / "unicorn").mkdir()
+    with pytest.raises(DataError, match="unicorn.*airplane, automobile, bird, cat, deer, dog, frog, horse, ship, truck"):
+        load_image_folder(tmp_path)
+
+
+def test_missing_folder_is_named(tmp_path):
+    with pytest.raises(DataError, match="nope does not exist"):
+        load_image_folder(tmp_path / "nope")
+
+
+def test_writer_and_loader_round_trip_with_manifest(tmp_path):
+    writer = ImageFolderWriter(tmp_path / "sd")
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    records = [{"id": "cat/a", "seed": 1}, {"id": "dog/b", "seed": 2}, {"id": "cat/c", "seed": 3}]
+    writer.write(images, records)
+    assert writer.done() == {"cat/a", "dog/b", "cat/c"}
+    loaded = load_image_folder(tmp_path / "sd")
+    assert loaded.ids == ["cat/a", "dog/b", "cat/c"]
+    assert torch.equal(loaded.images, images) and loaded.labels.tolist() == [3, 5, 3]
+
+
+def test_image_without_manifest_line_is_an_unfinished_write_and_not_loaded(tmp_path):
+    writer = ImageFolderWriter(tmp_path)
+    writer.write(torch.zeros((1, 3, 32, 32), dtype=torch.uint8), [{"id": "cat/a"}])
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "cat" / "b.png")  # crash before its line
+    loaded = load_image_folder(tmp_path)
+    assert loaded.ids == ["cat/a"] and [Path(p).name for p in loaded.report.unlisted] == ["b.png"]
+
+
+def test_manifest_listing_a_missing_image_is_an_error(tmp_path):
+    ImageFolderWriter(tmp_path).write(torch.zeros((1, 3, 32, 32), dtype=torch.uint8), [{"id": "cat/a"}])
+    (tmp_path / "cat" / "a.png").unlink()
+    with pytest.raises(DataError, match="missing from disk.*cat/a"):
+        load_image_folder(tmp_path)
+
+
+def test_writer_rejects_bad_ids_and_shapes(tmp_path):
+    writer = ImageFolderWriter(tmp_path)
+    with pytest.raises(ValueError, match="'unicorn/a'"):
+        writer.write(torch.zeros((1, 3, 32, 32), dtype=torch.uint8), [{"id": "unicorn/a"}])
+    with pytest.raises(ValueError, match="uint8 N x 3 x H x W"):
+        writer.write(torch.zeros((1, 32, 32), dtype=torch.uint8), [{"id": "cat/a"}])
+
+
+def test_balanced_indices_are_balanced_seeded_and_respect_exclusions():
+    labels = np.repeat(np.arange(10), 30)
+    first = data.balanced_indices(labels, 5, seed=1)
+    assert np.bincount(labels[first]).tolist() == [5] * 10
+    assert np.array_equal(first, data.balanced_indices(labels, 5, seed=1))
+    assert not np.array_equal(first, data.balanced_indices(labels, 5, seed=2))
+    other = data.balanced_indices(labels, 25, seed=3, exclude=first)
+    assert not set(first) & set(other)
+    with pytest.raises(DataError, match="'airplane' has 30 images available, 31 requested"):
+        data.balanced_indices(labels, 31, seed=0)
+
+
+def test_split_is_disjoint_balanced_and_reused(tmp_path):
+    write_batches(tmp_path / "cifar-10-batches-py", per_file=400)
+    cfg = config.load("smoke", run_dir=tmp_path / "run",
+                      overrides=[f"data.root={tmp_path}", "data.train_per_class=10", "data.val_per_class=5",
+                                 "data.test_per_class=3"])
+    real = data.real_data(cfg)
+    assert real.train.class_counts().tolist() == [10] * 10 and real.val.class_counts().tolist() == [5] * 10
+    assert real.test.class_counts().tolist() == [3] * 10
+    assert not set(real.train.ids) & set(real.val.ids)
+    split = json.loads((tmp_path / "run" / "real" / "split.json").read_text())
+    assert split["n_train_pool"] == 2000 and len(split["train"]) == 100
+    assert data.real_data(cfg).train.ids == real.train.ids
+
+
+def test_real_cifar10_jpegs_load_whole_with_official_counts(cifar_dir):
+    train, test = load_cifar10("train", root=cifar_dir), load_cifar10("test", root=cifar_dir)
+    assert train.images.shape == (50000, 3, 32, 32) and test.images.shape == (10000, 3, 32, 32)
+    assert train.class_counts().tolist() == [5000] * 10 and test.class_counts().tolist() == [1000] * 10
+    assert not train.report.skipped and not train.report.converted and not train.report.resized
+
+
+def test_overview_tables_cover_every_set(tmp_path):
+    write_folder(tmp_path / "a", per_class=2)
+    sets = {"a": load_image_folder(tmp_path / "a")}
+    counts = data.class_counts(sets)
+    assert counts.loc["total", "a"] == 20 and counts.loc["cat", "a"] == 2
+    stats = data.channel_stats(sets)
+    expected_mean = np.mean([10 * c + i for c in range(10) for i in range(2)]) / 255
+    assert stats.loc["a", "mean R"] == pytest.approx(expected_mean, abs=1e-4)
+    assert data.load_reports(sets).loc["a", "loaded"] == 20

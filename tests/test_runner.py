@@ -1,0 +1,89 @@
+"""The papermill runner and the command line; the slow test runs the whole smoke suite and builds the book."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from synthgap_helpers import cli, runner
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_notebook(path: Path, sources: list[str]) -> Path:
+    """A notebook whose first cell is the papermill parameters cell."""
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [nbformat.v4.new_code_cell(source) for source in sources]
+    notebook.cells[0].metadata["tags"] = ["parameters"]
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    notebook.metadata["language_info"] = {"name": "python"}
+    nbformat.write(notebook, path)
+    return path
+
+
+def test_select_notebooks_by_number_or_name(tmp_path):
+    for name in ("01_data", "04_train_resnet18", "07_results", "scratch"):
+        make_notebook(tmp_path / f"{name}.ipynb", ["x = 1"])
+    assert [p.stem for p in runner.select_notebooks(tmp_path)] == ["01_data", "04_train_resnet18", "07_results"]
+    assert [p.stem for p in runner.select_notebooks(tmp_path, ["04", "07_results"])] == ["04_train_resnet18", "07_results"]
+    with pytest.raises(ValueError, match="--only 05: no such notebook; have 01_data, 04_train_resnet18, 07_results"):
+        runner.select_notebooks(tmp_path, ["05"])
+
+
+def test_failing_notebook_is_named_with_its_cell_and_error(tmp_path):
+    notebooks = [make_notebook(tmp_path / "01_ok.ipynb", ["value = 1", "print(value)"]),
+                 make_notebook(tmp_path / "02_bad.ipynb", ["value = 1", "x = 2", "1 / (value - 1)"]),
+                 make_notebook(tmp_path / "03_never.ipynb", ["value = 1"])]
+    with pytest.raises(runner.NotebookFailed) as info:
+        runner.execute_notebooks(notebooks, tmp_path / "out", {"value": 1})
+    message = str(info.value)
+    assert "02_bad.ipynb failed in cell" in message and "ZeroDivisionError" in message
+    assert (tmp_path / "out" / "01_ok.ipynb").exists() and not (tmp_path / "out" / "03_never.ipynb").exists()
+
+
+def test_toc_lists_every_notebook_of_the_suite():
+    executed = [f for f in runner.toc_files(REPO) if f.startswith("book/executed/")]
+    assert executed == [f"book/executed/{p.stem}" for p in runner.select_notebooks(REPO / "notebooks")]
+
+
+def test_notebooks_have_a_typed_parameters_cell_first_among_code_cells():
+    for path in runner.select_notebooks(REPO / "notebooks"):
+        code = [cell for cell in nbformat.read(path, as_version=4).cells if cell.cell_type == "code"]
+        assert code[0].metadata.get("tags") == ["parameters"], path.name
+        for name in ("profile: str", "run_dir: str", "overrides: list"):
+            assert name in code[0].source, f"{path.name} lacks {name}"
+
+
+def test_committed_notebooks_are_executed_without_errors():
+    for path in runner.select_notebooks(REPO / "notebooks"):
+        cells = [cell for cell in nbformat.read(path, as_version=4).cells if cell.cell_type == "code"]
+        assert all(cell.execution_count for cell in cells), f"{path.name} has unexecuted cells"
+        assert not [o for cell in cells for o in cell.outputs if o.output_type == "error"], path.name
+
+
+def test_cli_reports_a_bad_override_without_a_traceback(capsys, tmp_path):
+    assert cli.main(["run", "--profile", "smoke", "--run-dir", str(tmp_path), "--set", "data.val_per_class=0",
+                     "--no-book"]) == 1
+    assert "data.val_per_class = 0" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_smoke_suite_runs_and_the_book_builds_with_every_page_and_figure(tmp_path, cifar_dir):
+    env = dict(os.environ, SYNTHGAP_DATA_DIR=str(cifar_dir))
+    result = subprocess.run([sys.executable, "-m", "synthgap_helpers", "run", "--profile", "smoke",
+                             "--run-dir", str(tmp_path / "run")], cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    html = REPO / "_build" / "html"
+    assert (html / "index.html").exists()
+    assert (tmp_path / "run" / "config.json").exists() and (tmp_path / "run" / "real" / "split.json").exists()
+    for name in [f.removeprefix("book/executed/") for f in runner.toc_files(REPO) if f.startswith("book/executed/")]:
+        page = (html / "book" / "executed" / f"{name}.html").read_text()
+        images = re.findall(r'<img[^>]+src="([^"]+)"', page)
+        assert images, f"{name}.html shows no figure"
+        for src in images:
+            assert (html / "book" / "executed" / src).resolve().exists(), f"{name}.html: missing image {src}"
+    assert "machinery only" in (html / "book" / "executed" / "01_data.html").read_text()
