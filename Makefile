@@ -22,9 +22,11 @@ $(STAMP): pyproject.toml
 book: $(STAMP)
 	$(PY) -m synthgap_helpers run --profile $(PROFILE) $(if $(RUN_DIR),--run-dir $(RUN_DIR)) $(foreach s,$(SET),--set $(s))
 
+# nbval first: it executes the committed notebooks into runs/smoke; the suite-and-book test then reuses that
+# run directory (every stage skips finished work), so the smoke suite is computed once per `make test`.
 test: $(STAMP)
-	$(PY) -m pytest tests
 	$(PY) -m pytest --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider notebooks/
+	$(PY) -m pytest tests
 
 # Re-execute the committed notebooks in place with the smoke profile: their outputs are nbval's reference.
 notebooks: $(STAMP)

@@ -1,35 +1,81 @@
-"""Command line: `python -m synthgap_helpers run --profile smoke [--only 01,04] [--set key=value ...]`."""
+"""Command line for the suite and for long GPU jobs outside notebooks.
+
+    python -m synthgap_helpers run --profile smoke [--only 01,04] [--set key=value ...]
+    python -m synthgap_helpers generate sd --profile gpu-small [--run-dir DIR] [--shard i/n|auto]
+    python -m synthgap_helpers invert train|sample --profile paper [--shard auto]
+    python -m synthgap_helpers train --profile paper [--shard i/n]
+    python -m synthgap_helpers merge runs/paper/synthetic/sd
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+from typing import Any
 
 from synthgap_helpers import config, runner
+from synthgap_helpers.workload import merge_shards, parse_shard
+
+# (command, action) -> (module, function): every stage entry point takes (cfg, shard) and returns a summary.
+STAGES: dict[tuple[str, str | None], tuple[str, str]] = {
+    ("generate", "sd"): ("synthgap_helpers.sd_generate", "run"),
+    ("invert", "train"): ("synthgap_helpers.inversion", "train_embeddings"),
+    ("invert", "sample"): ("synthgap_helpers.inversion", "sample"),
+    ("train", None): ("synthgap_helpers.train_stage", "run"),
+}
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profile", default="smoke", help=f"one of {', '.join(config.PROFILES)}, or a .yaml file")
+    parser.add_argument("--run-dir", default=None, help="run directory (default: runs/<profile>)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a parameter, e.g. --set data.val_per_class=50 (repeatable)")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m synthgap_helpers", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m synthgap_helpers", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="execute the notebooks with papermill into book/executed/, then build the book")
-    run.add_argument("--profile", default="smoke", help=f"one of {', '.join(config.PROFILES)}, or a .yaml file")
-    run.add_argument("--run-dir", default=None, help="run directory (default: runs/<profile>)")
+    _add_run_options(run)
     run.add_argument("--only", default=None, help="comma-separated notebook numbers or names, e.g. 01,04")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a parameter, e.g. --set data.val_per_class=50 (repeatable)")
     run.add_argument("--no-book", action="store_true", help="execute the notebooks but do not build the book")
+    actions: dict[str, list[str]] = {}
+    for command, action in STAGES:
+        actions.setdefault(command, []).extend([action] if action else [])
+    for command, choices in actions.items():
+        stage = commands.add_parser(command, help=f"the {command} stage, for long jobs outside notebooks")
+        if choices:
+            stage.add_argument("action", choices=choices)
+        _add_run_options(stage)
+        stage.add_argument("--shard", default=None, help="i/n (0-based) or 'auto' (torchrun/accelerate or a SLURM array)")
+    merge = commands.add_parser("merge", help="join the shard manifests of an image folder into manifest.jsonl")
+    merge.add_argument("folder")
     return parser
+
+
+def _run_stage(args: argparse.Namespace) -> Any:
+    """Resolve the config and call the stage's entry point on this shard."""
+    module_name, function = STAGES[(args.command, getattr(args, "action", None))]
+    cfg = config.load(args.profile, run_dir=args.run_dir, overrides=args.overrides)
+    return getattr(importlib.import_module(module_name), function)(cfg, shard=parse_shard(args.shard))
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (1 with a one-paragraph message on a known failure)."""
     args = _parser().parse_args(argv)
     try:
-        index = runner.run(args.profile, run_dir=args.run_dir, only=args.only.split(",") if args.only else None,
-                           overrides=args.overrides, build=not args.no_book)
+        if args.command == "run":
+            index = runner.run(args.profile, run_dir=args.run_dir, only=args.only.split(",") if args.only else None,
+                               overrides=args.overrides, build=not args.no_book)
+            if index is not None:
+                print(f"book: {index}")
+        elif args.command == "merge":
+            print(f"{args.folder}: {merge_shards(args.folder)} images listed in manifest.jsonl")
+        else:
+            print(_run_stage(args))
     except (config.ConfigError, runner.NotebookFailed, FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    if index is not None:
-        print(f"book: {index}")
     return 0

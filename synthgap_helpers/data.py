@@ -176,25 +176,44 @@ def _folder_files(path: Path) -> list[tuple[str, Path]]:
     return found
 
 
+def folder_manifests(path: Path) -> list[Manifest]:
+    """The manifests of an image folder: the merged `manifest.jsonl`, then any shard manifests."""
+    return [Manifest(path / "manifest.jsonl")] + [Manifest(p) for p in sorted(path.glob("manifest.shard-*.jsonl"))]
+
+
+def listed_records(path: Path) -> list[dict[str, Any]]:
+    """Every manifest record of an image folder, once per id, in write order."""
+    records: dict[str, dict[str, Any]] = {}
+    for manifest in folder_manifests(path):
+        for record in manifest.records():
+            records.setdefault(record["id"], record)
+    return list(records.values())
+
+
+def has_manifest(path: Path) -> bool:
+    """Whether a folder is a written image set (it has a merged or a shard manifest)."""
+    return any(manifest.path.is_file() for manifest in folder_manifests(path))
+
+
 def load_image_folder(path: str | Path, on_bad_image: BadImagePolicy = "error") -> ImageSet:
     """A class-folder image set `<path>/<class>/<id>.png|jpg` as uint8 tensors.
 
-    When `<path>/manifest.jsonl` exists, exactly the images it lists are loaded (a file without a
-    manifest line is an unfinished write and is reported as unlisted); otherwise every image file.
+    When the folder has a manifest (merged or per shard), exactly the images it lists are loaded
+    (a file without a manifest line is an unfinished write and is reported as unlisted);
+    otherwise every image file.
     """
     path = Path(path)
     files = _folder_files(path)
     report = LoadReport(source=str(path))
-    manifest = Manifest(path / "manifest.jsonl")
-    if manifest.path.exists():
-        listed = [record["id"] for record in manifest.records()]
+    if has_manifest(path):
+        listed = [record["id"] for record in listed_records(path)]
         on_disk = dict(files)
         missing = [image_id for image_id in listed if image_id not in on_disk]
         if missing:
-            raise DataError(f"{manifest.path} lists {len(missing)} image(s) missing from disk, e.g. {missing[:3]}")
+            raise DataError(f"{path}: the manifest lists {len(missing)} image(s) missing from disk, e.g. {missing[:3]}")
         listed_set = set(listed)
         report.unlisted = [str(file) for image_id, file in files if image_id not in listed_set]
-        files = [(image_id, on_disk[image_id]) for image_id in dict.fromkeys(listed)]
+        files = [(image_id, on_disk[image_id]) for image_id in listed]
     images, kept = _decode_files([file for _, file in files], on_bad_image, report, desc=f"decode {path.name}")
     ids = [files[i][0] for i in kept]
     labels = np.array([CLASSES.index(image_id.split("/")[0]) for image_id in ids], dtype=np.int64)
@@ -202,10 +221,10 @@ def load_image_folder(path: str | Path, on_bad_image: BadImagePolicy = "error") 
 
 
 class ImageFolderWriter:
-    """Writes an image set as `<root>/<class>/<id>.png` plus `manifest.jsonl`, resumably.
+    """Writes an image set as `<root>/<class>/<id>.png` plus a manifest line per image, resumably.
 
-    Each PNG is written atomically before its manifest line, so an id listed in the manifest is
-    always complete; `done()` says which ids a rerun can skip.
+    Each PNG is written atomically before its manifest line, so an id listed in a manifest is
+    always complete; `done()` says which ids a rerun can skip (whichever shard wrote them).
     """
 
     def __init__(self, root: str | Path, manifest_name: str = "manifest.jsonl"):
@@ -214,8 +233,8 @@ class ImageFolderWriter:
         self.manifest.repair()
 
     def done(self) -> set[str]:
-        """Ids already written and listed."""
-        return self.manifest.ids()
+        """Ids already written and listed in any manifest of the folder."""
+        return {record["id"] for record in listed_records(self.root)}
 
     def write(self, images: torch.Tensor | np.ndarray, records: list[dict[str, Any]]) -> None:
         """Write uint8 images (N x 3 x H x W) with one record each; a record needs `id` ('class/name')."""
@@ -440,7 +459,7 @@ def synthetic_sets(cfg: Any) -> dict[str, ImageSet]:
     if not root.is_dir():
         return {}
     return {folder.name: load_image_folder(folder, cfg.data.on_bad_image)
-            for folder in sorted(root.iterdir()) if (folder / "manifest.jsonl").is_file()}
+            for folder in sorted(root.iterdir()) if folder.is_dir() and has_manifest(folder)}
 
 
 # ---------------------------------------------------------------------------------------------

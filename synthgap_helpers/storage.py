@@ -78,9 +78,14 @@ class Manifest:
             with open(self.path, "r+b") as handle:
                 handle.truncate(end)
 
+    @staticmethod
+    def encode(record: dict[str, Any]) -> bytes:
+        """One record as its manifest line."""
+        return json.dumps(record).encode() + b"\n"
+
     def append(self, records: Iterable[dict[str, Any]]) -> None:
         """Append records, each needing an `id`, durably."""
-        payload = b"".join(json.dumps(record).encode() + b"\n" for record in records)
+        payload = b"".join(self.encode(record) for record in records)
         if not payload:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)

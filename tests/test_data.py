@@ -174,7 +174,7 @@ def test_image_without_manifest_line_is_an_unfinished_write_and_not_loaded(tmp_p
 def test_manifest_listing_a_missing_image_is_an_error(tmp_path):
     ImageFolderWriter(tmp_path).write(torch.zeros((1, 3, 32, 32), dtype=torch.uint8), [{"id": "cat/a"}])
     (tmp_path / "cat" / "a.png").unlink()
-    with pytest.raises(DataError, match="missing from disk.*cat/a"):
+    with pytest.raises(DataError, match="manifest lists 1 image.*missing from disk.*cat/a"):
         load_image_folder(tmp_path)
 
 

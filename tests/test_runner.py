@@ -72,14 +72,15 @@ def test_cli_reports_a_bad_override_without_a_traceback(capsys, tmp_path):
 
 
 @pytest.mark.slow
-def test_smoke_suite_runs_and_the_book_builds_with_every_page_and_figure(tmp_path, cifar_dir):
+def test_smoke_suite_runs_and_the_book_builds_with_every_page_and_figure(cifar_dir):
+    """Runs in runs/smoke, which `make test` fills first through nbval: stages reuse finished work."""
     env = dict(os.environ, SYNTHGAP_DATA_DIR=str(cifar_dir))
-    result = subprocess.run([sys.executable, "-m", "synthgap_helpers", "run", "--profile", "smoke",
-                             "--run-dir", str(tmp_path / "run")], cwd=REPO, env=env, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "synthgap_helpers", "run", "--profile", "smoke"],
+                            cwd=REPO, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     html = REPO / "_build" / "html"
     assert (html / "index.html").exists()
-    assert (tmp_path / "run" / "config.json").exists() and (tmp_path / "run" / "real" / "split.json").exists()
+    assert (REPO / "runs" / "smoke" / "config.json").exists() and (REPO / "runs" / "smoke" / "real" / "split.json").exists()
     for name in [f.removeprefix("book/executed/") for f in runner.toc_files(REPO) if f.startswith("book/executed/")]:
         page = (html / "book" / "executed" / f"{name}.html").read_text()
         images = re.findall(r'<img[^>]+src="([^"]+)"', page)
