@@ -21,6 +21,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from synthgap_helpers.sd_prompts import CLASS_SYNONYMS, CLIP_TEMPLATES, check_templates
 from synthgap_helpers.storage import atomic_write_json
 
 PROFILES = ("smoke", "gpu-small", "paper")
@@ -58,6 +59,117 @@ class DataParams(_Section):
         return self
 
 
+class GeometryParams(_Section):
+    """Projective-geometry analysis: line segments, vanishing points, York Urban validation."""
+
+    upscale: int = Field(default=8, ge=1, le=16)  # integer bicubic upsampling before LSD (32 px gives 256 px)
+    min_length: float = Field(default=0.03, ge=0.0, lt=1.0)  # shortest segment kept, fraction of the longer side
+    images_per_set: int | None = Field(default=5000, ge=10, multiple_of=10)  # per dataset, balanced; None: all
+    york_urban_images: int | None = Field(default=None, ge=1)  # York Urban images validated on (evenly spread); None: all
+    n_resamples: int = Field(default=10000, ge=100, le=100000)  # bootstrap resamples of the 95% intervals
+    focal_length: float | None = Field(default=None, gt=0.0, le=10000.0)  # CIFAR focal length in 32-px pixels; None: uncalibrated
+
+
+class InversionParams(_Section):
+    """Diffusion Inversion (Zhou, Sahak & Ba 2023): per-image embeddings on a frozen model, then sampling."""
+
+    model: str = "CompVis/stable-diffusion-v1-4"  # hub id, local diffusers folder, or tiny (random weights, no download)
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # U-Net and VAE weights; auto: fp16 on CUDA, fp32 elsewhere
+    num_tokens: int = Field(default=5, ge=1, le=77)  # embedding vectors per image (width: the U-Net's cross_attention_dim)
+    group_size: int = Field(default=100, ge=1)  # real images whose embeddings are trained together
+    num_groups: int | None = Field(default=None, ge=1)  # invert only the first N groups; None: the whole train subset
+    resolution: int = Field(default=128, ge=8, le=1024)  # side in pixels the 32-px images are upsampled to (bicubic)
+    steps: int = Field(default=8000, ge=1)  # optimisation steps per group
+    batch_size: int = Field(default=50, ge=1)  # images per optimisation step (drawn from the group)
+    lr: float = Field(default=0.03, gt=0.0, le=10.0)  # AdamW learning rate, constant
+    weight_decay: float = Field(default=0.01, ge=0.0, le=1.0)  # AdamW decoupled weight decay
+    init: Literal["random", "class_prompt", "class_prompt_mean"] = "random"  # random: U(+-1/sqrt(group_size)) as the authors
+    checkpoint_every: int = Field(default=500, ge=1)  # steps between resumable checkpoints (embeddings + optimizer)
+    compile: bool = False  # torch.compile the U-Net for training (CUDA; the first steps pay the compilation)
+    guidance: float = Field(default=2.0, ge=0.0, le=50.0)  # classifier-free guidance scale of sampling
+    uncond: Literal["mean", "empty_prompt"] = "mean"  # unconditional input: the group's mean embedding, or the empty prompt
+    sample_steps: int = Field(default=200, ge=1, le=1000)  # denoising steps per sample (the authors: 200)
+    eta: float = Field(default=1.0, ge=0.0, le=1.0)  # DDIM eta passed to the sampler (the authors: 1; others ignore it)
+    scheduler: Literal["model", "ddim"] = "model"  # sampler: the model's own scheduler, or DDIM on its noise schedule
+    samples_per_image: int = Field(default=5, ge=1, le=100)  # synthetic images per real image
+    perturbation: Literal["both", "noise", "interpolation", "none"] = "both"  # embedding perturbation of each sample
+    noise_std: float = Field(default=0.1, ge=0.0, le=10.0)  # std of the Gaussian noise added to the embedding
+    interpolation_strength: float = Field(default=0.1, ge=0.0, le=1.0)  # step towards a same-class image's embedding
+    sample_batch_size: int = Field(default=50, ge=1)  # samples per pipeline call (pixels do not depend on it)
+    save_size: int = Field(default=32, ge=8, le=1024)  # side of the saved images (antialiased bicubic downsampling)
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_4(cls, value: int) -> int:
+        if value % 4:
+            raise ValueError(f"must be a multiple of 4 (the model checks its own multiple, 64 for SD 1.x), got {value}")
+        return value
+
+
+class SDParams(_Section):
+    """Stable Diffusion dataset generation (txt2img / img2img); defaults: the original study's img2img setting."""
+
+    model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # hub id, local diffusers folder, or tiny (random weights, no download)
+    mode: Literal["txt2img", "img2img"] = "img2img"  # img2img: start from the real training images (the original study)
+    images_per_class: int = Field(default=5000, ge=1, le=1000000)  # synthetic images generated per class
+    classes: list[str] | None = None  # CIFAR-10 classes to generate; None: all ten
+    resolution: int | None = Field(default=None, ge=8, le=2048)  # generation side in pixels; None: the model's own (512 for SD 1.5)
+    steps: int = Field(default=25, ge=1, le=1000)  # denoising steps (img2img runs int(steps x strength) of them)
+    scheduler: Literal["dpm++", "dpm++_karras", "ddim", "ddpm", "euler", "euler_a", "heun", "lms", "pndm", "unipc"] = "dpm++"  # sampler by name
+    guidance: float = Field(default=7.5, ge=0.0, le=50.0)  # classifier-free guidance scale, used when guidance_range is None
+    guidance_range: list[float] | None = None  # [low, high]: a scale drawn uniformly per image with its seed
+    strength: float = Field(default=0.75, gt=0.0, le=1.0)  # img2img: how far the real image is noised (1: pure noise)
+    templates: list[str] = Field(default_factory=lambda: list(CLIP_TEMPLATES))  # prompt templates, '{}' is the class name
+    synonyms: dict[str, list[str]] = Field(default_factory=lambda: {k: list(v) for k, v in CLASS_SYNONYMS.items()})  # names per class
+    captions: str | None = None  # img2img: JSON/JSONL file real image id -> caption; None: class templates
+    negative_prompt: str = ""  # the same negative prompt for every image; empty: none
+    batch_size: int = Field(default=16, ge=1, le=1024)  # images per pipeline call (pixels do not depend on it)
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 on CUDA, fp32 on CPU
+
+    @field_validator("classes")
+    @classmethod
+    def _known_classes(cls, value: list[str] | None) -> list[str] | None:
+        from synthgap_helpers.data import CLASSES
+
+        if value is not None:
+            unknown = [name for name in value if name not in CLASSES]
+            if unknown or not value or len(set(value)) != len(value):
+                raise ValueError(f"unknown, repeated or no class(es) {unknown or value}; allowed: {', '.join(CLASSES)}")
+        return value
+
+    @field_validator("guidance_range")
+    @classmethod
+    def _ordered_range(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and (len(value) != 2 or not 0 <= value[0] <= value[1] <= 50):
+            raise ValueError("must be [low, high] with 0 <= low <= high <= 50 (or null for the fixed guidance)")
+        return value
+
+    @field_validator("templates")
+    @classmethod
+    def _usable_templates(cls, value: list[str]) -> list[str]:
+        return check_templates(value)
+
+    @field_validator("synonyms")
+    @classmethod
+    def _synonyms_of_classes(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        from synthgap_helpers.data import CLASSES
+
+        unknown = [name for name in value if name not in CLASSES]
+        empty = [name for name, names in value.items() if not names or not all(n.strip() for n in names)]
+        if unknown or empty:
+            raise ValueError(f"keys must be CIFAR-10 classes ({', '.join(CLASSES)}) with a non-empty list of names; "
+                             f"unknown: {unknown}, empty: {empty}")
+        return value
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_4(cls, value: int | None) -> int | None:
+        if value is not None and value % 4:
+            raise ValueError(f"must be a multiple of 4 (the model checks its own multiple: 64 for SD 1.5, 4 for tiny), "
+                             f"or null for the model's own resolution; got {value}")
+        return value
+
+
 class Config(_Section):
     """Every parameter of a run, validated; `run_dir` is where each stage reads and writes."""
 
@@ -66,6 +178,9 @@ class Config(_Section):
     seed: int = Field(default=0, ge=0)
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     data: DataParams = DataParams()
+    sd: SDParams = SDParams()
+    geometry: GeometryParams = GeometryParams()
+    inversion: InversionParams = InversionParams()
 
     @field_validator("device")
     @classmethod
@@ -221,34 +336,41 @@ def load(profile: str = "smoke", run_dir: str | Path | None = None,
     """Resolve the config and (with `record`) write or check `<run_dir>/config.json`.
 
     The first call on a run directory writes the parameters and provenance; later calls must
-    resolve to the same parameters, else the error lists the keys that differ.
+    resolve to the same values, else the error lists the keys that differ. Parameters the record
+    lacks (added by a newer version) are added to it.
     """
     cfg = resolve(profile, run_dir, overrides)
     if not record:
         return cfg
     path = cfg.run_dir / "config.json"
-    if path.exists():
-        try:
-            previous = json.loads(path.read_text())["params"]
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise ConfigError(f"{path} is not a synthgap config record ({exc}); delete it or choose another run_dir") from None
-        differences = _differences(previous, cfg.params())
-        if differences:
-            listing = "\n  ".join(differences)
-            raise ConfigError(
-                f"run directory {cfg.run_dir} was made with other parameters:\n  {listing}\n"
-                "A run directory holds one configuration: pass another run_dir, or delete this one to start over.")
-    else:
+    if not path.exists():
         atomic_write_json(path, {"params": cfg.params(), "provenance": provenance(cfg)})
+        return cfg
+    try:
+        record = json.loads(path.read_text())
+        previous = record["params"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path} is not a synthgap config record ({exc!r}); delete it or choose another run_dir") from None
+    differences = _differences(previous, cfg.params())
+    if differences:
+        listing = "\n  ".join(differences)
+        raise ConfigError(
+            f"run directory {cfg.run_dir} was made with other parameters:\n  {listing}\n"
+            "A run directory holds one configuration: pass another run_dir, or delete this one to start over.")
+    if _merge(cfg.params(), previous) != previous:  # parameters a newer version added: record them too
+        atomic_write_json(path, {**record, "params": _merge(cfg.params(), previous)})
     return cfg
 
 
 def _differences(old: Any, new: Any, key: str = "") -> list[str]:
-    """Human-readable list of leaf values that differ between two parameter trees."""
+    """Leaf values present in both parameter trees that differ, as 'key: recorded x, now y'.
+
+    Keys only one side has are not differences: a newer version may add parameter groups.
+    """
     if isinstance(old, dict) and isinstance(new, dict):
         found = []
-        for name in sorted(set(old) | set(new)):
-            found += _differences(old.get(name), new.get(name), f"{key}.{name}" if key else name)
+        for name in sorted(set(old) & set(new)):
+            found += _differences(old[name], new[name], f"{key}.{name}" if key else name)
         return found
     return [] if old == new else [f"{key}: recorded {old!r}, now {new!r}"]
 

@@ -98,3 +98,13 @@ def test_other_parameters_on_the_same_run_directory_are_refused(tmp_path):
 def test_banner_says_smoke_numbers_check_the_machinery_only(tmp_path):
     text = config.banner(config.resolve("smoke", tmp_path)).data
     assert "smoke" in text and "machinery only" in text
+
+
+def test_parameters_added_by_a_newer_version_are_recorded_not_refused(tmp_path):
+    config.load("smoke", run_dir=tmp_path)
+    path = tmp_path / "config.json"
+    record = json.loads(path.read_text())
+    del record["params"]["data"]["on_bad_image"]
+    path.write_text(json.dumps(record))
+    config.load("smoke", run_dir=tmp_path)
+    assert json.loads(path.read_text())["params"]["data"]["on_bad_image"] == "error"
