@@ -1,0 +1,163 @@
+"""Domain-gap measures: classifier features, Fréchet distance, KID, k-NN precision/recall, detectability."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from synthgap_helpers.gap import (
+    bootstrap_gap,
+    classifier_features,
+    frechet_distance,
+    gap_table,
+    kernel_inception_distance,
+    precision_recall,
+)
+from synthgap_helpers.gap_detect import detectability
+from synthgap_helpers.train_batches import normalize
+from synthgap_helpers.train_models import build_model
+
+
+def _gaussian(n: int, mean: torch.Tensor, cov: torch.Tensor, seed: int) -> torch.Tensor:
+    """n float64 rows from N(mean, cov)."""
+    noise = torch.randn(n, len(mean), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return mean + noise @ torch.linalg.cholesky(cov).T
+
+
+def _clusters(centres: torch.Tensor, per_centre: int, seed: int) -> torch.Tensor:
+    """per_centre unit-variance Gaussian rows around each centre."""
+    g = torch.Generator().manual_seed(seed)
+    return centres.repeat_interleave(per_centre, 0) + torch.randn(len(centres) * per_centre, centres.shape[1], generator=g)
+
+
+def _images(n: int, high: int, seed: int) -> torch.Tensor:
+    """n random uint8 CIFAR-sized images with values in [0, high)."""
+    return torch.randint(0, high, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def test_features_are_the_penultimate_layer_of_a_manual_forward_pass() -> None:
+    torch.manual_seed(0)
+    model = build_model("resnet18_cifar_narrow").train()
+    images = _images(6, 256, seed=1)
+    feats = classifier_features(model, images, batch_size=4)
+    assert feats.shape == (6, 128) and feats.dtype == torch.float64
+    assert model.training  # mode restored
+    model.eval()
+    with torch.no_grad():
+        x = normalize(images)
+        x = model.relu(model.bn1(model.conv1(x)))
+        x = model.layer4(model.layer3(model.layer2(model.layer1(x))))
+        manual = x.mean(dim=(2, 3))
+        torch.testing.assert_close(feats.float(), manual, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(model.fc(feats.float()), model(normalize(images)), rtol=1e-4, atol=1e-5)
+
+
+def test_features_of_another_layer_and_unknown_layer() -> None:
+    model = build_model("resnet18_cifar_narrow")
+    assert classifier_features(model, _images(3, 256, seed=2), layer="layer3").shape == (3, 64 * 8 * 8)
+    with pytest.raises(ValueError, match="layer='head'"):
+        classifier_features(model, _images(3, 256, seed=2), layer="head")
+
+
+def test_identical_sets_have_no_gap() -> None:
+    feats = _gaussian(500, torch.zeros(8, dtype=torch.float64), torch.eye(8, dtype=torch.float64), seed=0)
+    assert abs(frechet_distance(feats, feats)) < 1e-8
+    assert precision_recall(feats, feats, k=3) == (1.0, 1.0)
+
+
+def test_frechet_distance_of_two_gaussians_matches_the_closed_form() -> None:
+    mu1, mu2 = torch.tensor([0.0, 1.0, -1.0], dtype=torch.float64), torch.tensor([2.0, 0.0, 0.5], dtype=torch.float64)
+    a = torch.tensor([[1.0, 0.3, 0.0], [0.0, 0.8, 0.2], [0.1, 0.0, 0.5]], dtype=torch.float64)
+    s1, s2 = a @ a.T + 0.1 * torch.eye(3, dtype=torch.float64), torch.diag(torch.tensor([2.0, 0.5, 1.0], dtype=torch.float64))
+    exact = float((mu1 - mu2).square().sum() + torch.trace(s1 + s2)
+                  - 2 * np.trace(scipy.linalg.sqrtm(s1.numpy() @ s2.numpy())).real)
+    estimate = frechet_distance(_gaussian(50_000, mu1, s1, seed=1), _gaussian(50_000, mu2, s2, seed=2))
+    assert estimate == pytest.approx(exact, rel=0.02)
+
+
+def test_kid_is_about_zero_for_one_distribution_and_positive_for_a_shift() -> None:
+    cov = torch.eye(8, dtype=torch.float64)
+    real = _gaussian(1000, torch.zeros(8, dtype=torch.float64), cov, seed=0)
+    same = _gaussian(1000, torch.zeros(8, dtype=torch.float64), cov, seed=1)
+    shifted = _gaussian(1000, torch.full((8,), 0.5, dtype=torch.float64), cov, seed=2)
+    kid_same, std_same = kernel_inception_distance(real, same, subsets=20, subset_size=500)
+    kid_shift, std_shift = kernel_inception_distance(real, shifted, subsets=20, subset_size=500)
+    assert abs(kid_same) < 3 * std_same
+    assert kid_shift > 10 * std_shift > 0
+    assert kernel_inception_distance(real, same, subsets=20, subset_size=500, seed=0) == (kid_same, std_same)
+
+
+def test_a_fake_set_covering_half_the_modes_has_full_precision_and_half_recall() -> None:
+    centres = torch.stack([20 * torch.arange(10.0), torch.zeros(10)], dim=1)  # 10 modes in a row, 20 apart
+    real = _clusters(centres, 200, seed=0)
+    fake = _clusters(centres[:5], 400, seed=1)
+    precision, recall = precision_recall(real, fake, k=3)
+    assert precision > 0.9
+    assert recall == pytest.approx(0.5, abs=0.05)
+
+
+def test_bootstrap_interval_brackets_the_value_and_repeats_with_the_seed() -> None:
+    real = _clusters(torch.zeros(1, 6), 300, seed=0)
+    fake = _clusters(torch.full((1, 6), 0.5), 300, seed=1)
+    value, low, high = bootstrap_gap(real, fake, frechet_distance, n_resamples=30, seed=3)
+    assert low < 6 * 0.5**2 < high and low < value < high
+    assert bootstrap_gap(real, fake, frechet_distance, n_resamples=30, seed=3) == (value, low, high)
+    precision, p_low, p_high = bootstrap_gap(real, fake, lambda r, f: precision_recall(r, f)[0], n_resamples=20,
+                                            method="percentile")
+    assert p_low < precision < p_high  # duplicates in a resample must not collapse the k-NN radii
+
+
+def test_gap_table_has_a_row_per_synthetic_set_ordered_by_gap() -> None:
+    real = _clusters(torch.zeros(1, 6), 200, seed=0)
+    sets = {"real": real, "near": _clusters(torch.full((1, 6), 0.2), 200, seed=1),
+            "far": _clusters(torch.full((1, 6), 2.0), 200, seed=2)}
+    table = gap_table(sets, k=3, kid_subsets=10, kid_subset_size=500, n_resamples=30, progress=False)
+    assert list(table["set"]) == ["near", "far"]
+    assert (table["kid_subset_size"] == 200).all()
+    near, far = table.iloc[0], table.iloc[1]
+    assert near["fd"] < far["fd"] and near["kid"] < far["kid"] and near["recall"] > far["recall"]
+    exact = np.array([6 * 0.2**2, 6 * 2.0**2])  # ||mu_r - mu_f||^2; equal covariances
+    assert (table["fd_low"] <= exact).all() and (exact <= table["fd_high"]).all()
+
+
+def test_detector_is_at_chance_on_two_halves_of_the_same_random_images() -> None:
+    images = _images(400, 256, seed=0)
+    result = detectability(images[:200], images[200:], steps=25, batch_size=32, width=8, seed=0)
+    assert result["n_test"] == 120 and result["n_train"] == 280
+    assert result["ci_low"] <= 0.5 <= result["ci_high"]
+
+
+def test_detector_separates_real_from_nearly_black_images() -> None:
+    result = detectability(_images(200, 256, seed=0), _images(150, 20, seed=1), steps=25, batch_size=32, width=8)
+    assert result["accuracy"] >= 0.95 and result["n_test"] == 90  # balanced: 150 of each, 45 of each held out
+
+
+def test_linear_probe_detector_on_features() -> None:
+    base = torch.zeros(1, 16)
+    same = detectability(_clusters(base, 300, 0), _clusters(base, 300, 1), method="linear_probe", steps=200)
+    apart = detectability(_clusters(base, 300, 0), _clusters(base + 1.5, 300, 1), method="linear_probe", steps=200)
+    assert same["ci_low"] <= 0.5 <= same["ci_high"]
+    assert apart["accuracy"] > 0.95
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda a, b: frechet_distance(a[:0], b), "real_feats has 0 rows"),
+        (lambda a, b: frechet_distance(a, b[:, :3]), "fake_feats has dimension 3"),
+        (lambda a, b: precision_recall(a[:3], b, k=3), "k=3 must be in"),
+        (lambda a, b: kernel_inception_distance(a, b, subset_size=50), "subset_size=50"),
+        (lambda a, b: bootstrap_gap(a, b, frechet_distance, n_resamples=1), "n_resamples=1"),
+        (lambda a, b: bootstrap_gap(a, b, frechet_distance, method="bca"), "method='bca'"),
+        (lambda a, b: gap_table({"sd": a}), "reference='real'"),
+        (lambda a, b: detectability(a, b, method="svm"), "method='svm'"),
+        (lambda a, b: detectability(a, b, method="linear_probe", test_share=0.01), "test_share=0.01"),
+        (lambda a, b: detectability(a.float(), b), "real must be a uint8 tensor"),
+    ],
+)
+def test_bad_inputs_raise_value_errors_naming_the_parameter(call, message) -> None:
+    a, b = _clusters(torch.zeros(1, 4), 20, 0), _clusters(torch.zeros(1, 4), 20, 1)
+    with pytest.raises(ValueError, match=message):
+        call(a, b)
