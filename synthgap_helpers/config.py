@@ -97,6 +97,7 @@ class InversionParams(_Section):
     interpolation_strength: float = Field(default=0.1, ge=0.0, le=1.0)  # step towards a same-class image's embedding
     sample_batch_size: int = Field(default=50, ge=1)  # samples per pipeline call (pixels do not depend on it)
     save_size: int = Field(default=32, ge=8, le=1024)  # side of the saved images (antialiased bicubic downsampling)
+    cpu_threads: int | None = Field(default=None, ge=1, le=1024)  # torch CPU threads of the stage; None: torch's default
 
     @field_validator("resolution")
     @classmethod
