@@ -1,0 +1,642 @@
+"""Diffusion Inversion (Zhou, Sahak & Ba 2023, "Training on Thin Air"): embedding training on a frozen model.
+
+Every real training image gets its own embedding, `num_tokens x hidden` vectors (hidden = the U-Net's
+`cross_attention_dim`, 768 for SD 1.x) that replace the text encoder's output as the U-Net's
+`encoder_hidden_states`. The VAE and the U-Net stay frozen; only the embeddings learn, with the
+ordinary denoising loss on the VAE latents of the (upsampled) real image:
+
+    L(e) = E_{x, t, noise} || f_theta(sqrt(a_t) z + sqrt(1 - a_t) noise, t, e_x) - target ||^2,
+
+target = noise (epsilon-prediction models) or the velocity (v-prediction models). Images are handled in
+groups (`inversion.group_size`, the authors: 100); a group is one optimisation problem with one
+`G x num_tokens x hidden` parameter tensor and one AdamW state, exactly as the authors' one-hot
+`nn.Linear` embedding table.
+
+Groups are class-balanced and fixed: the run's real train subset (`data.real_data(cfg).train`), each class's
+images in split order, interleaved class by class (airplane 0, automobile 0, ..., truck 0, airplane 1, ...),
+then cut into consecutive groups. A group's id is `group_NNNNN`; shards split groups by
+`workload.Shard.owns(group id)`.
+
+Files under `<run_dir>/inversion/`:
+
+* `embeddings/group_NNNNN.safetensors` -- tensors `embeddings` (G x T x H, fp32) and `labels`; metadata
+  `image_ids` (JSON list), `step`, `model`, `num_tokens`, `group`. Its presence marks the group finished.
+* `checkpoints/group_NNNNN.safetensors` -- while a group trains: embeddings, AdamW moments and the losses so far
+  (tensors), and step, AdamW step and loss-scaler state (JSON metadata). Written atomically every
+  `checkpoint_every` steps; a rerun resumes from it exactly (the draws of step s depend on (seed, group, s) only).
+* `loss/group_NNNNN.json` -- the loss of every optimisation step.
+
+Sampling from the embeddings is in `inversion_sampling` (`sample` here forwards to it); tables and figures
+for the notebook in `inversion_figures`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from synthgap_helpers.storage import atomic_write, atomic_write_json
+from synthgap_helpers.workload import Shard, image_seed, stable_hash
+
+EMBEDDINGS_DIR = Path("inversion") / "embeddings"
+CHECKPOINTS_DIR = Path("inversion") / "checkpoints"
+LOSS_DIR = Path("inversion") / "loss"
+CLASS_PROMPT = "a photo of a {}"
+INIT_KINDS = ("random", "class_prompt", "class_prompt_mean")
+
+
+# ---------------------------------------------------------------------------------------------
+# Groups
+
+
+@dataclass(frozen=True)
+class Group:
+    """One optimisation problem: the real images at `positions` of the train subset, with their ids and labels."""
+
+    index: int
+    positions: tuple[int, ...]
+    ids: tuple[str, ...]
+    labels: tuple[int, ...]
+
+    @property
+    def name(self) -> str:
+        """`group_NNNNN`: file stem and shard key."""
+        return f"group_{self.index:05d}"
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+
+def class_balanced_order(labels: Sequence[int] | torch.Tensor) -> list[int]:
+    """Positions ordered by rank within their class, then class: a0, b0, c0, ..., a1, b1, c1, ...
+
+    Cut into consecutive groups, this gives every group the same number of images of each class
+    whenever the data are balanced and the group size is a multiple of the number of classes.
+    """
+    labels = [int(v) for v in (labels.tolist() if isinstance(labels, torch.Tensor) else labels)]
+    rank: dict[int, int] = {}
+    keyed = []
+    for position, label in enumerate(labels):
+        keyed.append((rank.get(label, 0), label, position))
+        rank[label] = rank.get(label, 0) + 1
+    return [position for _, _, position in sorted(keyed)]
+
+
+def plan_groups(ids: Sequence[str], labels: Sequence[int] | torch.Tensor, group_size: int,
+                num_groups: int | None = None) -> list[Group]:
+    """The fixed, class-balanced groups of a set of real images (the last group may be smaller)."""
+    if group_size < 1:
+        raise ValueError(f"inversion.group_size = {group_size}: must be at least 1")
+    if group_size > len(ids):
+        raise ValueError(f"inversion.group_size = {group_size} is larger than the {len(ids)} real training images "
+                         "of this run; choose a group size of at most the data size (the authors: 100)")
+    if num_groups is not None and num_groups < 1:
+        raise ValueError(f"inversion.num_groups = {num_groups}: must be at least 1, or None for every group")
+    label_list = [int(v) for v in (labels.tolist() if isinstance(labels, torch.Tensor) else labels)]
+    order = class_balanced_order(label_list)
+    groups = []
+    for index, start in enumerate(range(0, len(order), group_size)):
+        if num_groups is not None and index >= num_groups:
+            break
+        chunk = order[start:start + group_size]
+        groups.append(Group(index, tuple(chunk), tuple(ids[p] for p in chunk), tuple(label_list[p] for p in chunk)))
+    return groups
+
+
+# ---------------------------------------------------------------------------------------------
+# Model checks and prompt embeddings
+
+
+def embedding_width(unet: Any) -> int:
+    """The width of the U-Net's cross-attention context (768 for SD 1.x)."""
+    width = getattr(unet.config, "cross_attention_dim", None)
+    if isinstance(width, (list, tuple)):
+        widths = set(width)
+        width = widths.pop() if len(widths) == 1 else None
+    return width
+
+
+def check_model(pipe: Any, num_tokens: int, resolution: int | None = None) -> int:
+    """Raise a ValueError before any work if the pipeline cannot be inverted; returns the embedding width."""
+    from synthgap_helpers.diffusion import resolution_multiple
+
+    if not isinstance(num_tokens, int) or num_tokens < 1:
+        raise ValueError(f"inversion.num_tokens = {num_tokens!r}: must be an integer of at least 1 (the authors: 5)")
+    unet = getattr(pipe, "unet", None)
+    config = getattr(unet, "config", None)
+    blocks = [*getattr(config, "down_block_types", ()), *getattr(config, "up_block_types", ()),
+              getattr(config, "mid_block_type", None) or ""]
+    width = embedding_width(unet) if config is not None else None
+    if config is None or not any("CrossAttn" in block for block in blocks) or not isinstance(width, int):
+        name = type(unet).__name__ if unet is not None else "no U-Net"
+        raise ValueError(f"the model's denoiser ({name}, blocks {blocks}) has no cross-attention: Diffusion Inversion "
+                         "conditions the U-Net through its cross-attention context (encoder_hidden_states); use a "
+                         "text-conditional model such as Stable Diffusion 1.x")
+    if resolution is not None and resolution % resolution_multiple(pipe):
+        raise ValueError(f"inversion.resolution = {resolution}: this model needs a multiple of "
+                         f"{resolution_multiple(pipe)} pixels (VAE factor x U-Net downsampling)")
+    return width
+
+
+def text_states(pipe: Any, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The text encoder's last hidden states (B x 77 x H, as the pipeline uses them) and each prompt's EOS position."""
+    tokens = pipe.tokenizer(list(prompts), padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt")
+    device = pipe.text_encoder.device
+    with torch.no_grad():
+        states = pipe.text_encoder(tokens.input_ids.to(device))[0]
+    eos = (tokens.attention_mask.sum(dim=1) - 1).tolist()
+    return states.float(), eos
+
+
+def prompt_embeddings(pipe: Any, prompts: Sequence[str], num_tokens: int, mode: str = "window") -> torch.Tensor:
+    """`num_tokens` context vectors per prompt from the text encoder (B x T x H, fp32, on the encoder's device).
+
+    * `first`: the first T hidden states (BOS, then the prompt). CLIP's text encoder is causal, so these equal
+      the encoding of the prompt truncated to T tokens -- how the authors build the empty-prompt input.
+    * `window`: the T hidden states ending at the end-of-text token; for "a photo of a <class>" they hold the class
+      word and the EOS state, which has attended to the whole prompt (the first T = 5 states would stop before
+      the class word).
+    * `mean`: the mean of the states from BOS to EOS, repeated T times.
+    """
+    states, eos = text_states(pipe, prompts)
+    length = states.shape[1]
+    if num_tokens > length:
+        raise ValueError(f"num_tokens = {num_tokens} exceeds the text encoder's {length} positions")
+    rows = []
+    for row, end in zip(states, eos):
+        if mode == "first":
+            rows.append(row[:num_tokens])
+        elif mode == "window":
+            start = min(max(0, end + 1 - num_tokens), length - num_tokens)
+            rows.append(row[start:start + num_tokens])
+        elif mode == "mean":
+            rows.append(row[:end + 1].mean(dim=0, keepdim=True).expand(num_tokens, -1))
+        else:
+            raise ValueError(f"mode {mode!r} is not one of first, window, mean")
+    return torch.stack(rows)
+
+
+def init_embeddings(kind: str, labels: Sequence[int], num_tokens: int, width: int, generator: torch.Generator,
+                    class_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+    """Starting embeddings of a group (G x T x H, fp32, CPU).
+
+    `random`: uniform on +-1/sqrt(G), what PyTorch's default `nn.Linear` init gives the authors' one-hot
+    embedding table; `class_prompt` / `class_prompt_mean`: the class prompt's embedding (`class_embeddings`,
+    classes x T x H) of each image's class.
+    """
+    count = len(labels)
+    if kind == "random":
+        bound = 1.0 / math.sqrt(count)
+        return (torch.rand(count, num_tokens, width, generator=generator) * 2 - 1) * bound
+    if kind in ("class_prompt", "class_prompt_mean"):
+        if class_embeddings is None:
+            raise ValueError(f"init {kind!r} needs the class prompts' embeddings")
+        return class_embeddings.detach().float().cpu()[torch.as_tensor(list(labels), dtype=torch.long)].clone()
+    raise ValueError(f"inversion.init = {kind!r}: choose one of {', '.join(INIT_KINDS)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The optimisation
+
+
+def upsample(images: torch.Tensor, resolution: int) -> torch.Tensor:
+    """uint8 N x 3 x h x w images as floats in [-1, 1] at `resolution` pixels (bicubic, as the authors)."""
+    pixels = images.float().div(127.5).sub(1.0)
+    if pixels.shape[-1] != resolution or pixels.shape[-2] != resolution:
+        pixels = F.interpolate(pixels, size=(resolution, resolution), mode="bicubic", align_corners=False)
+    return pixels.clamp_(-1.0, 1.0)
+
+
+def latent_stats(vae: Any, images: torch.Tensor, resolution: int, batch_size: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of the VAE's latent distribution of every image (fp32, on the VAE's device), encoded once."""
+    means, stds = [], []
+    device, dtype = vae.device, vae.dtype
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            pixels = upsample(images[start:start + batch_size], resolution).to(device=device, dtype=dtype)
+            dist = vae.encode(pixels).latent_dist
+            means.append(dist.mean.float())
+            stds.append(dist.std.float())
+    return torch.cat(means), torch.cat(stds)
+
+
+def scale_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """VAE latents as the U-Net sees them: (z - shift) * scaling_factor."""
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (latents - shift) * vae.config.scaling_factor
+
+
+def diffusion_target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the U-Net is trained to predict: the noise, or the velocity for v-prediction models."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"scheduler prediction_type {kind!r} is not supported (epsilon or v_prediction)")
+
+
+def training_scheduler(pipe: Any) -> Any:
+    """A DDPM scheduler on the pipeline's noise schedule: add_noise and get_velocity for training."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(pipe.scheduler.config)
+
+
+def step_generators(seed: int, step: int, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
+    """The CPU and device generators of one optimisation step: a function of (group seed, step) only."""
+    value = stable_hash(f"{seed}/step{step}")
+    cpu = torch.Generator().manual_seed(value)
+    dev = cpu if device.type == "cpu" else torch.Generator(device=device).manual_seed(value)
+    return cpu, dev
+
+
+@dataclass
+class InversionState:
+    """Everything a group's optimisation needs to continue exactly: embeddings, AdamW moments, step, losses."""
+
+    embeddings: torch.Tensor  # G x T x H, fp32
+    step: int = 0
+    exp_avg: torch.Tensor | None = None
+    exp_avg_sq: torch.Tensor | None = None
+    losses: list[float] = field(default_factory=list)
+    scaler: dict[str, float] | None = None  # loss-scaler state (fp16 training)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"embeddings": self.embeddings, "losses": torch.tensor(self.losses, dtype=torch.float32)}
+        if self.exp_avg is not None:
+            out.update(exp_avg=self.exp_avg, exp_avg_sq=self.exp_avg_sq)
+        return {name: value.detach().cpu().contiguous() for name, value in out.items()}
+
+
+def amp_dtype(device: torch.device, unet: Any) -> torch.dtype | None:
+    """The autocast dtype: the U-Net's half dtype on CUDA, None (no autocast) for fp32 weights or CPU."""
+    if device.type == "cuda" and unet.dtype in (torch.float16, torch.bfloat16):
+        return unet.dtype
+    return None
+
+
+def freeze(*modules: Any) -> None:
+    """Eval mode and no gradients for every parameter: the model stays bit-identical."""
+    for module in modules:
+        module.eval()
+        module.requires_grad_(False)
+
+
+def invert_group(pipe: Any, images: torch.Tensor, state: InversionState, *, steps: int, batch_size: int, lr: float,
+                 weight_decay: float, resolution: int, seed: int, checkpoint_every: int | None = None,
+                 on_checkpoint: Callable[[InversionState], None] | None = None, compile: bool = False,
+                 encode_every_step: bool = False, channels_last: bool = True, progress: bool = True,
+                 desc: str = "invert") -> InversionState:
+    """Optimise a group's embeddings (`state`, possibly resumed) on the frozen U-Net until `steps`.
+
+    Per step: `batch_size` images of the group (without replacement), a latent drawn from each image's cached
+    VAE latent distribution (or, with `encode_every_step`, re-encoded as in the authors' code), a timestep
+    uniform over the scheduler's training timesteps, and the MSE to the noise or velocity target. AdamW
+    (constant lr) on the fp32 embeddings; on CUDA the U-Net runs in its half dtype under autocast, channels-last.
+    Calls `on_checkpoint(state)` every `checkpoint_every` steps (not after the last one).
+    """
+    unet, vae = pipe.unet, pipe.vae
+    freeze(unet, vae)
+    device = unet.device
+    count = len(images)
+    batch = min(batch_size, count)
+    width = check_model(pipe, state.embeddings.shape[1], resolution)
+    if state.embeddings.shape != (count, state.embeddings.shape[1], width):
+        raise ValueError(f"embeddings of shape {tuple(state.embeddings.shape)} do not fit {count} images and a model "
+                         f"with cross-attention width {width}")
+    scheduler = training_scheduler(pipe)
+    train_steps = scheduler.config.num_train_timesteps
+    half = amp_dtype(device, unet)
+    if encode_every_step:
+        pixels_all = upsample(images, resolution).to(device=device, dtype=vae.dtype)
+    else:
+        mean, std = latent_stats(vae, images, resolution, batch_size=max(batch, 1))
+
+    embeddings = torch.nn.Parameter(state.embeddings.detach().to(device=device, dtype=torch.float32).clone())
+    fused = device.type == "cuda"
+    optimizer = torch.optim.AdamW([embeddings], lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), eps=1e-8,
+                                  fused=fused)
+    if state.exp_avg is not None:
+        template = optimizer.state_dict()
+        template["state"] = {0: {"step": torch.tensor(float(state.step)),
+                                 "exp_avg": state.exp_avg.to(device=device, dtype=torch.float32),
+                                 "exp_avg_sq": state.exp_avg_sq.to(device=device, dtype=torch.float32)}}
+        optimizer.load_state_dict(template)
+    scaler = torch.amp.GradScaler("cuda", enabled=half == torch.float16)
+    if scaler.is_enabled() and state.scaler:
+        scaler.load_state_dict(state.scaler)
+    forward = torch.compile(unet) if compile else unet
+    channels_last = channels_last and device.type == "cuda"
+    if channels_last:
+        unet.to(memory_format=torch.channels_last)
+
+    losses = torch.empty(steps, device=device)
+    first = state.step
+
+    def snapshot(step: int) -> InversionState:
+        opt_state = optimizer.state.get(embeddings, {})
+        done = losses[first:step].float().cpu().tolist()
+        return InversionState(embeddings.detach().float().cpu().clone(), step,
+                              opt_state["exp_avg"].detach().cpu().clone() if opt_state else None,
+                              opt_state["exp_avg_sq"].detach().cpu().clone() if opt_state else None,
+                              state.losses[:first] + done,
+                              {k: float(v) for k, v in scaler.state_dict().items()} if scaler.is_enabled() else None)
+
+    bar = tqdm(range(first, steps), desc=desc, unit="step", leave=False, mininterval=1.0,
+               disable=not progress or steps - first < 20)
+    for step in bar:
+        cpu_gen, dev_gen = step_generators(seed, step, device)
+        index = torch.randperm(count, generator=cpu_gen)[:batch].to(device)
+        timesteps = torch.randint(0, train_steps, (batch,), generator=cpu_gen).to(device)
+        if encode_every_step:
+            with torch.no_grad():
+                dist = vae.encode(pixels_all[index]).latent_dist
+                sample = dist.mean.float() + dist.std.float() * torch.randn(
+                    dist.mean.shape, generator=dev_gen, device=device)
+        else:
+            sample = mean[index] + std[index] * torch.randn(mean[index].shape, generator=dev_gen, device=device)
+        latents = scale_latents(vae, sample)
+        noise = torch.randn(latents.shape, generator=dev_gen, device=device)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        target = diffusion_target(scheduler, latents, noise, timesteps)
+        if channels_last:
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=half or torch.float32, enabled=half is not None):
+            prediction = forward(noisy.to(unet.dtype), timesteps,
+                                 encoder_hidden_states=embeddings[index]).sample
+        loss = F.mse_loss(prediction.float(), target.float())
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        losses[step] = loss.detach()
+        done = step + 1
+        if on_checkpoint is not None and checkpoint_every and done % checkpoint_every == 0 and done < steps:
+            on_checkpoint(snapshot(done))
+    bar.close()
+    return snapshot(steps)
+
+
+def evaluation_loss(pipe: Any, images: torch.Tensor, embeddings: torch.Tensor, resolution: int, seed: int = 0,
+                    draws: int = 8) -> float:
+    """The denoising loss of embeddings on their images over fixed draws of (latent, timestep, noise).
+
+    Common random numbers: the same `seed` gives the same draws, so two sets of embeddings compare exactly.
+    """
+    unet, vae = pipe.unet, pipe.vae
+    device = unet.device
+    scheduler = training_scheduler(pipe)
+    mean, std = latent_stats(vae, images, resolution)
+    generator = torch.Generator().manual_seed(seed)
+    context = embeddings.to(device=device, dtype=unet.dtype)
+    total = 0.0
+    with torch.no_grad():
+        for _ in range(draws):
+            sample = mean + std * torch.randn(mean.shape, generator=generator).to(device)
+            latents = scale_latents(vae, sample)
+            noise = torch.randn(latents.shape, generator=generator).to(device)
+            timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(images),), generator=generator).to(device)
+            prediction = unet(scheduler.add_noise(latents, noise, timesteps).to(unet.dtype), timesteps,
+                              encoder_hidden_states=context).sample
+            target = diffusion_target(scheduler, latents, noise, timesteps)
+            total += float(F.mse_loss(prediction.float(), target.float()))
+    return total / draws
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def embeddings_path(run_dir: Path, group: Group | str) -> Path:
+    name = group if isinstance(group, str) else group.name
+    return Path(run_dir) / EMBEDDINGS_DIR / f"{name}.safetensors"
+
+
+def checkpoint_path(run_dir: Path, group: Group | str) -> Path:
+    name = group if isinstance(group, str) else group.name
+    return Path(run_dir) / CHECKPOINTS_DIR / f"{name}.safetensors"
+
+
+def loss_path(run_dir: Path, group: Group | str) -> Path:
+    name = group if isinstance(group, str) else group.name
+    return Path(run_dir) / LOSS_DIR / f"{name}.json"
+
+
+def _save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    meta = {key: value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and raw (string) metadata of a safetensors file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return {key: handle.get_tensor(key) for key in handle.keys()}, dict(handle.metadata() or {})
+
+
+def write_checkpoint(path: Path, state: InversionState, identity: dict[str, Any]) -> None:
+    """A resumable snapshot of a group's optimisation (tensors + JSON scalars), written atomically."""
+    _save_safetensors(path, state.tensors(), {**identity, "step": state.step, "scaler": state.scaler})
+
+
+def _identity(group: Group, model: str, num_tokens: int) -> dict[str, Any]:
+    return {"group": group.name, "image_ids": list(group.ids), "model": model, "num_tokens": num_tokens}
+
+
+def _check_identity(path: Path, metadata: dict[str, str], tensors: dict[str, torch.Tensor], group: Group,
+                    model: str, num_tokens: int, width: int) -> None:
+    """Raise if a stored file was made for other images, another model or another embedding shape."""
+    shape = tuple(tensors["embeddings"].shape)
+    expected = (len(group), num_tokens, width)
+    if shape != expected:
+        raise ValueError(f"{path}: embeddings of shape {shape}, but this run's model and parameters need {expected} "
+                         f"({len(group)} images x inversion.num_tokens {num_tokens} x cross-attention width {width}); "
+                         "the file was made with another model or num_tokens: delete it, or use another run_dir")
+    ids = json.loads(metadata.get("image_ids", "[]"))
+    if ids != list(group.ids) or metadata.get("model") != model:
+        raise ValueError(f"{path} was made for other images or another model ({metadata.get('model')!r}); "
+                         "delete it, or use another run_dir")
+
+
+def load_group_embeddings(run_dir: Path, group: Group | str) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """A finished group's embeddings (G x T x H), labels, and metadata (JSON-decoded)."""
+    path = embeddings_path(run_dir, group)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: run the embedding training first "
+                                "(inversion.train_embeddings, or `python -m synthgap_helpers invert train`)")
+    tensors, metadata = read_safetensors(path)
+    decoded = {key: json.loads(value) if key in ("image_ids", "step", "num_tokens") else value
+               for key, value in metadata.items()}
+    return tensors["embeddings"], tensors["labels"], decoded
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+@dataclass
+class TrainSummary:
+    """What `train_embeddings` did on this shard."""
+
+    groups_total: int
+    groups_owned: int
+    trained: list[str]
+    resumed: list[str]
+    skipped: list[str]
+    steps_run: int
+    seconds: float
+    final_loss: dict[str, float]
+
+    @property
+    def steps_per_second(self) -> float:
+        return self.steps_run / self.seconds if self.seconds > 0 else float("nan")
+
+    def table(self) -> Any:
+        import pandas as pd
+
+        return pd.DataFrame({"groups in the run": [self.groups_total], "groups of this shard": [self.groups_owned],
+                             "trained now": [len(self.trained)], "of which resumed": [len(self.resumed)],
+                             "already finished": [len(self.skipped)]}, index=["groups"])
+
+    def __str__(self) -> str:
+        return (f"inversion: {len(self.trained)} group(s) trained ({len(self.resumed)} resumed), {len(self.skipped)} "
+                f"already finished, of {self.groups_owned} on this shard ({self.groups_total} in the run); "
+                f"{self.steps_run} steps in {self.seconds:.1f} s ({self.steps_per_second:.2f} steps/s)")
+
+
+def run_groups(cfg: Any) -> tuple[Any, list[Group]]:
+    """The run's real train subset and its groups, as `inversion.*` fixes them."""
+    from synthgap_helpers import data
+
+    train = data.real_data(cfg).train
+    params = cfg.inversion
+    groups = plan_groups(train.ids, train.labels, params.group_size, params.num_groups)
+    if params.batch_size > params.group_size:
+        raise ValueError(f"inversion.batch_size = {params.batch_size} is larger than inversion.group_size = "
+                         f"{params.group_size}; a step draws its batch from one group")
+    return train, groups
+
+
+@contextlib.contextmanager
+def cpu_threads(count: int | None) -> Iterator[None]:
+    """Run with `count` torch CPU threads (None: leave torch's setting), restoring the previous count after.
+
+    Tiny models gain nothing from a thread pool, and on a shared CPU its spinning threads wait for cores.
+    """
+    previous = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def stage_pipeline(cfg: Any, pipe: Any | None = None) -> Any:
+    """The run's diffusion pipeline (`inversion.model` on the run's device), unless one is given."""
+    if pipe is not None:
+        return pipe
+    from synthgap_helpers import config, diffusion
+
+    return diffusion.load_pipeline(cfg.inversion.model, "txt2img", config.resolve_device(cfg.device), cfg.inversion.dtype)
+
+
+def class_embeddings(pipe: Any, classes: Sequence[str], num_tokens: int, kind: str) -> torch.Tensor:
+    """The class prompts' embeddings (classes x T x H) for `init` = class_prompt (window) or class_prompt_mean."""
+    mode = "mean" if kind == "class_prompt_mean" else "window"
+    return prompt_embeddings(pipe, [CLASS_PROMPT.format(name) for name in classes], num_tokens, mode).cpu()
+
+
+def train_embeddings(cfg: Any, shard: Shard = Shard(), pipe: Any | None = None, progress: bool = True) -> TrainSummary:
+    """Train the embeddings of every group this shard owns; skip finished groups, resume interrupted ones."""
+    with cpu_threads(cfg.inversion.cpu_threads):
+        return _train_embeddings(cfg, shard, pipe, progress)
+
+
+def _train_embeddings(cfg: Any, shard: Shard, pipe: Any | None, progress: bool) -> TrainSummary:
+    params = cfg.inversion
+    train, groups = run_groups(cfg)
+    owned = [group for group in groups if shard.owns(group.name)]
+    pipe = stage_pipeline(cfg, pipe)
+    width = check_model(pipe, params.num_tokens, params.resolution)
+    model = params.model
+
+    todo, skipped, checkpoints = [], [], {}
+    for group in owned:  # every stored file is checked before any work starts
+        path = embeddings_path(cfg.run_dir, group)
+        if path.is_file():
+            tensors, metadata = read_safetensors(path)
+            _check_identity(path, metadata, tensors, group, model, params.num_tokens, width)
+            skipped.append(group.name)
+            continue
+        ckpt = checkpoint_path(cfg.run_dir, group)
+        if ckpt.is_file():
+            tensors, metadata = read_safetensors(ckpt)
+            _check_identity(ckpt, metadata, tensors, group, model, params.num_tokens, width)
+            checkpoints[group.name] = (tensors, metadata)
+        todo.append(group)
+
+    classes_embeds = None
+    if params.init != "random" and todo:
+        classes_embeds = class_embeddings(pipe, train.classes, params.num_tokens, params.init)
+
+    trained, resumed, final_loss, steps_run = [], [], {}, 0
+    start = time.perf_counter()
+    for group in tqdm(todo, desc="groups", unit="group", disable=not progress or len(todo) < 2):
+        seed = image_seed(cfg.seed, f"inversion/{group.name}")
+        if group.name in checkpoints:
+            tensors, metadata = checkpoints[group.name]
+            state = InversionState(tensors["embeddings"], int(metadata["step"]), tensors.get("exp_avg"),
+                                   tensors.get("exp_avg_sq"), tensors["losses"].tolist(),
+                                   json.loads(metadata["scaler"]) if metadata.get("scaler", "null") != "null" else None)
+            resumed.append(group.name)
+        else:
+            generator = torch.Generator().manual_seed(seed)
+            state = InversionState(init_embeddings(params.init, group.labels, params.num_tokens, width, generator,
+                                                   classes_embeds))
+        identity = _identity(group, model, params.num_tokens)
+        labels = torch.tensor(group.labels, dtype=torch.int64)
+
+        def save_checkpoint(snapshot: InversionState, group: Group = group, identity: dict = identity) -> None:
+            write_checkpoint(checkpoint_path(cfg.run_dir, group), snapshot, identity)
+
+        first = state.step
+        images = train.images[list(group.positions)]
+        state = invert_group(pipe, images, state, steps=params.steps, batch_size=params.batch_size, lr=params.lr,
+                             weight_decay=params.weight_decay, resolution=params.resolution, seed=seed,
+                             checkpoint_every=params.checkpoint_every, on_checkpoint=save_checkpoint,
+                             compile=params.compile, progress=progress, desc=group.name)
+        steps_run += params.steps - first
+        atomic_write_json(loss_path(cfg.run_dir, group), {"group": group.name, "image_ids": list(group.ids),
+                                                          "loss": state.losses})
+        _save_safetensors(embeddings_path(cfg.run_dir, group), {"embeddings": state.embeddings.contiguous(),
+                                                                "labels": labels},
+                          {**identity, "step": state.step, "width": width})
+        checkpoint_path(cfg.run_dir, group).unlink(missing_ok=True)
+        trained.append(group.name)
+        final_loss[group.name] = float(np.mean(state.losses[-max(1, len(state.losses) // 10):]))
+    return TrainSummary(len(groups), len(owned), trained, resumed, skipped, steps_run, time.perf_counter() - start,
+                        final_loss)
+
+
+def sample(cfg: Any, shard: Shard = Shard(), pipe: Any | None = None, progress: bool = True) -> Any:
+    """Sample the synthetic training set from the trained embeddings (see `inversion_sampling.sample`)."""
+    from synthgap_helpers import inversion_sampling
+
+    return inversion_sampling.sample(cfg, shard=shard, pipe=pipe, progress=progress)

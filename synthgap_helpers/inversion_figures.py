@@ -1,0 +1,98 @@
+"""Tables and figures of the Diffusion Inversion chapter: parameters, per-group losses, real vs inverted images."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from synthgap_helpers import inversion
+from synthgap_helpers.plots import mosaic
+
+_SHOWN = ("model", "num_tokens", "group_size", "num_groups", "resolution", "steps", "batch_size", "lr", "weight_decay",
+          "init", "guidance", "uncond", "sample_steps", "scheduler", "samples_per_image", "perturbation", "noise_std",
+          "interpolation_strength", "save_size")
+
+
+def parameter_table(cfg: Any) -> Any:
+    """The inversion parameters of the run beside the authors' values."""
+    import pandas as pd
+
+    from synthgap_helpers.config import InversionParams
+
+    authors = InversionParams()
+    run = cfg.inversion
+    return pd.DataFrame({"this run": [str(getattr(run, name)) for name in _SHOWN],
+                         "authors": [str(getattr(authors, name)) for name in _SHOWN]}, index=list(_SHOWN))
+
+
+def read_losses(cfg: Any) -> dict[str, list[float]]:
+    """The stored loss curve of every finished group, by group name."""
+    folder = cfg.run_dir / inversion.LOSS_DIR
+    return {path.stem: json.loads(path.read_text())["loss"] for path in sorted(folder.glob("group_*.json"))}
+
+
+def group_table(cfg: Any) -> Any:
+    """Finished groups: images, steps, and the mean loss over the first and the last tenth of the steps."""
+    import pandas as pd
+
+    rows = {}
+    for name, losses in read_losses(cfg).items():
+        _, labels, meta = inversion.load_group_embeddings(cfg.run_dir, name)
+        tenth = max(1, len(losses) // 10)
+        rows[name] = {"images": len(labels), "classes": len(set(labels.tolist())), "steps": meta["step"],
+                      "loss, first tenth": float(np.mean(losses[:tenth])),
+                      "loss, last tenth": float(np.mean(losses[-tenth:]))}
+    return pd.DataFrame.from_dict(rows, orient="index").round(4)
+
+
+def loss_curves(cfg: Any, window: int | None = None) -> Figure:
+    """Training loss per step of every finished group (thin) and its running mean (thick)."""
+    curves = read_losses(cfg)
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for index, (name, losses) in enumerate(curves.items()):
+        values = np.asarray(losses, dtype=float)
+        width = window or max(1, len(values) // 10)
+        smooth = np.convolve(values, np.ones(width) / width, mode="valid")
+        colour = f"C{index % 10}"
+        ax.plot(np.arange(1, len(values) + 1), values, color=colour, alpha=0.25, linewidth=0.8)
+        ax.plot(np.arange(width, len(values) + 1), smooth, color=colour, linewidth=2, label=name)
+    ax.set_xlabel("optimisation step")
+    ax.set_ylabel("denoising loss (MSE)")
+    ax.set_title("Embedding training, per group")
+    if curves:
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def real_vs_inverted(real: Any, inverted: Any) -> Figure:
+    """Two rows: real images, and below each the unperturbed sample from its embedding."""
+    count = len(real)
+    images = torch.cat([real.images, inverted.images])
+    fig, ax = plt.subplots(figsize=(1.1 * count + 1.5, 2.8))
+    ax.imshow(mosaic(images, 2, count), interpolation="nearest")
+    ax.set_xticks(np.arange(count) * 33 + 16, [real.classes[int(label)] for label in real.labels], rotation=45,
+                  fontsize="small")
+    ax.set_yticks([16, 49], ["real", "inverted"])
+    ax.set_title("Real training images and samples from their embeddings (no perturbation)")
+    fig.tight_layout()
+    return fig
+
+
+def inverted_sets(cfg: Any) -> dict[str, Any]:
+    """The real images that were inverted, and the synthetic set sampled from them, for `plots.sample_grid`."""
+    from synthgap_helpers import data
+
+    train, groups = inversion.run_groups(cfg)
+    finished = [g for g in groups if inversion.embeddings_path(cfg.run_dir, g).is_file()]
+    positions = [p for g in finished for p in g.positions]
+    sets = {"real (inverted)": train.subset(positions)}
+    folder = cfg.run_dir / "synthetic" / "di"
+    if data.has_manifest(folder):
+        sets["di (sampled)"] = data.load_image_folder(folder, cfg.data.on_bad_image)
+    return sets

@@ -1,0 +1,270 @@
+"""Diffusion Inversion on the tiny random-weight pipeline: frozen model, falling loss, exact sampling seam,
+exact resume, shard union, and the bad inputs that must stop a run before it starts."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from synthgap_helpers import config, data, inversion, inversion_sampling
+from synthgap_helpers.diffusion import tiny_pipeline
+from synthgap_helpers.workload import Shard, merge_shards
+
+RES = 16  # pixels: the tiny pipeline works at any multiple of 4; 16 keeps every test fast on a CPU
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    # The tiny model's ops are far too small to gain from a thread pool, and on a busy CPU the pool's spinning
+    # threads make each op wait for a core (10x slower): run this module single-threaded, then restore.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield tiny_pipeline(seed=0)
+    torch.set_num_threads(threads)
+
+
+def fake_real_data(per_class: int = 1, seed: int = 0) -> data.RealData:
+    """A small balanced 'train subset' of smooth random images (no CIFAR-10 needed)."""
+    generator = torch.Generator().manual_seed(seed)
+    count = per_class * len(data.CLASSES)
+    coarse = torch.rand(count, 3, 4, 4, generator=generator)
+    images = torch.nn.functional.interpolate(coarse, size=(32, 32), mode="bilinear").mul(255).round().to(torch.uint8)
+    labels = torch.arange(count) % len(data.CLASSES)
+    ids = [f"train/{i:05d}" for i in range(count)]
+    image_set = data.ImageSet(images, labels, ids, data.LoadReport(source="fake", loaded=count))
+    return data.RealData(image_set, image_set.subset([0]), image_set.subset([0]))
+
+
+@pytest.fixture
+def fake_data(monkeypatch):
+    real = fake_real_data(per_class=1)
+    monkeypatch.setattr(data, "real_data", lambda cfg: real)
+    return real
+
+
+def make_cfg(run_dir, **overrides):
+    params = {"model": "tiny", "group_size": 5, "num_groups": 2, "resolution": RES, "steps": 6, "batch_size": 2,
+              "checkpoint_every": 2, "sample_steps": 2, "samples_per_image": 2, "sample_batch_size": 3, "save_size": RES}
+    params.update(overrides)
+    return config.resolve("smoke", run_dir=run_dir, overrides={"inversion": params})
+
+
+# ---------------------------------------------------------------------------------------------
+# Groups
+
+
+def test_groups_are_class_balanced_and_in_a_fixed_order():
+    labels = [0, 0, 1, 1, 2, 2]
+    ids = [f"i{n}" for n in range(6)]
+    groups = inversion.plan_groups(ids, labels, group_size=3)
+    assert [g.ids for g in groups] == [("i0", "i2", "i4"), ("i1", "i3", "i5")]
+    assert [g.labels for g in groups] == [(0, 1, 2), (0, 1, 2)]
+    assert [g.name for g in groups] == ["group_00000", "group_00001"]
+    assert len(inversion.plan_groups(ids, labels, group_size=4)[1]) == 2  # the last group may be smaller
+    assert len(inversion.plan_groups(ids, labels, group_size=2, num_groups=1)) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: a clear error before any work
+
+
+def test_group_size_larger_than_the_data_is_refused(tmp_path, fake_data):
+    with pytest.raises(ValueError, match="group_size = 11 is larger than the 10 real training images"):
+        inversion.train_embeddings(make_cfg(tmp_path, group_size=11, batch_size=2))
+    assert not (tmp_path / "inversion").exists()
+
+
+def test_num_tokens_below_one_is_refused(pipe):
+    with pytest.raises(config.ConfigError, match="inversion.num_tokens"):
+        config.resolve("smoke", overrides={"inversion": {"num_tokens": 0}})
+    with pytest.raises(ValueError, match="num_tokens = 0"):
+        inversion.check_model(pipe, 0)
+
+
+def test_model_without_cross_attention_is_refused(tmp_path, fake_data):
+    from diffusers import UNet2DModel
+
+    unconditional = SimpleNamespace(unet=UNet2DModel(sample_size=8, block_out_channels=(32, 64), norm_num_groups=32,
+                                                     down_block_types=("DownBlock2D", "DownBlock2D"),
+                                                     up_block_types=("UpBlock2D", "UpBlock2D")))
+    with pytest.raises(ValueError, match="has no cross-attention"):
+        inversion.train_embeddings(make_cfg(tmp_path), pipe=unconditional)
+    assert not (tmp_path / "inversion").exists()
+
+
+def test_embedding_file_of_another_shape_is_refused_before_work(tmp_path, fake_data, pipe):
+    cfg = make_cfg(tmp_path, num_groups=2)
+    _, groups = inversion.run_groups(cfg)
+    wrong = {"embeddings": torch.zeros(len(groups[1]), 3, 32), "labels": torch.tensor(groups[1].labels)}
+    inversion._save_safetensors(inversion.embeddings_path(tmp_path, groups[1]), wrong,
+                                {"image_ids": list(groups[1].ids), "model": "tiny", "num_tokens": 3, "step": 6})
+    with pytest.raises(ValueError, match=r"shape \(5, 3, 32\).*need \(5, 5, 32\)"):
+        inversion.train_embeddings(cfg, pipe=pipe)
+    assert not inversion.embeddings_path(tmp_path, groups[0]).exists()  # group 0 was not trained first
+    with pytest.raises(ValueError, match=r"shape \(5, 3, 32\)"):
+        inversion.sample(cfg, pipe=pipe, progress=False)
+
+
+def test_resolution_the_model_cannot_take_is_refused(pipe):
+    with pytest.raises(ValueError, match="multiple of 4"):
+        inversion.check_model(pipe, 5, resolution=18)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def test_training_leaves_every_unet_and_vae_parameter_bit_identical_and_the_loss_falls(pipe):
+    real = fake_real_data(per_class=1)
+    images = real.train.images[:2]
+    before = {f"{name}.{key}": value.clone() for name, module in (("unet", pipe.unet), ("vae", pipe.vae))
+              for key, value in module.state_dict().items()}
+    start = inversion.init_embeddings("random", real.train.labels[:2].tolist(), 5, 32, torch.Generator().manual_seed(0))
+    loss_before = inversion.evaluation_loss(pipe, images, start, RES, seed=1)
+    state = inversion.invert_group(pipe, images, inversion.InversionState(start.clone()), steps=30, batch_size=2,
+                                   lr=1.0, weight_decay=0.01, resolution=RES, seed=3, progress=False)
+    loss_after = inversion.evaluation_loss(pipe, images, state.embeddings, RES, seed=1)
+    after = {f"{name}.{key}": value for name, module in (("unet", pipe.unet), ("vae", pipe.vae))
+             for key, value in module.state_dict().items()}
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[key], after[key]) for key in before)
+    assert not any(p.requires_grad for p in [*pipe.unet.parameters(), *pipe.vae.parameters()])
+    assert state.step == 30 and len(state.losses) == 30
+    assert not torch.equal(state.embeddings, start)
+    # Same draws before and after (common random numbers), so any fall is real. A random-weight U-Net cannot
+    # denoise: the most a context can do is cancel part of its output, so the fall is small (about 1 %).
+    assert loss_after < 0.995 * loss_before, (loss_before, loss_after)
+
+
+def test_resume_mid_group_gives_the_same_embeddings_as_an_uninterrupted_run(tmp_path, fake_data, pipe, monkeypatch):
+    straight = make_cfg(tmp_path / "straight", num_groups=1)
+    inversion.train_embeddings(straight, pipe=pipe, progress=False)
+
+    resumed = make_cfg(tmp_path / "resumed", num_groups=1)
+    real_write = inversion.write_checkpoint
+
+    def write_then_die(path, state, identity):
+        real_write(path, state, identity)
+        if state.step == 4:
+            raise KeyboardInterrupt("killed after the step-4 checkpoint")
+
+    monkeypatch.setattr(inversion, "write_checkpoint", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        inversion.train_embeddings(resumed, pipe=pipe, progress=False)
+    monkeypatch.setattr(inversion, "write_checkpoint", real_write)
+    checkpoint = inversion.checkpoint_path(resumed.run_dir, "group_00000")
+    assert json.loads(inversion.read_safetensors(checkpoint)[1]["step"]) == 4
+    assert not inversion.embeddings_path(resumed.run_dir, "group_00000").exists()
+
+    summary = inversion.train_embeddings(resumed, pipe=pipe, progress=False)
+    assert summary.resumed == ["group_00000"] and summary.steps_run == 2
+    assert not checkpoint.exists()
+    a, labels_a, meta_a = inversion.load_group_embeddings(straight.run_dir, "group_00000")
+    b, labels_b, meta_b = inversion.load_group_embeddings(resumed.run_dir, "group_00000")
+    assert torch.equal(a, b) and torch.equal(labels_a, labels_b) and meta_a == meta_b
+    losses = [json.loads(inversion.loss_path(c.run_dir, "group_00000").read_text())["loss"] for c in (straight, resumed)]
+    assert losses[0] == losses[1] and len(losses[0]) == 6
+
+    again = inversion.train_embeddings(resumed, pipe=pipe, progress=False)
+    assert again.skipped == ["group_00000"] and again.trained == []
+
+
+def test_class_prompt_init_uses_the_text_encoder_states(pipe):
+    classes = ("cat", "dog")
+    window = inversion.class_embeddings(pipe, classes, 3, "class_prompt")
+    mean = inversion.class_embeddings(pipe, classes, 3, "class_prompt_mean")
+    states, eos = inversion.text_states(pipe, ["a photo of a cat"])
+    assert torch.allclose(window[0], states[0, eos[0] - 2:eos[0] + 1].cpu())
+    assert torch.allclose(mean[0, 1], states[0, :eos[0] + 1].mean(0).cpu())
+    init = inversion.init_embeddings("class_prompt", [1, 0, 1], 3, 32, torch.Generator(), window)
+    assert torch.equal(init[0], window[1]) and torch.equal(init[1], window[0])
+    # the empty prompt's first T states equal the encoding of the prompt truncated to T tokens (causal encoder)
+    tokens = pipe.tokenizer([""], padding="max_length", max_length=3, return_tensors="pt")
+    with torch.no_grad():
+        short = pipe.text_encoder(tokens.input_ids)[0]
+    assert torch.allclose(inversion.prompt_embeddings(pipe, [""], 3, "first"), short, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+
+
+def test_sampling_from_a_prompts_text_embedding_equals_the_pipeline_given_that_prompt(pipe):
+    prompt = "a photo of a cat"
+    states, _ = inversion.text_states(pipe, [prompt])
+    empty, _ = inversion.text_states(pipe, [""])
+    ours = inversion_sampling.sample_from_embeddings(pipe, states, empty[0], [1234], guidance=2.0, steps=3,
+                                                     resolution=RES)
+    stock = pipe(prompt, guidance_scale=2.0, num_inference_steps=3, height=RES, width=RES,
+                 generator=torch.Generator().manual_seed(1234), output_type="pil").images[0]
+    assert torch.equal(ours[0], torch.from_numpy(np.asarray(stock)).permute(2, 0, 1))
+
+
+def test_sampling_equals_the_stock_pipeline_given_the_same_embeddings_seed_and_guidance(pipe):
+    generator = torch.Generator().manual_seed(0)
+    embeddings, uncond = torch.randn(3, 5, 32, generator=generator), torch.randn(5, 32, generator=generator)
+    seeds = [11, 12, 13]
+    ours = inversion_sampling.sample_from_embeddings(pipe, embeddings, uncond, seeds, guidance=2.0, steps=3,
+                                                     resolution=RES)
+    stock = pipe(prompt_embeds=embeddings, negative_prompt_embeds=uncond.expand(3, -1, -1), guidance_scale=2.0,
+                 num_inference_steps=3, height=RES, width=RES,
+                 generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="pil").images
+    assert all(torch.equal(ours[i], torch.from_numpy(np.asarray(stock[i])).permute(2, 0, 1)) for i in range(3))
+    one_by_one = torch.cat([inversion_sampling.sample_from_embeddings(pipe, embeddings[i:i + 1], uncond, [seeds[i]],
+                                                                      guidance=2.0, steps=3, resolution=RES)
+                            for i in range(3)])
+    assert (one_by_one.int() - ours.int()).abs().max() <= 1  # batch composition: at most float rounding
+
+
+def test_perturbation_moves_towards_a_same_class_partner():
+    embeddings = torch.arange(4, dtype=torch.float32).view(4, 1, 1).expand(4, 2, 3).clone()
+    labels = [0, 1, 0, 1]
+    moved, partner = inversion_sampling.perturb(embeddings, labels, 0, "interpolation", 0.1, 0.5, torch.Generator())
+    assert partner == 2 and torch.allclose(moved, torch.full((2, 3), 1.0))
+    jittered, partner = inversion_sampling.perturb(embeddings, labels, 1, "noise", 0.1, 0.5,
+                                                   torch.Generator().manual_seed(0))
+    assert partner is None and 0 < (jittered - 1).abs().max() < 1
+    same, _ = inversion_sampling.perturb(embeddings, labels, 3, "none", 0.1, 0.5, torch.Generator())
+    assert torch.equal(same, embeddings[3])
+
+
+def read_folder(folder):
+    loaded = data.load_image_folder(folder)
+    return dict(zip(loaded.ids, loaded.images))
+
+
+def test_sharded_training_and_sampling_equal_a_single_run(tmp_path, fake_data, pipe):
+    single = make_cfg(tmp_path / "single")
+    inversion.train_embeddings(single, pipe=pipe, progress=False)
+    summary = inversion.sample(single, pipe=pipe, progress=False)
+    assert summary.written == summary.planned == 2 * 5 * 2
+    records = data.listed_records(single.run_dir / "synthetic" / "di")
+    first = records[0]
+    assert first["id"].startswith(f"{first['class']}/di_train-") and first["group"] == "group_00000"
+    assert {"source_id", "perturbation", "partner", "sample", "seed", "guidance", "steps", "model"} <= set(first)
+    assert inversion_sampling.sample(single, pipe=pipe, progress=False).written == 0  # resumable: nothing redone
+
+    sharded = make_cfg(tmp_path / "sharded")
+    for index in range(2):
+        inversion.train_embeddings(sharded, shard=Shard(index, 2), pipe=pipe, progress=False)
+        inversion.sample(sharded, shard=Shard(index, 2), pipe=pipe, progress=False)
+    for group in ("group_00000", "group_00001"):
+        a = inversion.load_group_embeddings(single.run_dir, group)
+        b = inversion.load_group_embeddings(sharded.run_dir, group)
+        assert torch.equal(a[0], b[0]) and a[2] == b[2]
+    assert merge_shards(sharded.run_dir / "synthetic" / "di") == 20
+    merged = {r["id"]: r for r in data.listed_records(sharded.run_dir / "synthetic" / "di")}
+    assert merged == {r["id"]: r for r in records}
+    single_images, sharded_images = read_folder(single.run_dir / "synthetic" / "di"), read_folder(
+        sharded.run_dir / "synthetic" / "di")
+    assert single_images.keys() == sharded_images.keys()
+    assert all(torch.equal(single_images[k], sharded_images[k]) for k in single_images)
+
+
+def test_sampling_before_training_names_the_missing_step(tmp_path, fake_data, pipe):
+    with pytest.raises(FileNotFoundError, match="run the embedding training first"):
+        inversion.sample(make_cfg(tmp_path), pipe=pipe, progress=False)
