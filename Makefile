@@ -7,6 +7,8 @@ PROFILE ?= smoke
 SET ?=
 RUN_DIR ?=
 PY := $(VENV)/bin/python
+# OpenMP threads that spin while waiting stall torch for seconds whenever the cores are shared.
+export OMP_WAIT_POLICY ?= PASSIVE
 STAMP := $(VENV)/.synthgap-installed
 
 .PHONY: book test venv notebooks clean
