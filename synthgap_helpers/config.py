@@ -296,12 +296,15 @@ def _git_sha() -> str | None:
 
 
 def resolve_device(name: str) -> str:
-    """'auto' becomes cuda when a GPU is visible, else cpu; other names pass through."""
-    if name != "auto":
-        return name
-    import torch
+    """'auto' becomes cuda when a GPU is visible, else cpu; bare 'cuda' under torchrun/accelerate
+    becomes this process's GPU (`cuda:$LOCAL_RANK`), so that shards never share a GPU."""
+    if name == "auto":
+        import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        return f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    return name
 
 
 def provenance(cfg: Config) -> dict[str, Any]:

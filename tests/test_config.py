@@ -108,3 +108,9 @@ def test_parameters_added_by_a_newer_version_are_recorded_not_refused(tmp_path):
     path.write_text(json.dumps(record))
     config.load("smoke", run_dir=tmp_path)
     assert json.loads(path.read_text())["params"]["data"]["on_bad_image"] == "error"
+
+
+def test_each_torchrun_process_gets_its_own_gpu(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert config.resolve_device("cuda") == "cuda:3"
+    assert config.resolve_device("cuda:1") == "cuda:1" and config.resolve_device("cpu") == "cpu"
