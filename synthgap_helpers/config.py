@@ -171,6 +171,109 @@ class SDParams(_Section):
         return value
 
 
+class GradcamParams(_Section):
+    """Grad-CAM attention of the trained classifiers on one fixed sample of real test images."""
+
+    layer: Literal["layer4", "layer3"] = "layer4"  # stage whose output is explained: layer4 (4x4 maps on 32 px) or layer3 (8x8)
+    images_per_class: int = Field(default=200, ge=1, le=1000)  # real test images per class in the fixed, seeded sample
+    targets: Literal["true", "predicted"] = "true"  # class explained: the label (same for every arm) or each model's top class
+    model_seed: int | None = Field(default=None, ge=0)  # training seed whose models are explained; None: each arm's lowest
+    n_resamples: int = Field(default=10000, ge=100, le=100000)  # bootstrap resamples of the paired 95% intervals
+    deletion_steps: int = Field(default=10, ge=1, le=1024)  # points of the deletion/insertion curves after 0 (10: 10% steps)
+    faithfulness_images: int | None = Field(default=1000, ge=10, multiple_of=10)  # balanced part of the sample for deletion/insertion; None: all
+    batch_size: int = Field(default=256, ge=1, le=65536)  # images per forward pass (maps and faithfulness); results do not depend on it beyond float rounding
+
+
+class FolderArmParams(_Section):
+    """An extra training arm: image folders (`<folder>/<class>/*.png|jpg`) used alone or mixed with the real images."""
+
+    paths: list[str] = Field(min_length=1)  # class-folder image sets, joined; relative paths are relative to the run directory
+    with_real: bool = False  # true: the arm is real+<name>, mixed like real+sd; false: the arm <name> trains on the folders alone
+
+
+class TrainStageParams(_Section):
+    """ResNet-18 training arms (real, synthetic, mixed), scored on the real test set; defaults: the DI authors' recipe."""
+
+    model: Literal["resnet18_cifar", "resnet18_imagenet", "resnet18_imagenet_224", "resnet18_cifar_narrow"] = "resnet18_cifar"  # architecture (narrow: smoke and tests only)
+    epochs: float | None = Field(default=None, gt=0.0)  # budget in passes over the real set (fixed_share) or the arm's pool; set this or steps
+    steps: int | None = Field(default=50000, ge=1)  # budget in optimizer steps, the same for every arm (the DI authors: 50,000)
+    batch_size: int = Field(default=128, ge=2, le=65536)  # images per step (fixed_share: real_share of them real)
+    lr_per_128: float = Field(default=0.1, gt=0.0, le=10.0)  # peak SGD learning rate at batch 128, scaled linearly with batch_size
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)  # SGD momentum
+    nesterov: bool = False  # Nesterov momentum (the DI authors: plain momentum)
+    weight_decay: float = Field(default=5e-4, ge=0.0, le=1.0)  # on conv and linear weights only
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)  # cross-entropy label smoothing
+    warmup_frac: float = Field(default=0.02, ge=0.0, lt=1.0)  # share of the steps with linear warmup before the cosine decay
+    eval_every: int | None = Field(default=2500, ge=1)  # steps between validation passes; None: once per epoch
+    mix: Literal["concat", "fixed_share"] = "fixed_share"  # real+X arms: one shuffled pool, or a fixed real share per batch
+    real_share: float = Field(default=0.5, gt=0.0, lt=1.0)  # fixed_share: real images per batch (0.5 at batch 128: 64 real + 64 synthetic)
+    compile: bool = False  # torch.compile the model (CUDA; the first steps pay the compilation)
+    amp: Literal["auto", "bf16", "off"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    seeds: int = Field(default=5, ge=1, le=100)  # seeds per arm: run seed + 0 ... run seed + seeds - 1
+    arms: Literal["auto"] | list[str] = "auto"  # auto: every arm whose data is in the run; or names such as real, sd, real+di
+    folders: dict[str, FolderArmParams] = Field(default_factory=dict)  # extra arms by name: {name: {paths: [...], with_real: bool}}
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> TrainStageParams:
+        if (self.epochs is None) == (self.steps is None):
+            raise ValueError(f"set exactly one of epochs and steps (the other null); got epochs={self.epochs}, "
+                             f"steps={self.steps}")
+        return self
+
+    @field_validator("arms")
+    @classmethod
+    def _arm_names(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list):
+            bad = [name for name in value if not re.fullmatch(r"real|(real\+)?[A-Za-z0-9_.-]+", name)]
+            if bad or not value or len(set(value)) != len(value):
+                raise ValueError(f"arm names must be real, <set> or real+<set> (<set>: letters, digits, _ . -), none "
+                                 f"repeated; got {bad or value}")
+        return value
+
+    @field_validator("folders")
+    @classmethod
+    def _folder_names(cls, value: dict[str, FolderArmParams]) -> dict[str, FolderArmParams]:
+        bad = [name for name in value if name == "real" or not re.fullmatch(r"[A-Za-z0-9_.-]+", name)]
+        if bad:
+            raise ValueError(f"folder arm names must be letters, digits, _ . - and not 'real'; got {bad}")
+        return value
+
+
+class GapParams(_Section):
+    """Domain gap in the feature space of the classifier trained on real data, and real-vs-synthetic detectability."""
+
+    model_seed: int | None = Field(default=None, ge=0)  # features from models/real/seed<k>; None: the run seed
+    images_per_class: int = Field(default=1000, ge=2, le=100000)  # seeded balanced sample of the real test set and of each synthetic set
+    k: int = Field(default=3, ge=1, le=100)  # k-th neighbour radius of the precision/recall balls (Kynkaanniemi et al.: 3)
+    kid_subsets: int = Field(default=100, ge=1, le=10000)  # KID subsets (its spread is the std over them)
+    kid_subset_size: int = Field(default=1000, ge=2, le=100000)  # rows per KID subset (capped at the smaller set)
+    n_resamples: int = Field(default=50, ge=2, le=10000)  # bootstrap resamples of the FD and precision/recall intervals
+    test_share: float = Field(default=0.3, gt=0.0, lt=1.0)  # held-out share of each set for the detectors
+    detector_steps: int = Field(default=300, ge=1, le=1000000)  # AdamW steps of each detector (linear probe and CNN)
+    detector_batch_size: int = Field(default=128, ge=2, le=65536)  # images (or feature rows) per detector step
+    detector_lr: float = Field(default=1e-3, gt=0.0, le=10.0)  # AdamW learning rate of the detectors
+    detector_width: int = Field(default=32, ge=1, le=512)  # channels of the small CNN's first block (then 2x, 4x)
+
+
+class LowdataParams(_Section):
+    """Low-data regime: k real images per class with and without synthetic sets; fine-tuning synthetic-trained models."""
+
+    k_per_class: list[int] = Field(default=[10, 50, 100, 500, 1000, 4500], min_length=1)  # real images per class of each point
+    sources: list[str] = Field(default=["sd", "di"], min_length=1)  # synthetic sets added (real_k+<set>) and fine-tuned from
+    seeds: int = Field(default=3, ge=1, le=100)  # seeds per point: run seed + 0 ... + seeds - 1 (each draws its own k-subset)
+    steps: int | None = Field(default=None, ge=1)  # optimizer steps per model; None: the budget of the train section
+    finetune_steps: int | None = Field(default=None, ge=1)  # fine-tuning steps; None: the same budget as from scratch
+    finetune_lr_per_128: float = Field(default=0.01, gt=0.0, le=10.0)  # peak fine-tuning learning rate at batch 128
+    finetune_layers: list[str] = Field(default=["layer4", "fc"], min_length=1)  # parameter-name prefixes fine-tuned; the rest frozen
+
+    @field_validator("k_per_class")
+    @classmethod
+    def _increasing(cls, value: list[int]) -> list[int]:
+        if any(k < 1 for k in value) or sorted(set(value)) != value:
+            raise ValueError(f"must be distinct positive integers in increasing order, got {value}")
+        return value
+
+
 class Config(_Section):
     """Every parameter of a run, validated; `run_dir` is where each stage reads and writes."""
 
@@ -182,6 +285,10 @@ class Config(_Section):
     sd: SDParams = SDParams()
     geometry: GeometryParams = GeometryParams()
     inversion: InversionParams = InversionParams()
+    train: TrainStageParams = TrainStageParams()
+    gradcam: GradcamParams = GradcamParams()
+    gap: GapParams = GapParams()
+    lowdata: LowdataParams = LowdataParams()
 
     @field_validator("device")
     @classmethod

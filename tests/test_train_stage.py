@@ -1,0 +1,185 @@
+"""Tests of the training stage: arms, the real test set for every arm, resume, params keys, shards, tables."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import typing
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from synthgap_helpers import config, data, train_stage
+from synthgap_helpers.data import CLASSES, ImageFolderWriter
+from synthgap_helpers.train_models import MODELS
+from synthgap_helpers.workload import Shard
+
+TINY = {"train.model": "resnet18_cifar_narrow", "train.steps": 2, "train.batch_size": 10, "train.eval_every": 1,
+        "train.seeds": 1, "data.train_per_class": 3, "data.val_per_class": 1, "data.test_per_class": 2}
+
+
+def write_cifar(folder: Path, per_file: int = 20) -> None:
+    """Official-format batches with random pixels and balanced labels (each class twice per 20 images)."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        images = rng.integers(0, 256, size=(per_file, 3072), dtype=np.uint8)
+        with open(folder / name, "wb") as handle:
+            pickle.dump({b"data": images, b"labels": [i % 10 for i in range(per_file)]}, handle)
+
+
+def write_synthetic(folder: Path, per_class: int = 2, classes: tuple[str, ...] = CLASSES) -> None:
+    """A synthetic set with a manifest: `per_class` random images of each of `classes`."""
+    writer = ImageFolderWriter(folder)
+    rng = np.random.default_rng(len(str(folder)))
+    ids = [f"{name}/{i}" for name in classes for i in range(per_class)]
+    writer.write(rng.integers(0, 256, size=(len(ids), 3, 32, 32), dtype=np.uint8), [{"id": i} for i in ids])
+
+
+@pytest.fixture()
+def run_dir(tmp_path: Path) -> Path:
+    write_cifar(tmp_path / "cifar" / "cifar-10-batches-py")
+    write_synthetic(tmp_path / "run" / "synthetic" / "sd")
+    write_synthetic(tmp_path / "run" / "synthetic" / "di")
+    return tmp_path / "run"
+
+
+def load(run_dir: Path, **overrides: typing.Any) -> config.Config:
+    data_root = str(run_dir.parent / "cifar")
+    return config.load("smoke", run_dir=run_dir, overrides={**TINY, "data.root": data_root, **overrides},
+                       record=False)
+
+
+@pytest.fixture()
+def scored(monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
+    """Every image set the stage scores a model on (wrapping train_stage.evaluate)."""
+    seen: list[torch.Tensor] = []
+    original = train_stage.evaluate
+
+    def spy(model, images, labels, **kwargs):
+        seen.append(images.clone())
+        return original(model, images, labels, **kwargs)
+
+    monkeypatch.setattr(train_stage, "evaluate", spy)
+    return seen
+
+
+def test_every_arm_is_scored_on_the_real_test_set_and_writes_its_files(run_dir, scored):
+    cfg = load(run_dir)
+    summary = train_stage.run(cfg)
+    test = data.real_data(cfg).test
+    arms = ["real", "di", "sd", "real+di", "real+sd"]
+    assert [arm.name for arm in summary.arms] == arms and sorted(summary.trained) == sorted((a, 0) for a in arms)
+    assert len(scored) == 5 and all(torch.equal(images, test.images) for images in scored)
+    for arm in arms:
+        folder = run_dir / "models" / arm / "seed0"
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert (folder / "model.safetensors").is_file()
+        assert metrics["test"]["n"] == len(test) == 20
+        assert metrics["test"]["fingerprint"] == train_stage.fingerprint(test)
+        assert np.array(metrics["test"]["confusion_matrix"]).sum() == 20 and len(metrics["test"]["per_class_accuracy"]) == 10
+        assert {"val", "best_step", "history", "images_per_second", "seconds", "num_parameters", "key"} <= set(metrics)
+    sizes = summary.data_table()
+    assert sizes.loc["real+sd", "real train images"] == 30 and sizes.loc["real+sd", "synthetic images"] == 20
+    assert sizes.loc["sd", "real train images"] == 0 and (run_dir / "results" / "accuracy.csv").is_file()
+
+
+def test_auto_trains_only_the_arms_whose_data_is_present(run_dir):
+    import shutil
+
+    shutil.rmtree(run_dir / "synthetic" / "di")
+    arms, skipped = train_stage.plan_arms(load(run_dir))
+    assert [arm.name for arm in arms] == ["real", "sd", "real+sd"]
+    assert set(skipped) == {"di", "real+di"}
+    table = train_stage.run(load(run_dir)).accuracy_table()
+    assert table.loc["di", "test accuracy % (mean ± std)"] == train_stage.MISSING and table.loc["di", "seeds"] == 0
+
+
+def test_an_explicit_arm_without_its_folder_is_an_error_naming_arm_and_folder(run_dir):
+    with pytest.raises(train_stage.ArmError, match=r"arm 'real\+gan'.*synthetic/gan"):
+        train_stage.run(load(run_dir, **{"train.arms": ["real", "real+gan"]}))
+    cfg = load(run_dir, **{"train.arms": ["mine"], "train.folders": {"mine": {"paths": ["nowhere"]}}})
+    with pytest.raises(train_stage.ArmError, match=r"arm 'mine'.*nowhere.*do not exist"):
+        train_stage.run(cfg)
+    assert not (run_dir / "models").exists()
+
+
+def test_a_synthetic_set_lacking_a_class_is_an_error_before_any_training(run_dir):
+    write_synthetic(run_dir / "synthetic" / "half", classes=CLASSES[:8])
+    with pytest.raises(train_stage.ArmError, match=r"arm 'half'.*synthetic/half lacks class\(es\) ship, truck"):
+        train_stage.run(load(run_dir))
+    assert not (run_dir / "models").exists()
+
+
+def test_folder_sets_train_alone_or_with_real(run_dir, tmp_path):
+    write_synthetic(tmp_path / "extra_a", per_class=1)
+    write_synthetic(tmp_path / "extra_b", per_class=1)
+    folders = {"mine": {"paths": [str(tmp_path / "extra_a"), "../extra_b"], "with_real": True}}
+    summary = train_stage.run(load(run_dir, **{"train.arms": "auto", "train.folders": folders,
+                                               "train.steps": 1}))
+    assert "real+mine" in [arm.name for arm in summary.arms] and "mine" not in summary.data_table().index
+    assert summary.data_table().loc["real+mine", "synthetic images"] == 20
+    assert "real+mine" in summary.accuracy_table().index
+
+
+def test_rerun_skips_finished_jobs_and_changed_params_retrain(run_dir, monkeypatch):
+    cfg = load(run_dir, **{"train.arms": ["real", "sd"]})
+    first = train_stage.run(cfg)
+    assert len(first.trained) == 2
+    calls = []
+    original = train_stage.train_classifier
+    monkeypatch.setattr(train_stage, "train_classifier", lambda *a, **k: calls.append(1) or original(*a, **k))
+    mtime = (run_dir / "models" / "sd" / "seed0" / "model.safetensors").stat().st_mtime_ns
+    again = train_stage.run(cfg)
+    assert calls == [] and again.trained == [] and sorted(again.reused) == [("real", 0), ("sd", 0)]
+    assert (run_dir / "models" / "sd" / "seed0" / "model.safetensors").stat().st_mtime_ns == mtime
+    assert again.accuracy_table().equals(first.accuracy_table())
+    changed = train_stage.run(load(run_dir, **{"train.arms": ["real", "sd"], "train.label_smoothing": 0.1}))
+    assert len(calls) == 2 and sorted(changed.trained) == [("real", 0), ("sd", 0)]
+
+
+def test_shards_partition_the_jobs_and_each_shows_what_is_finished(run_dir):
+    cfg = load(run_dir, **{"train.arms": ["real", "sd", "real+sd"], "train.seeds": 2, "train.steps": 1})
+    first = train_stage.run(cfg, shard=Shard(0, 2))
+    second = train_stage.run(cfg, shard=Shard(1, 2))
+    jobs = {(arm, seed) for arm in ("real", "sd", "real+sd") for seed in (0, 1)}
+    assert set(first.trained) | set(second.trained) == jobs and not set(first.trained) & set(second.trained)
+    assert set(first.pending) == set(second.trained) and set(second.reused) == set(first.trained)
+    assert set(second.records) == jobs
+
+
+def test_table_has_mean_std_interval_and_the_reported_numbers(run_dir):
+    summary = train_stage.run(load(run_dir, **{"train.arms": ["real"], "train.seeds": 2, "train.steps": 1}))
+    table = summary.accuracy_table()
+    assert list(table.index[:5]) == ["real", "di", "sd", "real+di", "real+sd"]
+    values = summary.accuracy_values()
+    accuracies = [100 * summary.records[("real", s)]["test"]["accuracy"] for s in (0, 1)]
+    assert values.loc["real", "mean"] == pytest.approx(np.mean(accuracies))
+    assert values.loc["real", "std"] == pytest.approx(np.std(accuracies, ddof=1), nan_ok=True)
+    assert table.loc["real", "test accuracy % (mean ± std)"].startswith(f"{np.mean(accuracies):.2f} ± ")
+    assert table.loc["real", "seeds"] == 2 and table.loc["real", "95% t-interval"].startswith("[")
+    assert table.loc["sd", "original study % (reported)*"] == "52.57" and table.loc["sd", "seeds"] == 0
+    assert table["original study % (reported)*"].tolist()[:5] == ["81.80", "78.63", "52.57", "86.14", "83.94"]
+    csv = (run_dir / "results" / "accuracy.csv").read_text().splitlines()
+    assert csv[0].startswith("arm,n_seeds,mean,std,ci95_low,ci95_high") and len(csv) == 6
+
+
+def test_a_diverged_run_names_arm_and_seed(run_dir, monkeypatch):
+    def diverge(*args, **kwargs):
+        raise train_stage.TrainingDiverged("training loss is nan at step 3 (0-based)", 3)
+
+    monkeypatch.setattr(train_stage, "train_classifier", diverge)
+    with pytest.raises(train_stage.TrainingDiverged, match=r"arm 'real', seed 0 .*step 3") as info:
+        train_stage.run(load(run_dir, **{"train.arms": ["real"]}))
+    assert info.value.step == 3
+
+
+def test_config_models_are_the_trainer_models_and_budgets_are_exclusive():
+    allowed = typing.get_args(config.TrainStageParams.model_fields["model"].annotation)
+    assert set(allowed) == set(MODELS)
+    with pytest.raises(config.ConfigError, match="exactly one of epochs and steps"):
+        config.resolve("smoke", run_dir="/tmp/unused", overrides={"train.epochs": 2})
+    with pytest.raises(config.ConfigError, match="arm names"):
+        config.resolve("smoke", run_dir="/tmp/unused", overrides={"train.arms": ["real", "real"]})
