@@ -9,6 +9,8 @@ RUN_DIR ?=
 PY := $(VENV)/bin/python
 # OpenMP threads that spin while waiting stall torch for seconds whenever the cores are shared.
 export OMP_WAIT_POLICY ?= PASSIVE
+# Progress bars refresh every 5 s in executed notebooks (the runner sets the same for its kernels).
+notebooks: export TQDM_MININTERVAL ?= 5
 STAMP := $(VENV)/.synthgap-installed
 
 .PHONY: book test venv notebooks clean
