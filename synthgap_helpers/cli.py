@@ -4,6 +4,7 @@
     python -m synthgap_helpers generate sd --profile gpu-small [--run-dir DIR] [--shard i/n|auto]
     python -m synthgap_helpers invert train|sample --profile paper [--shard auto]
     python -m synthgap_helpers train --profile paper [--shard i/n]
+    python -m synthgap_helpers gradcam --profile paper
     python -m synthgap_helpers merge runs/paper/synthetic/sd
 """
 
@@ -23,6 +24,7 @@ STAGES: dict[tuple[str, str | None], tuple[str, str]] = {
     ("invert", "train"): ("synthgap_helpers.inversion", "train_embeddings"),
     ("invert", "sample"): ("synthgap_helpers.inversion", "sample"),
     ("train", None): ("synthgap_helpers.train_stage", "run"),
+    ("gradcam", None): ("synthgap_helpers.gradcam_stage", "run"),
 }
 
 

@@ -21,7 +21,7 @@ from captum.attr import LayerGradCam
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .gradcam_figures import metric_distributions, overlay_grid
+from .gradcam_figures import faithfulness_curves, metric_distributions, overlay_grid
 from .gradcam_metrics import attention_metrics, compare_arms
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "attention_metrics",
     "compare_arms",
     "deletion_insertion",
+    "faithfulness_curves",
     "gradcam_maps",
     "metric_distributions",
     "overlay_grid",

@@ -1,4 +1,9 @@
-"""Figures of Grad-CAM maps and of their attention metrics, arm by arm."""
+"""Figures of Grad-CAM maps and of their attention metrics, arm by arm.
+
+Figures are made through pyplot, as the package's other figures: a notebook shows them at the end of the
+cell (the inline backend displays pyplot's figures, not free-standing `Figure` objects); close them with
+`plt.close(fig)` outside notebooks.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import torch
+from matplotlib import pyplot as plt
 from matplotlib.figure import Figure
 from torch import Tensor
 
@@ -41,7 +47,7 @@ def overlay_grid(
     """
     pictures = _displayable(images)
     n_rows, n_cols = 1 + len(maps_by_arm), len(pictures)
-    fig = Figure(figsize=(cell_size * n_cols + 1, cell_size * n_rows), layout="constrained")
+    fig = plt.figure(figsize=(cell_size * n_cols + 1, cell_size * n_rows), layout="constrained")
     axes = fig.subplots(n_rows, n_cols, squeeze=False)
     extent = (-0.5, pictures.shape[2] - 0.5, pictures.shape[1] - 0.5, -0.5)
     overlays = [None, *(_display_normalised(maps) for maps in maps_by_arm.values())]
@@ -67,7 +73,7 @@ def metric_distributions(
     arms = list(metrics_by_arm)
     metrics = list(metrics or next(iter(metrics_by_arm.values())).columns)
     n_rows = -(-len(metrics) // n_cols)
-    fig = Figure(figsize=(3 * n_cols, 2.6 * n_rows), layout="constrained")
+    fig = plt.figure(figsize=(3 * n_cols, 2.6 * n_rows), layout="constrained")
     axes = fig.subplots(n_rows, n_cols, squeeze=False).ravel()
     for ax, metric in zip(axes, metrics):
         ax.boxplot([metrics_by_arm[arm][metric].dropna().to_numpy() for arm in arms], showfliers=False)
@@ -75,4 +81,31 @@ def metric_distributions(
         ax.set_title(metric)
     for ax in axes[len(metrics):]:
         ax.set_visible(False)
+    return fig
+
+
+def faithfulness_curves(curves_by_arm: dict[str, pd.DataFrame], score: str = "prob") -> Figure:
+    """Deletion and insertion curves side by side, a line per arm; the legend gives each curve's AUC.
+
+    `curves_by_arm`: for each arm a frame indexed by `fraction` (share of pixels removed or
+    inserted, most salient first) with columns deletion_<score> and insertion_<score>, as
+    `deletion_insertion(...).curves`. `score`: "prob" (mean probability of the explained class)
+    or "acc" (share of images still classified as it). A faithful map falls fast under deletion
+    (low AUC) and rises fast under insertion (high AUC).
+    """
+    if score not in ("prob", "acc"):
+        raise ValueError(f"score must be 'prob' or 'acc', got {score!r}")
+    fig = plt.figure(figsize=(9, 3.4), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    label = {"prob": "mean probability of the explained class", "acc": "share still classified as the class"}[score]
+    for ax, kind in zip(axes, ("deletion", "insertion")):
+        for arm, curves in curves_by_arm.items():
+            x = np.asarray(curves.index, dtype=float)
+            y = curves[f"{kind}_{score}"].to_numpy(dtype=float)
+            ax.plot(x, y, marker=".", label=f"{arm} (AUC {np.trapezoid(y, x):.3f})")
+        ax.set_title(f"{kind}: most salient pixels {'removed' if kind == 'deletion' else 'restored'} first")
+        ax.set_xlabel("fraction of pixels")
+        ax.set_xlim(0, 1)
+        ax.legend(fontsize="small")
+    axes[0].set_ylabel(label)
     return fig

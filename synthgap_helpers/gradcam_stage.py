@@ -1,0 +1,467 @@
+"""The Grad-CAM stage: where every trained arm looks, on one fixed sample of real test images.
+
+The stage finds the trained classifiers (``models/<arm>/seed<k>/model.safetensors``, written by the
+training stage), draws ONE balanced, seeded sample of the run's real test images, and for every arm
+computes Grad-CAM maps of the explained class (the label, or the model's top class), their attention
+metrics (:func:`gradcam_metrics.attention_metrics`) and, on a balanced part of the sample, the
+deletion/insertion faithfulness curves (:func:`gradcam.deletion_insertion`). Every arm sees the same
+images, so arms are compared image by image against ``real`` (paired bootstrap and Cohen's d_z).
+
+Files written (atomically) into the run directory:
+
+* ``analysis/gradcam.csv``: one row per arm and image (``arm``, ``model_seed``, ``id``, ``label``,
+  ``class``, ``target``, ``predicted``, ``target_prob``, ``key``, the attention metrics, and the
+  image's ``deletion_auc`` / ``insertion_auc``, empty outside the faithfulness part);
+* ``analysis/gradcam_faithfulness.csv``: per arm and curve point ``fraction``, the mean probability of
+  the explained class and the share of images still classified as it, under deletion and insertion.
+
+``key`` hashes what an arm's rows depend on: the Grad-CAM parameters, the run's seed, the sample's ids
+and pixels, the checkpoint file's SHA-256, the metric version and the torch version. A rerun reuses an
+arm's rows when its key is unchanged and recomputes that arm otherwise (a retrained checkpoint, another
+layer...); every table and figure is built from the files as read back, so it is the same whether the
+arm was computed now or reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from synthgap_helpers import data
+from synthgap_helpers.config import resolve_device
+from synthgap_helpers.data import CLASSES, ImageSet
+from synthgap_helpers.gradcam import (
+    attention_metrics,
+    compare_arms,
+    deletion_insertion,
+    faithfulness_curves,
+    gradcam_maps,
+    metric_distributions,
+    overlay_grid,
+    prepare_images,
+    resolve_layer,
+)
+from synthgap_helpers.storage import atomic_write
+from synthgap_helpers.train import load_checkpoint
+from synthgap_helpers.train_batches import CIFAR10_MEAN, normalize
+from synthgap_helpers.workload import Shard, image_seed
+
+METRICS_VERSION = 1
+"""Bump when a map, metric or curve definition changes: files of an older version are recomputed."""
+CSV_NAME = "gradcam.csv"
+FAITHFULNESS_NAME = "gradcam_faithfulness.csv"
+REFERENCE = "real"
+ARM_ORDER = ("real", "sd", "di", "real+sd", "real+di")  # the study's arms first, any others after, sorted
+METRICS = ["entropy", "gini", "focus", "spread", "centroid_offset", "coverage", "intensity", "peak"]
+AUC_COLUMNS = ["deletion_auc", "insertion_auc"]
+IDENTITY_COLUMNS = ["arm", "model_seed", "id", "label", "class", "target", "predicted", "target_prob", "key"]
+ROW_COLUMNS = IDENTITY_COLUMNS + METRICS + AUC_COLUMNS
+CURVE_COLUMNS = ["arm", "key", "fraction", "deletion_prob", "insertion_prob", "deletion_acc", "insertion_acc"]
+PROGRESS_FROM = 1000  # samples at least this large get per-batch progress bars inside each arm
+BASELINE = torch.tensor(CIFAR10_MEAN).view(3, 1, 1)  # deleted pixels become the training mean (0 after normalisation)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One trained model of the run: its arm, training seed, file and the file's SHA-256."""
+
+    arm: str
+    seed: int
+    path: Path
+    sha256: str
+
+
+@dataclass
+class GradcamResult:
+    """What notebook 05 shows; the per-image rows and the curves are also in ``analysis/``."""
+
+    checkpoints: list[Checkpoint]  # the explained model of each arm, in arm order
+    sample: ImageSet  # the fixed sample of real test images, the same for every arm
+    rows: pd.DataFrame  # one row per arm and image, as in analysis/gradcam.csv
+    curves: pd.DataFrame  # per arm and fraction, as in analysis/gradcam_faithfulness.csv
+    comparison: pd.DataFrame  # compare_arms output: per arm != real and metric, paired difference, CI, d_z
+    overlay_images: Tensor  # the images of the overlay figure (the sample's first image of each class)
+    overlay_maps: dict[str, Tensor]  # their Grad-CAM maps, per arm
+    computed: dict[str, bool] = field(default_factory=dict)  # per arm: computed now (True) or reused (False)
+    files: list[Path] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)  # the gradcam parameters of the run
+
+    @property
+    def arms(self) -> list[str]:
+        return [c.arm for c in self.checkpoints]
+
+    def metrics_by_arm(self) -> dict[str, pd.DataFrame]:
+        """The attention metrics and per-image AUCs of each arm, indexed by image id (same index for all)."""
+        return {arm: frame.set_index("id")[METRICS + AUC_COLUMNS] for arm, frame in self.rows.groupby("arm", sort=False)}
+
+    def status(self) -> pd.DataFrame:
+        """Per arm: the checkpoint explained, its hash, and whether its rows were computed now or reused."""
+        table = pd.DataFrame({
+            "seed": [c.seed for c in self.checkpoints],
+            "checkpoint": [f"models/{c.arm}/{c.path.parent.name}/{c.path.name}" for c in self.checkpoints],
+            "sha256": [c.sha256[:12] for c in self.checkpoints],
+            "images": [int((self.rows["arm"] == c.arm).sum()) for c in self.checkpoints],
+            "this call": ["computed" if self.computed.get(c.arm) else "reused" for c in self.checkpoints],
+        }, index=pd.Index(self.arms, name="arm"))
+        return table
+
+    def summary(self) -> pd.DataFrame:
+        """Metrics (rows) x arms: 'mean ± sd' over the sample's images; first rows: images, accuracy on them."""
+        columns = {}
+        for arm, frame in self.rows.groupby("arm", sort=False):
+            column = {"images": str(len(frame)),
+                      "accuracy on the sample": f"{(frame['predicted'] == frame['label']).mean():.3f}",
+                      "target_prob": _mean_sd(frame["target_prob"])}
+            column.update({metric: _mean_sd(frame[metric]) for metric in METRICS})
+            columns[arm] = column
+        table = pd.DataFrame(columns)
+        table.index.name = "metric (mean ± sd)"
+        return table
+
+    def comparison_table(self) -> pd.DataFrame:
+        """Metrics (rows) x arms: paired mean difference from real, '[95% CI]' and d_z, per arm."""
+        if self.comparison.empty:
+            return pd.DataFrame(index=pd.Index([], name="metric"))
+        columns: dict[str, dict[str, str]] = {}
+        for arm, group in self.comparison.groupby("arm", sort=False):
+            group = group.set_index("metric")
+            columns[f"{arm} − {REFERENCE}"] = {metric: _difference(group.loc[metric]) for metric in group.index}
+        table = pd.DataFrame(columns)
+        table.index.name = "metric: difference [95% CI], d_z"
+        return table
+
+    def faithfulness(self) -> pd.DataFrame:
+        """Per arm: images, the areas under the deletion and insertion curves (probability and accuracy),
+        and insertion − deletion. Lower deletion AUC and higher insertion AUC: more faithful maps."""
+        rows = {}
+        for arm, curves in self.curves.groupby("arm", sort=False):
+            x = curves["fraction"].to_numpy()
+            auc = {column: float(np.trapezoid(curves[column].to_numpy(), x))
+                   for column in ("deletion_prob", "insertion_prob", "deletion_acc", "insertion_acc")}
+            rows[arm] = {"images": int(self.rows.loc[self.rows["arm"] == arm, "deletion_auc"].notna().sum()),
+                         "deletion AUC (prob)": auc["deletion_prob"], "insertion AUC (prob)": auc["insertion_prob"],
+                         "insertion − deletion": auc["insertion_prob"] - auc["deletion_prob"],
+                         "deletion AUC (acc)": auc["deletion_acc"], "insertion AUC (acc)": auc["insertion_acc"]}
+        table = pd.DataFrame.from_dict(rows, orient="index").round(4)
+        table.index.name = "arm"
+        return table
+
+    def overlay_figure(self) -> Figure:
+        """The sample's first image of each class (columns) with every arm's map over it (rows)."""
+        titles = [CLASSES[label] for label in self._overlay_labels()]
+        return overlay_grid(self.overlay_images, self.overlay_maps, titles=titles)
+
+    def distributions_figure(self) -> Figure:
+        """Box plots of each attention metric over the sample, a box per arm."""
+        return metric_distributions({arm: frame[METRICS] for arm, frame in self.metrics_by_arm().items()})
+
+    def curves_figure(self, score: str = "prob") -> Figure:
+        """Deletion and insertion curves, a line per arm (AUC in the legend)."""
+        by_arm = {arm: frame.set_index("fraction") for arm, frame in self.curves.groupby("arm", sort=False)}
+        return faithfulness_curves(by_arm, score=score)
+
+    def _overlay_labels(self) -> list[int]:
+        return [int(label) for label in overlay_positions(self.sample.labels)[1]]
+
+    def __repr__(self) -> str:
+        state = ", ".join(f"{arm}: {'computed' if done else 'reused'}" for arm, done in self.computed.items())
+        return f"GradcamResult({len(self.sample)} images; {state}; files {', '.join(str(f) for f in self.files)})"
+
+
+def _mean_sd(values: pd.Series) -> str:
+    values = values.dropna()
+    if values.empty:
+        return "n/a"
+    return f"{values.mean():.3g} ± {values.std(ddof=1):.2g}" if len(values) > 1 else f"{values.mean():.3g}"
+
+
+def _difference(row: pd.Series) -> str:
+    if np.isnan(row["difference"]):
+        return "n/a"
+    text = f"{row['difference']:+.3g}"
+    if not (np.isnan(row["ci_low"]) or np.isnan(row["ci_high"])):
+        text += f" [{row['ci_low']:+.3g}, {row['ci_high']:+.3g}]"
+    if not np.isnan(row["cohens_dz"]):
+        text += f", d_z {row['cohens_dz']:+.2f}"
+    return text
+
+
+# --------------------------------------------------------------------------------------------- inputs
+
+
+def find_checkpoints(run_dir: Path, model_seed: int | None = None) -> list[Checkpoint]:
+    """The model explained for every trained arm of ``run_dir``, in arm order (real, sd, di, real+sd, real+di,
+    then others sorted): seed ``model_seed``, or each arm's lowest seed when None.
+
+    Raises FileNotFoundError when no arm has a model, and ValueError when ``model_seed`` is missing for an arm.
+    """
+    root = Path(run_dir) / "models"
+    found: dict[str, dict[int, Path]] = {}
+    for path in sorted(root.glob("*/seed*/model.safetensors")):
+        match = re.fullmatch(r"seed(\d+)", path.parent.name)
+        if match:
+            found.setdefault(path.parent.parent.name, {})[int(match.group(1))] = path
+    if not found:
+        raise FileNotFoundError(
+            f"no trained models in {root}: the Grad-CAM stage explains models/<arm>/seed<k>/model.safetensors, "
+            "which the training stage writes. Run notebook 04 (04_train_resnet18) or "
+            "`python -m synthgap_helpers train --profile <profile>` on this run directory first.")
+    arms = [arm for arm in ARM_ORDER if arm in found] + sorted(set(found) - set(ARM_ORDER))
+    if model_seed is not None:
+        missing = {arm: sorted(seeds) for arm, seeds in found.items() if model_seed not in seeds}
+        if missing:
+            raise ValueError(f"gradcam.model_seed = {model_seed}, but these arms have no model of that seed "
+                             f"(their seeds: {missing}); choose a seed every arm has, or null for each arm's lowest")
+    checkpoints = []
+    for arm in arms:
+        seed = model_seed if model_seed is not None else min(found[arm])
+        checkpoints.append(Checkpoint(arm, seed, found[arm][seed], file_sha256(found[arm][seed])))
+    return checkpoints
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fixed_sample(test: ImageSet, per_class: int, seed: int) -> ImageSet:
+    """``per_class`` test images of every class, drawn without replacement with a seed derived from the
+    run's seed; kept in test-set order. The same sample serves every arm."""
+    counts = test.class_counts()
+    if per_class > counts.min():
+        worst = int(np.argmin(counts))
+        raise ValueError(f"gradcam.images_per_class = {per_class}, but the run's test set has only {counts.min()} "
+                         f"images of class {CLASSES[worst]!r}; choose at most {counts.min()}, or raise "
+                         "data.test_per_class")
+    indices = data.balanced_indices(test.labels.numpy(), per_class, image_seed(seed, "gradcam/sample"))
+    return test.subset(indices)
+
+
+def faithfulness_positions(labels: Tensor, total: int | None) -> np.ndarray:
+    """Positions in the sample of its balanced faithfulness part: the first ``total / 10`` images of each
+    class in sample order (all images when ``total`` is None)."""
+    labels = np.asarray(labels)
+    if total is None:
+        return np.arange(len(labels))
+    per_class = total // len(CLASSES)
+    return np.sort(np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in range(len(CLASSES))]))
+
+
+def overlay_positions(labels: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Positions and labels of the sample's first image of each class, in class order."""
+    labels = np.asarray(labels)
+    positions = np.array([np.flatnonzero(labels == c)[0] for c in range(len(CLASSES)) if (labels == c).any()])
+    return positions, labels[positions]
+
+
+def model_input(images: Tensor) -> Tensor:
+    """Images in [0, 1] (N x 3 x H x W) as the classifiers saw them in training: `train_batches.normalize`."""
+    return normalize(images * 255, channels_last=False)
+
+
+def explained_layer(model: nn.Module, layer: str) -> str:
+    """The module name of stage ``layer`` in ``model``: itself, or ``net.<layer>`` in a model that upsamples
+    its input first (resnet18_imagenet_224). Unknown names are left for `resolve_layer` to reject."""
+    names = dict(model.named_modules())
+    return f"net.{layer}" if layer not in names and f"net.{layer}" in names else layer
+
+
+def params_key(cfg: Any, sample: ImageSet) -> str:
+    """Hash of everything an arm's rows depend on besides its checkpoint."""
+    params = cfg.gradcam
+    pixels = hashlib.sha256(sample.images.numpy().tobytes()).hexdigest()
+    key = {"version": METRICS_VERSION, "torch": torch.__version__, "seed": cfg.seed, "layer": params.layer,
+           "targets": params.targets, "images_per_class": params.images_per_class,
+           "deletion_steps": params.deletion_steps, "faithfulness_images": params.faithfulness_images,
+           "baseline": BASELINE.flatten().tolist(), "ids": sample.ids, "pixels": pixels}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def arm_key(base_key: str, checkpoint: Checkpoint) -> str:
+    """The key of one arm's rows: the parameters' key and the checkpoint's hash."""
+    return hashlib.sha256(f"{base_key}/{checkpoint.sha256}".encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------- one arm
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: Tensor, batch_size: int) -> Tensor:
+    """Logits (float32, on the CPU) of uint8 images, in the training normalisation."""
+    device = next(model.parameters()).device
+    return torch.cat([model(prepare_images(images[i:i + batch_size].to(device), model_input)).float().cpu()
+                      for i in range(0, len(images), batch_size)])
+
+
+def explain_arm(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    layer: str = "layer4",
+    targets: str = "true",
+    deletion_steps: int = 10,
+    faithfulness: np.ndarray | None = None,
+    batch_size: int = 256,
+    progress: bool = True,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Maps, metrics and faithfulness of one model on uint8 ``images`` with their ``labels``.
+
+    Returns (rows, curves): rows has one row per image (target, predicted, target_prob, the attention
+    metrics, deletion_auc / insertion_auc for the positions in ``faithfulness``, NaN elsewhere; all
+    images when None); curves is `deletion_insertion(...).curves` with ``fraction`` as a column.
+    ``targets``: "true" explains the label, "predicted" the model's top class.
+    """
+    if targets not in ("true", "predicted"):
+        raise ValueError(f"targets must be 'true' or 'predicted', got {targets!r}")
+    logits = predict(model, images, batch_size)
+    predicted = logits.argmax(1)
+    target = labels.long() if targets == "true" else predicted
+    maps = gradcam_maps(model, images, target, explained_layer(model, layer), normalize=model_input,
+                        batch_size=batch_size, progress=progress)
+    rows = attention_metrics(maps)
+    rows.insert(0, "target", target.numpy())
+    rows.insert(1, "predicted", predicted.numpy())
+    rows.insert(2, "target_prob", logits.softmax(1).gather(1, target[:, None]).squeeze(1).double().numpy())
+    positions = np.arange(len(images)) if faithfulness is None else np.asarray(faithfulness)
+    curves = deletion_insertion(
+        model, images[positions], target[positions], maps[positions], steps=deletion_steps, baseline=BASELINE,
+        normalize=model_input, batch_size=max(1, batch_size // (2 * (deletion_steps + 1))), progress=progress)
+    for column in AUC_COLUMNS:
+        rows[column] = np.nan
+        rows.loc[positions, column] = curves.per_image[column].to_numpy()
+    return rows, curves.curves.reset_index()
+
+
+# --------------------------------------------------------------------------------------------- files
+
+
+def _read_csv(path: Path, columns: list[str]) -> pd.DataFrame:
+    """The CSV, or an empty frame when it is absent or lacks a column (an older layout)."""
+    if not path.is_file():
+        return pd.DataFrame(columns=columns)
+    # reused rows must equal freshly computed ones bit for bit: pandas >= 3 parses floats exactly,
+    # pandas 2 only with the round-trip parser
+    exact = {} if int(pd.__version__.split(".")[0]) >= 3 else {"float_precision": "round_trip"}
+    frame = pd.read_csv(path, dtype={"arm": str, "id": str, "key": str, "class": str}, keep_default_na=False,
+                        na_values=[""], **exact)
+    return frame if set(columns) <= set(frame.columns) else pd.DataFrame(columns=columns)
+
+
+def _write_csv(path: Path, frame: pd.DataFrame) -> None:
+    atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
+
+
+def _valid(rows: pd.DataFrame, curves: pd.DataFrame, arm: str, key: str, ids: list[str], points: int) -> bool:
+    """Whether the files hold a complete, current result of ``arm``: its key on every row, the sample's ids
+    in order, and every curve point."""
+    mine = rows[rows["arm"] == arm]
+    return (len(mine) == len(ids) and (mine["key"] == key).all() and mine["id"].tolist() == ids
+            and int(((curves["arm"] == arm) & (curves["key"] == key)).sum()) == points
+            and int((curves["arm"] == arm).sum()) == points)
+
+
+# --------------------------------------------------------------------------------------------- the stage
+
+
+def run(cfg: Any, shard: Shard = Shard()) -> GradcamResult:
+    """Explain every trained arm on the fixed sample; reuse arms whose key is unchanged (module doc).
+
+    Raises, before any work: FileNotFoundError without trained models; ValueError for a layer the models
+    lack (listing the valid names), a sample larger than the test set, or a faithfulness part larger than
+    the sample.
+    """
+    if shard.count != 1:
+        raise ValueError(f"the Grad-CAM stage does not shard (got shard {shard.index}/{shard.count}): "
+                         "it explains a few thousand images per arm, minutes on one device")
+    params = cfg.gradcam
+    checkpoints = find_checkpoints(cfg.run_dir, params.model_seed)
+    sample = fixed_sample(data.real_data(cfg).test, params.images_per_class, cfg.seed)
+    if params.faithfulness_images is not None and params.faithfulness_images > len(sample):
+        raise ValueError(f"gradcam.faithfulness_images = {params.faithfulness_images} exceeds the sample of "
+                         f"{len(sample)} images (10 x gradcam.images_per_class); choose at most {len(sample)}, "
+                         "or null for all")
+    device = resolve_device(cfg.device)
+    models = {}
+    for checkpoint in checkpoints:
+        model, _ = load_checkpoint(checkpoint.path)
+        resolve_layer(model, explained_layer(model, params.layer))  # an unknown layer fails before any work
+        models[checkpoint.arm] = model
+
+    analysis = cfg.run_dir / "analysis"
+    rows_path, curves_path = analysis / CSV_NAME, analysis / FAITHFULNESS_NAME
+    on_disk_rows, on_disk_curves = _read_csv(rows_path, ROW_COLUMNS), _read_csv(curves_path, CURVE_COLUMNS)
+    base_key = params_key(cfg, sample)
+    faithfulness = faithfulness_positions(sample.labels, params.faithfulness_images)
+    overlay_at, _ = overlay_positions(sample.labels)
+    points = params.deletion_steps + 1
+    new_rows: dict[str, pd.DataFrame] = {}
+    new_curves: dict[str, pd.DataFrame] = {}
+    computed: dict[str, bool] = {}
+    overlay_maps: dict[str, Tensor] = {}
+
+    def save() -> None:
+        """Both files: the arms done so far, plus the old rows of every other arm (checked when reached)."""
+        done = list(new_rows)
+        rows = pd.concat([*new_rows.values(), on_disk_rows[~on_disk_rows["arm"].isin(done)]], ignore_index=True)
+        curves = pd.concat([*new_curves.values(), on_disk_curves[~on_disk_curves["arm"].isin(done)]],
+                           ignore_index=True)
+        _write_csv(rows_path, rows[ROW_COLUMNS])
+        _write_csv(curves_path, curves[CURVE_COLUMNS])
+
+    inner_progress = len(sample) >= PROGRESS_FROM  # per-batch bars of one arm only where an arm takes a while
+    for checkpoint in tqdm(checkpoints, desc="Grad-CAM arms", unit="arm"):
+        model = models[checkpoint.arm].to(device)
+        key = arm_key(base_key, checkpoint)
+        if _valid(on_disk_rows, on_disk_curves, checkpoint.arm, key, sample.ids, points):
+            new_rows[checkpoint.arm] = on_disk_rows[on_disk_rows["arm"] == checkpoint.arm]
+            new_curves[checkpoint.arm] = on_disk_curves[on_disk_curves["arm"] == checkpoint.arm]
+            computed[checkpoint.arm] = False
+        else:
+            rows, curves = explain_arm(model, sample.images, sample.labels, layer=params.layer,
+                                       targets=params.targets, deletion_steps=params.deletion_steps,
+                                       faithfulness=faithfulness, batch_size=params.batch_size, progress=inner_progress)
+            identity = pd.DataFrame({"arm": checkpoint.arm, "model_seed": checkpoint.seed, "id": sample.ids,
+                                     "label": sample.labels.numpy(),
+                                     "class": [CLASSES[i] for i in sample.labels.tolist()], "key": key})
+            new_rows[checkpoint.arm] = pd.concat([identity, rows], axis=1)[ROW_COLUMNS]
+            new_curves[checkpoint.arm] = curves.assign(arm=checkpoint.arm, key=key)[CURVE_COLUMNS]
+            computed[checkpoint.arm] = True
+            save()
+        target = sample.labels[overlay_at] if params.targets == "true" else "predicted"
+        overlay_maps[checkpoint.arm] = gradcam_maps(model, sample.images[overlay_at], target,
+                                                    explained_layer(model, params.layer), normalize=model_input,
+                                                    progress=False)
+        models[checkpoint.arm] = model.cpu()
+
+    arms = [c.arm for c in checkpoints]
+    stale = set(on_disk_rows["arm"]) - set(arms) or set(on_disk_curves["arm"]) - set(arms)
+    if any(computed.values()) or stale or not rows_path.is_file() or not curves_path.is_file():
+        _write_csv(rows_path, pd.concat(new_rows.values(), ignore_index=True)[ROW_COLUMNS])
+        _write_csv(curves_path, pd.concat(new_curves.values(), ignore_index=True)[CURVE_COLUMNS])
+
+    # every table comes from the files as read back, so computed and reused arms show the same numbers
+    rows, curves = _read_csv(rows_path, ROW_COLUMNS), _read_csv(curves_path, CURVE_COLUMNS)
+    by_arm = {arm: rows[rows["arm"] == arm].set_index("id")[METRICS + AUC_COLUMNS] for arm in arms}
+    comparison = (compare_arms(by_arm, reference=REFERENCE, n_resamples=params.n_resamples, seed=cfg.seed)
+                  if REFERENCE in by_arm and len(by_arm) > 1 else pd.DataFrame())
+    return GradcamResult(
+        checkpoints=checkpoints, sample=sample, rows=rows, curves=curves, comparison=comparison,
+        overlay_images=sample.images[overlay_at], overlay_maps=overlay_maps, computed=computed,
+        files=[rows_path, curves_path], params=params.model_dump(),
+    )
