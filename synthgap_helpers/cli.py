@@ -5,6 +5,8 @@
     python -m synthgap_helpers invert train|sample --profile paper [--shard auto]
     python -m synthgap_helpers train --profile paper [--shard i/n]
     python -m synthgap_helpers gradcam --profile paper
+    python -m synthgap_helpers gap --profile paper
+    python -m synthgap_helpers lowdata sweep|finetune --profile paper [--shard i/n]
     python -m synthgap_helpers merge runs/paper/synthetic/sd
 """
 
@@ -25,6 +27,9 @@ STAGES: dict[tuple[str, str | None], tuple[str, str]] = {
     ("invert", "sample"): ("synthgap_helpers.inversion", "sample"),
     ("train", None): ("synthgap_helpers.train_stage", "run"),
     ("gradcam", None): ("synthgap_helpers.gradcam_stage", "run"),
+    ("gap", None): ("synthgap_helpers.gap_stage", "run"),
+    ("lowdata", "sweep"): ("synthgap_helpers.lowdata", "sweep"),
+    ("lowdata", "finetune"): ("synthgap_helpers.lowdata", "finetune"),
 }
 
 

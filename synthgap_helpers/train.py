@@ -7,6 +7,7 @@ validation split; the real test set is scored by the caller with `evaluate`.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -159,8 +160,9 @@ def lr_at(step: int, total_steps: int, peak: float, warmup_steps: int) -> float:
 
 def make_optimizer(model: nn.Module, params: TrainParams) -> torch.optim.SGD:
     """SGD with (Nesterov) momentum; weight decay on conv/linear weights only, as BN scales and biases need none."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    trainable = [p for p in model.parameters() if p.requires_grad]  # frozen parameters (fine-tuning) stay out
+    decay = [p for p in trainable if p.ndim > 1]
+    no_decay = [p for p in trainable if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": params.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.SGD(groups, lr=params.peak_lr, momentum=params.momentum, nesterov=params.nesterov)
 
@@ -238,8 +240,14 @@ def train_classifier(
     seed: int = 0,
     device: str | torch.device = "cpu",
     checkpoint_path: str | Path | None = None,
+    init_model: nn.Module | None = None,
+    trainable: tuple[str, ...] | None = None,
 ) -> TrainResult:
     """Train `params.model` from scratch on real (+ synthetic) images and keep the best-validation weights.
+
+    Fine-tuning: `init_model` (a `params.model` network; a copy is trained, the original is left alone)
+    replaces the random initial weights, and `trainable` (parameter-name prefixes such as ``("layer4", "fc")``)
+    limits the updates to those parameters; every other parameter and batch-norm statistic stays bit-identical.
 
     `seed` fixes the initial weights (torch.manual_seed), the data order and the augmentation (one
     torch.Generator); on CPU two runs with the same seed are identical. With `checkpoint_path`
@@ -257,7 +265,9 @@ def train_classifier(
     torch.manual_seed(seed)
     generator = torch.Generator(device).manual_seed(seed)
     memory_format = torch.channels_last if params.channels_last else torch.contiguous_format
-    model = build_model(params.model, params.num_classes).to(device, memory_format=memory_format)
+    model = build_model(params.model, params.num_classes) if init_model is None else _copy_model(init_model, params)
+    frozen_norms = _freeze(model, trainable)
+    model = model.to(device, memory_format=memory_format)
     forward = torch.compile(model) if params.compile else model
     optimizer = make_optimizer(model, params)
     batches = BatchIndices(len(train_images), n_synthetic, params.batch_size, generator, params.mix, params.real_share)
@@ -274,6 +284,8 @@ def train_classifier(
         for group in optimizer.param_groups:
             group["lr"] = lr
         x, y = _next_batch(pool_images, pool_labels, batches, generator, params.channels_last)
+        for norm in frozen_norms:  # evaluate() puts the whole model back in train mode
+            norm.eval()
         with _autocast(device, params.amp):
             loss = F.cross_entropy(forward(x), y, label_smoothing=params.label_smoothing)
         loss_value = loss.item()
@@ -309,6 +321,46 @@ def train_classifier(
         images_per_second=total * params.batch_size / train_seconds,
         seconds=train_seconds,
     )
+
+
+def _copy_model(init_model: nn.Module, params: TrainParams) -> nn.Module:
+    """A trainable copy of `init_model`, checked to be a `params.model` network (same parameter names and shapes)."""
+    reference = {k: v.shape for k, v in build_model(params.model, params.num_classes).state_dict().items()}
+    if {k: v.shape for k, v in init_model.state_dict().items()} != reference:
+        raise ValueError(f"init_model is not a {params.model!r} network with {params.num_classes} classes "
+                         "(its parameter names or shapes differ); load it with load_checkpoint")
+    model = copy.deepcopy(init_model).train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def _freeze(model: nn.Module, trainable: tuple[str, ...] | None) -> list[nn.Module]:
+    """Freeze every parameter outside the `trainable` name prefixes; returns the batch-norm layers outside them,
+    which the trainer keeps in eval mode so that their running statistics do not move either."""
+    if trainable is None:
+        return []
+    if isinstance(trainable, str) or not trainable:
+        raise ValueError(f"trainable={trainable!r} must be a non-empty tuple of parameter-name prefixes, e.g. ('layer4', 'fc')")
+
+    def inside(name: str) -> bool:
+        return any(_under(name, prefix) for prefix in trainable)
+
+    names = [name for name, _ in model.named_parameters()]
+    unknown = [prefix for prefix in trainable if not any(_under(name, prefix) for name in names)]
+    if unknown:
+        tops = sorted({name.split(".")[0] for name in names})
+        raise ValueError(f"trainable prefixes {unknown} match no parameter of {type(model).__name__}; "
+                         f"top-level modules: {', '.join(tops)}")
+    for name, p in model.named_parameters():
+        p.requires_grad_(inside(name))
+    return [m for name, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not inside(name)]
+
+
+def _under(name: str, prefix: str) -> bool:
+    """Whether a parameter name lies under a module-name prefix ('layer4' holds 'layer4.0.conv1.weight')."""
+    return name == prefix or name.startswith(prefix + ".")
 
 
 def _next_batch(

@@ -1,7 +1,6 @@
 """CIFAR-10 sources, image folders, bad inputs, balanced subsets and the run's split."""
 
 import json
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -11,20 +10,9 @@ from PIL import Image
 
 from synthgap_helpers import config, data
 from synthgap_helpers.data import CLASSES, DataError, ImageFolderWriter, load_cifar10, load_image_folder
+from study_files import write_batches
 
 
-def write_batches(folder: Path, per_file: int = 20, seed: int = 0) -> dict[str, np.ndarray]:
-    """Official-format `cifar-10-batches-py` files with random images; returns what was written."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True)
-    written = {}
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        images = rng.integers(0, 256, size=(per_file, 3072), dtype=np.uint8)
-        labels = [int(x) for x in rng.integers(0, 10, size=per_file)]
-        with open(folder / name, "wb") as handle:
-            pickle.dump({b"data": images, b"labels": labels, b"batch_label": name.encode()}, handle)
-        written[name] = images
-    return written
 
 
 def write_folder(root: Path, per_class: int = 3, size: int = 32, mode: str = "RGB", suffix: str = ".png") -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import pickle
 from pathlib import Path
 
 import cv2
@@ -14,8 +13,9 @@ import torch
 from PIL import Image
 
 from synthgap_helpers import config, geometry_stage
-from synthgap_helpers.data import CLASSES, ImageFolderWriter, ImageSet, LoadReport
+from synthgap_helpers.data import ImageSet, LoadReport
 from synthgap_helpers.geometry_metrics import metric_names
+from study_files import write_batches, write_synthetic
 
 
 def box_image(rng: np.random.Generator) -> np.ndarray:
@@ -28,23 +28,19 @@ def box_image(rng: np.random.Generator) -> np.ndarray:
     return image
 
 
+def box_chw(rng: np.random.Generator) -> np.ndarray:
+    """`box_image` channels first, as the batch files and image sets hold it."""
+    return box_image(rng).transpose(2, 0, 1)
+
+
 def write_box_batches(folder: Path, per_file: int = 20, seed: int = 0) -> None:
     """Official-format `cifar-10-batches-py` files of box images, labels cycling through the ten classes."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        images = np.stack([box_image(rng).transpose(2, 0, 1).reshape(-1) for _ in range(per_file)])
-        labels = [i % 10 for i in range(per_file)]
-        with open(folder / name, "wb") as handle:
-            pickle.dump({b"data": images, b"labels": labels, b"batch_label": name.encode()}, handle)
+    write_batches(folder, per_file, seed, draw=box_chw)
 
 
 def write_synthetic_set(run_dir: Path, per_class: int = 2, seed: int = 1) -> None:
     """A finished synthetic set `synthetic/sd/` (images and manifest) as the generation stage writes it."""
-    rng = np.random.default_rng(seed)
-    images = np.stack([box_image(rng).transpose(2, 0, 1) for _ in range(per_class * len(CLASSES))])
-    records = [{"id": f"{CLASSES[i // per_class]}/{i:04d}"} for i in range(len(images))]
-    ImageFolderWriter(run_dir / "synthetic" / "sd").write(images, records)
+    write_synthetic(run_dir / "synthetic" / "sd", per_class, draw=box_chw, seed=seed)
 
 
 def tiny_config(root: Path, run_dir: Path, **geometry: object) -> config.Config:

@@ -3,8 +3,6 @@ checkpoint changes, and the errors for missing models and unknown layers."""
 
 from __future__ import annotations
 
-import os
-import pickle
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -16,19 +14,11 @@ import torch
 from synthgap_helpers import config, gradcam_stage
 from synthgap_helpers.train import save_checkpoint
 from synthgap_helpers.train_models import build_model
+from study_files import write_batches
 
 MODEL = "resnet18_cifar_narrow"
 
 
-def write_batches(folder: Path, per_file: int = 20, seed: int = 0) -> None:
-    """Official-format `cifar-10-batches-py` files of random images, labels cycling through the ten classes."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        images = rng.integers(0, 256, size=(per_file, 3072), dtype=np.uint8)
-        labels = [i % 10 for i in range(per_file)]
-        with open(folder / name, "wb") as handle:
-            pickle.dump({b"data": images, b"labels": labels, b"batch_label": name.encode()}, handle)
 
 
 def save_random_model(run_dir: Path, arm: str, seed: int = 0, weights_seed: int = 0) -> Path:

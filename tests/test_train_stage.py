@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import pickle
 import typing
 from pathlib import Path
 
@@ -12,35 +11,20 @@ import pytest
 import torch
 
 from synthgap_helpers import config, data, train_stage
-from synthgap_helpers.data import CLASSES, ImageFolderWriter
+from synthgap_helpers.data import CLASSES
 from synthgap_helpers.train_models import MODELS
 from synthgap_helpers.workload import Shard
-
-TINY = {"train.model": "resnet18_cifar_narrow", "train.steps": 2, "train.batch_size": 10, "train.eval_every": 1,
-        "train.seeds": 1, "data.train_per_class": 3, "data.val_per_class": 1, "data.test_per_class": 2}
+from study_files import TINY_TRAINING, write_batches, write_synthetic
 
 
-def write_cifar(folder: Path, per_file: int = 20) -> None:
-    """Official-format batches with random pixels and balanced labels (each class twice per 20 images)."""
-    rng = np.random.default_rng(0)
-    folder.mkdir(parents=True)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        images = rng.integers(0, 256, size=(per_file, 3072), dtype=np.uint8)
-        with open(folder / name, "wb") as handle:
-            pickle.dump({b"data": images, b"labels": [i % 10 for i in range(per_file)]}, handle)
 
 
-def write_synthetic(folder: Path, per_class: int = 2, classes: tuple[str, ...] = CLASSES) -> None:
-    """A synthetic set with a manifest: `per_class` random images of each of `classes`."""
-    writer = ImageFolderWriter(folder)
-    rng = np.random.default_rng(len(str(folder)))
-    ids = [f"{name}/{i}" for name in classes for i in range(per_class)]
-    writer.write(rng.integers(0, 256, size=(len(ids), 3, 32, 32), dtype=np.uint8), [{"id": i} for i in ids])
+
 
 
 @pytest.fixture()
 def run_dir(tmp_path: Path) -> Path:
-    write_cifar(tmp_path / "cifar" / "cifar-10-batches-py")
+    write_batches(tmp_path / "cifar" / "cifar-10-batches-py")
     write_synthetic(tmp_path / "run" / "synthetic" / "sd")
     write_synthetic(tmp_path / "run" / "synthetic" / "di")
     return tmp_path / "run"
@@ -48,7 +32,7 @@ def run_dir(tmp_path: Path) -> Path:
 
 def load(run_dir: Path, **overrides: typing.Any) -> config.Config:
     data_root = str(run_dir.parent / "cifar")
-    return config.load("smoke", run_dir=run_dir, overrides={**TINY, "data.root": data_root, **overrides},
+    return config.load("smoke", run_dir=run_dir, overrides={**TINY_TRAINING, "data.root": data_root, **overrides},
                        record=False)
 
 

@@ -1,0 +1,137 @@
+"""Metric records and the tables the book shows: the headline accuracy table and `<run_dir>/results.json`.
+
+Every number the book's results chapter shows is computed here or by a stage, and recorded in
+`results.json` (one section per table: ``headline``, ``gap``, ``lowdata``, ``finetune``), written
+atomically, so that the narrative can cite the file instead of copying numbers by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from synthgap_helpers import data, train_stage
+from synthgap_helpers.storage import atomic_write_json
+
+RESULTS_FILE = "results.json"
+REPORTED_CITATION = "reported by the original study, on its own split, not the official test set"
+
+
+def json_safe(value: Any) -> Any:
+    """A value with NaN/inf floats as None and numpy scalars/arrays as plain Python, for strict JSON."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return json_safe(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def frame_records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """A table as JSON-safe records, its index (when named) as the first field."""
+    if frame.index.name is not None:
+        frame = frame.reset_index()
+    return json_safe(frame.to_dict(orient="records"))
+
+
+def record(run_dir: str | Path, section: str, payload: Any) -> Path:
+    """Set one section of `<run_dir>/results.json` (other sections kept), atomically."""
+    path = Path(run_dir) / RESULTS_FILE
+    current: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            current = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            current = {}  # an unreadable record is rebuilt section by section
+    current[section] = json_safe(payload)
+    return atomic_write_json(path, current)
+
+
+def read_records(run_dir: str | Path) -> dict[str, Any]:
+    """`<run_dir>/results.json` as a dict (empty when no stage has recorded anything yet)."""
+    path = Path(run_dir) / RESULTS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+# --------------------------------------------------------------------------------------------- headline
+
+
+def training_summary(cfg: Any) -> train_stage.TrainingSummary:
+    """The run's finished training jobs summarised as notebook 04 does, without training anything.
+
+    A job counts when its metrics.json carries the key the training stage would give it now (same
+    parameters, same images); stale or missing jobs show as *not trained*.
+    """
+    arms, skipped = train_stage.plan_arms(cfg)
+    real = data.real_data(cfg)
+    synthetic = {arm.synthetic: train_stage.load_synthetic(arm, cfg.data.on_bad_image)
+                 for arm in arms if arm.synthetic is not None}
+    prints = {"val": train_stage.fingerprint(real.val), "test": train_stage.fingerprint(real.test),
+              "real": train_stage.fingerprint(real.train)}
+    seeds = train_stage.seeds_of(cfg)
+    records = {}
+    for arm in arms:
+        params = train_stage.trainer_params(cfg, arm)
+        fingerprints = {"val": prints["val"], "test": prints["test"], "train": prints["real"] if arm.real else None,
+                        "synthetic": train_stage.fingerprint(synthetic.get(arm.synthetic))}
+        for seed in seeds:
+            key = train_stage.job_key(arm, seed, params, fingerprints)
+            found = train_stage.read_finished(train_stage.job_dir(cfg.run_dir, arm.name, seed), key)
+            if found is not None:
+                records[(arm.name, seed)] = found
+    return train_stage.TrainingSummary(
+        run_dir=cfg.run_dir, arms=arms, seeds=seeds, records=records,
+        arm_sizes={arm.name: {"real": len(real.train) if arm.real else 0,
+                              "synthetic": len(synthetic[arm.synthetic]) if arm.synthetic else 0} for arm in arms},
+        real_sizes={"train": len(real.train), "val": len(real.val), "test": len(real.test)},
+        test_fingerprint=prints["test"], skipped=skipped, reused=sorted(records))
+
+
+@dataclass
+class Headline:
+    """The headline accuracy table: the original study's five arms (then any others) on the real test set."""
+
+    table: pd.DataFrame  # formatted: seeds, mean ± std, 95% t-interval, validation mean, original study's number
+    values: pd.DataFrame  # the same numbers unformatted (NaN where an arm was not trained)
+    per_seed: pd.DataFrame  # one row per finished (arm, seed)
+    note: str
+    path: Path  # results.json
+
+    def __repr__(self) -> str:
+        return f"{self.table.to_string()}\n* {self.note}"
+
+
+def headline_table(cfg: Any) -> Headline:
+    """Test accuracy (%) per arm as mean ± std over n seeds with the 95% t-interval, beside the numbers the
+    original study reported (Real 81.80, DI 78.63, SD 52.57, Real+DI 86.14, Real+SD 83.94), which were
+    measured on its own split and not on the official test set. The table is the training stage's own
+    (`TrainingSummary.accuracy_table`); every number goes into the ``headline`` section of results.json."""
+    summary = training_summary(cfg)
+    values = summary.accuracy_values()
+    per_seed = summary.per_seed()[["arm", "seed", "test_accuracy", "val_accuracy", "best_step", "steps", "test_n"]]
+    per_seed = per_seed.sort_values(["arm", "seed"], key=lambda c: c.map(_arm_rank) if c.name == "arm" else c)
+    note = f"{REPORTED_CITATION} ({train_stage.REPORTED_NOTE.split('; ', 1)[-1]}); accuracy in % on the run's real test set"
+    path = record(cfg.run_dir, "headline", {
+        "unit": "test accuracy, %", "test_images": summary.real_sizes["test"], "test_fingerprint": summary.test_fingerprint,
+        "original_study_note": REPORTED_CITATION, "arms": frame_records(values),
+        "per_seed": frame_records(per_seed.reset_index(drop=True))})
+    return Headline(summary.accuracy_table(), values, per_seed.reset_index(drop=True), note, path)
+
+
+def _arm_rank(arm: str) -> int:
+    order = train_stage.ORIGINAL_ORDER
+    return order.index(arm) if arm in order else len(order)
+
+
+__all__ = ["Headline", "frame_records", "headline_table", "json_safe", "read_records", "record", "training_summary"]

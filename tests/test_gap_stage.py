@@ -1,0 +1,84 @@
+"""Tests of the domain-gap stage: it needs the real-data model, writes gap.json, reuses it, recomputes on change."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from synthgap_helpers import config, gap_stage
+from synthgap_helpers.train import save_checkpoint
+from synthgap_helpers.train_models import build_model
+from synthgap_helpers.workload import Shard
+from study_files import TINY_TRAINING, write_batches, write_synthetic
+
+GAP = {"gap.images_per_class": 4, "gap.kid_subsets": 3, "gap.n_resamples": 3, "gap.detector_steps": 2,
+       "gap.detector_batch_size": 8, "gap.detector_width": 4}
+
+
+def write_real_model(run_dir: Path, seed: int = 0) -> Path:
+    """A random-weight narrow ResNet-18 saved where the training stage puts the real arm's model."""
+    torch.manual_seed(seed)
+    path = run_dir / "models" / "real" / "seed0" / "model.safetensors"
+    save_checkpoint(build_model("resnet18_cifar_narrow"), path, {"model": "resnet18_cifar_narrow", "num_classes": 10})
+    return path
+
+
+@pytest.fixture()
+def run_dir(tmp_path: Path) -> Path:
+    write_batches(tmp_path / "cifar" / "cifar-10-batches-py", per_file=40)  # 4 test images per class
+    for source in ("sd", "di"):
+        write_synthetic(tmp_path / "run" / "synthetic" / source, per_class=4)
+    return tmp_path / "run"
+
+
+def load(run_dir: Path, **overrides) -> config.Config:
+    return config.load("smoke", run_dir=run_dir, record=False,
+                       overrides={**TINY_TRAINING, "data.test_per_class": 4, "data.root": str(run_dir.parent / "cifar"),
+                                  **GAP, **overrides})
+
+
+def test_missing_real_model_names_the_path_and_notebook_04(run_dir):
+    assert gap_stage.run(load(run_dir), Shard(1, 2)) is None  # one job: only shard 0 works
+    with pytest.raises(gap_stage.MissingModelError) as error:
+        gap_stage.run(load(run_dir))
+    assert str(run_dir / "models" / "real" / "seed0" / "model.safetensors") in str(error.value)
+    assert "notebook 04" in str(error.value)
+
+
+def test_gap_json_holds_a_row_per_set_and_both_detectors_with_intervals(run_dir):
+    write_real_model(run_dir)
+    summary = gap_stage.run(load(run_dir))
+    record = json.loads((run_dir / "analysis" / "gap.json").read_text())
+    assert not summary.reused and record == summary.record
+    assert [row["set"] for row in record["gap"]] == ["di", "sd"]
+    assert all(row["n"] == row["n_reference"] == 40 for row in record["gap"])
+    assert record["feature_dim"] == 128  # the narrow model's 8 x 16 channels
+    detectors = {(row["set"], row["method"]) for row in record["detectability"]}
+    assert detectors == {(s, m) for s in ("di", "sd") for m in ("linear_probe", "cnn")}
+    for row in record["detectability"]:
+        assert 0 <= row["ci_low"] <= row["accuracy"] <= row["ci_high"] <= 1 and row["n_test"] == 24
+    assert list(summary.table().columns)[0] == "images (real / synthetic)"
+    assert json.loads((run_dir / "results.json").read_text())["gap"]["gap"] == record["gap"]
+
+
+def test_rerun_reuses_gap_json_and_a_new_checkpoint_or_parameter_recomputes(run_dir, monkeypatch):
+    write_real_model(run_dir)
+    first = gap_stage.run(load(run_dir))
+    calls = []
+    original = gap_stage.gap_table
+    monkeypatch.setattr(gap_stage, "gap_table", lambda *a, **k: calls.append(1) or original(*a, **k))
+    again = gap_stage.run(load(run_dir))
+    assert again.reused and again.record == first.record and calls == []
+    assert again.table().equals(first.table()) and again.detection_table().equals(first.detection_table())
+    write_real_model(run_dir, seed=1)  # other weights at the same path
+    assert not gap_stage.run(load(run_dir)).reused and calls == [1]
+    assert not gap_stage.run(load(run_dir, **{"gap.k": 2})).reused and calls == [1, 1]
+
+
+def test_too_few_images_of_a_class_names_the_parameter(run_dir):
+    write_real_model(run_dir)
+    with pytest.raises(ValueError, match="gap.images_per_class=5"):
+        gap_stage.run(load(run_dir, **{"gap.images_per_class": 5}))

@@ -1,0 +1,139 @@
+"""Tests of the low-data sweep and of fine-tuning: nested k-subsets, resume per row, only layer4 and fc move."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from synthgap_helpers import config, lowdata
+from synthgap_helpers.train import TrainParams, save_checkpoint, train_classifier
+from synthgap_helpers.train_models import build_model
+from synthgap_helpers.workload import Shard
+from study_files import TINY_TRAINING, write_batches, write_synthetic
+
+LOW = {"lowdata.k_per_class": [1, 2], "lowdata.seeds": 1, "lowdata.steps": 2}
+
+
+@pytest.fixture()
+def run_dir(tmp_path: Path) -> Path:
+    write_batches(tmp_path / "cifar" / "cifar-10-batches-py")
+    for source in ("sd", "di"):
+        write_synthetic(tmp_path / "run" / "synthetic" / source)
+    return tmp_path / "run"
+
+
+def load(run_dir: Path, **overrides) -> config.Config:
+    return config.load("smoke", run_dir=run_dir, record=False,
+                       overrides={**TINY_TRAINING, "data.root": str(run_dir.parent / "cifar"), **LOW, **overrides})
+
+
+def write_synthetic_models(run_dir: Path) -> None:
+    """Random-weight narrow checkpoints where the training stage puts the synthetic-only arms."""
+    for i, source in enumerate(("sd", "di")):
+        torch.manual_seed(10 + i)
+        save_checkpoint(build_model("resnet18_cifar_narrow"), run_dir / "models" / source / "seed0" / "model.safetensors",
+                        {"model": "resnet18_cifar_narrow", "num_classes": 10})
+
+
+@pytest.fixture()
+def trainings(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """Every call of the trainer by the stage: training labels and the fine-tuning arguments."""
+    calls: list[dict] = []
+
+    def spy(train_images, train_labels, *args, **kwargs):
+        calls.append({"labels": train_labels.clone(), "synthetic": kwargs.get("synthetic_images") is not None,
+                      "init": kwargs.get("init_model") is not None, "trainable": kwargs.get("trainable")})
+        return train_classifier(train_images, train_labels, *args, **kwargs)
+
+    monkeypatch.setattr(lowdata, "train_classifier", spy)
+    return calls
+
+
+def test_subsets_hold_exactly_k_per_class_and_are_nested_within_a_seed():
+    labels = np.arange(200) % 10
+    small, large = lowdata.nested_subset(labels, 3, seed=5), lowdata.nested_subset(labels, 8, seed=5)
+    assert np.bincount(labels[small]).tolist() == [3] * 10 and np.bincount(labels[large]).tolist() == [8] * 10
+    assert set(small) <= set(large)
+    assert not np.array_equal(small, lowdata.nested_subset(labels, 3, seed=6))
+    with pytest.raises(ValueError, match="lowdata.k_per_class holds k=21"):
+        lowdata.nested_subset(labels, 21, seed=0)
+
+
+def test_sweep_writes_a_row_per_k_arm_seed_and_resumes_without_retraining(run_dir, trainings):
+    first = lowdata.sweep(load(run_dir))
+    rows = pd.read_csv(run_dir / "results" / "lowdata.csv")
+    assert len(trainings) == 6 and len(first.trained) == 6
+    assert sorted(zip(rows["k"], rows["arm"])) == sorted((k, a) for k in (1, 2) for a in ("real", "real+sd", "real+di"))
+    assert [int(np.bincount(c["labels"].numpy(), minlength=10).max()) for c in trainings] == [1, 1, 1, 2, 2, 2]
+    assert rows.set_index(["k", "arm"]).loc[(2, "real+sd"), "n_synthetic"] == 20
+
+    # a killed run: drop one finished row, as if the process died before writing it
+    rows[~((rows["k"] == 2) & (rows["arm"] == "real+di"))].to_csv(run_dir / "results" / "lowdata.csv", index=False)
+    again = lowdata.sweep(load(run_dir))
+    assert len(trainings) == 7 and again.trained == [(2, "real+di", 0)] and len(again.reused) == 5
+    assert again.table().shape == (2, 3) and list(again.table().columns) == ["real", "real+sd", "real+di"]
+    kept = again.rows.set_index(["k", "arm"])["test_accuracy"]
+    assert kept.loc[(1, "real")] == first.rows.set_index(["k", "arm"])["test_accuracy"].loc[(1, "real")]
+    assert len(lowdata.sweep(load(run_dir, **{"lowdata.steps": 3})).trained) == 6  # a new budget retrains all
+
+
+def test_finetune_starts_from_the_synthetic_models_and_reuses_the_sweeps_scratch_models(run_dir, trainings):
+    cfg = load(run_dir)
+    with pytest.raises(lowdata.MissingModelError, match="notebook 04"):
+        lowdata.finetune(cfg)
+    write_synthetic_models(run_dir)
+    lowdata.sweep(cfg)
+    summary = lowdata.finetune(cfg)
+    finetuned = [c for c in trainings if c["init"]]
+    assert len(trainings) == 6 + 4 and len(finetuned) == 4
+    assert all(c["trainable"] == ("layer4", "fc") and not c["synthetic"] for c in finetuned)
+    assert sorted(summary.reused) == [(1, "scratch", 0), (2, "scratch", 0)]
+    assert list(summary.table().columns) == ["scratch", "finetune_sd", "finetune_di"]
+
+
+def test_scratch_baseline_trains_on_exactly_k_real_images_per_class(run_dir, trainings):
+    write_synthetic_models(run_dir)
+    lowdata.finetune(load(run_dir))
+    scratch = [c for c in trainings if not c["init"]]
+    assert [np.bincount(c["labels"].numpy(), minlength=10).tolist() for c in scratch] == [[1] * 10, [2] * 10]
+    assert not any(c["synthetic"] for c in scratch)
+
+
+def test_finetuning_moves_only_layer4_and_fc_and_leaves_every_other_tensor_bit_identical():
+    torch.manual_seed(0)
+    start = build_model("resnet18_cifar_narrow")
+    before = {k: v.clone() for k, v in start.state_dict().items()}
+    images = torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.arange(20) % 10
+    params = TrainParams(model="resnet18_cifar_narrow", batch_size=10, steps=3, eval_every=1, progress=False)
+    result = train_classifier(images, labels, images, labels, params, init_model=start, trainable=("layer4", "fc"))
+    after = result.model.state_dict()
+    inside = [k for k in after if k.startswith(("layer4.", "fc."))]
+    outside = [k for k in after if not k.startswith(("layer4.", "fc."))]
+    assert all(torch.equal(after[k], before[k]) for k in outside)  # weights and batch-norm statistics
+    assert any(k.endswith("running_mean") for k in outside)
+    assert all(not torch.equal(after[k], before[k]) for k in inside if k.endswith(("weight", "running_mean")))
+    assert all(torch.equal(start.state_dict()[k], before[k]) for k in before)  # the caller's model is untouched
+
+
+def test_finetuning_refuses_unknown_prefixes_and_a_model_of_another_architecture():
+    images, labels = torch.zeros(10, 3, 32, 32, dtype=torch.uint8), torch.arange(10)
+    params = TrainParams(model="resnet18_cifar_narrow", batch_size=10, steps=1, progress=False)
+    narrow = build_model("resnet18_cifar_narrow")
+    with pytest.raises(ValueError, match=r"\['layer9'\] match no parameter"):
+        train_classifier(images, labels, images, labels, params, init_model=narrow, trainable=("layer9",))
+    with pytest.raises(ValueError, match="init_model is not a 'resnet18_cifar_narrow'"):
+        train_classifier(images, labels, images, labels, params, init_model=build_model("resnet18_cifar"))
+
+
+def test_two_shards_split_the_rows_and_a_final_unsharded_call_merges_them_without_training(run_dir, trainings):
+    cfg = load(run_dir)
+    parts = [lowdata.sweep(cfg, Shard(i, 2)) for i in range(2)]
+    assert len(trainings) == 6 and sorted(parts[0].trained + parts[1].trained) == sorted(parts[0].trained + parts[0].pending)
+    assert (run_dir / "results" / "lowdata.shard-0-of-2.csv").is_file()
+    merged = lowdata.sweep(cfg)
+    assert len(trainings) == 6 and merged.trained == [] and len(pd.read_csv(run_dir / "results" / "lowdata.csv")) == 6

@@ -1,0 +1,71 @@
+"""Tests of the headline table and results.json: the original study's layout, its reported numbers, no training."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+
+from synthgap_helpers import config, results, train_stage
+from study_files import TINY_TRAINING, write_batches, write_synthetic
+
+
+
+
+
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> config.Config:
+    """A run with the five arms of the original study trained (2 steps of the narrow model each)."""
+    root = tmp_path_factory.mktemp("headline")
+    write_batches(root / "cifar" / "cifar-10-batches-py")
+    for source in ("sd", "di"):
+        write_synthetic(root / "run" / "synthetic" / source)
+    cfg = config.load("smoke", run_dir=root / "run", overrides={**TINY_TRAINING, "data.root": str(root / "cifar")}, record=False)
+    train_stage.run(cfg)
+    return cfg
+
+
+def test_headline_lists_the_five_arms_in_the_original_order_beside_the_reported_numbers(trained):
+    headline = results.headline_table(trained)
+    table = headline.table
+    assert list(table.index) == ["real", "di", "sd", "real+di", "real+sd"]
+    assert list(table["original study % (reported)*"]) == ["81.80", "78.63", "52.57", "86.14", "83.94"]
+    assert list(table["seeds"]) == [1] * 5 and set(table["95% t-interval"]) == {"n/a (1 seed)"}
+    assert "on its own split, not the official test set" in headline.note
+
+
+def test_headline_numbers_are_the_models_test_accuracy_and_go_into_results_json(trained):
+    headline = results.headline_table(trained)
+    metrics = json.loads((trained.run_dir / "models" / "sd" / "seed0" / "metrics.json").read_text())
+    assert headline.values.loc["sd", "mean"] == pytest.approx(100 * metrics["test"]["accuracy"])
+    assert headline.table.loc["sd", "test accuracy % (mean ± std)"] == f"{100 * metrics['test']['accuracy']:.2f} ± n/a"
+    record = json.loads((trained.run_dir / "results.json").read_text())["headline"]
+    by_arm = {row["arm"]: row for row in record["arms"]}
+    assert by_arm["sd"]["mean"] == headline.values.loc["sd", "mean"]
+    assert by_arm["real+di"]["reported_by_original_study"] == 86.14
+    assert by_arm["sd"]["std"] is None  # NaN (one seed) is stored as null: strict JSON
+    assert record["original_study_note"] == results.REPORTED_CITATION and record["test_images"] == 20
+
+
+def test_an_arm_without_a_current_model_shows_as_not_trained_and_nothing_is_trained(trained, tmp_path):
+    run_dir = tmp_path / "copy"
+    shutil.copytree(trained.run_dir, run_dir)
+    shutil.rmtree(run_dir / "models" / "real+sd")
+    cfg = trained.model_copy(update={"run_dir": run_dir})
+    headline = results.headline_table(cfg)
+    assert headline.table.loc["real+sd", "test accuracy % (mean ± std)"] == "not trained"
+    assert headline.table.loc["real+sd", "seeds"] == 0 and math.isnan(headline.values.loc["real+sd", "mean"])
+    assert not (run_dir / "models" / "real+sd").exists()
+
+
+def test_record_keeps_the_other_sections_and_writes_strict_json(tmp_path):
+    results.record(tmp_path, "a", {"x": 1.5, "nan": float("nan"), "arr": np.arange(2)})
+    results.record(tmp_path, "b", [np.float32(2.0)])
+    text = (tmp_path / "results.json").read_text()
+    assert "NaN" not in text
+    assert json.loads(text) == {"a": {"x": 1.5, "nan": None, "arr": [0, 1]}, "b": [2.0]}
