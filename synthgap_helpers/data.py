@@ -257,7 +257,11 @@ class ImageFolderWriter:
 
 
 def _read_batches(folder: Path, split: str) -> ImageSet:
-    """The official python batches of one split."""
+    """The official python batches of one split.
+
+    The official format is a pickle, which can run code when read: point `root` only at a copy from a
+    trusted source (torchvision's download checks the archive's MD5).
+    """
     images, labels = [], []
     for name in _BATCH_FILES[split]:
         file = folder / name
