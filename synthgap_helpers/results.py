@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from synthgap_helpers import data, train_stage
+from synthgap_helpers import train_stage
 from synthgap_helpers.storage import atomic_write_json
 
 RESULTS_FILE = "results.json"
@@ -73,29 +73,7 @@ def training_summary(cfg: Any) -> train_stage.TrainingSummary:
     A job counts when its metrics.json carries the key the training stage would give it now (same
     parameters, same images); stale or missing jobs show as *not trained*.
     """
-    arms, skipped = train_stage.plan_arms(cfg)
-    real = data.real_data(cfg)
-    synthetic = {arm.synthetic: train_stage.load_synthetic(arm, cfg.data.on_bad_image)
-                 for arm in arms if arm.synthetic is not None}
-    prints = {"val": train_stage.fingerprint(real.val), "test": train_stage.fingerprint(real.test),
-              "real": train_stage.fingerprint(real.train)}
-    seeds = train_stage.seeds_of(cfg)
-    records = {}
-    for arm in arms:
-        params = train_stage.trainer_params(cfg, arm)
-        fingerprints = {"val": prints["val"], "test": prints["test"], "train": prints["real"] if arm.real else None,
-                        "synthetic": train_stage.fingerprint(synthetic.get(arm.synthetic))}
-        for seed in seeds:
-            key = train_stage.job_key(arm, seed, params, fingerprints)
-            found = train_stage.read_finished(train_stage.job_dir(cfg.run_dir, arm.name, seed), key)
-            if found is not None:
-                records[(arm.name, seed)] = found
-    return train_stage.TrainingSummary(
-        run_dir=cfg.run_dir, arms=arms, seeds=seeds, records=records,
-        arm_sizes={arm.name: {"real": len(real.train) if arm.real else 0,
-                              "synthetic": len(synthetic[arm.synthetic]) if arm.synthetic else 0} for arm in arms},
-        real_sizes={"train": len(real.train), "val": len(real.val), "test": len(real.test)},
-        test_fingerprint=prints["test"], skipped=skipped, reused=sorted(records))
+    return train_stage.run(cfg, train=False)
 
 
 @dataclass

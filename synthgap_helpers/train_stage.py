@@ -424,8 +424,10 @@ def write_results(summary: TrainingSummary) -> list[Path]:
 # --------------------------------------------------------------------------------------------- entry point
 
 
-def run(cfg: Any, shard: Shard = Shard()) -> TrainingSummary:
+def run(cfg: Any, shard: Shard = Shard(), train: bool = True) -> TrainingSummary:
     """Train every planned (arm, seed) this shard owns that is not finished, and summarise all finished ones.
+
+    With `train=False` nothing is trained: the summary of what is finished (what later chapters read).
 
     Every arm's data is loaded and checked before any training starts: a requested arm whose folder is
     missing or empty, or a synthetic set lacking a class, raises ArmError naming the arm and the folder.
@@ -456,7 +458,7 @@ def run(cfg: Any, shard: Shard = Shard()) -> TrainingSummary:
             finished = read_finished(job_dir(cfg.run_dir, arm.name, seed), key) is not None
             if finished:
                 reused.append((arm.name, seed))
-            elif shard.owns(f"{arm.name}/seed{seed}"):
+            elif train and shard.owns(f"{arm.name}/seed{seed}"):
                 todo.append((arm, seed, params, key))
             else:
                 pending.append((arm.name, seed))
