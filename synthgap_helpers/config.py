@@ -302,11 +302,6 @@ class Config(_Section):
         return self.model_dump(mode="json", exclude={"run_dir"})
 
 
-def profile_names() -> tuple[str, ...]:
-    """Names of the profiles shipped inside the package."""
-    return PROFILES
-
-
 def read_profile(profile: str) -> dict[str, Any]:
     """The raw parameters of a shipped profile, or of a YAML file given by path."""
     path = Path(profile)
