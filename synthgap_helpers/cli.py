@@ -8,6 +8,7 @@
     python -m synthgap_helpers gap --profile paper
     python -m synthgap_helpers lowdata sweep|finetune --profile paper [--shard i/n]
     python -m synthgap_helpers merge runs/paper/synthetic/sd
+    python -m synthgap_helpers cost --profile paper [--rate sd=3.1 --rate train=9000 ...]
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ import importlib
 import sys
 from typing import Any
 
+import pandas as pd
+
 from synthgap_helpers import config, runner
+from synthgap_helpers.cost import RATES as COST_RATES
 from synthgap_helpers.workload import merge_shards, parse_shard
 
 # (command, action) -> (module, function): every stage entry point takes (cfg, shard) and returns a summary.
@@ -59,7 +63,23 @@ def _parser() -> argparse.ArgumentParser:
         stage.add_argument("--shard", default=None, help="i/n (0-based) or 'auto' (torchrun/accelerate or a SLURM array)")
     merge = commands.add_parser("merge", help="join the shard manifests of an image folder into manifest.jsonl")
     merge.add_argument("folder")
+    cost = commands.add_parser("cost", help="a profile's work per stage and disk; hours from rates you measured")
+    _add_run_options(cost)
+    rates = "; ".join(f"{key}: {unit} from {bench}" for key, (unit, bench) in COST_RATES.items())
+    cost.add_argument("--rate", dest="rates", action="append", default=[], metavar="KEY=NUMBER",
+                      help=f"measured rate of a stage (repeatable). {rates}")
     return parser
+
+
+def _print_cost(args: argparse.Namespace) -> str:
+    """The profile's work table (with hours where a rate is given) and its disk table, as text."""
+    from synthgap_helpers import cost
+
+    estimate = cost.profile_cost(config.resolve(args.profile, run_dir=args.run_dir, overrides=args.overrides))
+    work = estimate.with_hours(cost.parse_rates(args.rates))
+    with pd.option_context("display.width", 200, "display.max_colwidth", 90):
+        return f"{work.to_string()}\n\n{estimate.disk.assign(size=estimate.disk['bytes'].map(cost.human_bytes)).to_string()}" \
+               f"\ntotal of the known items: {cost.human_bytes(estimate.disk_bytes)}"
 
 
 def _run_stage(args: argparse.Namespace) -> Any:
@@ -78,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                                overrides=args.overrides, build=not args.no_book)
             if index is not None:
                 print(f"book: {index}")
+        elif args.command == "cost":
+            print(_print_cost(args))
         elif args.command == "merge":
             print(f"{args.folder}: {merge_shards(args.folder)} images listed in manifest.jsonl")
         else:

@@ -481,14 +481,19 @@ def _differences(old: Any, new: Any, key: str = "") -> list[str]:
     return [] if old == new else [f"{key}: recorded {old!r}, now {new!r}"]
 
 
+def profile_meaning(profile: str) -> str:
+    """What the numbers of a run with this profile can mean, in one sentence (the banner and the book's intro)."""
+    return {
+        "smoke": "a tiny CPU run with a random-weight diffusion model: its numbers check the machinery only "
+                 "and say nothing about synthetic data.",
+        "gpu-small": "one GPU, Stable Diffusion 1.5, a few thousand real images: indicative numbers, few seeds.",
+        "paper": "the full study: all of CIFAR-10, several seeds.",
+    }.get(profile, "a custom profile: read its parameters before trusting its numbers.")
+
+
 def banner(cfg: Config) -> Any:
     """Markdown banner that opens every notebook: the profile, and what its numbers can mean."""
     from IPython.display import Markdown
 
-    meaning = {
-        "smoke": "a tiny CPU run with a random-weight diffusion model: **its numbers check the machinery only "
-                 "and say nothing about synthetic data**.",
-        "gpu-small": "one GPU, Stable Diffusion 1.5, a few thousand real images: indicative numbers, few seeds.",
-        "paper": "the full study: all of CIFAR-10, several seeds.",
-    }.get(cfg.profile, "a custom profile: read its parameters before trusting its numbers.")
-    return Markdown(f"> **Profile `{cfg.profile}`** ({resolve_device(cfg.device)}, seed {cfg.seed}): {meaning}")
+    return Markdown(f"> **Profile `{cfg.profile}`** ({resolve_device(cfg.device)}, seed {cfg.seed}): "
+                    f"{profile_meaning(cfg.profile)}")

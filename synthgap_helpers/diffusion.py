@@ -65,6 +65,9 @@ def tiny_tokenizer() -> Any:
     return tokenizer
 
 
+TINY_WIDTH = 32  # the tiny pipeline's text width = its U-Net's cross_attention_dim (SD 1.x: 768)
+
+
 def tiny_pipeline(seed: int = 0) -> Any:
     """A Stable Diffusion pipeline with SD's architecture at toy width and random weights (no download).
 
@@ -83,13 +86,13 @@ def tiny_pipeline(seed: int = 0) -> Any:
         unet = UNet2DConditionModel(
             sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
+            cross_attention_dim=TINY_WIDTH, attention_head_dim=8, norm_num_groups=8)
         vae = AutoencoderKL(
             in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
             norm_num_groups=8, sample_size=32, scaling_factor=0.18215)
         text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            vocab_size=len(tokenizer), hidden_size=TINY_WIDTH, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, projection_dim=32))
     scheduler = DPMSolverMultistepScheduler(  # SD 1.5's noise schedule

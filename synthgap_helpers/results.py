@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 
-from synthgap_helpers import train_stage
+from synthgap_helpers import config, train_figures, train_stage
 from synthgap_helpers.storage import atomic_write_json
 
 RESULTS_FILE = "results.json"
@@ -84,10 +85,15 @@ class Headline:
     values: pd.DataFrame  # the same numbers unformatted (NaN where an arm was not trained)
     per_seed: pd.DataFrame  # one row per finished (arm, seed)
     note: str
+    test_images: int  # size of the real test set every arm was scored on
     path: Path  # results.json
 
     def __repr__(self) -> str:
         return f"{self.table.to_string()}\n* {self.note}"
+
+    def figure(self) -> Figure:
+        """Bars of test accuracy per arm with single seeds as dots, beside the original study's numbers."""
+        return train_figures.accuracy_bars(self.values, self.per_seed)
 
 
 def headline_table(cfg: Any) -> Headline:
@@ -104,7 +110,8 @@ def headline_table(cfg: Any) -> Headline:
         "unit": "test accuracy, %", "test_images": summary.real_sizes["test"], "test_fingerprint": summary.test_fingerprint,
         "original_study_note": REPORTED_CITATION, "arms": frame_records(values),
         "per_seed": frame_records(per_seed.reset_index(drop=True))})
-    return Headline(summary.accuracy_table(), values, per_seed.reset_index(drop=True), note, path)
+    return Headline(summary.accuracy_table(), values, per_seed.reset_index(drop=True), note,
+                    summary.real_sizes["test"], path)
 
 
 def _arm_rank(arm: str) -> int:
@@ -112,4 +119,46 @@ def _arm_rank(arm: str) -> int:
     return order.index(arm) if arm in order else len(order)
 
 
-__all__ = ["Headline", "frame_records", "headline_table", "json_safe", "read_records", "record", "training_summary"]
+# ------------------------------------------------------------------------------------ the introduction
+
+
+@dataclass(frozen=True)
+class GlueText:
+    """Text for the book's `{glue:text}` role: its repr is the text itself, without the quotes of a str's."""
+
+    text: str
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def story_numbers(cfg: Any, headline: Headline) -> dict[str, GlueText]:
+    """The numbers the book's introduction quotes, by glue key: the profile, what its numbers mean, the
+    size of the real test set, and each arm's test accuracy as "mean ± std % (n seeds)"."""
+    texts = {"profile": cfg.profile, "profile_meaning": config.profile_meaning(cfg.profile),
+             "test_images": f"{headline.test_images:,}"}
+    for arm, row in headline.values.iterrows():
+        n = int(row["n_seeds"])
+        if n == 0:
+            text = train_stage.MISSING
+        elif n == 1:
+            text = f"{row['mean']:.1f} % (1 seed)"
+        else:
+            text = f"{row['mean']:.1f} ± {row['std']:.1f} % ({n} seeds)"
+        texts[f"accuracy_{arm}"] = text
+    return {key: GlueText(text) for key, text in texts.items()}
+
+
+def glue_story(cfg: Any, headline: Headline) -> pd.DataFrame:
+    """Glue the introduction's numbers into this notebook (myst-nb) and show them as a key -> text table,
+    so the reader sees exactly what the introduction quotes."""
+    from myst_nb import glue
+
+    texts = story_numbers(cfg, headline)
+    for key, text in texts.items():
+        glue(key, text, display=False)
+    return pd.DataFrame({"quoted in the introduction as": [t.text for t in texts.values()]},
+                        index=pd.Index(list(texts), name="glue key"))
+
+
+__all__ = ["GlueText", "Headline", "frame_records", "glue_story", "headline_table", "json_safe", "read_records", "record", "story_numbers", "training_summary"]

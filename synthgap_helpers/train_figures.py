@@ -71,3 +71,31 @@ def training_curves(curves: Mapping[str, Mapping[str, Any]]) -> Figure:
     val_ax.legend(fontsize="small")
     fig.tight_layout()
     return fig
+
+
+def accuracy_bars(values: Any, per_seed: Any) -> Figure:
+    """Test accuracy per arm: bar = mean over seeds, whisker = std, dots = single seeds; open diamonds mark
+    the accuracy the original study reported (its own split, so a reference point, not a target).
+
+    `values` is indexed by arm with columns mean, std, n_seeds, reported_by_original_study; `per_seed` has
+    one row per finished (arm, seed) with columns arm and test_accuracy."""
+    arms = list(values.index)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.05 * len(arms), 4.4))
+    positions = np.arange(len(arms))
+    means = values["mean"].to_numpy(dtype=float)
+    spreads = np.nan_to_num(values["std"].to_numpy(dtype=float))
+    ax.bar(positions, np.nan_to_num(means), yerr=spreads, color="C0", alpha=0.75, capsize=4,
+           label="this run: mean ± std over seeds")
+    for position, arm in zip(positions, arms):
+        seeds = per_seed.loc[per_seed["arm"] == arm, "test_accuracy"].to_numpy(dtype=float)
+        ax.plot(np.full(len(seeds), position), seeds, ".", color="black", markersize=5)
+        if values.loc[arm, "n_seeds"] == 0:
+            ax.text(position, 2, "not\ntrained", ha="center", va="bottom", fontsize=8)
+    ax.plot(positions, values["reported_by_original_study"].to_numpy(dtype=float), "D", markersize=8,
+            markerfacecolor="none", color="C3", label="original study, as reported (its own split)")
+    ax.axhline(10, color="grey", linestyle=":", linewidth=1, label="chance (10 classes)")
+    ax.set_xticks(positions, arms)
+    ax.set(ylim=(0, 100), ylabel="test accuracy (%)", title="ResNet-18 accuracy on the real CIFAR-10 test set")
+    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, frameon=False)
+    fig.tight_layout()
+    return fig

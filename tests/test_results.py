@@ -7,15 +7,11 @@ import math
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
-
-from synthgap_helpers import config, results, train_stage
 from study_files import TINY_TRAINING, write_batches, write_synthetic
 
-
-
-
-
+from synthgap_helpers import config, results, train_stage
 
 
 @pytest.fixture(scope="module")
@@ -69,3 +65,31 @@ def test_record_keeps_the_other_sections_and_writes_strict_json(tmp_path):
     text = (tmp_path / "results.json").read_text()
     assert "NaN" not in text
     assert json.loads(text) == {"a": {"x": 1.5, "nan": None, "arr": [0, 1]}, "b": [2.0]}
+
+
+def test_story_numbers_quote_each_arm_as_the_introduction_pastes_them(trained):
+    headline = results.headline_table(trained)
+    texts = results.story_numbers(trained, headline)
+    sd = headline.values.loc["sd", "mean"]
+    assert repr(texts["accuracy_sd"]) == f"{sd:.1f} % (1 seed)"  # glue's text/plain: no quotes around it
+    assert repr(texts["profile"]) == "smoke" and "machinery only" in texts["profile_meaning"].text
+    assert texts["test_images"].text == "20"
+    shown = results.glue_story(trained, headline)
+    assert shown.loc["accuracy_real+di", "quoted in the introduction as"] == texts["accuracy_real+di"].text
+
+
+def test_story_numbers_give_mean_and_std_over_seeds():
+    headline = results.Headline(table=None, values=pd.DataFrame(
+        {"n_seeds": [3, 0], "mean": [81.234, np.nan], "std": [0.456, np.nan]}, index=["real", "sd"]),
+        per_seed=None, note="", test_images=10000, path=None)
+    texts = results.story_numbers(config.resolve("paper"), headline)
+    assert texts["accuracy_real"].text == "81.2 ± 0.5 % (3 seeds)" and texts["accuracy_sd"].text == "not trained"
+    assert texts["test_images"].text == "10,000"
+
+
+def test_headline_figure_draws_a_bar_per_arm_and_the_reported_numbers(trained):
+    figure = results.headline_table(trained).figure()
+    ax = figure.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["real", "di", "sd", "real+di", "real+sd"]
+    diamonds = next(line for line in ax.lines if line.get_marker() == "D")
+    assert list(diamonds.get_ydata()) == [81.80, 78.63, 52.57, 86.14, 83.94]

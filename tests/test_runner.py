@@ -88,3 +88,10 @@ def test_smoke_suite_runs_and_the_book_builds_with_every_page_and_figure(cifar_d
         for src in images:
             assert (html / "book" / "executed" / src).resolve().exists(), f"{name}.html: missing image {src}"
     assert "machinery only" in (html / "book" / "executed" / "01_data.html").read_text()
+    intro = (html / "book" / "intro.html").read_text()
+    glued = re.findall(r'<img[^>]+src="data:image/png;base64,', intro)
+    assert len(glued) == 6, "the introduction shows the six figures glued by notebooks 05, 06 and 07"
+    assert re.search(r'Fig\. \d+', intro) and 'class="pasted-text">smoke<' in intro
+    assert "not trained" not in intro and "% (1 seed)" in intro  # every arm's glued accuracy
+    reproducing = (html / "book" / "reproducing.html").read_text()
+    assert 'id="tab-cost-work"' in reproducing and 'id="tab-cost-disk"' in reproducing and "gpu-small" in reproducing

@@ -1,0 +1,255 @@
+"""What a profile costs before it runs: the work of each stage in countable units, and the disk it fills.
+
+Everything is computed from the resolved parameters alone (no data, no download, no run directory), so the
+reproducing page can show it for every profile. Hours need the speed of the machine that will do the work:
+each stage names the benchmark that measures its rate there, and `with_hours` divides the work by the rates
+you pass (`python -m synthgap_helpers cost --profile paper --rate sd=3.1 --rate train=9000`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+import pandas as pd
+
+CLASSES = 10
+CIFAR_TRAIN_PER_CLASS = 5000
+CIFAR_TEST_PER_CLASS = 1000
+CIFAR_SIDE = 32
+PNG_OVERHEAD = 1024  # bytes a PNG adds to its raw pixels at most (signature, headers, zlib framing of stored blocks)
+ADAMW_STATE = 3  # an inversion checkpoint holds the embeddings and AdamW's two moments
+SD1_DOWNLOADS = ("stable-diffusion-v1",)  # hub ids with SD 1.x's architecture (CompVis v1-4, v1-5)
+SD1_WIDTH = 768  # SD 1.x's text width = its U-Net's cross_attention_dim
+ARMS = ("real", "sd", "di", "real+sd", "real+di")  # the original study's arms, trained when both generators ran
+
+# stage rate key -> (unit of the rate, the benchmark that measures it on your machine)
+RATES: dict[str, tuple[str, str]] = {
+    "sd": ("images/s", "benchmarks/sd_throughput.py (the profile's resolution, steps and batch)"),
+    "di_train": ("optimisation steps/s", "benchmarks/inversion_throughput.py (training steps/s)"),
+    "di_sample": ("images/s", "benchmarks/inversion_throughput.py (sampling images/s)"),
+    "train": ("training images/s", "benchmarks/train_throughput.py (the trainer's images/s)"),
+    "gradcam": ("images/s", "benchmarks/gradcam_speed.py (maps and metrics per second)"),
+}
+
+
+@dataclass
+class ProfileCost:
+    """The work (one row per stage: amount, unit, rate key) and the disk (one row per item, bytes) of a config."""
+
+    profile: str
+    work: pd.DataFrame = field(repr=False)
+    disk: pd.DataFrame = field(repr=False)
+
+    @property
+    def disk_bytes(self) -> int:
+        """Total bytes of the items whose size is known."""
+        return int(self.disk["bytes"].dropna().sum())
+
+    def with_hours(self, rates: dict[str, float]) -> pd.DataFrame:
+        """The work table with hours = amount / rate for every stage whose rate is given (others: NaN)."""
+        unknown = sorted(set(rates) - set(RATES))
+        if unknown:
+            raise ValueError(f"rate keys {unknown} are not known; valid keys: {', '.join(RATES)}")
+        for key, rate in rates.items():
+            if not rate > 0:
+                raise ValueError(f"rate {key}={rate} must be a positive number of {RATES[key][0]}")
+        work = self.work.copy()
+        work["hours"] = [amount / rates[key] / 3600 if key in rates else math.nan
+                         for amount, key in zip(work["amount"], work["rate"])]
+        return work
+
+    def __repr__(self) -> str:
+        return (f"profile {self.profile}\n{self.work.to_string()}\n\n{self.disk.to_string()}\n"
+                f"total known disk: {human_bytes(self.disk_bytes)}")
+
+
+def human_bytes(n: float | None) -> str:
+    """1536 -> '1.5 KB' (powers of 1000, as disks are sold); None or NaN -> 'unknown'."""
+    if n is None or (isinstance(n, float) and math.isnan(n)):
+        return "unknown"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def real_sizes(cfg: Any) -> dict[str, int]:
+    """Real images per split the profile uses (train after the validation carve-out, validation, test)."""
+    train = cfg.data.train_per_class or CIFAR_TRAIN_PER_CLASS - cfg.data.val_per_class
+    return {"train": CLASSES * train, "val": CLASSES * cfg.data.val_per_class,
+            "test": CLASSES * (cfg.data.test_per_class or CIFAR_TEST_PER_CLASS)}
+
+
+def synthetic_sizes(cfg: Any) -> dict[str, int]:
+    """Images of each synthetic set: SD's per-class count times its classes; DI's inverted images times samples."""
+    return {"sd": cfg.sd.images_per_class * len(cfg.sd.classes or range(CLASSES)),
+            "di": inverted_images(cfg) * cfg.inversion.samples_per_image}
+
+
+def inverted_images(cfg: Any) -> int:
+    """Real training images whose embeddings are trained (all of the train split, or num_groups groups)."""
+    train = real_sizes(cfg)["train"]
+    groups = cfg.inversion.num_groups
+    return train if groups is None else min(train, groups * cfg.inversion.group_size)
+
+
+def _passes(steps: int | None, epochs: float | None, pool: int, batch: int) -> int:
+    """Training images one model sees: steps x batch, or epochs over `pool` rounded up to whole batches."""
+    steps = steps if steps is not None else math.ceil(epochs * pool / batch)
+    return steps * batch
+
+
+def _guided(scale: float) -> int:
+    """U-Net evaluations per denoising step: classifier-free guidance above 1 doubles the batch."""
+    return 2 if scale > 1 else 1
+
+
+def work_table(cfg: Any) -> pd.DataFrame:
+    """One row per stage: what is counted, how much, and the rate key that turns it into time."""
+    real, synthetic = real_sizes(cfg), synthetic_sizes(cfg)
+    sd, inv, train, low, cam, gap = cfg.sd, cfg.inversion, cfg.train, cfg.lowdata, cfg.gradcam, cfg.gap
+    sd_steps = sd.steps if sd.mode == "txt2img" else int(sd.steps * sd.strength)
+    groups = math.ceil(inverted_images(cfg) / inv.group_size)
+    mixed = train.mix == "concat"  # fixed_share epochs count passes over the real set, concat over the joined pool
+    arms = {arm: (real["train"] if arm == "real" else synthetic[arm] if "+" not in arm else
+                  real["train"] + mixed * synthetic[arm.removeprefix("real+")]) for arm in ARMS}
+    trained = train.seeds * sum(_passes(train.steps, train.epochs, pool, train.batch_size) for pool in arms.values())
+    low_steps = low.steps if low.steps is not None else train.steps
+    sweep = low.seeds * sum(
+        _passes(low_steps, train.epochs, CLASSES * k + extra, train.batch_size)
+        for k in low.k_per_class for extra in [0] + [synthetic.get(s, 0) for s in low.sources])
+    tune_steps = low.finetune_steps if low.finetune_steps is not None else low_steps
+    finetune = low.seeds * len(low.sources) * sum(
+        _passes(tune_steps, train.epochs, CLASSES * k, train.batch_size) for k in low.k_per_class)
+    cam_images = CLASSES * cam.images_per_class
+    faithful = min(cam.faithfulness_images or cam_images, cam_images)
+    sd_guidance = sd.guidance if sd.guidance_range is None else max(sd.guidance_range)
+    rows = [
+        ("SD generation (02)", synthetic["sd"], "images", "sd",
+         f"{sd.mode}, {sd_steps} denoising steps x {_guided(sd_guidance)} U-Net passes"),
+        ("DI embedding training (03)", groups * inv.steps, "optimisation steps", "di_train",
+         f"{groups} groups x {inv.steps} steps, {inv.batch_size} images of {inv.resolution} px each"),
+        ("DI sampling (03)", synthetic["di"], "images", "di_sample",
+         f"{inv.sample_steps} denoising steps x {_guided(inv.guidance)} U-Net passes at {inv.resolution} px"),
+        ("classifier training (04)", trained, "training images", "train",
+         f"{len(arms)} arms x {train.seeds} seeds, {train.model}"),
+        ("low-data sweep (07)", sweep, "training images", "train",
+         f"{len(low.k_per_class)} values of k x {1 + len(low.sources)} arms x {low.seeds} seeds"),
+        ("fine-tuning (07)", finetune, "training images", "train",
+         (f"{len(low.k_per_class)} values of k x {len(low.sources)} sources x {low.seeds} seeds (an upper bound: "
+         "frozen layers need no gradients)")),
+        ("Grad-CAM maps (05)", len(arms) * cam_images, "images", "gradcam",
+         f"{cam_images} real test images x {len(arms)} arms"),
+        ("Grad-CAM deletion and insertion (05)", len(arms) * faithful * 2 * (cam.deletion_steps + 1),
+         "forward passes", "gradcam", (f"{faithful} images x {len(arms)} arms x 2 curves x {cam.deletion_steps + 1} points "
+         "(an upper bound at the maps' rate: no backward pass)")),
+        ("real-vs-synthetic detectors (07)", 2 * len(synthetic) * gap.detector_steps * gap.detector_batch_size,
+         "training images", "train", (f"probe and CNN x {len(synthetic)} sets x {gap.detector_steps} steps (an upper "
+         "bound at ResNet-18's rate: both detectors are far smaller)")),
+    ]
+    return pd.DataFrame(rows, columns=["stage", "amount", "unit", "rate", "what"]).set_index("stage")
+
+
+@cache
+def sd1_parameters() -> int:
+    """Parameters of SD 1.x's U-Net, VAE and text encoder, counted on the meta device (no weights, no download)."""
+    from synthgap_helpers import diffusion
+
+    pipe = diffusion.sd15_random_pipeline(device="meta")
+    return sum(p.numel() for part in (pipe.unet, pipe.vae, pipe.text_encoder) for p in part.parameters())
+
+
+def download_bytes(model: str) -> int | None:
+    """Bytes of a pipeline's fp32 safetensors weights in the Hugging Face cache: 0 for the tiny in-code model,
+    SD 1.x's parameter count x 4 for SD 1.x hub ids, None (unknown) for anything else."""
+    if model == "tiny":
+        return 0
+    if any(marker in model for marker in SD1_DOWNLOADS):
+        return 4 * sd1_parameters()
+    return None
+
+
+def embedding_width(model: str) -> int | None:
+    """Width of a DI embedding vector (the U-Net's cross_attention_dim) for known models, else None."""
+    from synthgap_helpers.diffusion import TINY_WIDTH
+
+    if model == "tiny":
+        return TINY_WIDTH
+    return SD1_WIDTH if any(marker in model for marker in SD1_DOWNLOADS) else None
+
+
+@cache
+def classifier_parameters(name: str) -> int:
+    """Parameters of a classifier variant (built on the meta device)."""
+    import torch
+
+    from synthgap_helpers.train_models import build_model
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in build_model(name).parameters())
+
+
+def _png_bound(images: int, side: int) -> int:
+    return images * (3 * side * side + PNG_OVERHEAD)
+
+
+def disk_table(cfg: Any) -> pd.DataFrame:
+    """One row per item a run stores, with its size in bytes (None where it cannot be known in advance)."""
+    synthetic = synthetic_sizes(cfg)
+    cifar = (CLASSES * (CIFAR_TRAIN_PER_CLASS + CIFAR_TEST_PER_CLASS)) * (3 * CIFAR_SIDE * CIFAR_SIDE + 1)
+    models = {cfg.sd.model, cfg.inversion.model}
+    width = embedding_width(cfg.inversion.model)
+    embeddings = None if width is None else inverted_images(cfg) * cfg.inversion.num_tokens * width * 4
+    jobs = len(ARMS) * cfg.train.seeds
+    rows = [
+        ("CIFAR-10 (official batches) and its decoded .npy cache", 2 * cifar, "uint8 pixels and labels, twice"),
+        ("diffusion weights", None if None in map(download_bytes, models) else sum(map(download_bytes, models)),
+         f"fp32 safetensors in the Hugging Face cache: {', '.join(sorted(models))}"),
+        ("SD images", _png_bound(synthetic["sd"], CIFAR_SIDE), f"at most: {synthetic['sd']:,} PNGs of 32 px"),
+        ("DI images", _png_bound(synthetic["di"], cfg.inversion.save_size),
+         f"at most: {synthetic['di']:,} PNGs of {cfg.inversion.save_size} px"),
+        ("DI embeddings and resumable checkpoints", None if embeddings is None else (1 + ADAMW_STATE) * embeddings,
+         f"{inverted_images(cfg):,} x {cfg.inversion.num_tokens} x {width or '?'} fp32, plus embeddings and AdamW moments"),
+        ("classifier checkpoints", jobs * 4 * classifier_parameters(cfg.train.model),
+         f"{jobs} models of {classifier_parameters(cfg.train.model):,} fp32 parameters"),
+    ]
+    return pd.DataFrame(rows, columns=["item", "bytes", "what"]).set_index("item")
+
+
+def profile_cost(cfg: Any) -> ProfileCost:
+    """Work and disk of a resolved config."""
+    return ProfileCost(cfg.profile, work_table(cfg), disk_table(cfg))
+
+
+def compare_profiles(profiles: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Work (amount per stage) and disk (human-readable size per item) side by side, one column per profile."""
+    from synthgap_helpers import config
+
+    costs = [profile_cost(config.resolve(name)) for name in profiles]
+    work = pd.DataFrame({c.profile: c.work["amount"].map("{:,}".format) for c in costs})
+    work.insert(0, "unit", costs[0].work["unit"])
+    disk = pd.DataFrame({c.profile: c.disk["bytes"].map(human_bytes) for c in costs})
+    disk.loc["total (known items)"] = [human_bytes(c.disk_bytes) for c in costs]
+    return work, disk
+
+
+def parse_rates(pairs: list[str]) -> dict[str, float]:
+    """['sd=3.1', 'train=9000'] -> {'sd': 3.1, 'train': 9000.0}; errors name the pair and the valid keys."""
+    rates = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        try:
+            rates[key.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"--rate {pair!r}: expected KEY=NUMBER with KEY one of {', '.join(RATES)}") from None
+        if not sep:
+            raise ValueError(f"--rate {pair!r}: expected KEY=NUMBER with KEY one of {', '.join(RATES)}")
+    return rates
+
+
+__all__ = ["RATES", "ProfileCost", "classifier_parameters", "compare_profiles", "disk_table", "download_bytes",
+           "human_bytes", "parse_rates", "profile_cost", "real_sizes", "synthetic_sizes", "work_table"]

@@ -1,0 +1,40 @@
+"""Tests of the book's Sphinx extension: reading a figure a notebook glued, with errors naming notebook and key."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "book" / "_ext"))
+import synthgap_book
+
+
+def _notebook(path: Path, outputs: list[dict]) -> Path:
+    path.write_text(json.dumps({"cells": [{"cell_type": "code", "outputs": outputs, "source": ""}],
+                                "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
+    return path
+
+
+def _glued(name: str, png: str, hidden: bool = True) -> dict:
+    prefix = synthgap_book.GLUE_MIME_PREFIX if hidden else ""
+    return {"output_type": "display_data", "data": {prefix + "image/png": png, prefix + "text/plain": "<Figure>"},
+            "metadata": {"scrapbook": {"name": name, "mime_prefix": prefix}}}
+
+
+def test_glued_png_finds_hidden_and_displayed_figures_by_key(tmp_path):
+    notebook = _notebook(tmp_path / "nb.ipynb", [
+        {"output_type": "stream", "name": "stdout", "text": "x"},
+        _glued("fig_a", "iVBORw0K\nGgo=\n"), _glued("fig_b", "AAAA", hidden=False)])
+    assert synthgap_book.glued_png(notebook, "fig_a") == "iVBORw0KGgo="  # base64 line breaks dropped
+    assert synthgap_book.glued_png(notebook, "fig_b") == "AAAA"
+
+
+def test_glued_png_errors_name_the_notebook_and_the_keys_it_has(tmp_path):
+    notebook = _notebook(tmp_path / "nb.ipynb", [_glued("fig_a", "AAAA")])
+    with pytest.raises(ValueError, match=r"nb.ipynb glued no image under 'fig_x'; its glue keys: \['fig_a'\]"):
+        synthgap_book.glued_png(notebook, "fig_x")
+    with pytest.raises(ValueError, match="no notebook .*missing.ipynb"):
+        synthgap_book.glued_png(tmp_path / "missing.ipynb", "fig_a")

@@ -1,0 +1,76 @@
+"""Tests of the profile cost estimate: the counts follow from the parameters, hours from the rates given."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from synthgap_helpers import cli, config, cost
+
+
+def test_real_and_synthetic_sizes_follow_the_profile():
+    paper = config.resolve("paper")
+    assert cost.real_sizes(paper) == {"train": 45000, "val": 5000, "test": 10000}
+    assert cost.synthetic_sizes(paper) == {"sd": 50000, "di": 45000 * 5}
+    smoke = config.resolve("smoke")  # 2 groups of 20 inverted, 2 samples each; 20 SD images per class
+    assert cost.synthetic_sizes(smoke) == {"sd": 200, "di": 80}
+
+
+def test_work_counts_steps_images_and_guided_passes():
+    cfg = config.resolve("gpu-small")
+    work = cost.work_table(cfg)
+    assert work.loc["SD generation (02)", "amount"] == 5000
+    assert "18 denoising steps x 2 U-Net passes" in work.loc["SD generation (02)", "what"]  # img2img: int(25 x 0.75)
+    assert work.loc["DI embedding training (03)", "amount"] == 50 * 2000
+    assert work.loc["classifier training (04)", "amount"] == 5 * 3 * 10000 * 128
+    assert work.loc["low-data sweep (07)", "amount"] == 4 * 3 * 3 * 5000 * 128
+    assert work.loc["fine-tuning (07)", "amount"] == 4 * 2 * 3 * 5000 * 128
+    assert work.loc["Grad-CAM maps (05)", "amount"] == 5 * 1000
+
+
+def test_an_epoch_budget_counts_whole_batches_over_the_pool():
+    cfg = config.resolve("smoke", overrides={"train.steps": None, "train.epochs": 1.5, "train.batch_size": 64,
+                                             "train.mix": "concat", "train.seeds": 1})
+    per_arm = {"real": 500, "sd": 200, "di": 80, "real+sd": 700, "real+di": 580}
+    expected = sum(-(-int(1.5 * n) // 64) * 64 for n in per_arm.values())
+    assert cost.work_table(cfg).loc["classifier training (04)", "amount"] == expected
+
+
+def test_hours_are_amount_over_rate_and_bad_rates_are_named():
+    estimate = cost.profile_cost(config.resolve("gpu-small"))
+    hours = estimate.with_hours({"train": 1000.0})
+    assert hours.loc["classifier training (04)", "hours"] == pytest.approx(5 * 3 * 10000 * 128 / 1000 / 3600)
+    assert hours["hours"].isna().sum() == 5  # the stages without a rate
+    with pytest.raises(ValueError, match="rate keys \\['gpu'\\] are not known"):
+        estimate.with_hours({"gpu": 1.0})
+    with pytest.raises(ValueError, match="sd=0.0 must be a positive"):
+        estimate.with_hours({"sd": 0.0})
+    with pytest.raises(ValueError, match="--rate 'sd:3'"):
+        cost.parse_rates(["sd:3"])
+    assert cost.parse_rates(["sd=3", "train=1e4"]) == {"sd": 3.0, "train": 10000.0}
+
+
+def test_disk_counts_weights_images_embeddings_and_checkpoints():
+    assert cost.classifier_parameters("resnet18_cifar") == 11_173_962  # the CIFAR ResNet-18 of the DI authors
+    assert cost.download_bytes("tiny") == 0 and cost.download_bytes("someone/other-model") is None
+    # SD 1.x: U-Net 859,520,964 + VAE 83,653,863 + CLIP text encoder 123,060,480 parameters, fp32
+    assert cost.download_bytes("CompVis/stable-diffusion-v1-4") == 4 * (859_520_964 + 83_653_863 + 123_060_480)
+    disk = cost.disk_table(config.resolve("paper"))
+    assert disk.loc["DI embeddings and resumable checkpoints", "bytes"] == 4 * 45000 * 5 * 768 * 4
+    assert disk.loc["classifier checkpoints", "bytes"] == 5 * 5 * 4 * 11_173_962
+    assert disk.loc["SD images", "bytes"] == 50000 * (3 * 32 * 32 + cost.PNG_OVERHEAD)
+    unknown = cost.disk_table(config.resolve("paper", overrides={"sd.model": "/models/my-sd"}))
+    assert math.isnan(unknown.loc["diffusion weights", "bytes"])  # unknown: not counted in the total
+
+
+def test_human_bytes():
+    assert [cost.human_bytes(n) for n in (999, 1536, 8.53e9, None)] == ["999 B", "1.5 KB", "8.5 GB", "unknown"]
+
+
+def test_cli_prints_hours_for_the_rates_given(capsys):
+    assert cli.main(["cost", "--profile", "smoke", "--rate", "train=100"]) == 0
+    out = capsys.readouterr().out
+    assert "hours" in out and "classifier training (04)" in out and "total of the known items" in out
+    assert cli.main(["cost", "--profile", "smoke", "--rate", "speed=1"]) == 1
+    assert "not known" in capsys.readouterr().err
