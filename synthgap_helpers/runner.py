@@ -98,6 +98,12 @@ def build_book(root: Path) -> Path:
     return root / "_build" / "html" / "index.html"
 
 
+def for_notebooks(path: Path, root: Path) -> str:
+    """`path` as the notebooks (running in `root`/notebooks) should get it: relative when it lies in the project,
+    so the book's injected-parameters cells show `../runs/smoke`, not the builder's absolute paths."""
+    return os.path.relpath(path, root / "notebooks") if path.is_relative_to(root) else str(path)
+
+
 def run(profile: str = "smoke", run_dir: str | Path | None = None, only: list[str] | None = None,
         overrides: list[str] | None = None, build: bool = True) -> Path | None:
     """Execute the suite (or `only` some notebooks) for one profile, then build the book."""
@@ -108,8 +114,9 @@ def run(profile: str = "smoke", run_dir: str | Path | None = None, only: list[st
                       overrides=overrides)
     notebooks = select_notebooks(root / "notebooks", only)
     if Path(profile).suffix in (".yaml", ".yml"):
-        profile = str(Path(profile).resolve())  # the notebooks run in notebooks/, not here
-    parameters = {"profile": profile, "run_dir": str(cfg.run_dir), "overrides": list(overrides or [])}
+        profile = for_notebooks(Path(profile).resolve(), root)  # the notebooks run in notebooks/, not here
+    parameters = {"profile": profile, "run_dir": for_notebooks(cfg.run_dir, root),
+                  "overrides": list(overrides or [])}
     timings = execute_notebooks(notebooks, root / EXECUTED_DIR, parameters)
     print("notebook times: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timings), flush=True)
     return build_book(root) if build else None

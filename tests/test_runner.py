@@ -95,3 +95,18 @@ def test_smoke_suite_runs_and_the_book_builds_with_every_page_and_figure(cifar_d
     assert "not trained" not in intro and "% (1 seed)" in intro  # every arm's glued accuracy
     reproducing = (html / "book" / "reproducing.html").read_text()
     assert 'id="tab-cost-work"' in reproducing and 'id="tab-cost-disk"' in reproducing and "gpu-small" in reproducing
+
+
+def test_notebooks_get_project_paths_relative_to_their_folder(tmp_path):
+    assert runner.for_notebooks(REPO / "runs" / "smoke", REPO) == "../runs/smoke"
+    assert runner.for_notebooks(tmp_path / "run", REPO) == str(tmp_path / "run")  # outside the project: absolute
+
+
+def test_every_figure_of_the_notebooks_has_a_caption_and_a_name():
+    """myst-nb renders a cell's image under `mystnb.figure` as a numbered, captioned, referenceable figure."""
+    for path in runner.select_notebooks(REPO / "notebooks"):
+        for index, cell in enumerate(nbformat.read(path, as_version=4).cells):
+            shows_image = any("image/png" in output.get("data", {}) for output in cell.get("outputs", []))
+            figure = cell.metadata.get("mystnb", {}).get("figure", {})
+            if shows_image:
+                assert figure.get("caption") and figure.get("name", "").startswith("fig-"), f"{path.name} cell {index}"
