@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 
 from synthgap_helpers import config, train_figures, train_stage
 from synthgap_helpers.storage import atomic_write_json
+from synthgap_helpers.train import welch_difference
 
 RESULTS_FILE = "results.json"
 REPORTED_CITATION = "reported by the original study, on its own split, not the official test set"
@@ -84,6 +85,7 @@ class Headline:
     table: pd.DataFrame  # formatted: seeds, mean ± std, 95% t-interval, validation mean, original study's number
     values: pd.DataFrame  # the same numbers unformatted (NaN where an arm was not trained)
     per_seed: pd.DataFrame  # one row per finished (arm, seed)
+    gains: pd.DataFrame  # per arm: test accuracy minus the real arm's, points, with the 95% Welch interval
     note: str
     test_images: int  # size of the real test set every arm was scored on
     path: Path  # results.json
@@ -106,12 +108,29 @@ def headline_table(cfg: Any) -> Headline:
     per_seed = summary.per_seed()[["arm", "seed", "test_accuracy", "val_accuracy", "best_step", "steps", "test_n"]]
     per_seed = per_seed.sort_values(["arm", "seed"], key=lambda c: c.map(_arm_rank) if c.name == "arm" else c)
     note = f"{REPORTED_CITATION} ({train_stage.REPORTED_NOTE.split('; ', 1)[-1]}); accuracy in % on the run's real test set"
+    per_seed = per_seed.reset_index(drop=True)
+    gains = gains_over_real(per_seed)
     path = record(cfg.run_dir, "headline", {
         "unit": "test accuracy, %", "test_images": summary.real_sizes["test"], "test_fingerprint": summary.test_fingerprint,
-        "original_study_note": REPORTED_CITATION, "arms": frame_records(values),
-        "per_seed": frame_records(per_seed.reset_index(drop=True))})
-    return Headline(summary.accuracy_table(), values, per_seed.reset_index(drop=True), note,
-                    summary.real_sizes["test"], path)
+        "original_study_note": REPORTED_CITATION, "arms": frame_records(values), "per_seed": frame_records(per_seed),
+        "gains_over_real": frame_records(gains)})
+    return Headline(summary.accuracy_table(), values, per_seed, gains, note, summary.real_sizes["test"], path)
+
+
+def gains_over_real(per_seed: pd.DataFrame) -> pd.DataFrame:
+    """For every trained arm but ``real``: its mean test accuracy minus the real arm's, in points, with the 95%
+    Welch interval over seeds (NaN until both arms have two seeds); empty while ``real`` is untrained."""
+    real = per_seed.loc[per_seed["arm"] == "real", "test_accuracy"].tolist()
+    rows = {}
+    for arm, group in per_seed.groupby("arm", sort=False):
+        if arm != "real" and real:
+            gain = welch_difference(group["test_accuracy"].tolist(), real)
+            rows[arm] = {"seeds": len(group), "real seeds": len(real), "gain (points)": gain["difference"],
+                         "ci95_low": gain["ci95_low"], "ci95_high": gain["ci95_high"]}
+    table = pd.DataFrame.from_dict(rows, orient="index",
+                                   columns=["seeds", "real seeds", "gain (points)", "ci95_low", "ci95_high"])
+    table.index.name = "arm"
+    return table
 
 
 def _arm_rank(arm: str) -> int:
@@ -134,7 +153,8 @@ class GlueText:
 
 def story_numbers(cfg: Any, headline: Headline) -> dict[str, GlueText]:
     """The numbers the book's introduction quotes, by glue key: the profile, what its numbers mean, the
-    size of the real test set, and each arm's test accuracy as "mean ± std % (n seeds)"."""
+    size of the real test set, each arm's test accuracy as "mean ± std % (n seeds)" and each trained arm's
+    gain over real as "+x.x points (95% Welch interval ...)"."""
     texts = {"profile": cfg.profile, "profile_meaning": config.profile_meaning(cfg.profile),
              "test_images": f"{headline.test_images:,}"}
     for arm, row in headline.values.iterrows():
@@ -146,6 +166,14 @@ def story_numbers(cfg: Any, headline: Headline) -> dict[str, GlueText]:
         else:
             text = f"{row['mean']:.1f} ± {row['std']:.1f} % ({n} seeds)"
         texts[f"accuracy_{arm}"] = text
+    for arm in headline.values.index.drop("real", errors="ignore"):
+        if arm not in headline.gains.index:
+            texts[f"gain_{arm}"] = train_stage.MISSING
+            continue
+        row = headline.gains.loc[arm]
+        interval = ("one seed per arm: no interval" if math.isnan(row["ci95_low"]) else
+                    f"95% Welch interval {row['ci95_low']:+.1f} to {row['ci95_high']:+.1f}")
+        texts[f"gain_{arm}"] = f"{row['gain (points)']:+.1f} points ({interval})"
     return {key: GlueText(text) for key, text in texts.items()}
 
 
@@ -161,4 +189,5 @@ def glue_story(cfg: Any, headline: Headline) -> pd.DataFrame:
                         index=pd.Index(list(texts), name="glue key"))
 
 
-__all__ = ["GlueText", "Headline", "frame_records", "glue_story", "headline_table", "json_safe", "read_records", "record", "story_numbers", "training_summary"]
+__all__ = ["GlueText", "Headline", "frame_records", "gains_over_real", "glue_story", "headline_table", "json_safe",
+           "read_records", "record", "story_numbers", "training_summary"]

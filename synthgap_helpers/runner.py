@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -14,6 +15,7 @@ from typing import Any
 import yaml
 
 EXECUTED_DIR = Path("book") / "executed"
+BUILD_RECORD = EXECUTED_DIR / "build.json"  # what the last build measured; the reproducing page shows it
 
 
 class NotebookFailed(RuntimeError):
@@ -98,6 +100,34 @@ def build_book(root: Path) -> Path:
     return root / "_build" / "html" / "index.html"
 
 
+def folder_bytes(folder: Path) -> int:
+    """Bytes of the files under `folder` (what a run directory occupies)."""
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
+def write_build_record(root: Path, cfg: Any, timings: list[tuple[str, float]]) -> Path:
+    """Record what this build measured: profile, device, each notebook's wall time and the run directory's size.
+
+    Notebooks executed before (``--only``) keep their times when the profile and run directory are the same."""
+    from synthgap_helpers.config import provenance
+    from synthgap_helpers.storage import atomic_write_json
+
+    path = root / BUILD_RECORD
+    run_dir = for_notebooks(cfg.run_dir, root)
+    seconds: dict[str, float] = {}
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        if (previous.get("profile"), previous.get("run_dir")) == (cfg.profile, run_dir):
+            seconds = {row["notebook"]: row["seconds"] for row in previous.get("notebooks", [])}
+    seconds.update(dict(timings))
+    facts = provenance(cfg)
+    return atomic_write_json(path, {
+        "profile": cfg.profile, "run_dir": run_dir, "device": facts["device"], "device_name": facts["device_name"],
+        "cpu_count": facts["cpu_count"], "git_sha": facts["git_sha"], "finished_utc": facts["started_utc"],
+        "notebooks": [{"notebook": name, "seconds": round(value, 1)} for name, value in sorted(seconds.items())],
+        "run_dir_bytes": folder_bytes(cfg.run_dir)})
+
+
 def for_notebooks(path: Path, root: Path) -> str:
     """`path` as the notebooks (running in `root`/notebooks) should get it: relative when it lies in the project,
     so the book's injected-parameters cells show `../runs/smoke`, not the builder's absolute paths."""
@@ -119,4 +149,5 @@ def run(profile: str = "smoke", run_dir: str | Path | None = None, only: list[st
                   "overrides": list(overrides or [])}
     timings = execute_notebooks(notebooks, root / EXECUTED_DIR, parameters)
     print("notebook times: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timings), flush=True)
+    write_build_record(root, cfg, timings)
     return build_book(root) if build else None

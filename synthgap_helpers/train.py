@@ -434,3 +434,21 @@ def summarize_seeds(values: list[float]) -> dict[str, float]:
     std = float(x.std(ddof=1)) if n > 1 else math.nan
     half = float(scipy.stats.t.ppf(0.975, n - 1)) * std / math.sqrt(n) if n > 1 else math.nan
     return {"mean": mean, "std": std, "n": n, "ci95_low": mean - half, "ci95_high": mean + half}
+
+
+def welch_difference(values: list[float], reference: list[float]) -> dict[str, float]:
+    """mean(values) - mean(reference) with its 95% Welch interval (unequal variances, Welch-Satterthwaite
+    degrees of freedom): separate seeds of two arms are independent runs, not pairs. The interval is NaN
+    unless both sides have at least two values."""
+    if not values or not reference:
+        raise ValueError("welch_difference needs at least one value on each side")
+    a, b = np.asarray(values, dtype=float), np.asarray(reference, dtype=float)
+    difference = float(a.mean() - b.mean())
+    result = {"difference": difference, "ci95_low": math.nan, "ci95_high": math.nan, "df": math.nan}
+    if len(a) > 1 and len(b) > 1:
+        va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+        se = math.sqrt(va + vb)
+        df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1)) if se > 0 else math.inf
+        half = float(scipy.stats.t.ppf(0.975, df)) * se
+        result.update(ci95_low=difference - half, ci95_high=difference + half, df=float(df))
+    return result

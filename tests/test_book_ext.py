@@ -38,3 +38,13 @@ def test_glued_png_errors_name_the_notebook_and_the_keys_it_has(tmp_path):
         synthgap_book.glued_png(notebook, "fig_x")
     with pytest.raises(ValueError, match="no notebook .*missing.ipynb"):
         synthgap_book.glued_png(tmp_path / "missing.ipynb", "fig_a")
+
+
+def test_build_record_lines_show_times_device_and_disk_or_say_there_is_none():
+    assert "built without the runner" in synthgap_book.build_record_lines(None)[0]
+    record = {"profile": "smoke", "run_dir": "../runs/smoke", "device": "cpu", "device_name": "x86_64", "cpu_count": 2,
+              "git_sha": "abc123", "run_dir_bytes": 12_345_678_901,
+              "notebooks": [{"notebook": "01_data", "seconds": 15.0}, {"notebook": "02_stable_diffusion", "seconds": 45.0}]}
+    text = "\n".join(synthgap_book.build_record_lines(record))
+    assert "profile `smoke` on cpu (x86_64, 2 CPU cores) at commit `abc123`" in text and "holds 12.3 GB" in text
+    assert "* - 01_data\n  - 0.2" in text and "* - total\n  - 1.0" in text and ":name: tab-build-record" in text

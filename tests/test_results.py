@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.stats
 from study_files import TINY_TRAINING, write_batches, write_synthetic
 
 from synthgap_helpers import config, results, train_stage
@@ -78,13 +79,31 @@ def test_story_numbers_quote_each_arm_as_the_introduction_pastes_them(trained):
     assert shown.loc["accuracy_real+di", "quoted in the introduction as"] == texts["accuracy_real+di"].text
 
 
-def test_story_numbers_give_mean_and_std_over_seeds():
-    headline = results.Headline(table=None, values=pd.DataFrame(
-        {"n_seeds": [3, 0], "mean": [81.234, np.nan], "std": [0.456, np.nan]}, index=["real", "sd"]),
-        per_seed=None, note="", test_images=10000, path=None)
+def test_story_numbers_give_mean_and_std_over_seeds_and_the_gain_with_its_interval():
+    per_seed = pd.DataFrame({"arm": ["real"] * 3 + ["real+di"] * 3,
+                             "test_accuracy": [81.0, 81.5, 81.2, 85.0, 86.0, 85.5]})
+    values = pd.DataFrame({"n_seeds": [3, 0, 3], "mean": [81.234, np.nan, 85.5], "std": [0.456, np.nan, 0.5]},
+                          index=["real", "sd", "real+di"])
+    headline = results.Headline(table=None, values=values, per_seed=per_seed,
+                                gains=results.gains_over_real(per_seed), note="", test_images=10000, path=None)
     texts = results.story_numbers(config.resolve("paper"), headline)
     assert texts["accuracy_real"].text == "81.2 ± 0.5 % (3 seeds)" and texts["accuracy_sd"].text == "not trained"
-    assert texts["test_images"].text == "10,000"
+    assert texts["test_images"].text == "10,000" and texts["gain_sd"].text == "not trained"
+    gain = headline.gains.loc["real+di"]
+    assert texts["gain_real+di"].text == (f"+4.3 points (95% Welch interval {gain['ci95_low']:+.1f} to "
+                                          f"{gain['ci95_high']:+.1f})")
+
+
+def test_gains_over_real_match_scipys_welch_interval_and_need_two_seeds():
+    per_seed = pd.DataFrame({"arm": ["real"] * 3 + ["sd"] * 4 + ["di"],
+                             "test_accuracy": [80.0, 82.0, 81.0, 50.0, 55.0, 53.0, 52.0, 70.0]})
+    gains = results.gains_over_real(per_seed)
+    reference = scipy.stats.ttest_ind([50.0, 55.0, 53.0, 52.0], [80.0, 82.0, 81.0], equal_var=False)
+    low, high = reference.confidence_interval(0.95)
+    assert gains.loc["sd", "gain (points)"] == pytest.approx(52.5 - 81.0)
+    assert (gains.loc["sd", "ci95_low"], gains.loc["sd", "ci95_high"]) == (pytest.approx(low), pytest.approx(high))
+    assert gains.loc["di", "gain (points)"] == pytest.approx(-11.0) and math.isnan(gains.loc["di", "ci95_low"])
+    assert results.gains_over_real(per_seed[per_seed["arm"] != "real"]).empty  # nothing to compare with
 
 
 def test_headline_figure_draws_a_bar_per_arm_and_the_reported_numbers(trained):

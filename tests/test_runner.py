@@ -1,5 +1,6 @@
 """The papermill runner and the command line; the slow test runs the whole smoke suite and builds the book."""
 
+import json
 import os
 import re
 import subprocess
@@ -9,7 +10,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from synthgap_helpers import cli, runner
+from synthgap_helpers import cli, config, runner
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,6 +96,7 @@ def test_smoke_suite_runs_and_the_book_builds_with_every_page_and_figure(cifar_d
     assert "not trained" not in intro and "% (1 seed)" in intro  # every arm's glued accuracy
     reproducing = (html / "book" / "reproducing.html").read_text()
     assert 'id="tab-cost-work"' in reproducing and 'id="tab-cost-disk"' in reproducing and "gpu-small" in reproducing
+    assert 'id="tab-build-record"' in reproducing and "07_results" in reproducing and "profile <code" in reproducing
 
 
 def test_notebooks_get_project_paths_relative_to_their_folder(tmp_path):
@@ -110,3 +112,19 @@ def test_every_figure_of_the_notebooks_has_a_caption_and_a_name():
             figure = cell.metadata.get("mystnb", {}).get("figure", {})
             if shows_image:
                 assert figure.get("caption") and figure.get("name", "").startswith("fig-"), f"{path.name} cell {index}"
+
+
+def test_build_record_keeps_earlier_notebook_times_of_the_same_run(tmp_path):
+    (tmp_path / "notebooks").mkdir()
+    cfg = config.resolve("smoke", run_dir=tmp_path / "runs" / "smoke")
+    (cfg.run_dir / "real").mkdir(parents=True)
+    (cfg.run_dir / "real" / "split.json").write_text("x" * 100)
+    runner.write_build_record(tmp_path, cfg, [("01_data", 15.04), ("02_stable_diffusion", 45.0)])
+    path = runner.write_build_record(tmp_path, cfg, [("02_stable_diffusion", 3.0)])  # --only 02: a resumed rerun
+    record = json.loads(path.read_text())
+    assert record["notebooks"] == [{"notebook": "01_data", "seconds": 15.0}, {"notebook": "02_stable_diffusion", "seconds": 3.0}]
+    assert record["run_dir"] == "../runs/smoke" and record["run_dir_bytes"] == 100 and record["profile"] == "smoke"
+    other = config.resolve("smoke", run_dir=tmp_path / "runs" / "other")
+    other.run_dir.mkdir(parents=True)
+    record = json.loads(runner.write_build_record(tmp_path, other, [("03_diffusion_inversion", 1.0)]).read_text())
+    assert [row["notebook"] for row in record["notebooks"]] == ["03_diffusion_inversion"]  # another run: fresh record

@@ -20,6 +20,7 @@ from synthgap_helpers.train import (
     save_checkpoint,
     summarize_seeds,
     train_classifier,
+    welch_difference,
 )
 from synthgap_helpers.train_batches import CIFAR10_MEAN, BatchIndices, normalize, random_crop_flip
 from synthgap_helpers.train_models import build_model
@@ -172,6 +173,16 @@ def test_summarize_seeds_gives_mean_sample_std_and_t_interval():
     half = 4.302653 / math.sqrt(3)  # t(0.975, df=2) * std / sqrt(n), std = 1
     assert summary == pytest.approx({"mean": 2.0, "std": 1.0, "n": 3, "ci95_low": 2 - half, "ci95_high": 2 + half})
     assert math.isnan(summarize_seeds([0.5])["std"])
+
+
+def test_welch_difference_with_equal_spreads_uses_the_pooled_degrees_of_freedom():
+    # equal variances and sizes: Welch's df = 2(n - 1) = 4, se = sqrt(1/3 + 1/3)
+    gain = welch_difference([3.0, 4.0, 5.0], [1.0, 2.0, 3.0])
+    half = 2.776445 * math.sqrt(2 / 3)  # t(0.975, df=4)
+    assert gain == pytest.approx({"difference": 2.0, "ci95_low": 2 - half, "ci95_high": 2 + half, "df": 4.0})
+    assert math.isnan(welch_difference([3.0], [1.0, 2.0])["ci95_low"])
+    with pytest.raises(ValueError, match="at least one value on each side"):
+        welch_difference([], [1.0])
 
 
 # ---- training -----------------------------------------------------------------------------------

@@ -3,6 +3,9 @@
 `profile-costs`: the work and disk tables of `synthgap_helpers.cost` for the profiles named, computed from the
 profiles at build time, so the reproducing page never quotes a number the code did not compute.
 
+`build-record`: what the runner measured while executing this build's notebooks (book/executed/build.json):
+each notebook's wall time, the device and the run directory's size; a book built without the runner says so.
+
 `glued-figure`: a numbered, captioned figure whose image a notebook glued with `myst_nb.glue(key, fig,
 display=False)`. myst-nb's own `glue:figure` pastes only from the same page, and its cross-page `glue` pastes
 an image without caption or number (and without copying the image file), so the introduction could not
@@ -106,7 +109,40 @@ class ProfileCosts(SphinxDirective):
         return container.children
 
 
+def build_record_lines(record: dict | None) -> list[str]:
+    """MyST for the build record: a sentence on profile, device and disk, then a table of notebook wall times."""
+    if record is None:
+        return [("This book was built without the runner (`python -m synthgap_helpers run`), so it has no record "
+                 "of what its notebooks cost."), ""]
+    from synthgap_helpers.cost import human_bytes
+
+    rows = [(row["notebook"], f"{row['seconds'] / 60:.1f}") for row in record["notebooks"]]
+    total = sum(row["seconds"] for row in record["notebooks"]) / 60
+    lines = [(f"This build ran the profile `{record['profile']}` on {record['device']} ({record['device_name']}, "
+              f"{record['cpu_count']} CPU cores) at commit `{record['git_sha'] or 'unknown'}`; its run directory "
+              f"`{record['run_dir']}` holds {human_bytes(record['run_dir_bytes'])}."), "",
+             "```{list-table} Wall time of each notebook's last execution in this build (measured by the runner).",
+             ":name: tab-build-record", ":header-rows: 1", "", "* - notebook", "  - minutes"]
+    for name, minutes in [*rows, ("total", f"{total:.1f}")]:
+        lines += [f"* - {name}", f"  - {minutes}"]
+    return lines + ["```", ""]
+
+
+class BuildRecord(SphinxDirective):
+    """``{build-record}``: the runner's record of this build, from book/executed/build.json under the source root."""
+
+    def run(self):
+        path = Path(self.env.srcdir) / "book" / "executed" / "build.json"
+        self.env.note_dependency(str(path))
+        record = json.loads(path.read_text()) if path.is_file() else None
+        container = nodes.container()
+        lines = build_record_lines(record)
+        self.state.nested_parse(StringList(lines, source=self.get_source_info()[0]), self.content_offset, container)
+        return container.children
+
+
 def setup(app):
+    app.add_directive("build-record", BuildRecord)
     app.add_directive("profile-costs", ProfileCosts)
     app.add_directive("glued-figure", GluedFigure)
     app.connect("html-page-context", _drop_duplicate_scripts, priority=900)
