@@ -22,6 +22,9 @@ CIFAR_SIDE = 32
 PNG_OVERHEAD = 1024  # bytes a PNG adds to its raw pixels at most (signature, headers, zlib framing of stored blocks)
 ADAMW_STATE = 3  # an inversion checkpoint holds the embeddings and AdamW's two moments
 SD1_DOWNLOADS = ("stable-diffusion-v1",)  # hub ids with SD 1.x's architecture (CompVis v1-4, v1-5)
+# SD 1.x's U-Net + VAE + CLIP text encoder parameters (859,520,964 + 83,653,863 + 123,060,480); the tests count
+# them on the architecture in `diffusion` (meta device), which takes seconds the book build should not spend
+SD1_PARAMETERS = 1_066_235_307
 SD1_WIDTH = 768  # SD 1.x's text width = its U-Net's cross_attention_dim
 ARMS = ("real", "sd", "di", "real+sd", "real+di")  # the original study's arms, trained when both generators ran
 
@@ -154,22 +157,13 @@ def work_table(cfg: Any) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["stage", "amount", "unit", "rate", "what"]).set_index("stage")
 
 
-@cache
-def sd1_parameters() -> int:
-    """Parameters of SD 1.x's U-Net, VAE and text encoder, counted on the meta device (no weights, no download)."""
-    from synthgap_helpers import diffusion
-
-    pipe = diffusion.sd15_random_pipeline(device="meta")
-    return sum(p.numel() for part in (pipe.unet, pipe.vae, pipe.text_encoder) for p in part.parameters())
-
-
 def download_bytes(model: str) -> int | None:
     """Bytes of a pipeline's fp32 safetensors weights in the Hugging Face cache: 0 for the tiny in-code model,
     SD 1.x's parameter count x 4 for SD 1.x hub ids, None (unknown) for anything else."""
     if model == "tiny":
         return 0
     if any(marker in model for marker in SD1_DOWNLOADS):
-        return 4 * sd1_parameters()
+        return 4 * SD1_PARAMETERS
     return None
 
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from synthgap_helpers import cli, config, cost
+from synthgap_helpers import cli, config, cost, diffusion
 
 
 def test_real_and_synthetic_sizes_follow_the_profile():
@@ -54,14 +54,20 @@ def test_hours_are_amount_over_rate_and_bad_rates_are_named():
 def test_disk_counts_weights_images_embeddings_and_checkpoints():
     assert cost.classifier_parameters("resnet18_cifar") == 11_173_962  # the CIFAR ResNet-18 of the DI authors
     assert cost.download_bytes("tiny") == 0 and cost.download_bytes("someone/other-model") is None
-    # SD 1.x: U-Net 859,520,964 + VAE 83,653,863 + CLIP text encoder 123,060,480 parameters, fp32
-    assert cost.download_bytes("CompVis/stable-diffusion-v1-4") == 4 * (859_520_964 + 83_653_863 + 123_060_480)
+    assert cost.download_bytes("CompVis/stable-diffusion-v1-4") == 4 * cost.SD1_PARAMETERS
     disk = cost.disk_table(config.resolve("paper"))
     assert disk.loc["DI embeddings and resumable checkpoints", "bytes"] == 4 * 45000 * 5 * 768 * 4
     assert disk.loc["classifier checkpoints", "bytes"] == 5 * 5 * 4 * 11_173_962
     assert disk.loc["SD images", "bytes"] == 50000 * (3 * 32 * 32 + cost.PNG_OVERHEAD)
     unknown = cost.disk_table(config.resolve("paper", overrides={"sd.model": "/models/my-sd"}))
     assert math.isnan(unknown.loc["diffusion weights", "bytes"])  # unknown: not counted in the total
+
+
+def test_sd1_parameter_count_is_the_architectures():
+    """SD 1.x: U-Net 859,520,964 + VAE 83,653,863 + CLIP text encoder 123,060,480 parameters (published counts)."""
+    pipe = diffusion.sd15_random_pipeline(device="meta")
+    counts = [sum(p.numel() for p in part.parameters()) for part in (pipe.unet, pipe.vae, pipe.text_encoder)]
+    assert counts == [859_520_964, 83_653_863, 123_060_480] and sum(counts) == cost.SD1_PARAMETERS
 
 
 def test_human_bytes():
