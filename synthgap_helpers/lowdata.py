@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 from synthgap_helpers import config, data, results, train_stage
 from synthgap_helpers.data import CLASSES, ImageSet
 from synthgap_helpers.storage import atomic_write
-from synthgap_helpers.train import TrainParams, evaluate, load_checkpoint, summarize_seeds, train_classifier
+from synthgap_helpers.train import (TrainParams, evaluate, load_checkpoint, summarize_seeds, train_classifier,
+                                    welch_difference)
 from synthgap_helpers.train_stage import Arm, fingerprint
 from synthgap_helpers.workload import Shard
 
@@ -207,6 +208,22 @@ class CurveSummary:
         return frame.sort_values(["k", "arm"], key=lambda c: c.map(order) if c.name == "arm" else c,
                                  kind="stable").reset_index(drop=True)
 
+    def gains(self) -> pd.DataFrame:
+        """Per (k, arm) after the first arm (the baseline: ``real`` or ``scratch``): mean test accuracy minus the
+        baseline's at the same k, in points, with the 95% Welch interval over seeds (NaN below two seeds each)."""
+        baseline = self.arms[0]
+        records = []
+        for k, at_k in self.rows.groupby("k", sort=True):
+            base = list(100 * at_k.loc[at_k["arm"] == baseline, "test_accuracy"])
+            for arm in self.arms[1:]:
+                values = list(100 * at_k.loc[at_k["arm"] == arm, "test_accuracy"])
+                if base and values:
+                    gain = welch_difference(values, base)
+                    records.append({"k": int(k), "arm": arm, "over": baseline, "seeds": len(values),
+                                    "gain (points)": gain["difference"], "ci95_low": gain["ci95_low"],
+                                    "ci95_high": gain["ci95_high"]})
+        return pd.DataFrame(records, columns=["k", "arm", "over", "seeds", "gain (points)", "ci95_low", "ci95_high"])
+
     def table(self) -> pd.DataFrame:
         """Rows: k real images per class; columns: arms; cells: test accuracy % as mean ± std (n seeds)."""
         values = self.values()
@@ -291,7 +308,8 @@ def sweep(cfg: Any, shard: Shard = Shard()) -> CurveSummary:
     summary = CurveSummary("Low-data regime: k real images per class, ± synthetic", rows, path, arms,
                            trained, reused, pending)
     results.record(cfg.run_dir, "lowdata", {"unit": "test accuracy, %", "arms": arms,
-                                            "points": results.frame_records(summary.values())})
+                                            "points": results.frame_records(summary.values()),
+                                            "gains": results.frame_records(summary.gains())})
     return summary
 
 
@@ -336,7 +354,8 @@ def finetune(cfg: Any, shard: Shard = Shard()) -> CurveSummary:
                            rows, path, arms, trained, reused, pending, references)
     results.record(cfg.run_dir, "finetune", {"unit": "test accuracy, %", "arms": arms, "trainable": list(trainable),
                                              "before_finetuning": references,
-                                             "points": results.frame_records(summary.values())})
+                                             "points": results.frame_records(summary.values()),
+                                             "gains": results.frame_records(summary.gains())})
     return summary
 
 

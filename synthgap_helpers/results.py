@@ -151,10 +151,26 @@ class GlueText:
         return self.text
 
 
-def story_numbers(cfg: Any, headline: Headline) -> dict[str, GlueText]:
+def gain_text(gain: float, low: float, high: float) -> str:
+    """'+4.3 points (95% Welch interval +3.1 to +5.5)', or with '(one seed per arm: no interval)'."""
+    interval = ("one seed per arm: no interval" if math.isnan(low) else
+                f"95% Welch interval {low:+.1f} to {high:+.1f}")
+    return f"{gain:+.1f} points ({interval})"
+
+
+def largest_gain(gains: pd.DataFrame) -> str:
+    """The row of a low-data gains table (k, arm, gain, interval) with the largest gain, as a sentence part."""
+    if gains.empty:
+        return train_stage.MISSING
+    row = gains.loc[gains["gain (points)"].idxmax()]
+    return (f"{row['arm']} at k = {int(row['k'])} real images per class, "
+            f"{gain_text(row['gain (points)'], row['ci95_low'], row['ci95_high'])} over {row['over']}")
+
+
+def story_numbers(cfg: Any, headline: Headline, sweep: Any = None, finetuned: Any = None) -> dict[str, GlueText]:
     """The numbers the book's introduction quotes, by glue key: the profile, what its numbers mean, the
-    size of the real test set, each arm's test accuracy as "mean ± std % (n seeds)" and each trained arm's
-    gain over real as "+x.x points (95% Welch interval ...)"."""
+    size of the real test set, each arm's test accuracy as "mean ± std % (n seeds)", each trained arm's
+    gain over real, and (given the low-data and fine-tuning summaries) where each helps most."""
     texts = {"profile": cfg.profile, "profile_meaning": config.profile_meaning(cfg.profile),
              "test_images": f"{headline.test_images:,}"}
     for arm, row in headline.values.iterrows():
@@ -167,27 +183,26 @@ def story_numbers(cfg: Any, headline: Headline) -> dict[str, GlueText]:
             text = f"{row['mean']:.1f} ± {row['std']:.1f} % ({n} seeds)"
         texts[f"accuracy_{arm}"] = text
     for arm in headline.values.index.drop("real", errors="ignore"):
-        if arm not in headline.gains.index:
-            texts[f"gain_{arm}"] = train_stage.MISSING
-            continue
-        row = headline.gains.loc[arm]
-        interval = ("one seed per arm: no interval" if math.isnan(row["ci95_low"]) else
-                    f"95% Welch interval {row['ci95_low']:+.1f} to {row['ci95_high']:+.1f}")
-        texts[f"gain_{arm}"] = f"{row['gain (points)']:+.1f} points ({interval})"
+        row = headline.gains.loc[arm] if arm in headline.gains.index else None
+        texts[f"gain_{arm}"] = train_stage.MISSING if row is None else \
+            gain_text(row["gain (points)"], row["ci95_low"], row["ci95_high"])
+    for key, curves in (("lowdata_largest_gain", sweep), ("finetune_largest_gain", finetuned)):
+        if curves is not None:
+            texts[key] = largest_gain(curves.gains())
     return {key: GlueText(text) for key, text in texts.items()}
 
 
-def glue_story(cfg: Any, headline: Headline) -> pd.DataFrame:
+def glue_story(cfg: Any, headline: Headline, sweep: Any = None, finetuned: Any = None) -> pd.DataFrame:
     """Glue the introduction's numbers into this notebook (myst-nb) and show them as a key -> text table,
     so the reader sees exactly what the introduction quotes."""
     from myst_nb import glue
 
-    texts = story_numbers(cfg, headline)
+    texts = story_numbers(cfg, headline, sweep, finetuned)
     for key, text in texts.items():
         glue(key, text, display=False)
     return pd.DataFrame({"quoted in the introduction as": [t.text for t in texts.values()]},
                         index=pd.Index(list(texts), name="glue key"))
 
 
-__all__ = ["GlueText", "Headline", "frame_records", "gains_over_real", "glue_story", "headline_table", "json_safe",
-           "read_records", "record", "story_numbers", "training_summary"]
+__all__ = ["GlueText", "Headline", "frame_records", "gain_text", "gains_over_real", "glue_story", "headline_table",
+           "json_safe", "largest_gain", "read_records", "record", "story_numbers", "training_summary"]

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from synthgap_helpers import config, lowdata
+from synthgap_helpers import config, lowdata, results
 from synthgap_helpers.train import TrainParams, save_checkpoint, train_classifier
 from synthgap_helpers.train_models import build_model
 from synthgap_helpers.workload import Shard
@@ -137,3 +137,17 @@ def test_two_shards_split_the_rows_and_a_final_unsharded_call_merges_them_withou
     assert (run_dir / "results" / "lowdata.shard-0-of-2.csv").is_file()
     merged = lowdata.sweep(cfg)
     assert len(trainings) == 6 and merged.trained == [] and len(pd.read_csv(run_dir / "results" / "lowdata.csv")) == 6
+
+
+def test_gains_compare_each_arm_with_the_first_at_the_same_k():
+    arms = ["real", "real", "real+sd", "real+sd", "real+di", "real+di", "real", "real", "real+sd", "real+sd"]
+    rows = pd.DataFrame({"k": [10] * 6 + [50] * 4, "seed": [0, 1] * 5, "arm": arms,
+                         "test_accuracy": [0.30, 0.32, 0.40, 0.44, 0.31, 0.33, 0.60, 0.62, 0.61, 0.61]})
+    curves = lowdata.CurveSummary("t", rows, Path("x.csv"), ["real", "real+sd", "real+di"])
+    gains = curves.gains().set_index(["k", "arm"])
+    assert list(gains.index) == [(10, "real+sd"), (10, "real+di"), (50, "real+sd")]
+    assert gains.loc[(10, "real+sd"), "gain (points)"] == pytest.approx(11.0)
+    assert gains.loc[(50, "real+sd"), "gain (points)"] == pytest.approx(0.0) and set(gains["over"]) == {"real"}
+    assert gains.loc[(10, "real+sd"), "ci95_low"] < 11.0 < gains.loc[(10, "real+sd"), "ci95_high"]
+    assert results.largest_gain(curves.gains()).startswith("real+sd at k = 10 real images per class, +11.0 points")
+    assert results.largest_gain(curves.gains().iloc[:0]) == "not trained"
