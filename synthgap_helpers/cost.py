@@ -123,7 +123,7 @@ def work_table(cfg: Any) -> pd.DataFrame:
     trained = train.seeds * sum(_passes(train.steps, train.epochs, pool, train.batch_size) for pool in arms.values())
     low_steps = low.steps if low.steps is not None else train.steps
     sweep = low.seeds * sum(
-        _passes(low_steps, train.epochs, CLASSES * k + extra, train.batch_size)
+        _passes(low_steps, train.epochs, CLASSES * k + mixed * extra, train.batch_size)
         for k in low.k_per_class for extra in [0] + [synthetic.get(s, 0) for s in low.sources])
     tune_steps = low.finetune_steps if low.finetune_steps is not None else low_steps
     finetune = low.seeds * len(low.sources) * sum(

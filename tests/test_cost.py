@@ -35,6 +35,12 @@ def test_an_epoch_budget_counts_whole_batches_over_the_pool():
     per_arm = {"real": 500, "sd": 200, "di": 80, "real+sd": 700, "real+di": 580}
     expected = sum(-(-int(1.5 * n) // 64) * 64 for n in per_arm.values())
     assert cost.work_table(cfg).loc["classifier training (04)", "amount"] == expected
+    shared = config.resolve("smoke", overrides={"train.steps": None, "train.epochs": 2.0, "train.batch_size": 50,
+                                                "train.mix": "fixed_share", "lowdata.steps": None,
+                                                "lowdata.k_per_class": [5, 20], "lowdata.seeds": 1})
+    sweep = shared.lowdata  # fixed_share: an epoch is a pass over the k real images, whatever is added
+    per_k = {5: -(-100 // 50) * 50, 20: -(-400 // 50) * 50}
+    assert cost.work_table(shared).loc["low-data sweep (07)", "amount"] == (1 + len(sweep.sources)) * sum(per_k.values())
 
 
 def test_hours_are_amount_over_rate_and_bad_rates_are_named():
