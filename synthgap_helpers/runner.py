@@ -65,6 +65,7 @@ def execute_notebooks(notebooks: list[Path], out_dir: Path, parameters: dict[str
         except PapermillExecutionError as exc:
             raise NotebookFailed(f"{notebook.name} failed in cell {exc.cell_index} (execution count {exc.exec_count}):"
                                  f" {exc.ename}: {exc.evalue}\nThe executed notebook, with the traceback, is {output}") from None
+        strip_test_markers(output)
         timings.append((notebook.stem, time.perf_counter() - start))
         print(f"    done in {timings[-1][1]:.1f} s", flush=True)
     return timings
@@ -98,6 +99,22 @@ def build_book(root: Path) -> Path:
     if result.returncode != 0:
         raise RuntimeError(f"jupyter-book build failed (exit {result.returncode}); its warnings are printed above")
     return root / "_build" / "html" / "index.html"
+
+
+TEST_MARKERS = ("# NBVAL_CHECK_OUTPUT",)  # nbval's cell markers: for the tests, noise in the book
+
+
+def strip_test_markers(path: Path) -> None:
+    """Drop nbval's marker lines from the code cells of an executed notebook (the book's copy), in place."""
+    import nbformat
+
+    from synthgap_helpers.storage import atomic_write_bytes
+
+    notebook = nbformat.read(path, as_version=4)
+    for cell in notebook.cells:
+        if cell.cell_type == "code":
+            cell.source = "\n".join(line for line in cell.source.split("\n") if line.strip() not in TEST_MARKERS)
+    atomic_write_bytes(path, nbformat.writes(notebook).encode())
 
 
 def folder_bytes(folder: Path) -> int:

@@ -89,6 +89,7 @@ def test_smoke_suite_runs_and_the_book_builds_with_every_page_and_figure(cifar_d
         for src in images:
             assert (html / "book" / "executed" / src).resolve().exists(), f"{name}.html: missing image {src}"
     assert "machinery only" in (html / "book" / "executed" / "01_data.html").read_text()
+    assert "NBVAL" not in (html / "book" / "executed" / "07_results.html").read_text()
     intro = (html / "book" / "intro.html").read_text()
     glued = re.findall(r'<img[^>]+src="data:image/png;base64,', intro)
     assert len(glued) == 6, "the introduction shows the six figures glued by notebooks 05, 06 and 07"
@@ -128,3 +129,13 @@ def test_build_record_keeps_earlier_notebook_times_of_the_same_run(tmp_path):
     other.run_dir.mkdir(parents=True)
     record = json.loads(runner.write_build_record(tmp_path, other, [("03_diffusion_inversion", 1.0)]).read_text())
     assert [row["notebook"] for row in record["notebooks"]] == ["03_diffusion_inversion"]  # another run: fresh record
+
+
+def test_book_copies_of_notebooks_lose_the_nbval_markers(tmp_path):
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("# NBVAL_CHECK_OUTPUT\nheadline.table"),
+                                               nbformat.v4.new_markdown_cell("# NBVAL_CHECK_OUTPUT stays in prose")])
+    path = tmp_path / "07.ipynb"
+    nbformat.write(notebook, path)
+    runner.strip_test_markers(path)
+    cells = nbformat.read(path, as_version=4).cells
+    assert cells[0].source == "headline.table" and cells[1].source.startswith("# NBVAL_CHECK_OUTPUT")
