@@ -8,7 +8,7 @@
     python -m synthgap_helpers gap --profile paper
     python -m synthgap_helpers lowdata sweep|finetune --profile paper [--shard i/n]
     python -m synthgap_helpers merge runs/paper/synthetic/sd
-    python -m synthgap_helpers cost --profile paper [--rate sd=3.1 --rate train=9000 ...]
+    python -m synthgap_helpers cost --profile paper [--rate sd=<images/s> --rate train=<images/s> ...]
 """
 
 from __future__ import annotations

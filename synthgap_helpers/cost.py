@@ -3,7 +3,7 @@
 Everything is computed from the resolved parameters alone (no data, no download, no run directory), so the
 reproducing page can show it for every profile. Hours need the speed of the machine that will do the work:
 each stage names the benchmark that measures its rate there, and `with_hours` divides the work by the rates
-you pass (`python -m synthgap_helpers cost --profile paper --rate sd=3.1 --rate train=9000`).
+you pass (`python -m synthgap_helpers cost --profile paper --rate sd=<images/s> --rate train=<images/s>`).
 """
 
 from __future__ import annotations
@@ -232,7 +232,7 @@ def compare_profiles(profiles: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def parse_rates(pairs: list[str]) -> dict[str, float]:
-    """['sd=3.1', 'train=9000'] -> {'sd': 3.1, 'train': 9000.0}; errors name the pair and the valid keys."""
+    """['sd=2.5', 'train=1e4'] -> {'sd': 2.5, 'train': 10000.0}; errors name the pair and the valid keys."""
     rates = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
