@@ -33,8 +33,7 @@ from tqdm.auto import tqdm
 from synthgap_helpers import config, data, results, train_stage
 from synthgap_helpers.data import CLASSES, ImageSet
 from synthgap_helpers.storage import atomic_write
-from synthgap_helpers.train import (TrainParams, evaluate, load_checkpoint, summarize_seeds, train_classifier,
-                                    welch_difference)
+from synthgap_helpers.train import TrainParams, evaluate, load_checkpoint, summarize_seeds, train_classifier
 from synthgap_helpers.train_stage import Arm, fingerprint
 from synthgap_helpers.workload import Shard
 
@@ -210,19 +209,13 @@ class CurveSummary:
 
     def gains(self) -> pd.DataFrame:
         """Per (k, arm) after the first arm (the baseline: ``real`` or ``scratch``): mean test accuracy minus the
-        baseline's at the same k, in points, with the 95% Welch interval over seeds (NaN below two seeds each)."""
-        baseline = self.arms[0]
-        records = []
-        for k, at_k in self.rows.groupby("k", sort=True):
-            base = list(100 * at_k.loc[at_k["arm"] == baseline, "test_accuracy"])
-            for arm in self.arms[1:]:
-                values = list(100 * at_k.loc[at_k["arm"] == arm, "test_accuracy"])
-                if base and values:
-                    gain = welch_difference(values, base)
-                    records.append({"k": int(k), "arm": arm, "over": baseline, "seeds": len(values),
-                                    "gain (points)": gain["difference"], "ci95_low": gain["ci95_low"],
-                                    "ci95_high": gain["ci95_high"]})
-        return pd.DataFrame(records, columns=["k", "arm", "over", "seeds", "gain (points)", "ci95_low", "ci95_high"])
+        baseline's at the same k, in points, with the 95% Welch interval over seeds (`results.gains_over`)."""
+        order = {arm: i for i, arm in enumerate(self.arms)}
+        frames = [results.gains_over(at_k, self.arms[0], scale=100).reset_index().assign(k=int(k))
+                  .sort_values("arm", key=lambda arms: arms.map(order), kind="stable")
+                  for k, at_k in self.rows.groupby("k", sort=True)]
+        columns = ["k", "arm", *results.GAIN_COLUMNS]
+        return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
 
     def table(self) -> pd.DataFrame:
         """Rows: k real images per class; columns: arms; cells: test accuracy % as mean ± std (n seeds)."""

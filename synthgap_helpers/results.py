@@ -22,6 +22,7 @@ from synthgap_helpers.storage import atomic_write_json
 from synthgap_helpers.train import welch_difference
 
 RESULTS_FILE = "results.json"
+GAIN_COLUMNS = ["over", "seeds", "baseline seeds", "gain (points)", "ci95_low", "ci95_high"]
 REPORTED_CITATION = "reported by the original study, on its own split, not the official test set"
 
 
@@ -109,7 +110,7 @@ def headline_table(cfg: Any) -> Headline:
     per_seed = per_seed.sort_values(["arm", "seed"], key=lambda c: c.map(_arm_rank) if c.name == "arm" else c)
     note = f"{REPORTED_CITATION} ({train_stage.REPORTED_NOTE.split('; ', 1)[-1]}); accuracy in % on the run's real test set"
     per_seed = per_seed.reset_index(drop=True)
-    gains = gains_over_real(per_seed)
+    gains = gains_over(per_seed, "real")
     path = record(cfg.run_dir, "headline", {
         "unit": "test accuracy, %", "test_images": summary.real_sizes["test"], "test_fingerprint": summary.test_fingerprint,
         "original_study_note": REPORTED_CITATION, "arms": frame_records(values), "per_seed": frame_records(per_seed),
@@ -117,18 +118,18 @@ def headline_table(cfg: Any) -> Headline:
     return Headline(summary.accuracy_table(), values, per_seed, gains, note, summary.real_sizes["test"], path)
 
 
-def gains_over_real(per_seed: pd.DataFrame) -> pd.DataFrame:
-    """For every trained arm but ``real``: its mean test accuracy minus the real arm's, in points, with the 95%
-    Welch interval over seeds (NaN until both arms have two seeds); empty while ``real`` is untrained."""
-    real = per_seed.loc[per_seed["arm"] == "real", "test_accuracy"].tolist()
+def gains_over(per_seed: pd.DataFrame, baseline: str, scale: float = 1.0) -> pd.DataFrame:
+    """Every other arm of `per_seed` (rows with ``arm`` and ``test_accuracy``, times `scale` for %) against
+    `baseline`: its mean minus the baseline's, in points, with the 95% Welch interval over seeds (NaN until both
+    arms have two seeds); indexed by arm in order of appearance, empty while the baseline has no rows."""
+    reference = list(scale * per_seed.loc[per_seed["arm"] == baseline, "test_accuracy"])
     rows = {}
     for arm, group in per_seed.groupby("arm", sort=False):
-        if arm != "real" and real:
-            gain = welch_difference(group["test_accuracy"].tolist(), real)
-            rows[arm] = {"seeds": len(group), "real seeds": len(real), "gain (points)": gain["difference"],
-                         "ci95_low": gain["ci95_low"], "ci95_high": gain["ci95_high"]}
-    table = pd.DataFrame.from_dict(rows, orient="index",
-                                   columns=["seeds", "real seeds", "gain (points)", "ci95_low", "ci95_high"])
+        if arm != baseline and reference:
+            gain = welch_difference(list(scale * group["test_accuracy"]), reference)
+            rows[arm] = {"over": baseline, "seeds": len(group), "baseline seeds": len(reference),
+                         "gain (points)": gain["difference"], "ci95_low": gain["ci95_low"], "ci95_high": gain["ci95_high"]}
+    table = pd.DataFrame.from_dict(rows, orient="index", columns=GAIN_COLUMNS)
     table.index.name = "arm"
     return table
 
@@ -204,5 +205,5 @@ def glue_story(cfg: Any, headline: Headline, sweep: Any = None, finetuned: Any =
                         index=pd.Index(list(texts), name="glue key"))
 
 
-__all__ = ["GlueText", "Headline", "frame_records", "gain_text", "gains_over_real", "glue_story", "headline_table",
+__all__ = ["GAIN_COLUMNS", "GlueText", "Headline", "frame_records", "gain_text", "gains_over", "glue_story", "headline_table",
            "json_safe", "largest_gain", "read_records", "record", "story_numbers", "training_summary"]

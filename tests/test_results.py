@@ -85,7 +85,7 @@ def test_story_numbers_give_mean_and_std_over_seeds_and_the_gain_with_its_interv
     values = pd.DataFrame({"n_seeds": [3, 0, 3], "mean": [81.234, np.nan, 85.5], "std": [0.456, np.nan, 0.5]},
                           index=["real", "sd", "real+di"])
     headline = results.Headline(table=None, values=values, per_seed=per_seed,
-                                gains=results.gains_over_real(per_seed), note="", test_images=10000, path=None)
+                                gains=results.gains_over(per_seed, "real"), note="", test_images=10000, path=None)
     texts = results.story_numbers(config.resolve("paper"), headline)
     assert texts["accuracy_real"].text == "81.2 ± 0.5 % (3 seeds)" and texts["accuracy_sd"].text == "not trained"
     assert texts["test_images"].text == "10,000" and texts["gain_sd"].text == "not trained"
@@ -97,13 +97,13 @@ def test_story_numbers_give_mean_and_std_over_seeds_and_the_gain_with_its_interv
 def test_gains_over_real_match_scipys_welch_interval_and_need_two_seeds():
     per_seed = pd.DataFrame({"arm": ["real"] * 3 + ["sd"] * 4 + ["di"],
                              "test_accuracy": [80.0, 82.0, 81.0, 50.0, 55.0, 53.0, 52.0, 70.0]})
-    gains = results.gains_over_real(per_seed)
+    gains = results.gains_over(per_seed, "real")
     reference = scipy.stats.ttest_ind([50.0, 55.0, 53.0, 52.0], [80.0, 82.0, 81.0], equal_var=False)
     low, high = reference.confidence_interval(0.95)
     assert gains.loc["sd", "gain (points)"] == pytest.approx(52.5 - 81.0)
     assert (gains.loc["sd", "ci95_low"], gains.loc["sd", "ci95_high"]) == (pytest.approx(low), pytest.approx(high))
     assert gains.loc["di", "gain (points)"] == pytest.approx(-11.0) and math.isnan(gains.loc["di", "ci95_low"])
-    assert results.gains_over_real(per_seed[per_seed["arm"] != "real"]).empty  # nothing to compare with
+    assert results.gains_over(per_seed[per_seed["arm"] != "real"], "real").empty  # nothing to compare with
 
 
 def test_headline_figure_draws_a_bar_per_arm_and_the_reported_numbers(trained):
