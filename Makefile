@@ -1,11 +1,13 @@
 # make book   : run the notebook suite (PROFILE=smoke by default) and build the HTML book in _build/html
 # make test   : every test (unit, integration, nbval on the notebooks, the smoke suite and book build)
-# Both bootstrap their virtual environment (VENV=.venv by default) from pyproject.toml.
+# make publish: push the built _build/html to the gh-pages branch of REMOTE (default origin); builds nothing
+# Each bootstraps the virtual environment (VENV=.venv by default) from pyproject.toml.
 VENV ?= .venv
 PYTHON ?= python3
 PROFILE ?= smoke
 SET ?=
 RUN_DIR ?=
+REMOTE ?= origin
 PY := $(VENV)/bin/python
 # OpenMP threads that spin while waiting stall torch for seconds whenever the cores are shared.
 export OMP_WAIT_POLICY ?= PASSIVE
@@ -13,7 +15,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 notebooks: export TQDM_MININTERVAL ?= 5
 STAMP := $(VENV)/.synthgap-installed
 
-.PHONY: book test venv notebooks clean
+.PHONY: book test venv notebooks clean publish
 
 venv: $(STAMP)
 
@@ -26,9 +28,11 @@ $(STAMP): pyproject.toml
 book: $(STAMP)
 	$(PY) -m synthgap_helpers run --profile $(PROFILE) $(if $(RUN_DIR),--run-dir $(RUN_DIR)) $(foreach s,$(SET),--set $(s))
 
-# nbval first: it executes the committed notebooks into runs/smoke; the suite-and-book test then reuses that
-# run directory (every stage skips finished work), so the smoke suite is computed once per `make test`.
+# nbval first, on a fresh runs/smoke (results of older code are never checked): it executes the committed
+# notebooks into it; the suite-and-book test then reuses that run directory (every stage skips finished work),
+# so the smoke suite is computed once per `make test`, and tests/test_smoke_reference.py checks its numbers.
 test: $(STAMP)
+	rm -rf runs/smoke
 	$(PY) -m pytest --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider notebooks/
 	$(PY) -m pytest tests
 
@@ -37,6 +41,9 @@ test: $(STAMP)
 notebooks: $(STAMP)
 	rm -rf runs/smoke
 	cd notebooks && for nb in [0-9][0-9]_*.ipynb; do $(abspath $(PY)) -m papermill --cwd . "$$nb" "$$nb" || exit 1; done
+
+publish: $(STAMP)
+	$(PY) -m synthgap_helpers publish --remote $(REMOTE)
 
 clean:
 	rm -rf _build book/executed runs/smoke

@@ -1,20 +1,23 @@
 """York Urban vanishing points: angular error (calibrated and uncalibrated), run time, and resolution calibration.
 
-Run: python benchmarks/vp_york_urban.py   (data: $SYNTHGAP_SHARED_DATA/york-urban-train or <repo>/../shared/data)
+Run: python benchmarks/vp_york_urban.py [FOLDER]   (York Urban: a local copy (zip, unpacked or converted folder),
+else the copy converted into the cache, else a download into it)
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import sys
 
 import cv2
 
-from synthgap_helpers.geometry_york import YORK_URBAN_DIR, evaluate_york_urban, resolution_calibration, shared_data_dir
+from synthgap_helpers.data import default_cache_dir
+from synthgap_helpers.geometry_york import evaluate_york_urban, resolution_calibration
+from synthgap_helpers.york_urban import resolve_york_urban
 
 
 def main() -> None:
     """Print the error figures and timings for both settings, then the 32-pixel calibration."""
-    root = shared_data_dir(Path(__file__).resolve().parents[1]) / YORK_URBAN_DIR
+    root = resolve_york_urban(sys.argv[1] if len(sys.argv) > 1 else None, default_cache_dir(), download=True)
     print(f"York Urban at {root}; OpenCV {cv2.__version__}")
     for use_focal in (True, False):
         _, s = evaluate_york_urban(root, use_focal=use_focal)

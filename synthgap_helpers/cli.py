@@ -9,6 +9,7 @@
     python -m synthgap_helpers lowdata sweep|finetune --profile paper [--shard i/n]
     python -m synthgap_helpers merge runs/paper/synthetic/sd
     python -m synthgap_helpers cost --profile paper [--rate sd=<images/s> --rate train=<images/s> ...]
+    python -m synthgap_helpers publish [--remote origin] [--html _build/html]
 """
 
 from __future__ import annotations
@@ -68,6 +69,10 @@ def _parser() -> argparse.ArgumentParser:
     rates = "; ".join(f"{key}: {unit} from {bench}" for key, (unit, bench) in COST_RATES.items())
     cost.add_argument("--rate", dest="rates", action="append", default=[], metavar="KEY=NUMBER",
                       help=f"measured rate of a stage (repeatable). {rates}")
+    publish = commands.add_parser("publish", help="push the built book to the gh-pages branch of a git remote "
+                                                  "(ghp-import; builds nothing: run `make book` first)")
+    publish.add_argument("--remote", default="origin", help="git remote: a name, a URL or a path (default: origin)")
+    publish.add_argument("--html", default=None, help="the built book (default: _build/html)")
     return parser
 
 
@@ -100,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"book: {index}")
         elif args.command == "cost":
             print(_print_cost(args))
+        elif args.command == "publish":
+            print(runner.publish(args.html, remote=args.remote))
         elif args.command == "merge":
             print(f"{args.folder}: {merge_shards(args.folder)} images listed in manifest.jsonl")
         else:

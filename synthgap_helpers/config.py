@@ -42,6 +42,7 @@ class _Section(BaseModel):
 class DataParams(_Section):
     """Where CIFAR-10 comes from and which part of it a run uses."""
 
+    sample: bool = False  # the CIFAR-10 and York Urban sample embedded in the package (smoke): no folder, no download
     root: str | None = None  # CIFAR-10 folder; None: $SYNTHGAP_DATA_DIR, then the download cache
     download: bool = True  # let torchvision download CIFAR-10 when no local copy is found
     cache_dir: str | None = None  # decoded-array cache; None: $SYNTHGAP_CACHE_DIR or ~/.cache/synthgap
@@ -52,6 +53,9 @@ class DataParams(_Section):
 
     @model_validator(mode="after")
     def _fits_in_train(self) -> DataParams:
+        if self.sample and self.root is not None:
+            raise ValueError(f"sample=true reads the embedded sample, so root ({self.root!r}) must be null; "
+                             "set sample=false to read a folder")
         if self.train_per_class is not None and self.train_per_class + self.val_per_class > 5000:
             raise ValueError(
                 f"train_per_class ({self.train_per_class}) + val_per_class ({self.val_per_class}) "
@@ -68,6 +72,7 @@ class GeometryParams(_Section):
     york_urban_images: int | None = Field(default=None, ge=1)  # York Urban images validated on (evenly spread); None: all
     n_resamples: int = Field(default=10000, ge=100, le=100000)  # bootstrap resamples of the 95% intervals
     focal_length: float | None = Field(default=None, gt=0.0, le=10000.0)  # CIFAR focal length in 32-px pixels; None: uncalibrated
+    york_urban_root: str | None = None  # local York Urban: YorkUrbanDB.zip, its unpacked folder or a converted one; None: cache, then download
 
 
 class InversionParams(_Section):
@@ -297,6 +302,14 @@ class Config(_Section):
             raise ValueError(f"device must be one of auto, cpu, cuda, cuda:N, mps; got {value!r}")
         return value
 
+    @model_validator(mode="after")
+    def _one_york_urban_source(self) -> Config:
+        if self.data.sample and self.geometry.york_urban_root is not None:
+            raise ValueError(f"data.sample=true validates on the embedded York Urban sample, so "
+                             f"geometry.york_urban_root ({self.geometry.york_urban_root!r}) must be null; "
+                             "set data.sample=false to use a folder")
+        return self
+
     def params(self) -> dict[str, Any]:
         """The parameters as plain JSON values, without the run directory (which may move)."""
         return self.model_dump(mode="json", exclude={"run_dir"})
@@ -492,8 +505,10 @@ def profile_meaning(profile: str) -> str:
 
 
 def banner(cfg: Config) -> Any:
-    """Markdown banner that opens every notebook: the profile, and what its numbers can mean."""
+    """Markdown banner that opens every notebook: the profile, what its numbers can mean, and the data source."""
     from IPython.display import Markdown
 
+    from synthgap_helpers.data import source_line
+
     return Markdown(f"> **Profile `{cfg.profile}`** ({resolve_device(cfg.device)}, seed {cfg.seed}): "
-                    f"{profile_meaning(cfg.profile)}")
+                    f"{profile_meaning(cfg.profile)}\n>\n> **Data:** {source_line(cfg)}.")

@@ -1,17 +1,21 @@
 """CIFAR-10 and image-folder datasets as uint8 tensors, balanced seeded subsets, the real split.
 
-Sources of CIFAR-10, tried in order: the `root` parameter, `$SYNTHGAP_DATA_DIR`, then a torchvision
-download into the cache. A folder may hold the official `cifar-10-batches-py` files or a class-folder
-layout `{train,test}/<class>/*.png|jpg`. Decoded class folders are cached as `.npy`.
+Sources of CIFAR-10: the sample embedded in the package (smoke profile), or, tried in order, the `root`
+parameter, `$SYNTHGAP_DATA_DIR`, then a torchvision download into the cache. A folder may hold the
+official `cifar-10-batches-py` files or a class-folder layout `{train,test}/<class>/*.png|jpg`. Decoded
+class folders are cached as `.npy`. Every loader hands out one layout: contiguous N x 3 x 32 x 32 uint8.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
 import os
 import pickle
+import shutil
+import tempfile
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -31,6 +35,7 @@ IMAGE_SIZE = 32
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 BadImagePolicy = Literal["error", "skip"]
 _BATCH_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+SAMPLE_DIR = Path(__file__).resolve().parent / "sample_data"  # the smoke sample; see its PROVENANCE.md
 
 
 class DataError(ValueError):
@@ -42,6 +47,7 @@ class LoadReport:
     """What a load found besides clean 32x32 RGB images: each entry names its file."""
 
     source: str
+    origin: str = ""  # where the source came from: embedded sample, user folder, official download
     loaded: int = 0  # images decoded and kept
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
     converted: list[str] = field(default_factory=list)  # non-RGB images converted to RGB
@@ -63,6 +69,14 @@ class ImageSet:
     ids: list[str]
     report: LoadReport
     classes: tuple[str, ...] = CLASSES
+
+    def __post_init__(self) -> None:
+        # One canonical memory layout whatever the loader or cache path: float ops downstream (resizing,
+        # normalisation) round differently on channels-last strides, so outputs would depend on hidden state.
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4 or self.images.shape[1] != 3:
+            raise ValueError(f"images must be uint8 N x 3 x H x W, got {self.images.dtype} {tuple(self.images.shape)}")
+        self.images = self.images.contiguous()
+        self.labels = self.labels.to(torch.int64).contiguous()
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -339,27 +353,85 @@ def _load_class_folders_cached(folder: Path, on_bad_image: BadImagePolicy, cache
     return loaded
 
 
-def _download(cache_dir: Path) -> Path:
-    """torchvision's CIFAR-10 download into the cache; returns the batch folder."""
-    from torchvision.datasets import CIFAR10
+def _download(cache_dir: Path, url: str | None = None, md5: str | None = None) -> Path:
+    """The official archive downloaded into `<cache>/download` by torchvision (MD5-checked) and unpacked; returns
+    the batch folder. `url` and `md5` default to torchvision's official ones (tests serve a small archive).
 
+    The batches are unpacked beside their folder and renamed into place, so a folder there is complete; a
+    failed or corrupt download is deleted and raised as DownloadError naming the URL, the cache folder and the
+    local-copy settings.
+    """
+    from torchvision.datasets import CIFAR10
+    from torchvision.datasets.utils import download_url, extract_archive
+
+    from synthgap_helpers.downloads import DownloadError, file_digest
+
+    url, md5 = url or CIFAR10.url, md5 or CIFAR10.tgz_md5
     target = cache_dir / "download"
-    CIFAR10(root=str(target), train=True, download=True)
-    return target / "cifar-10-batches-py"
+    archive = target / CIFAR10.filename
+    fix = ("Fix: rerun on a machine with internet access, or set data.root (or $SYNTHGAP_DATA_DIR) to a local copy "
+           "of cifar-10-batches-py.")
+    try:
+        download_url(url, str(target), filename=CIFAR10.filename, md5=md5)
+    except (OSError, RuntimeError, ValueError) as exc:  # network failure; RuntimeError: torchvision's MD5 mismatch
+        reason = (f"MD5 mismatch, expected {md5}, got {file_digest(archive, 'md5')}; the download was deleted"
+                  if isinstance(exc, RuntimeError) and archive.is_file() else str(exc))
+        archive.unlink(missing_ok=True)
+        raise DownloadError(f"could not download {url} into the cache folder {target}: {reason}.\n{fix}") from None
+    with tempfile.TemporaryDirectory(dir=target, prefix=".unpack-") as unpacked:
+        extract_archive(str(archive), unpacked)
+        if _find_batches(Path(unpacked) / CIFAR10.base_folder) is None:
+            raise DownloadError(f"{archive} (from {url}) holds no {CIFAR10.base_folder}/ batch files.\n{fix}")
+        shutil.rmtree(target / CIFAR10.base_folder, ignore_errors=True)  # an unfinished copy of an older version
+        os.replace(Path(unpacked) / CIFAR10.base_folder, target / CIFAR10.base_folder)
+    return target / CIFAR10.base_folder
+
+
+@functools.cache
+def sample_dir(name: str) -> Path:
+    """A folder of the embedded smoke sample, once every file of the sample matches its `SHA256SUMS` line."""
+    sums = SAMPLE_DIR / "SHA256SUMS"
+    if not sums.is_file():
+        raise DataError(f"the embedded sample is incomplete: {sums} is missing; reinstall synthgap-helpers "
+                        "or restore the folder from the repository")
+    for line in sums.read_text().splitlines():
+        digest, _, relative = line.partition("  ")
+        file = SAMPLE_DIR / relative
+        if not file.is_file() or hashlib.sha256(file.read_bytes()).hexdigest() != digest:
+            raise DataError(f"embedded sample file {file} is missing or differs from its checksum in {sums}; "
+                            "restore it from the repository (git checkout -- synthgap_helpers/sample_data)")
+    return SAMPLE_DIR / name
+
+
+def _found(image_set: ImageSet, origin: str, layout: str) -> ImageSet:
+    """`image_set` with its report saying where it came from and in which layout."""
+    image_set.report.origin = f"{origin}, {layout}"
+    return image_set
 
 
 def load_cifar10(split: Literal["train", "test"], root: str | Path | None = None, download: bool = False,
-                 on_bad_image: BadImagePolicy = "error", cache_dir: str | Path | None = None) -> ImageSet:
+                 on_bad_image: BadImagePolicy = "error", cache_dir: str | Path | None = None,
+                 sample: bool = False) -> ImageSet:
     """One CIFAR-10 split (train: 50,000 images, test: 10,000) as uint8 tensors in a stable order.
 
-    Looks in `root`, then `$SYNTHGAP_DATA_DIR`, then (with `download`) torchvision's download into
-    the cache; if none works, one error lists what was tried and how to fix it.
+    `sample`: the subset embedded in the package (smoke profile) and nothing else. Otherwise looks in
+    `root`, then `$SYNTHGAP_DATA_DIR`, then (with `download`) torchvision's download into the cache;
+    if none works, one error lists what was tried and how to fix it.
     """
     if split not in _BATCH_FILES:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    if sample:
+        if root is not None:
+            raise DataError(f"data.sample and data.root ({root}) exclude each other: the sample is the embedded "
+                            "CIFAR-10 subset; set data.sample=false to read a folder")
+        folders = _find_class_folders(sample_dir("cifar10"), split)
+        return _found(_load_class_folders_cached(folders, on_bad_image, cache),
+                      "embedded sample (JPEG re-encoded subset, see sample_data/PROVENANCE.md)", "class folders")
     candidates = [("root parameter", root), ("$SYNTHGAP_DATA_DIR", os.environ.get("SYNTHGAP_DATA_DIR")),
                   ("download cache", cache / "download")]
+    origins = {"root parameter": "user folder (data.root)", "$SYNTHGAP_DATA_DIR": "user folder ($SYNTHGAP_DATA_DIR)",
+               "download cache": "official download (torchvision, MD5-checked)"}
     tried = []
     for label, value in candidates:
         if not value:
@@ -367,15 +439,18 @@ def load_cifar10(split: Literal["train", "test"], root: str | Path | None = None
             continue
         candidate = Path(value).expanduser()
         if (batches := _find_batches(candidate)) is not None:
-            return _read_batches(batches, split)
+            return _found(_read_batches(batches, split), origins[label], "official python batches")
         if (folders := _find_class_folders(candidate, split)) is not None:
-            return _load_class_folders_cached(folders, on_bad_image, cache)
+            return _found(_load_class_folders_cached(folders, on_bad_image, cache), origins[label], "class folders")
         tried.append(f"{label}: {candidate} holds neither cifar-10-batches-py nor {split}/<class>/ folders")
     if download:
         try:
-            return _read_batches(_download(cache), split)
+            batches = _download(cache)
         except Exception as exc:  # any network or archive failure is reported with the rest
-            tried.append(f"torchvision download into {cache / 'download'}: failed ({exc})")
+            reason = str(exc).partition("\n")[0] or repr(exc)  # its own Fix line repeats the one below
+            tried.append(f"download: {reason}")
+        else:
+            return _found(_read_batches(batches, split), origins["download cache"], "official python batches")
     else:
         tried.append("download: disabled")
     raise DataError("CIFAR-10 not found. Tried:\n  " + "\n  ".join(tried) +
@@ -431,23 +506,49 @@ def make_split(train_labels: np.ndarray, test_labels: np.ndarray, params: Any, s
     return {"train": train.tolist(), "val": val.tolist(), "test": test.tolist()}
 
 
-def real_data(cfg: Any) -> RealData:
-    """The run's real train/val/test sets; the split is written once to `real/split.json` and reused."""
+def fingerprint(*image_sets: ImageSet) -> str:
+    """Short SHA-256 of the pixels and labels of image sets: equal only for the same images in the same order."""
+    digest = hashlib.sha256()
+    for image_set in image_sets:
+        digest.update(image_set.images.numpy().tobytes())
+        digest.update(image_set.labels.numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
+def _cifar_pools(cfg: Any) -> tuple[ImageSet, ImageSet]:
+    """The whole train and test sets that the run's parameters point at (its split is drawn from them)."""
     params = cfg.data
     options = dict(root=params.root, download=params.download, on_bad_image=params.on_bad_image,
-                   cache_dir=params.cache_dir)
-    train, test = load_cifar10("train", **options), load_cifar10("test", **options)
+                   cache_dir=params.cache_dir, sample=params.sample)
+    return load_cifar10("train", **options), load_cifar10("test", **options)
+
+
+def source_line(cfg: Any) -> str:
+    """Where the run's CIFAR-10 comes from, its size and fingerprint: the banner's data line."""
+    train, test = _cifar_pools(cfg)
+    return (f"CIFAR-10 from the {train.report.origin}: {len(train):,} train / {len(test):,} test images, "
+            f"fingerprint `{fingerprint(train, test)}`")
+
+
+def real_data(cfg: Any) -> RealData:
+    """The run's real train/val/test sets; the split is written once to `real/split.json` and reused.
+
+    The split records the fingerprint of the data it was drawn from; other data on a rerun is an error.
+    """
+    train, test = _cifar_pools(cfg)
     split_path = cfg.run_dir / "real" / "split.json"
+    data_fingerprint = fingerprint(train, test)
     if split_path.exists():
         split = json.loads(split_path.read_text())
-        if split.get("n_train_pool") != len(train) or split.get("n_test_pool") != len(test):
-            raise DataError(f"{split_path} was made from {split.get('n_train_pool')} train / "
-                            f"{split.get('n_test_pool')} test images, but the data now has {len(train)} / "
-                            f"{len(test)}; delete the run directory to start over")
+        if split.get("fingerprint") != data_fingerprint:
+            raise DataError(f"{split_path} was drawn from other CIFAR-10 data (fingerprint {split.get('fingerprint')}, "
+                            f"{split.get('n_train_pool')} train / {split.get('n_test_pool')} test images) than the run "
+                            f"now finds ({data_fingerprint}, {len(train)} / {len(test)} from the {train.report.origin}); "
+                            "point data.root back at the original data, or delete the run directory to start over")
     else:
-        split = make_split(train.labels.numpy(), test.labels.numpy(), params, cfg.seed)
+        split = make_split(train.labels.numpy(), test.labels.numpy(), cfg.data, cfg.seed)
         split.update(n_train_pool=len(train), n_test_pool=len(test), seed=cfg.seed, source=train.report.source,
-                     test_source=test.report.source)
+                     test_source=test.report.source, origin=train.report.origin, fingerprint=data_fingerprint)
         atomic_write_json(split_path, split)
     return RealData(train.subset(split["train"]), train.subset(split["val"]), test.subset(split["test"]))
 
@@ -480,15 +581,22 @@ def class_counts(sets: Mapping[str, ImageSet]) -> Any:
 
 
 def channel_stats(sets: Mapping[str, ImageSet]) -> Any:
-    """Per-channel mean and standard deviation of the pixels (0-1 scale) of each set."""
+    """Per-channel mean and standard deviation (n - 1) of the pixels (0-1 scale) of each set.
+
+    From exact integer sums, so the table is the same on every CPU (float sums depend on the vector width).
+    """
+    import math
+
     import pandas as pd
 
     rows = {}
     for name, image_set in sets.items():
-        pixels = image_set.images.double().div_(255).transpose(0, 1).reshape(3, -1)
-        rows[name] = {f"{stat} {channel}": float(value)
-                      for stat, values in (("mean", pixels.mean(1)), ("std", pixels.std(1)))
-                      for channel, value in zip("RGB", values)}
+        pixels = image_set.images.transpose(0, 1).reshape(3, -1).to(torch.int64)
+        n, sums, squares = pixels.shape[1], pixels.sum(1).tolist(), pixels.square().sum(1).tolist()
+        means = [total / n / 255 for total in sums]
+        stds = [math.sqrt((n * square - total * total) / (n * (n - 1))) / 255 for total, square in zip(sums, squares)]
+        rows[name] = {f"{stat} {channel}": value
+                      for stat, values in (("mean", means), ("std", stds)) for channel, value in zip("RGB", values)}
     return pd.DataFrame.from_dict(rows, orient="index").round(4)
 
 

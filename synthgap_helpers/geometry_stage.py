@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,15 +34,10 @@ from synthgap_helpers.data import CLASSES, ImageSet
 from synthgap_helpers.geometry import detect_segments, find_vanishing_points
 from synthgap_helpers.geometry_metrics import compare_datasets, dataset_means, image_metrics, metric_names
 from synthgap_helpers.geometry_plots import plot_metric_distributions, plot_vanishing_point_panels
-from synthgap_helpers.geometry_york import (
-    YORK_URBAN_DIR,
-    evaluate_york_urban,
-    load_york_urban,
-    resolution_calibration,
-    shared_data_dir,
-)
+from synthgap_helpers.geometry_york import evaluate_york_urban, load_york_urban, resolution_calibration
 from synthgap_helpers.storage import atomic_write, atomic_write_json
 from synthgap_helpers.workload import image_seed, stable_hash
+from synthgap_helpers.york_urban import resolve_york_urban
 
 METRICS_VERSION = 1
 """Bump when a metric's definition changes: rows and files of an older version are recomputed."""
@@ -99,20 +93,17 @@ class GeometryResult:
 # --------------------------------------------------------------------------------------------- inputs
 
 
-def york_urban_root() -> Path:
-    """The York Urban folder: ``$SYNTHGAP_SHARED_DATA/york-urban-train``, default ``<repo>/../shared/data/...``.
+def york_urban_root(cfg: Any) -> Path:
+    """The run's York Urban folder (images and annotations.json): the embedded sample when ``data.sample``, else
+    ``geometry.york_urban_root``, the converted copy in the cache, or a download into the cache when
+    ``data.download`` allows it (see :func:`york_urban.resolve_york_urban`).
 
-    Raises FileNotFoundError naming the path and the environment variable when it is missing.
+    Raises DataError naming the URL, the cache folder and ``geometry.york_urban_root`` when none works.
     """
-    root = shared_data_dir() / YORK_URBAN_DIR
-    if not (root / "annotations.json").is_file():
-        source = ("$SYNTHGAP_SHARED_DATA" if os.environ.get("SYNTHGAP_SHARED_DATA")
-                  else "the default <repo>/../shared/data (SYNTHGAP_SHARED_DATA is not set)")
-        raise FileNotFoundError(
-            f"York Urban not found: {root} has no annotations.json (folder from {source}). The geometry stage "
-            f"validates its vanishing-point detector on York Urban before measuring CIFAR-10: set "
-            f"SYNTHGAP_SHARED_DATA to the folder holding {YORK_URBAN_DIR}/ (images and annotations.json).")
-    return root
+    if cfg.data.sample:
+        return data.sample_dir("york-urban")
+    cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else data.default_cache_dir()
+    return resolve_york_urban(cfg.geometry.york_urban_root, cache, cfg.data.download)
 
 
 def york_urban_subset(root: Path, count: int | None) -> list[str]:
@@ -319,10 +310,10 @@ def comparison_table(means: pd.DataFrame, comparison: pd.DataFrame) -> pd.DataFr
 def run(cfg: Any) -> GeometryResult:
     """Validate on York Urban, measure the real test set and every synthetic set, compare them.
 
-    Skips finished work (see the module doc); raises FileNotFoundError before any work when York
-    Urban is missing.
+    Skips finished work (see the module doc); raises DataError before any work when York Urban is
+    missing and cannot be downloaded.
     """
-    root = york_urban_root()
+    root = york_urban_root(cfg)
     names = york_urban_subset(root, cfg.geometry.york_urban_images)
     analysis = cfg.run_dir / "analysis"
     york_path, csv_path = analysis / YORK_NAME, analysis / CSV_NAME

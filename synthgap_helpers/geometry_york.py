@@ -7,7 +7,6 @@ the camera frame with y up, vp_pixels 0-based with y down, segments, segment_vp)
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -23,16 +22,7 @@ from synthgap_helpers.geometry import (
     find_vanishing_points,
 )
 
-YORK_URBAN_DIR = "york-urban-train"
 FLIP_Y = np.diag([1.0, -1.0, 1.0])
-
-
-def shared_data_dir(repo_root: Path | None = None) -> Path:
-    """Shared data folder: ``$SYNTHGAP_SHARED_DATA`` if set, else ``<repo root>/../shared/data``."""
-    if os.environ.get("SYNTHGAP_SHARED_DATA"):
-        return Path(os.environ["SYNTHGAP_SHARED_DATA"])
-    root = repo_root or Path(__file__).resolve().parents[1]
-    return root.parent / "shared" / "data"
 
 
 def load_york_urban(root: Path | str) -> list[dict]:

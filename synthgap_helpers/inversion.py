@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from synthgap_helpers.storage import atomic_write, atomic_write_json
+from synthgap_helpers.storage import atomic_write_bytes, atomic_write_json, safetensors_bytes
 from synthgap_helpers.workload import Shard, image_seed, stable_hash
 
 EMBEDDINGS_DIR = Path("inversion") / "embeddings"
@@ -436,10 +436,8 @@ def loss_path(run_dir: Path, group: Group | str) -> Path:
 
 
 def _save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
-    from safetensors.torch import save_file
-
     meta = {key: value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    atomic_write_bytes(path, safetensors_bytes(tensors, meta))  # the same bytes for the same tensors and metadata
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

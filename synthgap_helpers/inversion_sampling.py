@@ -72,7 +72,10 @@ def sample_from_embeddings(pipe: Any, embeddings: torch.Tensor, uncond: torch.Te
     """Images (uint8 N x 3 x R x R, CPU) from conditioning embeddings (N x T x H) with the stock pipeline.
 
     `uncond` (T x H, or N x T x H) is the unconditional input of classifier-free guidance; `seeds` gives one
-    torch.Generator per image, so an image does not depend on what else is in the batch.
+    torch.Generator per image, so an image's random draws do not depend on what else is in the batch.
+    On CUDA the batch is one pipeline call. On CPU each image is its own call: CPU kernels (oneDNN
+    convolutions) pick their algorithm, hence their rounding, by batch size, and one image at a time is
+    what makes CPU pixels bit-identical whatever `inversion.sample_batch_size` or the shard count is (tested).
     """
     if len(seeds) != len(embeddings):
         raise ValueError(f"{len(embeddings)} embeddings but {len(seeds)} seeds: one seed per image")
@@ -83,10 +86,12 @@ def sample_from_embeddings(pipe: Any, embeddings: torch.Tensor, uncond: torch.Te
         negative = negative.unsqueeze(0)
     negative = negative.expand_as(cond).contiguous()
     generators = [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds]
-    output = pipe(prompt_embeds=cond, negative_prompt_embeds=negative, guidance_scale=guidance,
-                  num_inference_steps=steps, height=resolution, width=resolution, eta=eta, generator=generators,
+    kwargs = dict(guidance_scale=guidance, num_inference_steps=steps, height=resolution, width=resolution, eta=eta,
                   output_type="np")
-    return to_uint8(output.images)
+    if device.type == "cuda":
+        return to_uint8(pipe(prompt_embeds=cond, negative_prompt_embeds=negative, generator=generators, **kwargs).images)
+    return torch.cat([to_uint8(pipe(prompt_embeds=cond[i:i + 1], negative_prompt_embeds=negative[i:i + 1],
+                                    generator=generators[i:i + 1], **kwargs).images) for i in range(len(seeds))])
 
 
 def perturb(embeddings: torch.Tensor, labels: Sequence[int], index: int, kind: str, noise_std: float,

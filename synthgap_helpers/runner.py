@@ -101,6 +101,27 @@ def build_book(root: Path) -> Path:
     return root / "_build" / "html" / "index.html"
 
 
+def publish(html: str | Path | None = None, remote: str = "origin", branch: str = "gh-pages") -> str:
+    """Push the already-built book (`_build/html`) to the `branch` of a git remote with ghp-import; builds nothing.
+
+    ghp-import runs in the git repository holding `html` (for `_build/html`, the checkout): it commits the folder,
+    with a `.nojekyll` file so GitHub Pages serves `_static/` as is, onto that repository's local `branch` and
+    force-pushes it to `remote` (a remote's name, a URL or a path)."""
+    folder = Path(html) if html is not None else project_root() / "_build" / "html"
+    if not (folder / "index.html").is_file():
+        raise FileNotFoundError(f"{folder / 'index.html'} does not exist: run make book first")
+    executable = shutil.which("ghp-import", path=str(Path(sys.executable).parent)) or shutil.which("ghp-import")
+    if executable is None:
+        raise FileNotFoundError("ghp-import is not installed in this environment (pip install -e '.[dev]')")
+    folder = folder.resolve()
+    result = subprocess.run([executable, "-n", "-p", "-f", "-r", remote, "-b", branch,
+                             "-m", "Publish the synthgap book", str(folder)], cwd=folder)
+    if result.returncode != 0:
+        raise RuntimeError(f"ghp-import failed (exit {result.returncode}) pushing {folder} to the {branch} branch of "
+                           f"{remote}; its message is printed above")
+    return f"{folder} pushed to the {branch} branch of {remote}"
+
+
 TEST_MARKERS = ("# NBVAL_CHECK_OUTPUT",)  # nbval's cell markers: for the tests, noise in the book
 
 

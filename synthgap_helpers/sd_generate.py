@@ -190,11 +190,16 @@ def generate_batch(pipe: Any, plans: Sequence[ImagePlan], cfg: Any, resolution: 
     convolutions, small matrix products) pick their algorithm, hence their rounding, by batch size, and
     one image at a time is what makes CPU pixels bit-identical whatever `batch_size` is (tested).
     """
-    if str(device).startswith("cuda"):
+    if batched_calls(device):
         return _pipeline_call(pipe, plans, cfg, resolution, device, sources)
     with _cpu_threads(pipe):
         return torch.cat([_pipeline_call(pipe, plans[i:i + 1], cfg, resolution, device,
                                          None if sources is None else sources[i:i + 1]) for i in range(len(plans))])
+
+
+def batched_calls(device: str) -> bool:
+    """Whether a batch is one pipeline call (CUDA) rather than one call per image (CPU, see `generate_batch`)."""
+    return str(device).startswith("cuda")
 
 
 def _pipeline_call(pipe: Any, plans: Sequence[ImagePlan], cfg: Any, resolution: int, device: str,
@@ -285,7 +290,9 @@ def run(cfg: Any, shard: Shard = Shard()) -> GenerationSummary:
               disable=len(todo) == 0) as bar:
         for first in range(0, len(todo), params.batch_size):
             batch = todo[first:first + params.batch_size]
-            padded = batch + [batch[-1]] * (params.batch_size - len(batch))  # every call has the same shape
+            padded = batch  # CPU: one call per image, so padding would only waste calls
+            if batched_calls(device):  # every batched call has the same shape, hence the same kernels
+                padded = batch + [batch[-1]] * (params.batch_size - len(batch))
             sources = real_train.images[[p.source_index for p in padded]] if real_train is not None else None
             images = generate_batch(pipe, padded, cfg, resolution, device, sources)[:len(batch)]
             writer.write(images, [record(plan, cfg, resolution) for plan in batch])

@@ -1,9 +1,11 @@
-"""Atomic file writes and append-only JSONL manifests: nothing half-written survives a crash."""
+"""Atomic file writes, reproducible safetensors bytes and append-only JSONL manifests: nothing half-written
+survives a crash."""
 
 from __future__ import annotations
 
 import json
 import os
+import struct
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -37,6 +39,27 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
     """Write JSON (indented, keys in insertion order) atomically."""
     return atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def safetensors_bytes(tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> bytes:
+    """A safetensors file as bytes that depend only on the tensors and the metadata.
+
+    safetensors (seen with 0.8.0) serialises its string metadata from a hash map, so the order of the
+    keys in the header, hence the file's bytes, changes from one save to the next. The header is rewritten
+    here with the metadata keys sorted and the tensors in data order; data and offsets are unchanged.
+    """
+    from safetensors.torch import save
+
+    raw = save(tensors, metadata=metadata)
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + length])
+    ordered: dict[str, Any] = {}
+    if "__metadata__" in header:
+        ordered["__metadata__"] = dict(sorted(header.pop("__metadata__").items()))
+    ordered.update(sorted(header.items(), key=lambda item: (item[1]["data_offsets"], item[0])))
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # the data stays 8-byte aligned, as safetensors writes it
+    return struct.pack("<Q", len(text)) + text + raw[8 + length:]
 
 
 class Manifest:

@@ -13,8 +13,8 @@ from synthgap_helpers.data import CLASSES, ImageFolderWriter
 
 # Two steps of the narrow ResNet on 3 train / 1 val / 2 test images per class: the machinery, not accuracy.
 TINY_TRAINING = {"train.model": "resnet18_cifar_narrow", "train.steps": 2, "train.batch_size": 10,
-                 "train.eval_every": 1, "train.seeds": 1, "data.train_per_class": 3, "data.val_per_class": 1,
-                 "data.test_per_class": 2}
+                 "train.eval_every": 1, "train.seeds": 1, "data.sample": False, "data.train_per_class": 3,
+                 "data.val_per_class": 1, "data.test_per_class": 2}
 
 ImageDrawer = Callable[[np.random.Generator], np.ndarray]
 

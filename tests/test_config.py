@@ -95,9 +95,17 @@ def test_other_parameters_on_the_same_run_directory_are_refused(tmp_path):
         config.load("smoke", run_dir=tmp_path, overrides=["data.val_per_class=30"])
 
 
-def test_banner_says_smoke_numbers_check_the_machinery_only(tmp_path):
+def test_banner_says_smoke_numbers_check_the_machinery_only_and_names_the_data(tmp_path):
     text = config.banner(config.resolve("smoke", tmp_path)).data
     assert "smoke" in text and "machinery only" in text
+    assert "CIFAR-10 from the embedded sample" in text and "700 train / 500 test images, fingerprint `" in text
+
+
+def test_the_embedded_sample_excludes_a_data_folder_and_a_york_urban_folder(tmp_path):
+    with pytest.raises(config.ConfigError, match="root .* must be null"):
+        config.resolve("smoke", tmp_path, ["data.root=/data/cifar"])
+    with pytest.raises(config.ConfigError, match="geometry.york_urban_root .* must be null"):
+        config.resolve("smoke", tmp_path, ["geometry.york_urban_root=/data/york"])
 
 
 def test_parameters_added_by_a_newer_version_are_recorded_not_refused(tmp_path):

@@ -1,6 +1,7 @@
 """CIFAR-10 sources, image folders, bad inputs, balanced subsets and the run's split."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -189,8 +190,8 @@ def test_balanced_indices_are_balanced_seeded_and_respect_exclusions():
 def test_split_is_disjoint_balanced_and_reused(tmp_path):
     write_batches(tmp_path / "cifar-10-batches-py", per_file=400)
     cfg = config.load("smoke", run_dir=tmp_path / "run",
-                      overrides=[f"data.root={tmp_path}", "data.train_per_class=10", "data.val_per_class=5",
-                                 "data.test_per_class=3"])
+                      overrides=["data.sample=false", f"data.root={tmp_path}", "data.train_per_class=10",
+                                 "data.val_per_class=5", "data.test_per_class=3"])
     real = data.real_data(cfg)
     assert real.train.class_counts().tolist() == [10] * 10 and real.val.class_counts().tolist() == [5] * 10
     assert real.test.class_counts().tolist() == [3] * 10
@@ -216,3 +217,44 @@ def test_overview_tables_cover_every_set(tmp_path):
     expected_mean = np.mean([10 * c + i for c in range(10) for i in range(2)]) / 255
     assert stats.loc["a", "mean R"] == pytest.approx(expected_mean, abs=1e-4)
     assert data.load_reports(sets).loc["a", "loaded"] == 20
+
+
+def test_embedded_sample_is_balanced_canonical_and_its_split_fills_the_smoke_profile(tmp_path):
+    train, test = load_cifar10("train", sample=True), load_cifar10("test", sample=True)
+    assert train.class_counts().tolist() == [70] * 10 and test.class_counts().tolist() == [50] * 10
+    assert "embedded sample" in train.report.origin and train.images.is_contiguous()
+    real = data.real_data(config.load("smoke", run_dir=tmp_path / "run"))
+    assert [len(s) for s in real.sets().values()] == [500, 200, 500]
+    split = json.loads((tmp_path / "run" / "real" / "split.json").read_text())
+    assert split["fingerprint"] == data.fingerprint(train, test) and "embedded sample" in split["origin"]
+
+
+def test_a_changed_sample_file_is_refused_naming_it(tmp_path, monkeypatch):
+    copy = tmp_path / "sample_data"
+    shutil.copytree(data.SAMPLE_DIR, copy)
+    victim = next((copy / "cifar10" / "test" / "cat").iterdir())
+    victim.write_bytes(victim.read_bytes()[:100])  # truncated
+    monkeypatch.setattr(data, "SAMPLE_DIR", copy)
+    data.sample_dir.cache_clear()
+    try:
+        with pytest.raises(DataError, match=f"{victim.name} is missing or differs from its checksum"):
+            load_cifar10("test", sample=True)
+    finally:
+        data.sample_dir.cache_clear()
+
+
+def test_loaders_hand_out_contiguous_images_whatever_the_strides_of_the_input():
+    channels_last = torch.zeros(4, 32, 32, 3, dtype=torch.uint8).permute(0, 3, 1, 2)
+    image_set = data.ImageSet(channels_last, torch.zeros(4, dtype=torch.int32), ["a/0"] * 4, data.LoadReport("x"))
+    assert image_set.images.is_contiguous() and image_set.labels.dtype == torch.int64
+    with pytest.raises(ValueError, match="uint8 N x 3 x H x W"):
+        data.ImageSet(torch.zeros(4, 3, 32, 32), torch.zeros(4), ["a/0"] * 4, data.LoadReport("x"))
+
+
+def test_a_run_refuses_other_data_than_its_split_was_drawn_from(tmp_path):
+    write_batches(tmp_path / "a" / "cifar-10-batches-py", per_file=400)
+    write_batches(tmp_path / "b" / "cifar-10-batches-py", per_file=400, seed=1)
+    overrides = ["data.sample=false", "data.train_per_class=10", "data.val_per_class=5", "data.test_per_class=3"]
+    data.real_data(config.resolve("smoke", tmp_path / "run", [*overrides, f"data.root={tmp_path / 'a'}"]))
+    with pytest.raises(DataError, match="was drawn from other CIFAR-10 data"):
+        data.real_data(config.resolve("smoke", tmp_path / "run", [*overrides, f"data.root={tmp_path / 'b'}"]))

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from synthgap_helpers import config, geometry_stage
-from synthgap_helpers.data import ImageSet, LoadReport
+from synthgap_helpers import config, data, geometry_stage
+from synthgap_helpers.data import DataError, ImageSet, LoadReport
 from synthgap_helpers.geometry_metrics import metric_names
 from study_files import write_batches, write_synthetic
 
@@ -44,18 +44,20 @@ def write_synthetic_set(run_dir: Path, per_class: int = 2, seed: int = 1) -> Non
 
 
 def tiny_config(root: Path, run_dir: Path, **geometry: object) -> config.Config:
-    """The smoke profile on the tiny batches: 20 test images, 1 of each class per set, 1 York Urban image."""
-    overrides = {"data.root": str(root), "data.download": False, "data.train_per_class": 3, "data.val_per_class": 2,
-                 "data.test_per_class": None, "geometry.images_per_set": 10, "geometry.york_urban_images": 1,
-                 "geometry.upscale": 4, "geometry.n_resamples": 200}
+    """The smoke profile on the tiny batches: 20 test images, 1 of each class per set, 1 York Urban image
+    (from ``<root>/../york-urban``, where ``tiny_run`` links the embedded sample)."""
+    overrides = {"data.sample": False, "data.root": str(root), "data.download": False, "data.train_per_class": 3,
+                 "data.val_per_class": 2, "data.test_per_class": None, "geometry.images_per_set": 10, "geometry.york_urban_images": 1,
+                 "geometry.upscale": 4, "geometry.n_resamples": 200,
+                 "geometry.york_urban_root": str(root.parent / "york-urban")}
     overrides.update({f"geometry.{key}": value for key, value in geometry.items()})
     return config.resolve("smoke", run_dir=run_dir, overrides=overrides)
 
 
 @pytest.fixture
-def tiny_run(tmp_path: Path, shared_data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
-    """(CIFAR root, run dir): tiny official batches, a synthetic set in the run, York Urban from the shared data."""
-    monkeypatch.setenv("SYNTHGAP_SHARED_DATA", str(shared_data_dir))
+def tiny_run(tmp_path: Path) -> tuple[Path, Path]:
+    """(CIFAR root, run dir): tiny official batches, a synthetic set in the run, York Urban from the embedded sample."""
+    (tmp_path / "york-urban").symlink_to(data.sample_dir("york-urban"))
     root = tmp_path / "cifar"
     write_box_batches(root / "cifar-10-batches-py")
     run_dir = tmp_path / "run"
@@ -135,13 +137,14 @@ def test_changed_parameters_recompute_what_depends_on_them(tiny_run):
     assert len(table) == 20 and table["params_key"].nunique() == 1  # stale rows are dropped
 
 
-def test_missing_york_urban_is_an_error_naming_the_path_and_the_variable(tmp_path, monkeypatch):
-    monkeypatch.setenv("SYNTHGAP_SHARED_DATA", str(tmp_path / "nowhere"))
-    cfg = config.resolve("smoke", run_dir=tmp_path / "run")
-    expected = str(tmp_path / "nowhere" / "york-urban-train")
-    with pytest.raises(FileNotFoundError, match="SYNTHGAP_SHARED_DATA") as error:
+def test_missing_york_urban_is_an_error_naming_the_url_the_cache_and_the_setting(tmp_path):
+    cfg = config.resolve("gpu-small", run_dir=tmp_path / "run",
+                         overrides={"data.download": False, "data.cache_dir": str(tmp_path / "cache")})
+    with pytest.raises(DataError) as error:
         geometry_stage.run(cfg)
-    assert expected in str(error.value)
+    message = str(error.value)
+    assert "elderlab.yorku.ca" in message and str(tmp_path / "cache" / "york-urban") in message
+    assert "geometry.york_urban_root" in message
     assert not (tmp_path / "run").exists()  # nothing was started
 
 

@@ -33,7 +33,7 @@ def save_random_model(run_dir: Path, arm: str, seed: int = 0, weights_seed: int 
 def tiny_config(root: Path, run_dir: Path, **gradcam: object) -> config.Config:
     """Smoke profile on the tiny batches: a 40-image test set, 2 images per class explained, 10 of them
     on the faithfulness curves (4 steps)."""
-    overrides = {"data.root": str(root), "data.download": False, "data.train_per_class": 3, "data.val_per_class": 2,
+    overrides = {"data.sample": False, "data.root": str(root), "data.download": False, "data.train_per_class": 3, "data.val_per_class": 2,
                  "data.test_per_class": 4, "gradcam.images_per_class": 2, "gradcam.faithfulness_images": 10,
                  "gradcam.deletion_steps": 4, "gradcam.n_resamples": 200}
     overrides.update({f"gradcam.{key}": value for key, value in gradcam.items()})

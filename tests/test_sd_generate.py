@@ -30,6 +30,12 @@ def fake_real_data(per_class: int = 2) -> data.RealData:
     return data.RealData(train, train.subset([0]), train.subset([0]))
 
 
+def differing(got: tuple[dict, dict], expected: tuple[dict, dict]) -> list[str]:
+    """Names of the files (PNG bytes) and manifest records that differ between two runs' (folder_bytes, records_by_id)."""
+    return [f"{kind}:{key}" for kind, a, b in (("png", got[0], expected[0]), ("record", got[1], expected[1]))
+            for key in sorted(a.keys() | b.keys()) if a.get(key) != b.get(key)]
+
+
 def folder_bytes(cfg: config.Config) -> dict[str, bytes]:
     root = sd_generate.output_folder(cfg)
     return {str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob("*.png"))}
@@ -184,3 +190,34 @@ def test_output_is_an_antialiased_32_pixel_uint8_image():
     stripes[..., ::2] = 1.0  # one-pixel stripes average out to grey instead of aliasing
     inner = sd_generate.to_cifar(stripes)[..., 2:-2, 2:-2]  # (bicubic rings a little at the borders)
     assert inner.float().sub(127.5).abs().max() <= 1
+
+
+SAMPLE = {"data.sample": True, "data.train_per_class": 3, "data.val_per_class": 1, "data.test_per_class": 1}
+
+
+@pytest.mark.parametrize("mode", ["img2img", "txt2img"])
+def test_generated_pixels_do_not_depend_on_cache_batch_size_or_shards(tmp_path, mode):
+    """The embedded CIFAR-10 sample decoded now (cold cache) or read back from the cache (warm), any sd.batch_size,
+    one run or three shards merged: the same PNG bytes and manifest lines. One image of each class, img2img at
+    64 px (upsampled sources, one denoising step). On an AVX-512 CPU this fails when it should: channels-last
+    sources (what a cold cache used to hand out) change 3 of the 10 images, and one pipeline call per batch
+    of 3 (instead of one per image) changes 2."""
+    by_mode = {"sd.mode": mode, "sd.resolution": 64} if mode == "img2img" else {"sd.mode": mode}
+    images = len(data.CLASSES)
+
+    def generate(name: str, cache: Path, batch_size: int, shards: int = 1) -> tuple[dict, dict]:
+        cfg = make_cfg(tmp_path / name, **SAMPLE, **by_mode, **{"sd.classes": None, "sd.images_per_class": 1,
+                                                                "data.cache_dir": str(cache), "sd.batch_size": batch_size})
+        for index in range(shards):
+            sd_generate.run(cfg, Shard(index, shards))
+        if shards > 1:
+            assert sd_generate.run(cfg).merged == images  # one shard: merges the shard manifests
+        return folder_bytes(cfg), records_by_id(cfg)
+
+    cache = tmp_path / "cache"
+    reference = generate("cold-b1", cache, batch_size=1)
+    assert len(reference[0]) == images
+    assert (cache / "cifar10").is_dir() == (mode == "img2img")  # img2img decoded the sample and filled the cache
+    for name, batch_size in (("warm-b1", 1), ("warm-b3", 3), ("warm-all", images)):
+        assert differing(generate(name, cache, batch_size), reference) == [], name
+    assert differing(generate("cold-sharded-b2", tmp_path / "fresh-cache", batch_size=2, shards=3), reference) == []

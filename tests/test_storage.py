@@ -1,10 +1,11 @@
-"""Atomic writes and the JSONL manifest."""
+"""Atomic writes, reproducible safetensors bytes and the JSONL manifest."""
 
 import os
 
 import pytest
+import torch
 
-from synthgap_helpers.storage import Manifest, atomic_write, atomic_write_bytes, atomic_write_json
+from synthgap_helpers.storage import Manifest, atomic_write, atomic_write_bytes, atomic_write_json, safetensors_bytes
 
 
 def test_atomic_write_replaces_the_file_and_leaves_no_temporary(tmp_path):
@@ -53,3 +54,17 @@ def test_manifest_with_a_corrupt_complete_line_names_the_line(tmp_path):
     path.write_text('{"id": "a"}\nnot json\n')
     with pytest.raises(ValueError, match="manifest.jsonl, line 2"):
         Manifest(path).records()
+
+
+def test_safetensors_bytes_depend_only_on_the_tensors_and_the_metadata(tmp_path):
+    """safetensors itself orders the metadata keys differently from save to save (16 to 19 distinct files in 20 saves)."""
+    from safetensors import safe_open
+
+    tensors = {"embeddings": torch.randn(2, 5, 3), "labels": torch.tensor([4, 1]), "half": torch.zeros(3).half()}
+    metadata = {"group": "group_00000", "image_ids": '["cat/0001", "cat/é"]', "model": "tiny", "step": "6"}
+    files = {safetensors_bytes(tensors, metadata) for _ in range(20)}
+    assert len(files) == 1
+    atomic_write_bytes(tmp_path / "file.safetensors", files.pop())
+    with safe_open(str(tmp_path / "file.safetensors"), framework="pt") as handle:
+        assert handle.metadata() == metadata and set(handle.keys()) == set(tensors)
+        assert all(torch.equal(handle.get_tensor(name), value) for name, value in tensors.items())

@@ -17,6 +17,7 @@ from synthgap_helpers.train import (
     load_checkpoint,
     lr_at,
     make_optimizer,
+    predict_logits,
     save_checkpoint,
     summarize_seeds,
     train_classifier,
@@ -166,6 +167,27 @@ def test_evaluate_reports_hand_checked_accuracy_confusion_and_loss():
     assert metrics["per_class_accuracy"] == pytest.approx([1 / 2, 1, 2 / 3])
     assert metrics["loss"] == pytest.approx((4 * -math.log(4 / 6) + 2 * -math.log(1 / 6)) / 6)
     assert metrics["n"] == 6
+
+
+def test_evaluation_does_not_depend_on_its_batch_size_the_set_size_or_the_other_images():
+    """On CPU a model's logits differ by about 1e-6 with the number of images per call (1, 2-5, 6+ on an AVX-512
+    CPU): enough to flip a near-tie or the last bit of the mean loss. Scoring always calls the model on the same
+    number of images, so batch size, set size and neighbours cannot change an image's logits."""
+    images, labels = blocky_images(70, seed=4), labels_for(70)
+    torch.manual_seed(0)
+    model = build_model("resnet18_cifar_narrow").to(memory_format=torch.channels_last).eval()
+    reference = predict_logits(model, images, batch_size=512)
+
+    def moved(logits: torch.Tensor, expected: torch.Tensor) -> float:
+        return float((logits - expected).abs().max())
+
+    for batch_size in (1, 3, 7, 64):
+        assert moved(predict_logits(model, images, batch_size=batch_size), reference) == 0.0, batch_size
+    assert moved(predict_logits(model, images.flip(0)).flip(0), reference) == 0.0  # other neighbours, positions
+    assert moved(predict_logits(model, images[:1]), reference[:1]) == 0.0  # a set of one
+    assert moved(predict_logits(model, images[65:]), reference[65:]) == 0.0  # the last five alone
+    metrics = [evaluate(model, images, labels, batch_size=batch_size) for batch_size in (1, 7, 512)]
+    assert metrics[0] == metrics[1] == metrics[2]
 
 
 def test_summarize_seeds_gives_mean_sample_std_and_t_interval():

@@ -134,6 +134,44 @@ def test_shards_partition_the_jobs_and_each_shows_what_is_finished(run_dir):
     assert set(second.records) == jobs
 
 
+TIMING = ("seconds", "images_per_second")  # wall-clock measurements: the only fields of a job that may differ
+
+
+def job_outputs(run_dir: Path) -> dict[str, typing.Any]:
+    """What later chapters read of a training run: weights (bytes), metrics without timings, the accuracy table."""
+    outputs: dict[str, typing.Any] = {"results/accuracy.csv": (run_dir / "results" / "accuracy.csv").read_text()}
+    for folder in sorted((run_dir / "models").glob("*/seed*")):
+        metrics = json.loads((folder / "metrics.json").read_text())
+        metrics["train_data"]["synthetic_folders"] = [str(Path(f).relative_to(run_dir))
+                                                      for f in metrics["train_data"]["synthetic_folders"]]
+        name = str(folder.relative_to(run_dir))
+        outputs[f"{name}/metrics.json"] = {k: v for k, v in metrics.items() if k not in TIMING}
+        outputs[f"{name}/model.safetensors"] = (folder / "model.safetensors").read_bytes()
+    return outputs
+
+
+def test_trained_weights_and_metrics_do_not_depend_on_cache_or_shards(tmp_path):
+    """The embedded CIFAR-10 sample decoded now (cold cache) or read back from the cache (warm), the (arm, seed)
+    jobs in one run or in three shards: the same model.safetensors bytes and the same metrics."""
+    def train(name: str, cache: Path, shards: int = 1) -> dict[str, typing.Any]:
+        run_dir = tmp_path / name
+        write_synthetic(run_dir / "synthetic" / "sd", seed=0)
+        cfg = config.load("smoke", run_dir=run_dir, record=False, overrides={
+            **TINY_TRAINING, "data.sample": True, "data.cache_dir": str(cache), "train.arms": ["real", "real+sd"],
+            "train.seeds": 2})
+        trained = [len(train_stage.run(cfg, shard=Shard(index, shards)).trained) for index in range(shards)]
+        assert sum(trained) == 4 and (shards == 1 or max(trained) < 4)  # the shards shared the four jobs
+        return job_outputs(run_dir)
+
+    cache = tmp_path / "cache"
+    reference = train(name="cold", cache=cache)
+    assert (cache / "cifar10").is_dir() and len(reference) == 1 + 2 * 4  # the table, two files of each job
+    warm = train(name="warm", cache=cache)
+    assert [key for key in reference if warm[key] != reference[key]] == [] and warm.keys() == reference.keys()
+    sharded = train(name="sharded", cache=tmp_path / "fresh-cache", shards=3)
+    assert [key for key in reference if sharded[key] != reference[key]] == [] and sharded.keys() == reference.keys()
+
+
 def test_table_has_mean_std_interval_and_the_reported_numbers(run_dir):
     summary = train_stage.run(load(run_dir, **{"train.arms": ["real"], "train.seeds": 2, "train.steps": 1}))
     table = summary.accuracy_table()

@@ -1,0 +1,52 @@
+"""The smoke run's numbers against their committed reference values, and proof that the check can fail.
+
+`make test` computes runs/smoke afresh (nbval executes the notebooks into it; the suite-and-book test of
+test_runner.py completes it), so these checks never pass on results of older code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from smoke_reference import REFERENCE, TOLERANCES, collect, compare, rule
+
+RUN_DIR = Path(__file__).resolve().parents[1] / "runs" / "smoke"
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, float]:
+    return json.loads(REFERENCE.read_text())
+
+
+@pytest.mark.slow
+def test_every_number_of_the_smoke_run_lies_within_its_reference_band(reference):
+    if not (RUN_DIR / "results.json").is_file():
+        pytest.fail(f"{RUN_DIR} holds no finished smoke run: `make test` executes the notebooks into it first")
+    problems = compare(collect(RUN_DIR), reference)
+    assert not problems, f"{len(problems)} number(s) of {RUN_DIR} outside their bands:\n" + "\n".join(problems)
+
+
+def test_every_reference_key_has_a_tolerance_rule_and_every_rule_is_used(reference):
+    assert {rule(key) for key in reference} == set(TOLERANCES)
+
+
+def test_an_arm_at_chance_fails_the_check(reference):
+    changed = dict(reference, **{"headline/real/test_accuracy": 10.0})
+    assert [line for line in compare(changed, reference) if line.startswith("headline/real/test_accuracy")]
+
+
+def test_focus_computed_with_the_intensity_formula_fails_the_check(reference):
+    """The original study's code gave focus and intensity one formula; the bands tell them apart."""
+    arms = {key.split("/")[1] for key in reference if key.startswith("gradcam/")}
+    changed = dict(reference, **{f"gradcam/{arm}/focus": reference[f"gradcam/{arm}/intensity"] for arm in arms})
+    assert [line for line in compare(changed, reference) if "/focus:" in line]
+
+
+def test_a_missing_or_new_number_fails_the_check(reference):
+    key = next(iter(reference))
+    problems = compare({k: v for k, v in reference.items() if k != key} | {"headline/extra/test_accuracy": 1.0},
+                       reference)
+    assert problems == [f"{key}: in the reference, missing from the run",
+                        "headline/extra/test_accuracy: new in the run, not in the reference (1.0)"]
