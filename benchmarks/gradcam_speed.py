@@ -16,7 +16,8 @@ import torch
 import torchvision
 from torch import nn
 
-from synthgap_helpers.gradcam import attention_metrics, deletion_insertion, gradcam_maps
+from synthgap_helpers.gradcam.maps import deletion_insertion, gradcam_maps
+from synthgap_helpers.gradcam.metrics import attention_metrics
 
 MEAN_STD = ((0.491, 0.482, 0.447), (0.247, 0.243, 0.262))
 

@@ -1,4 +1,4 @@
-"""Embedding-training throughput of synthgap_helpers.inversion against the authors' recipe, and sampling speed.
+"""Embedding-training throughput of synthgap_helpers.inversion.stage against the authors' recipe, and sampling speed.
 
 Both optimise the same group of embeddings on the same architecture at the same batch size:
 
@@ -9,7 +9,7 @@ Both optimise the same group of embeddings on the same architecture at the same 
 
 Rounds alternate between the two so that a busy machine slows both alike (on CPU both run in fp32: the
 difference there is the cached encoding only). The last lines print steps/s of each, their ratio, and the
-sampling speed (images/s) of `inversion_sampling.sample_from_embeddings` with classifier-free guidance.
+sampling speed (images/s) of `inversion.sampling.sample_from_embeddings` with classifier-free guidance.
 
     python benchmarks/inversion_throughput.py --tiny                    # tiny random pipeline, CPU
     python benchmarks/inversion_throughput.py --random-weights          # SD 1.5's architecture, random weights (GPU)
@@ -24,7 +24,9 @@ import time
 
 import torch
 
-from synthgap_helpers import diffusion, inversion, inversion_sampling
+from synthgap_helpers.sd import pipelines as diffusion
+from synthgap_helpers.inversion import embeddings as inversion
+from synthgap_helpers.inversion import sampling as inversion_sampling
 
 # Stable Diffusion 1.5's U-Net and VAE (diffusers configs of stable-diffusion-v1-5); the text encoder is cut to
 # one layer (only its width matters here: sampling gets prompt_embeds and never calls it).

@@ -6,7 +6,7 @@
 synthgap: fp16 on CUDA (fp32 on CPU), SDPA attention, channels-last U-Net, DPM-Solver++ with `--steps`,
 `--batch` images per call. diffusers' defaults: fp32, the model's scheduler (PNDM for SD 1.5) with 50
 steps, one image per call. `--random-weights` builds SD 1.5's exact architecture from its configs
-(synthgap_helpers.diffusion.SD15_*_CONFIG) so that no download is needed; the images are noise but
+(synthgap_helpers.sd.pipelines.SD15_*_CONFIG) so that no download is needed; the images are noise but
 the compute per image is the real model's. Prints the figures; this is not a test.
 """
 
@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from synthgap_helpers import diffusion
+from synthgap_helpers.sd import pipelines as diffusion
 
 
 def build(args: argparse.Namespace, device: str, dtype: torch.dtype):
@@ -61,7 +61,7 @@ def main() -> None:
     args = parser.parse_args()
     device = args.device
     if args.tiny:
-        torch.set_num_threads(1)  # tensors this small lose time in parallel regions (see sd_generate._cpu_threads)
+        torch.set_num_threads(1)  # tensors this small lose time in parallel regions (see sd.stage._cpu_threads)
 
     base = build(args, device, torch.float32)
     resolution = args.resolution or diffusion.native_resolution(base)

@@ -1,4 +1,4 @@
-"""Training throughput of synthgap_helpers.train against a plain DataLoader + PIL-transform loop.
+"""Training throughput of synthgap_helpers.train.trainer against a plain DataLoader + PIL-transform loop.
 
 Both train the same model at the same batch size on the same images, in one process; rounds
 alternate between the two so that a busy machine slows both alike. The last line is
@@ -22,9 +22,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from synthgap_helpers.train import TrainParams, make_optimizer, train_classifier
-from synthgap_helpers.train_batches import CIFAR10_MEAN, CIFAR10_STD
-from synthgap_helpers.train_models import build_model
+from synthgap_helpers.train.trainer import TrainParams, make_optimizer, train_classifier
+from synthgap_helpers.train.batches import CIFAR10_MEAN, CIFAR10_STD
+from synthgap_helpers.train.models import build_model
 
 
 def load_images(data: Path | None, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

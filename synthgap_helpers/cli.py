@@ -27,14 +27,14 @@ from synthgap_helpers.workload import merge_shards, parse_shard
 
 # (command, action) -> (module, function): every stage entry point takes (cfg, shard) and returns a summary.
 STAGES: dict[tuple[str, str | None], tuple[str, str]] = {
-    ("generate", "sd"): ("synthgap_helpers.sd_generate", "run"),
-    ("invert", "train"): ("synthgap_helpers.inversion", "train_embeddings"),
-    ("invert", "sample"): ("synthgap_helpers.inversion", "sample"),
-    ("train", None): ("synthgap_helpers.train_stage", "run"),
-    ("gradcam", None): ("synthgap_helpers.gradcam_stage", "run"),
-    ("gap", None): ("synthgap_helpers.gap_stage", "run"),
-    ("lowdata", "sweep"): ("synthgap_helpers.lowdata", "sweep"),
-    ("lowdata", "finetune"): ("synthgap_helpers.lowdata", "finetune"),
+    ("generate", "sd"): ("synthgap_helpers.sd.stage", "run"),
+    ("invert", "train"): ("synthgap_helpers.inversion.stage", "train_embeddings"),
+    ("invert", "sample"): ("synthgap_helpers.inversion.stage", "sample"),
+    ("train", None): ("synthgap_helpers.train.stage", "run"),
+    ("gradcam", None): ("synthgap_helpers.gradcam.stage", "run"),
+    ("gap", None): ("synthgap_helpers.gap.stage", "run"),
+    ("lowdata", "sweep"): ("synthgap_helpers.lowdata.stage", "sweep"),
+    ("lowdata", "finetune"): ("synthgap_helpers.lowdata.stage", "finetune"),
 }
 
 

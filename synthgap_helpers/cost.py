@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from functools import cache
 from typing import Any
 
 import pandas as pd
@@ -27,6 +26,11 @@ SD1_DOWNLOADS = ("stable-diffusion-v1",)  # hub ids with SD 1.x's architecture (
 # them on the architecture in `diffusion` (meta device), which takes seconds the book build should not spend
 SD1_PARAMETERS = 1_066_235_307
 SD1_WIDTH = 768  # SD 1.x's text width = its U-Net's cross_attention_dim
+TINY_WIDTH = 32  # the tiny offline pipeline's text width (sd.pipelines.TINY_WIDTH; a test keeps them equal)
+# Parameters of each classifier variant (train.models.MODELS), counted on the architectures by a test: cost is
+# plumbing and builds no stage's model.
+CLASSIFIER_PARAMETERS = {"resnet18_cifar": 11_173_962, "resnet18_imagenet": 11_181_642,
+                         "resnet18_imagenet_224": 11_181_642, "resnet18_cifar_narrow": 701_466}
 ARMS = ("real", "sd", "di", "real+sd", "real+di")  # the original study's arms, trained when both generators ran
 
 # stage rate key -> (unit of the rate, the benchmark that measures it on your machine)
@@ -170,22 +174,9 @@ def download_bytes(model: str) -> int | None:
 
 def embedding_width(model: str) -> int | None:
     """Width of a DI embedding vector (the U-Net's cross_attention_dim) for known models, else None."""
-    from synthgap_helpers.diffusion import TINY_WIDTH
-
     if model == "tiny":
         return TINY_WIDTH
     return SD1_WIDTH if any(marker in model for marker in SD1_DOWNLOADS) else None
-
-
-@cache
-def classifier_parameters(name: str) -> int:
-    """Parameters of a classifier variant (built on the meta device)."""
-    import torch
-
-    from synthgap_helpers.train_models import build_model
-
-    with torch.device("meta"):
-        return sum(p.numel() for p in build_model(name).parameters())
 
 
 def _png_bound(images: int, side: int) -> int:
@@ -209,8 +200,8 @@ def disk_table(cfg: Any) -> pd.DataFrame:
          f"at most: {synthetic['di']:,} PNGs of {cfg.inversion.save_size} px"),
         ("DI embeddings and resumable checkpoints", None if embeddings is None else (1 + ADAMW_STATE) * embeddings,
          f"{inverted_images(cfg):,} x {cfg.inversion.num_tokens} x {width or '?'} fp32, plus embeddings and AdamW moments"),
-        ("classifier checkpoints", jobs * 4 * classifier_parameters(cfg.train.model),
-         f"{jobs} models of {classifier_parameters(cfg.train.model):,} fp32 parameters"),
+        ("classifier checkpoints", jobs * 4 * CLASSIFIER_PARAMETERS[cfg.train.model],
+         f"{jobs} models of {CLASSIFIER_PARAMETERS[cfg.train.model]:,} fp32 parameters"),
     ]
     return pd.DataFrame(rows, columns=["item", "bytes", "what"]).set_index("item")
 
@@ -246,5 +237,5 @@ def parse_rates(pairs: list[str]) -> dict[str, float]:
     return rates
 
 
-__all__ = ["RATES", "ProfileCost", "classifier_parameters", "compare_profiles", "disk_table", "download_bytes",
+__all__ = ["RATES", "ProfileCost", "CLASSIFIER_PARAMETERS", "compare_profiles", "disk_table", "download_bytes",
            "human_bytes", "parse_rates", "profile_cost", "real_sizes", "synthetic_sizes", "work_table"]

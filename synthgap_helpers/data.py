@@ -28,6 +28,8 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_image
 from tqdm.auto import tqdm
 
+from synthgap_helpers.downloads import file_digest
+from synthgap_helpers.errors import DataError, DownloadError
 from synthgap_helpers.storage import Manifest, atomic_write, atomic_write_bytes, atomic_write_json
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -36,10 +38,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 BadImagePolicy = Literal["error", "skip"]
 _BATCH_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample_data"  # the smoke sample; see its PROVENANCE.md
-
-
-class DataError(ValueError):
-    """Data that cannot be used as given; the message names the file or folder and the fix."""
 
 
 @dataclass
@@ -364,7 +362,6 @@ def _download(cache_dir: Path, url: str | None = None, md5: str | None = None) -
     from torchvision.datasets import CIFAR10
     from torchvision.datasets.utils import download_url, extract_archive
 
-    from synthgap_helpers.downloads import DownloadError, file_digest
 
     url, md5 = url or CIFAR10.url, md5 or CIFAR10.tgz_md5
     target = cache_dir / "download"
@@ -506,13 +503,13 @@ def make_split(train_labels: np.ndarray, test_labels: np.ndarray, params: Any, s
     return {"train": train.tolist(), "val": val.tolist(), "test": test.tolist()}
 
 
-def fingerprint(*image_sets: ImageSet) -> str:
+def fingerprint(*image_sets: ImageSet, length: int = 12) -> str:
     """Short SHA-256 of the pixels and labels of image sets: equal only for the same images in the same order."""
     digest = hashlib.sha256()
     for image_set in image_sets:
         digest.update(image_set.images.numpy().tobytes())
         digest.update(image_set.labels.numpy().tobytes())
-    return digest.hexdigest()[:12]
+    return digest.hexdigest()[:length]
 
 
 def _cifar_pools(cfg: Any) -> tuple[ImageSet, ImageSet]:

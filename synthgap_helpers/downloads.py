@@ -19,19 +19,11 @@ from typing import BinaryIO
 
 from tqdm.auto import tqdm
 
-from synthgap_helpers.data import DataError
+from synthgap_helpers.errors import ChecksumError, DownloadError
 
 CHUNK_BYTES = 1 << 16
 TIMEOUT_S = 60.0  # per network operation (connect, each read), not for the whole transfer
 USER_AGENT = "synthgap-helpers"
-
-
-class DownloadError(DataError):
-    """A download that failed or did not match its checksum; the message names the URL, the cache folder and the fix."""
-
-
-class ChecksumError(DownloadError):
-    """A download that arrived whole but with another checksum than expected (it was deleted)."""
 
 
 def file_digest(path: str | Path, algorithm: str = "sha256") -> str:

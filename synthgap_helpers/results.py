@@ -1,8 +1,8 @@
-"""Metric records and the tables the book shows: the headline accuracy table and `<run_dir>/results.json`.
+"""Metric records (`<run_dir>/results.json`), the statistics over seeds, and the numbers the book quotes.
 
-Every number the book's results chapter shows is computed here or by a stage, and recorded in
-`results.json` (one section per table: ``headline``, ``gap``, ``lowdata``, ``finetune``), written
-atomically, so that the narrative can cite the file instead of copying numbers by hand.
+Every number the book's results chapter shows is computed by a stage and recorded in `results.json`
+(one section per table: ``headline``, ``gap``, ``lowdata``, ``finetune``), written atomically, so that
+the narrative can cite the file instead of copying numbers by hand.
 """
 
 from __future__ import annotations
@@ -15,15 +15,14 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
+import scipy.stats
 
-from synthgap_helpers import config, train_figures, train_stage
+from synthgap_helpers import config
 from synthgap_helpers.storage import atomic_write_json
-from synthgap_helpers.train import welch_difference
 
 RESULTS_FILE = "results.json"
 GAIN_COLUMNS = ["over", "seeds", "baseline seeds", "gain (points)", "ci95_low", "ci95_high"]
-REPORTED_CITATION = "reported by the original study, on its own split, not the official test set"
+MISSING = "not trained"  # what a table or the introduction shows for an arm without finished models
 
 
 def json_safe(value: Any) -> Any:
@@ -67,55 +66,36 @@ def read_records(run_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-# --------------------------------------------------------------------------------------------- headline
+# --------------------------------------------------------------------------------------------- statistics
 
 
-def training_summary(cfg: Any) -> train_stage.TrainingSummary:
-    """The run's finished training jobs summarised as notebook 04 does, without training anything.
-
-    A job counts when its metrics.json carries the key the training stage would give it now (same
-    parameters, same images); stale or missing jobs show as *not trained*.
-    """
-    return train_stage.run(cfg, train=False)
-
-
-@dataclass
-class Headline:
-    """The headline accuracy table: the original study's five arms (then any others) on the real test set."""
-
-    table: pd.DataFrame  # formatted: seeds, mean ± std, 95% t-interval, validation mean, original study's number
-    values: pd.DataFrame  # the same numbers unformatted (NaN where an arm was not trained)
-    per_seed: pd.DataFrame  # one row per finished (arm, seed)
-    gains: pd.DataFrame  # per arm: test accuracy minus the real arm's, points, with the 95% Welch interval
-    note: str
-    test_images: int  # size of the real test set every arm was scored on
-    path: Path  # results.json
-
-    def __repr__(self) -> str:
-        return f"{self.table.to_string()}\n* {self.note}"
-
-    def figure(self) -> Figure:
-        """Bars of test accuracy per arm with single seeds as dots, beside the original study's numbers."""
-        return train_figures.accuracy_bars(self.values, self.per_seed)
+def summarize_seeds(values: list[float]) -> dict[str, float]:
+    """Mean, sample std (ddof=1), n and the 95% Student-t interval of the mean; std and interval are NaN for n=1."""
+    if len(values) == 0:
+        raise ValueError("values is empty; summarize_seeds needs at least one value")
+    x = np.asarray(values, dtype=float)
+    n, mean = len(x), float(x.mean())
+    std = float(x.std(ddof=1)) if n > 1 else math.nan
+    half = float(scipy.stats.t.ppf(0.975, n - 1)) * std / math.sqrt(n) if n > 1 else math.nan
+    return {"mean": mean, "std": std, "n": n, "ci95_low": mean - half, "ci95_high": mean + half}
 
 
-def headline_table(cfg: Any) -> Headline:
-    """Test accuracy (%) per arm as mean ± std over n seeds with the 95% t-interval, beside the numbers the
-    original study reported (Real 81.80, DI 78.63, SD 52.57, Real+DI 86.14, Real+SD 83.94), which were
-    measured on its own split and not on the official test set. The table is the training stage's own
-    (`TrainingSummary.accuracy_table`); every number goes into the ``headline`` section of results.json."""
-    summary = training_summary(cfg)
-    values = summary.accuracy_values()
-    per_seed = summary.per_seed()[["arm", "seed", "test_accuracy", "val_accuracy", "best_step", "steps", "test_n"]]
-    per_seed = per_seed.sort_values(["arm", "seed"], key=lambda c: c.map(_arm_rank) if c.name == "arm" else c)
-    note = f"{REPORTED_CITATION} ({train_stage.REPORTED_NOTE.split('; ', 1)[-1]}); accuracy in % on the run's real test set"
-    per_seed = per_seed.reset_index(drop=True)
-    gains = gains_over(per_seed, "real")
-    path = record(cfg.run_dir, "headline", {
-        "unit": "test accuracy, %", "test_images": summary.real_sizes["test"], "test_fingerprint": summary.test_fingerprint,
-        "original_study_note": REPORTED_CITATION, "arms": frame_records(values), "per_seed": frame_records(per_seed),
-        "gains_over_real": frame_records(gains)})
-    return Headline(summary.accuracy_table(), values, per_seed, gains, note, summary.real_sizes["test"], path)
+def welch_difference(values: list[float], reference: list[float]) -> dict[str, float]:
+    """mean(values) - mean(reference) with its 95% Welch interval (unequal variances, Welch-Satterthwaite
+    degrees of freedom): separate seeds of two arms are independent runs, not pairs. The interval is NaN
+    unless both sides have at least two values."""
+    if not values or not reference:
+        raise ValueError("welch_difference needs at least one value on each side")
+    a, b = np.asarray(values, dtype=float), np.asarray(reference, dtype=float)
+    difference = float(a.mean() - b.mean())
+    result = {"difference": difference, "ci95_low": math.nan, "ci95_high": math.nan, "df": math.nan}
+    if len(a) > 1 and len(b) > 1:
+        va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+        se = math.sqrt(va + vb)
+        df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1)) if se > 0 else math.inf
+        half = float(scipy.stats.t.ppf(0.975, df)) * se
+        result.update(ci95_low=difference - half, ci95_high=difference + half, df=float(df))
+    return result
 
 
 def gains_over(per_seed: pd.DataFrame, baseline: str, scale: float = 1.0) -> pd.DataFrame:
@@ -132,11 +112,6 @@ def gains_over(per_seed: pd.DataFrame, baseline: str, scale: float = 1.0) -> pd.
     table = pd.DataFrame.from_dict(rows, orient="index", columns=GAIN_COLUMNS)
     table.index.name = "arm"
     return table
-
-
-def _arm_rank(arm: str) -> int:
-    order = train_stage.ORIGINAL_ORDER
-    return order.index(arm) if arm in order else len(order)
 
 
 # ------------------------------------------------------------------------------------ the introduction
@@ -162,13 +137,13 @@ def gain_text(gain: float, low: float, high: float) -> str:
 def largest_gain(gains: pd.DataFrame) -> str:
     """The row of a low-data gains table (k, arm, gain, interval) with the largest gain, as a sentence part."""
     if gains.empty:
-        return train_stage.MISSING
+        return MISSING
     row = gains.loc[gains["gain (points)"].idxmax()]
     return (f"{row['arm']} at k = {int(row['k'])} real images per class, "
             f"{gain_text(row['gain (points)'], row['ci95_low'], row['ci95_high'])} over {row['over']}")
 
 
-def story_numbers(cfg: Any, headline: Headline, sweep: Any = None, finetuned: Any = None) -> dict[str, GlueText]:
+def story_numbers(cfg: Any, headline: Any, sweep: Any = None, finetuned: Any = None) -> dict[str, GlueText]:
     """The numbers the book's introduction quotes, by glue key: the profile, what its numbers mean, the
     size of the real test set, each arm's test accuracy as "mean ± std % (n seeds)", each trained arm's
     gain over real, and (given the low-data and fine-tuning summaries) where each helps most."""
@@ -177,7 +152,7 @@ def story_numbers(cfg: Any, headline: Headline, sweep: Any = None, finetuned: An
     for arm, row in headline.values.iterrows():
         n = int(row["n_seeds"])
         if n == 0:
-            text = train_stage.MISSING
+            text = MISSING
         elif n == 1:
             text = f"{row['mean']:.1f} % (1 seed)"
         else:
@@ -185,7 +160,7 @@ def story_numbers(cfg: Any, headline: Headline, sweep: Any = None, finetuned: An
         texts[f"accuracy_{arm}"] = text
     for arm in headline.values.index.drop("real", errors="ignore"):
         row = headline.gains.loc[arm] if arm in headline.gains.index else None
-        texts[f"gain_{arm}"] = train_stage.MISSING if row is None else \
+        texts[f"gain_{arm}"] = MISSING if row is None else \
             gain_text(row["gain (points)"], row["ci95_low"], row["ci95_high"])
     for key, curves in (("lowdata_largest_gain", sweep), ("finetune_largest_gain", finetuned)):
         if curves is not None:
@@ -193,7 +168,7 @@ def story_numbers(cfg: Any, headline: Headline, sweep: Any = None, finetuned: An
     return {key: GlueText(text) for key, text in texts.items()}
 
 
-def glue_story(cfg: Any, headline: Headline, sweep: Any = None, finetuned: Any = None) -> pd.DataFrame:
+def glue_story(cfg: Any, headline: Any, sweep: Any = None, finetuned: Any = None) -> pd.DataFrame:
     """Glue the introduction's numbers into this notebook (myst-nb) and show them as a key -> text table,
     so the reader sees exactly what the introduction quotes."""
     from myst_nb import glue
@@ -205,5 +180,5 @@ def glue_story(cfg: Any, headline: Headline, sweep: Any = None, finetuned: Any =
                         index=pd.Index(list(texts), name="glue key"))
 
 
-__all__ = ["GAIN_COLUMNS", "GlueText", "Headline", "frame_records", "gain_text", "gains_over", "glue_story", "headline_table",
-           "json_safe", "largest_gain", "read_records", "record", "story_numbers", "training_summary"]
+__all__ = ["GAIN_COLUMNS", "MISSING", "GlueText", "frame_records", "gain_text", "gains_over", "glue_story", "json_safe",
+           "largest_gain", "read_records", "record", "story_numbers", "summarize_seeds", "welch_difference"]

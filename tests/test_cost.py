@@ -5,8 +5,11 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
-from synthgap_helpers import cli, config, cost, diffusion
+from synthgap_helpers import cli, config, cost
+from synthgap_helpers.sd import pipelines as diffusion
+from synthgap_helpers.train.models import MODELS, build_model
 
 
 def test_real_and_synthetic_sizes_follow_the_profile():
@@ -58,7 +61,7 @@ def test_hours_are_amount_over_rate_and_bad_rates_are_named():
 
 
 def test_disk_counts_weights_images_embeddings_and_checkpoints():
-    assert cost.classifier_parameters("resnet18_cifar") == 11_173_962  # the CIFAR ResNet-18 of the DI authors
+    assert cost.CLASSIFIER_PARAMETERS["resnet18_cifar"] == 11_173_962  # the CIFAR ResNet-18 of the DI authors
     assert cost.download_bytes("tiny") == 0 and cost.download_bytes("someone/other-model") is None
     assert cost.download_bytes("CompVis/stable-diffusion-v1-4") == 4 * cost.SD1_PARAMETERS
     disk = cost.disk_table(config.resolve("paper"))
@@ -74,6 +77,12 @@ def test_sd1_parameter_count_is_the_architectures():
     pipe = diffusion.sd15_random_pipeline(device="meta")
     counts = [sum(p.numel() for p in part.parameters()) for part in (pipe.unet, pipe.vae, pipe.text_encoder)]
     assert counts == [859_520_964, 83_653_863, 123_060_480] and sum(counts) == cost.SD1_PARAMETERS
+
+
+def test_classifier_parameter_counts_and_the_tiny_width_are_the_architectures():
+    with torch.device("meta"):
+        counts = {name: sum(p.numel() for p in build_model(name).parameters()) for name in MODELS}
+    assert counts == cost.CLASSIFIER_PARAMETERS and cost.TINY_WIDTH == diffusion.TINY_WIDTH
 
 
 def test_human_bytes():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
-from synthgap_helpers import diffusion
+from synthgap_helpers.sd import pipelines as diffusion
 
 
 @pytest.fixture(autouse=True)

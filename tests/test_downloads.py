@@ -24,9 +24,10 @@ from PIL import Image
 
 from synthgap_helpers import data
 from synthgap_helpers.data import CLASSES, DataError, load_cifar10
-from synthgap_helpers.downloads import ChecksumError, DownloadError, fetch
-from synthgap_helpers.geometry_york import load_york_urban
-from synthgap_helpers.york_urban import YorkUrbanArchive, resolve_york_urban, york_urban_from_archive
+from synthgap_helpers.downloads import fetch
+from synthgap_helpers.errors import ChecksumError, DownloadError
+from synthgap_helpers.geometry.validation import load_york_urban
+from synthgap_helpers.geometry.york_urban import YorkUrbanArchive, resolve_york_urban, york_urban_from_archive
 
 PIXEL_SIZE_MM = 0.00896875  # cameraParameters.mat of the published archive (pixelSize)
 
@@ -397,6 +398,7 @@ def test_resolver_order_sample_then_explicit_folder_then_cache_then_download(ser
     archive = tiny_archive(server.serve("/YorkUrbanDB.zip", body), body)
     cache = tmp_path / "cache"
     downloaded = resolve_york_urban(None, cache, download=True, archive=archive)
+    assert resolve_york_urban(None, cache, download=False, archive=archive) == downloaded  # the cache is reused
     # an explicit converted folder wins over the cache and the download
     mine = york_urban_from_archive(tmp_path / "build", tmp_path / "mine", "train", archive)
     assert resolve_york_urban(mine, cache, download=True, archive=archive) == mine

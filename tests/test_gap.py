@@ -7,7 +7,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from synthgap_helpers.gap import (
+from synthgap_helpers.gap.measures import (
     bootstrap_gap,
     classifier_features,
     frechet_distance,
@@ -15,9 +15,9 @@ from synthgap_helpers.gap import (
     kernel_inception_distance,
     precision_recall,
 )
-from synthgap_helpers.gap_detect import detectability
-from synthgap_helpers.train_batches import normalize
-from synthgap_helpers.train_models import build_model
+from synthgap_helpers.gap.detection import detectability
+from synthgap_helpers.train.batches import normalize
+from synthgap_helpers.train.models import build_model
 
 
 def _gaussian(n: int, mean: torch.Tensor, cov: torch.Tensor, seed: int) -> torch.Tensor:

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from synthgap_helpers import config, gap_stage
-from synthgap_helpers.train import save_checkpoint
-from synthgap_helpers.train_models import build_model
+from synthgap_helpers import config
+from synthgap_helpers.gap import stage as gap_stage
+from synthgap_helpers.train.trainer import save_checkpoint
+from synthgap_helpers.train.models import build_model
 from synthgap_helpers.workload import Shard
 from study_files import TINY_TRAINING, write_batches, write_synthetic
 

@@ -10,14 +10,14 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
-from synthgap_helpers.geometry import (
+from synthgap_helpers.geometry.vanishing import (
     detect_segments,
     detect_vanishing_points,
     directions_from_pixels,
     find_vanishing_points,
     normalise_lsd_lines,
 )
-from synthgap_helpers.geometry_york import (
+from synthgap_helpers.geometry.validation import (
     angular_errors,
     error_summary,
     evaluate_york_urban,

@@ -8,8 +8,8 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from synthgap_helpers.geometry import detect_segments, find_vanishing_points
-from synthgap_helpers.geometry_metrics import (
+from synthgap_helpers.geometry.vanishing import detect_segments, find_vanishing_points
+from synthgap_helpers.geometry.metrics import (
     compare_datasets,
     dataset_means,
     edge_residuals,
@@ -17,7 +17,7 @@ from synthgap_helpers.geometry_metrics import (
     orientation_entropy,
     structural_metrics,
 )
-from synthgap_helpers.geometry_plots import plot_metric_distributions, plot_vanishing_points
+from synthgap_helpers.geometry.figures import plot_metric_distributions, plot_vanishing_points
 
 
 def vertical_stripes() -> np.ndarray:

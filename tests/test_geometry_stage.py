@@ -12,9 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from synthgap_helpers import config, data, geometry_stage
+from synthgap_helpers import config, data
 from synthgap_helpers.data import DataError, ImageSet, LoadReport
-from synthgap_helpers.geometry_metrics import metric_names
+from synthgap_helpers.geometry import figures as geometry_figures
+from synthgap_helpers.geometry import stage as geometry_stage
+from synthgap_helpers.geometry.metrics import metric_names
 from study_files import write_batches, write_synthetic
 
 
@@ -79,8 +81,8 @@ def test_stage_writes_the_york_record_and_a_row_per_image_of_every_dataset(tiny_
     assert list(result.table.columns) == ["real/test mean", "sd mean", "sd − real/test"]
     assert set(result.comparison["dataset"]) == {"sd"} and result.comparison["ci_low"].notna().any()
     assert result.computed == {"real/test": 10, "sd": 10} and not result.york_reused
-    figures = [geometry_stage.york_urban_figure(result), geometry_stage.distributions_figure(result),
-               geometry_stage.cifar_example_figure(result)]
+    figures = [geometry_figures.york_urban_figure(result), geometry_figures.distributions_figure(result),
+               geometry_figures.cifar_example_figure(result)]
     assert [len(f.axes) for f in figures] == [1, 9, 4]  # 1 York image; 9 panels, 8 metrics; 2 datasets x 2
     plt.close("all")
 

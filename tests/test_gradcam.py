@@ -15,14 +15,9 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from synthgap_helpers.gradcam import (
-    attention_metrics,
-    compare_arms,
-    deletion_insertion,
-    gradcam_maps,
-    metric_distributions,
-    overlay_grid,
-)
+from synthgap_helpers.gradcam.figures import metric_distributions, overlay_grid
+from synthgap_helpers.gradcam.maps import deletion_insertion, gradcam_maps
+from synthgap_helpers.gradcam.metrics import attention_metrics, compare_arms
 
 MEAN, STD = (0.491, 0.482, 0.447), (0.247, 0.243, 0.262)
 

@@ -11,9 +11,10 @@ import pandas as pd
 import pytest
 import torch
 
-from synthgap_helpers import config, gradcam_stage
-from synthgap_helpers.train import save_checkpoint
-from synthgap_helpers.train_models import build_model
+from synthgap_helpers import config
+from synthgap_helpers.gradcam import stage as gradcam_stage
+from synthgap_helpers.train.trainer import save_checkpoint
+from synthgap_helpers.train.models import build_model
 from study_files import write_batches
 
 MODEL = "resnet18_cifar_narrow"
@@ -166,8 +167,8 @@ def test_figures_have_a_row_per_arm_and_both_curves(tiny_run):
 
 
 def test_model_input_matches_the_training_normalisation():
-    from synthgap_helpers.gradcam import prepare_images
-    from synthgap_helpers.train_batches import normalize
+    from synthgap_helpers.gradcam.maps import prepare_images
+    from synthgap_helpers.train.batches import normalize
 
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(prepare_images(images, gradcam_stage.model_input), normalize(images, channels_last=False))

@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from synthgap_helpers import config, data, inversion, inversion_sampling
-from synthgap_helpers.diffusion import tiny_pipeline
+from synthgap_helpers import config, data
+from synthgap_helpers.inversion import embeddings as inversion
+from synthgap_helpers.inversion import stage as inversion_stage
+from synthgap_helpers.inversion import sampling as inversion_sampling
+from synthgap_helpers.sd.pipelines import tiny_pipeline
 from synthgap_helpers.workload import Shard, merge_shards
 
 RES = 16  # pixels: the tiny pipeline works at any multiple of 4; 16 keeps every test fast on a CPU
@@ -74,7 +77,7 @@ def test_groups_are_class_balanced_and_in_a_fixed_order():
 
 def test_group_size_larger_than_the_data_is_refused(tmp_path, fake_data):
     with pytest.raises(ValueError, match="group_size = 11 is larger than the 10 real training images"):
-        inversion.train_embeddings(make_cfg(tmp_path, group_size=11, batch_size=2))
+        inversion_stage.train_embeddings(make_cfg(tmp_path, group_size=11, batch_size=2))
     assert not (tmp_path / "inversion").exists()
 
 
@@ -92,21 +95,21 @@ def test_model_without_cross_attention_is_refused(tmp_path, fake_data):
                                                      down_block_types=("DownBlock2D", "DownBlock2D"),
                                                      up_block_types=("UpBlock2D", "UpBlock2D")))
     with pytest.raises(ValueError, match="has no cross-attention"):
-        inversion.train_embeddings(make_cfg(tmp_path), pipe=unconditional)
+        inversion_stage.train_embeddings(make_cfg(tmp_path), pipe=unconditional)
     assert not (tmp_path / "inversion").exists()
 
 
 def test_embedding_file_of_another_shape_is_refused_before_work(tmp_path, fake_data, pipe):
     cfg = make_cfg(tmp_path, num_groups=2)
-    _, groups = inversion.run_groups(cfg)
+    _, groups = inversion_stage.run_groups(cfg)
     wrong = {"embeddings": torch.zeros(len(groups[1]), 3, 32), "labels": torch.tensor(groups[1].labels)}
-    inversion._save_safetensors(inversion.embeddings_path(tmp_path, groups[1]), wrong,
+    inversion.save_safetensors(inversion.embeddings_path(tmp_path, groups[1]), wrong,
                                 {"image_ids": list(groups[1].ids), "model": "tiny", "num_tokens": 3, "step": 6})
     with pytest.raises(ValueError, match=r"shape \(5, 3, 32\).*need \(5, 5, 32\)"):
-        inversion.train_embeddings(cfg, pipe=pipe)
+        inversion_stage.train_embeddings(cfg, pipe=pipe)
     assert not inversion.embeddings_path(tmp_path, groups[0]).exists()  # group 0 was not trained first
     with pytest.raises(ValueError, match=r"shape \(5, 3, 32\)"):
-        inversion.sample(cfg, pipe=pipe, progress=False)
+        inversion_stage.sample(cfg, pipe=pipe, progress=False)
 
 
 def test_resolution_the_model_cannot_take_is_refused(pipe):
@@ -142,7 +145,7 @@ def test_training_leaves_every_unet_and_vae_parameter_bit_identical_and_the_loss
 
 def test_resume_mid_group_gives_the_same_embeddings_as_an_uninterrupted_run(tmp_path, fake_data, pipe, monkeypatch):
     straight = make_cfg(tmp_path / "straight", num_groups=1)
-    inversion.train_embeddings(straight, pipe=pipe, progress=False)
+    inversion_stage.train_embeddings(straight, pipe=pipe, progress=False)
 
     resumed = make_cfg(tmp_path / "resumed", num_groups=1)
     real_write = inversion.write_checkpoint
@@ -152,15 +155,15 @@ def test_resume_mid_group_gives_the_same_embeddings_as_an_uninterrupted_run(tmp_
         if state.step == 4:
             raise KeyboardInterrupt("killed after the step-4 checkpoint")
 
-    monkeypatch.setattr(inversion, "write_checkpoint", write_then_die)
+    monkeypatch.setattr(inversion_stage, "write_checkpoint", write_then_die)
     with pytest.raises(KeyboardInterrupt):
-        inversion.train_embeddings(resumed, pipe=pipe, progress=False)
-    monkeypatch.setattr(inversion, "write_checkpoint", real_write)
+        inversion_stage.train_embeddings(resumed, pipe=pipe, progress=False)
+    monkeypatch.setattr(inversion_stage, "write_checkpoint", real_write)
     checkpoint = inversion.checkpoint_path(resumed.run_dir, "group_00000")
     assert json.loads(inversion.read_safetensors(checkpoint)[1]["step"]) == 4
     assert not inversion.embeddings_path(resumed.run_dir, "group_00000").exists()
 
-    summary = inversion.train_embeddings(resumed, pipe=pipe, progress=False)
+    summary = inversion_stage.train_embeddings(resumed, pipe=pipe, progress=False)
     assert summary.resumed == ["group_00000"] and summary.steps_run == 2
     assert not checkpoint.exists()
     a, labels_a, meta_a = inversion.load_group_embeddings(straight.run_dir, "group_00000")
@@ -169,14 +172,14 @@ def test_resume_mid_group_gives_the_same_embeddings_as_an_uninterrupted_run(tmp_
     losses = [json.loads(inversion.loss_path(c.run_dir, "group_00000").read_text())["loss"] for c in (straight, resumed)]
     assert losses[0] == losses[1] and len(losses[0]) == 6
 
-    again = inversion.train_embeddings(resumed, pipe=pipe, progress=False)
+    again = inversion_stage.train_embeddings(resumed, pipe=pipe, progress=False)
     assert again.skipped == ["group_00000"] and again.trained == []
 
 
 def test_class_prompt_init_uses_the_text_encoder_states(pipe):
     classes = ("cat", "dog")
-    window = inversion.class_embeddings(pipe, classes, 3, "class_prompt")
-    mean = inversion.class_embeddings(pipe, classes, 3, "class_prompt_mean")
+    window = inversion_stage.class_embeddings(pipe, classes, 3, "class_prompt")
+    mean = inversion_stage.class_embeddings(pipe, classes, 3, "class_prompt_mean")
     states, eos = inversion.text_states(pipe, ["a photo of a cat"])
     assert torch.allclose(window[0], states[0, eos[0] - 2:eos[0] + 1].cpu())
     assert torch.allclose(mean[0, 1], states[0, :eos[0] + 1].mean(0).cpu())
@@ -257,19 +260,19 @@ def read_folder(folder):
 
 def test_sharded_training_and_sampling_equal_a_single_run(tmp_path, fake_data, pipe):
     single = make_cfg(tmp_path / "single")
-    inversion.train_embeddings(single, pipe=pipe, progress=False)
-    summary = inversion.sample(single, pipe=pipe, progress=False)
+    inversion_stage.train_embeddings(single, pipe=pipe, progress=False)
+    summary = inversion_stage.sample(single, pipe=pipe, progress=False)
     assert summary.written == summary.planned == 2 * 5 * 2
     records = data.listed_records(single.run_dir / "synthetic" / "di")
     first = records[0]
     assert first["id"].startswith(f"{first['class']}/di_train-") and first["group"] == "group_00000"
     assert {"source_id", "perturbation", "partner", "sample", "seed", "guidance", "steps", "model"} <= set(first)
-    assert inversion_sampling.sample(single, pipe=pipe, progress=False).written == 0  # resumable: nothing redone
+    assert inversion_stage.sample(single, pipe=pipe, progress=False).written == 0  # resumable: nothing redone
 
     sharded = make_cfg(tmp_path / "sharded")
     for index in range(2):
-        inversion.train_embeddings(sharded, shard=Shard(index, 2), pipe=pipe, progress=False)
-        inversion.sample(sharded, shard=Shard(index, 2), pipe=pipe, progress=False)
+        inversion_stage.train_embeddings(sharded, shard=Shard(index, 2), pipe=pipe, progress=False)
+        inversion_stage.sample(sharded, shard=Shard(index, 2), pipe=pipe, progress=False)
     for group in ("group_00000", "group_00001"):
         a = inversion.load_group_embeddings(single.run_dir, group)
         b = inversion.load_group_embeddings(sharded.run_dir, group)
@@ -285,7 +288,7 @@ def test_sharded_training_and_sampling_equal_a_single_run(tmp_path, fake_data, p
 
 def test_sampling_before_training_names_the_missing_step(tmp_path, fake_data, pipe):
     with pytest.raises(FileNotFoundError, match="run the embedding training first"):
-        inversion.sample(make_cfg(tmp_path), pipe=pipe, progress=False)
+        inversion_stage.sample(make_cfg(tmp_path), pipe=pipe, progress=False)
 
 
 def run_outputs(run_dir) -> dict[str, bytes]:
@@ -305,8 +308,8 @@ def test_embeddings_and_samples_do_not_depend_on_cache_sample_batch_size_or_shar
             "sample": True, "train_per_class": 1, "val_per_class": 1, "test_per_class": 1, "cache_dir": str(cache)})})
         trained = []
         for index in range(shards):
-            trained.append(inversion.train_embeddings(cfg, shard=Shard(index, shards), pipe=pipe, progress=False).trained)
-            inversion.sample(cfg, shard=Shard(index, shards), pipe=pipe, progress=False)
+            trained.append(inversion_stage.train_embeddings(cfg, shard=Shard(index, shards), pipe=pipe, progress=False).trained)
+            inversion_stage.sample(cfg, shard=Shard(index, shards), pipe=pipe, progress=False)
         assert sum(map(len, trained)) == 2 and max(map(len, trained)) == 2 // shards  # the shards shared the groups
         if shards > 1:
             assert merge_shards(cfg.run_dir / "synthetic" / "di") == 20

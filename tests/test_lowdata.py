@@ -9,9 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
-from synthgap_helpers import config, lowdata, results
-from synthgap_helpers.train import TrainParams, save_checkpoint, train_classifier
-from synthgap_helpers.train_models import build_model
+from synthgap_helpers import config, results
+from synthgap_helpers.lowdata import stage as lowdata
+from synthgap_helpers.train.trainer import TrainParams, save_checkpoint, train_classifier
+from synthgap_helpers.train.models import build_model
 from synthgap_helpers.workload import Shard
 from study_files import TINY_TRAINING, write_batches, write_synthetic
 

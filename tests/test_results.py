@@ -12,7 +12,8 @@ import pytest
 import scipy.stats
 from study_files import TINY_TRAINING, write_batches, write_synthetic
 
-from synthgap_helpers import config, results, train_stage
+from synthgap_helpers import config, results
+from synthgap_helpers.train import stage as train_stage
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> config.Config:
 
 
 def test_headline_lists_the_five_arms_in_the_original_order_beside_the_reported_numbers(trained):
-    headline = results.headline_table(trained)
+    headline = train_stage.headline_table(trained)
     table = headline.table
     assert list(table.index) == ["real", "di", "sd", "real+di", "real+sd"]
     assert list(table["original study % (reported)*"]) == ["81.80", "78.63", "52.57", "86.14", "83.94"]
@@ -37,7 +38,7 @@ def test_headline_lists_the_five_arms_in_the_original_order_beside_the_reported_
 
 
 def test_headline_numbers_are_the_models_test_accuracy_and_go_into_results_json(trained):
-    headline = results.headline_table(trained)
+    headline = train_stage.headline_table(trained)
     metrics = json.loads((trained.run_dir / "models" / "sd" / "seed0" / "metrics.json").read_text())
     assert headline.values.loc["sd", "mean"] == pytest.approx(100 * metrics["test"]["accuracy"])
     assert headline.table.loc["sd", "test accuracy % (mean ± std)"] == f"{100 * metrics['test']['accuracy']:.2f} ± n/a"
@@ -46,7 +47,7 @@ def test_headline_numbers_are_the_models_test_accuracy_and_go_into_results_json(
     assert by_arm["sd"]["mean"] == headline.values.loc["sd", "mean"]
     assert by_arm["real+di"]["reported_by_original_study"] == 86.14
     assert by_arm["sd"]["std"] is None  # NaN (one seed) is stored as null: strict JSON
-    assert record["original_study_note"] == results.REPORTED_CITATION and record["test_images"] == 20
+    assert record["original_study_note"] == train_stage.REPORTED_CITATION and record["test_images"] == 20
 
 
 def test_an_arm_without_a_current_model_shows_as_not_trained_and_nothing_is_trained(trained, tmp_path):
@@ -54,7 +55,7 @@ def test_an_arm_without_a_current_model_shows_as_not_trained_and_nothing_is_trai
     shutil.copytree(trained.run_dir, run_dir)
     shutil.rmtree(run_dir / "models" / "real+sd")
     cfg = trained.model_copy(update={"run_dir": run_dir})
-    headline = results.headline_table(cfg)
+    headline = train_stage.headline_table(cfg)
     assert headline.table.loc["real+sd", "test accuracy % (mean ± std)"] == "not trained"
     assert headline.table.loc["real+sd", "seeds"] == 0 and math.isnan(headline.values.loc["real+sd", "mean"])
     assert not (run_dir / "models" / "real+sd").exists()
@@ -69,7 +70,7 @@ def test_record_keeps_the_other_sections_and_writes_strict_json(tmp_path):
 
 
 def test_story_numbers_quote_each_arm_as_the_introduction_pastes_them(trained):
-    headline = results.headline_table(trained)
+    headline = train_stage.headline_table(trained)
     texts = results.story_numbers(trained, headline)
     sd = headline.values.loc["sd", "mean"]
     assert repr(texts["accuracy_sd"]) == f"{sd:.1f} % (1 seed)"  # glue's text/plain: no quotes around it
@@ -84,7 +85,7 @@ def test_story_numbers_give_mean_and_std_over_seeds_and_the_gain_with_its_interv
                              "test_accuracy": [81.0, 81.5, 81.2, 85.0, 86.0, 85.5]})
     values = pd.DataFrame({"n_seeds": [3, 0, 3], "mean": [81.234, np.nan, 85.5], "std": [0.456, np.nan, 0.5]},
                           index=["real", "sd", "real+di"])
-    headline = results.Headline(table=None, values=values, per_seed=per_seed,
+    headline = train_stage.Headline(table=None, values=values, per_seed=per_seed,
                                 gains=results.gains_over(per_seed, "real"), note="", test_images=10000, path=None)
     texts = results.story_numbers(config.resolve("paper"), headline)
     assert texts["accuracy_real"].text == "81.2 ± 0.5 % (3 seeds)" and texts["accuracy_sd"].text == "not trained"
@@ -107,8 +108,28 @@ def test_gains_over_real_match_scipys_welch_interval_and_need_two_seeds():
 
 
 def test_headline_figure_draws_a_bar_per_arm_and_the_reported_numbers(trained):
-    figure = results.headline_table(trained).figure()
+    figure = train_stage.headline_table(trained).figure()
     ax = figure.axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["real", "di", "sd", "real+di", "real+sd"]
     diamonds = next(line for line in ax.lines if line.get_marker() == "D")
     assert list(diamonds.get_ydata()) == [81.80, 78.63, 52.57, 86.14, 83.94]
+
+
+def test_summarize_seeds_gives_mean_sample_std_and_t_interval():
+    summary = results.summarize_seeds([1.0, 2.0, 3.0])
+    half = 4.302653 / math.sqrt(3)  # t(0.975, df=2) * std / sqrt(n), std = 1
+    assert summary == pytest.approx({"mean": 2.0, "std": 1.0, "n": 3, "ci95_low": 2 - half, "ci95_high": 2 + half})
+    assert math.isnan(results.summarize_seeds([0.5])["std"])
+
+
+def test_welch_difference_with_equal_spreads_uses_the_pooled_degrees_of_freedom():
+    # equal variances and sizes: Welch's df = 2(n - 1) = 4, se = sqrt(1/3 + 1/3)
+    gain = results.welch_difference([3.0, 4.0, 5.0], [1.0, 2.0, 3.0])
+    half = 2.776445 * math.sqrt(2 / 3)  # t(0.975, df=4)
+    assert gain == pytest.approx({"difference": 2.0, "ci95_low": 2 - half, "ci95_high": 2 + half, "df": 4.0})
+    assert math.isnan(results.welch_difference([3.0], [1.0, 2.0])["ci95_low"])
+    with pytest.raises(ValueError, match="at least one value on each side"):
+        results.welch_difference([], [1.0])
+
+
+# ---- training -----------------------------------------------------------------------------------

@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from synthgap_helpers import config, data, sd_generate, storage
-from synthgap_helpers.sd_prompts import CLIP_TEMPLATES, class_prompt, draw_guidance
+from synthgap_helpers import config, data, storage
+from synthgap_helpers.sd import stage as sd_generate
+from synthgap_helpers.config import CLIP_TEMPLATES
+from synthgap_helpers.sd.prompts import class_prompt, draw_guidance
 from synthgap_helpers.workload import Shard, image_seed
 
 BASE = {"sd.model": "tiny", "sd.mode": "txt2img", "sd.classes": ["cat", "dog"], "sd.images_per_class": 3,

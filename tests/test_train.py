@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from synthgap_helpers.train import (
+from synthgap_helpers.train.trainer import (
     TrainingDiverged,
     TrainParams,
     evaluate,
@@ -19,12 +19,10 @@ from synthgap_helpers.train import (
     make_optimizer,
     predict_logits,
     save_checkpoint,
-    summarize_seeds,
     train_classifier,
-    welch_difference,
 )
-from synthgap_helpers.train_batches import CIFAR10_MEAN, BatchIndices, normalize, random_crop_flip
-from synthgap_helpers.train_models import build_model
+from synthgap_helpers.train.batches import CIFAR10_MEAN, BatchIndices, normalize, random_crop_flip
+from synthgap_helpers.train.models import build_model
 
 TINY = TrainParams(model="resnet18_cifar_narrow", batch_size=10, steps=6, eval_every=3, progress=False)
 
@@ -188,26 +186,6 @@ def test_evaluation_does_not_depend_on_its_batch_size_the_set_size_or_the_other_
     assert moved(predict_logits(model, images[65:]), reference[65:]) == 0.0  # the last five alone
     metrics = [evaluate(model, images, labels, batch_size=batch_size) for batch_size in (1, 7, 512)]
     assert metrics[0] == metrics[1] == metrics[2]
-
-
-def test_summarize_seeds_gives_mean_sample_std_and_t_interval():
-    summary = summarize_seeds([1.0, 2.0, 3.0])
-    half = 4.302653 / math.sqrt(3)  # t(0.975, df=2) * std / sqrt(n), std = 1
-    assert summary == pytest.approx({"mean": 2.0, "std": 1.0, "n": 3, "ci95_low": 2 - half, "ci95_high": 2 + half})
-    assert math.isnan(summarize_seeds([0.5])["std"])
-
-
-def test_welch_difference_with_equal_spreads_uses_the_pooled_degrees_of_freedom():
-    # equal variances and sizes: Welch's df = 2(n - 1) = 4, se = sqrt(1/3 + 1/3)
-    gain = welch_difference([3.0, 4.0, 5.0], [1.0, 2.0, 3.0])
-    half = 2.776445 * math.sqrt(2 / 3)  # t(0.975, df=4)
-    assert gain == pytest.approx({"difference": 2.0, "ci95_low": 2 - half, "ci95_high": 2 + half, "df": 4.0})
-    assert math.isnan(welch_difference([3.0], [1.0, 2.0])["ci95_low"])
-    with pytest.raises(ValueError, match="at least one value on each side"):
-        welch_difference([], [1.0])
-
-
-# ---- training -----------------------------------------------------------------------------------
 
 
 def test_a_narrow_resnet_learns_20_images_to_full_training_accuracy():

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from synthgap_helpers import config, data, train_stage
+from synthgap_helpers import config, data, results
 from synthgap_helpers.data import CLASSES
-from synthgap_helpers.train_models import MODELS
+from synthgap_helpers.train import arms as train_arms
+from synthgap_helpers.train import stage as train_stage
+from synthgap_helpers.train.models import MODELS
 from synthgap_helpers.workload import Shard
 from study_files import TINY_TRAINING, write_batches, write_synthetic
 
@@ -62,7 +64,7 @@ def test_every_arm_is_scored_on_the_real_test_set_and_writes_its_files(run_dir, 
         metrics = json.loads((folder / "metrics.json").read_text())
         assert (folder / "model.safetensors").is_file()
         assert metrics["test"]["n"] == len(test) == 20
-        assert metrics["test"]["fingerprint"] == train_stage.fingerprint(test)
+        assert metrics["test"]["fingerprint"] == train_arms.fingerprint(test)
         assert np.array(metrics["test"]["confusion_matrix"]).sum() == 20 and len(metrics["test"]["per_class_accuracy"]) == 10
         assert {"val", "best_step", "history", "images_per_second", "seconds", "num_parameters", "key"} <= set(metrics)
     sizes = summary.data_table()
@@ -74,25 +76,25 @@ def test_auto_trains_only_the_arms_whose_data_is_present(run_dir):
     import shutil
 
     shutil.rmtree(run_dir / "synthetic" / "di")
-    arms, skipped = train_stage.plan_arms(load(run_dir))
+    arms, skipped = train_arms.plan_arms(load(run_dir))
     assert [arm.name for arm in arms] == ["real", "sd", "real+sd"]
     assert set(skipped) == {"di", "real+di"}
     table = train_stage.run(load(run_dir)).accuracy_table()
-    assert table.loc["di", "test accuracy % (mean ± std)"] == train_stage.MISSING and table.loc["di", "seeds"] == 0
+    assert table.loc["di", "test accuracy % (mean ± std)"] == results.MISSING and table.loc["di", "seeds"] == 0
 
 
 def test_an_explicit_arm_without_its_folder_is_an_error_naming_arm_and_folder(run_dir):
-    with pytest.raises(train_stage.ArmError, match=r"arm 'real\+gan'.*synthetic/gan"):
+    with pytest.raises(train_arms.ArmError, match=r"arm 'real\+gan'.*synthetic/gan"):
         train_stage.run(load(run_dir, **{"train.arms": ["real", "real+gan"]}))
     cfg = load(run_dir, **{"train.arms": ["mine"], "train.folders": {"mine": {"paths": ["nowhere"]}}})
-    with pytest.raises(train_stage.ArmError, match=r"arm 'mine'.*nowhere.*do not exist"):
+    with pytest.raises(train_arms.ArmError, match=r"arm 'mine'.*nowhere.*do not exist"):
         train_stage.run(cfg)
     assert not (run_dir / "models").exists()
 
 
 def test_a_synthetic_set_lacking_a_class_is_an_error_before_any_training(run_dir):
     write_synthetic(run_dir / "synthetic" / "half", classes=CLASSES[:8])
-    with pytest.raises(train_stage.ArmError, match=r"arm 'half'.*synthetic/half lacks class\(es\) ship, truck"):
+    with pytest.raises(train_arms.ArmError, match=r"arm 'half'.*synthetic/half lacks class\(es\) ship, truck"):
         train_stage.run(load(run_dir))
     assert not (run_dir / "models").exists()
 

@@ -18,15 +18,14 @@ from typing import Any
 import numpy as np
 import safetensors
 import safetensors.torch
-import scipy.stats
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from synthgap_helpers.storage import atomic_write, atomic_write_json
-from synthgap_helpers.train_batches import MIX_MODES, BatchIndices, normalize, random_crop_flip
-from synthgap_helpers.train_models import INPUT_SIZE, MODELS, build_model
+from synthgap_helpers.train.batches import MIX_MODES, BatchIndices, normalize, random_crop_flip
+from synthgap_helpers.train.models import INPUT_SIZE, MODELS, build_model
 
 AMP_MODES = ("auto", "bf16", "off")  # auto: bf16 on CUDA, fp32 on CPU (bf16 was 2.5x slower on the AVX-512 test CPU)
 CPU_CALL_SIZE = 64
@@ -451,32 +450,3 @@ def load_checkpoint(path: str | Path, model_name: str | None = None) -> tuple[nn
     model = build_model(model_name or stored, metadata.get("num_classes", 10))
     model.load_state_dict(safetensors.torch.load_file(str(path)))
     return model.eval(), metadata
-
-
-def summarize_seeds(values: list[float]) -> dict[str, float]:
-    """Mean, sample std (ddof=1), n and the 95% Student-t interval of the mean; std and interval are NaN for n=1."""
-    if len(values) == 0:
-        raise ValueError("values is empty; summarize_seeds needs at least one value")
-    x = np.asarray(values, dtype=float)
-    n, mean = len(x), float(x.mean())
-    std = float(x.std(ddof=1)) if n > 1 else math.nan
-    half = float(scipy.stats.t.ppf(0.975, n - 1)) * std / math.sqrt(n) if n > 1 else math.nan
-    return {"mean": mean, "std": std, "n": n, "ci95_low": mean - half, "ci95_high": mean + half}
-
-
-def welch_difference(values: list[float], reference: list[float]) -> dict[str, float]:
-    """mean(values) - mean(reference) with its 95% Welch interval (unequal variances, Welch-Satterthwaite
-    degrees of freedom): separate seeds of two arms are independent runs, not pairs. The interval is NaN
-    unless both sides have at least two values."""
-    if not values or not reference:
-        raise ValueError("welch_difference needs at least one value on each side")
-    a, b = np.asarray(values, dtype=float), np.asarray(reference, dtype=float)
-    difference = float(a.mean() - b.mean())
-    result = {"difference": difference, "ci95_low": math.nan, "ci95_high": math.nan, "df": math.nan}
-    if len(a) > 1 and len(b) > 1:
-        va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-        se = math.sqrt(va + vb)
-        df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1)) if se > 0 else math.inf
-        half = float(scipy.stats.t.ppf(0.975, df)) * se
-        result.update(ci95_low=difference - half, ci95_high=difference + half, df=float(df))
-    return result

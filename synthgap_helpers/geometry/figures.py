@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import cv2
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from synthgap_helpers.geometry import VanishingPoints, as_gray_uint8
+from synthgap_helpers.data import CLASSES
+from synthgap_helpers.geometry.validation import load_york_urban
+from synthgap_helpers.geometry.vanishing import VanishingPoints, as_gray_uint8, detect_segments, find_vanishing_points
+from synthgap_helpers.workload import image_seed
+
+if TYPE_CHECKING:  # the stage's result type only: at run time figures import no stage
+    from synthgap_helpers.geometry.stage import GeometryResult
 
 VP_COLOURS = ("tab:red", "tab:green", "tab:blue", "tab:orange", "tab:purple", "tab:brown")
 UNASSIGNED_COLOUR = "0.6"
@@ -115,3 +123,50 @@ def plot_metric_distributions(metrics_by_dataset: dict[str, pd.DataFrame], metri
     axes.ravel()[0].legend(fontsize="small")
     figure.tight_layout()
     return figure
+
+
+def york_urban_figure(result: GeometryResult) -> Figure:
+    """The example York Urban images with their segments coloured by (calibrated) vanishing point and the
+    points marked (arrows at the border for points outside the frame); titles give the angular errors."""
+    panels = []
+    errors = result.york_urban_errors
+    for record in load_york_urban(result.york_root):
+        if record["image"] not in result.york_examples:
+            continue
+        gray = cv2.imread(str(record["path"]), cv2.IMREAD_GRAYSCALE)
+        camera = np.asarray(record["K"], dtype=np.float64)
+        segments = detect_segments(gray)
+        vps = find_vanishing_points(segments, gray.shape, focal_length=camera[0, 0],
+                                    principal_point=(camera[0, 2], camera[1, 2]), seed=result.seed)
+        mine = errors[(errors["setting"] == "calibrated") & (errors["image"] == record["image"])]["error_deg"]
+        title = f"{record['image']}: errors " + " / ".join(f"{e:.1f}" for e in sorted(mine)) + " deg"
+        panels.append({"image": gray, "segments": segments, "vps": vps, "title": title})
+    return plot_vanishing_point_panels(panels, columns=3)
+
+
+def distributions_figure(result: GeometryResult) -> Figure:
+    """Per-image distribution of each metric, one outline per dataset."""
+    return plot_metric_distributions(result.metrics_by_dataset())
+
+
+def cifar_example_figure(result: GeometryResult, class_name: str = "truck") -> Figure:
+    """For each dataset, its first analysed image of ``class_name`` (else its first image): the 32-px image,
+    and the upsampled copy LSD analysed with the segments coloured by vanishing point."""
+    params = result.params
+    panels = []
+    for name, image_set in result.images.items():
+        matches = np.flatnonzero(image_set.labels.numpy() == CLASSES.index(class_name))
+        index = int(matches[0]) if len(matches) else 0
+        image = image_set.images[index].numpy()
+        upscale = params["upscale"]
+        segments = detect_segments(image, upscale=upscale, min_length=params["min_length"])
+        vps = find_vanishing_points(segments, image.shape[1:], focal_length=params["focal_length"],
+                                    seed=image_seed(result.seed, f"geometry/{name}/{image_set.ids[index]}"))
+        label = f"{name}: {image_set.ids[index]}"
+        none = find_vanishing_points(segments[:0], image.shape[1:])
+        panels.append({"image": image, "segments": segments[:0], "vps": none, "title": f"{label} (32 px)",
+                       "colour": True})
+        panels.append({"image": image, "segments": segments, "vps": vps,
+                       "title": f"x{upscale}: {len(segments)} segments, {len(vps.homogeneous)} VPs", "scale": upscale,
+                       "colour": True})
+    return plot_vanishing_point_panels(panels, columns=2, panel_size=3.5)

@@ -23,18 +23,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from synthgap_helpers import config, data, results, train_stage
+from synthgap_helpers import config, data, results
 from synthgap_helpers.data import CLASSES, ImageSet
+from synthgap_helpers.lowdata import figures as lowdata_figures
+from synthgap_helpers.results import summarize_seeds
 from synthgap_helpers.storage import atomic_write
-from synthgap_helpers.train import TrainParams, evaluate, load_checkpoint, summarize_seeds, train_classifier
-from synthgap_helpers.train_stage import Arm, fingerprint
+from synthgap_helpers.train import arms as train_arms
+from synthgap_helpers.train.arms import Arm, fingerprint
+from synthgap_helpers.train.trainer import TrainParams, evaluate, load_checkpoint, train_classifier
 from synthgap_helpers.workload import Shard
 
 STAGE_VERSION = 1
@@ -74,7 +76,7 @@ def seeds_of(cfg: Any) -> list[int]:
 
 def scratch_params(cfg: Any, arm: Arm) -> TrainParams:
     """The train section's recipe for an arm, with the budget of lowdata.steps when set; no progress bar."""
-    params = train_stage.trainer_params(cfg, arm, progress=False)
+    params = train_arms.trainer_params(cfg, arm, progress=False)
     if cfg.lowdata.steps is not None:
         params = dataclasses.replace(params, steps=cfg.lowdata.steps, epochs=None)
     return params
@@ -231,22 +233,7 @@ class CurveSummary:
 
     def figure(self) -> Figure:
         """Test accuracy against k (log scale), one line per arm, error bars: std over seeds."""
-        values = self.values()
-        figure, ax = plt.subplots(figsize=(6, 4), layout="constrained")
-        for arm in self.arms:
-            line = values[values["arm"] == arm]
-            if len(line):
-                ax.errorbar(line["k"], line["mean"], yerr=line["std"].fillna(0), marker="o", capsize=3, label=arm)
-        for i, (label, accuracy) in enumerate(self.references.items()):
-            ax.axhline(accuracy, linestyle="--", linewidth=1, color=f"C{len(self.arms) + i}", label=label)
-        ax.set_xscale("log")
-        ks = sorted(values["k"].unique())
-        ax.set_xticks(ks, [str(k) for k in ks])
-        ax.minorticks_off()
-        ax.set(xlabel="real training images per class (k)", ylabel="test accuracy on real images (%)",
-               title=self.title)
-        ax.legend(fontsize="small")
-        return figure
+        return lowdata_figures.accuracy_curves(self.values(), self.arms, self.references, self.title)
 
     def __repr__(self) -> str:
         return (f"{self.title}: {len(self.rows)} rows in {self.path} ({len(self.trained)} trained now, "
@@ -263,12 +250,12 @@ def _setup(cfg: Any) -> tuple[data.RealData, dict[int, dict[int, ImageSet]], dic
 
 def _synthetic(cfg: Any) -> dict[str, ImageSet]:
     """Each set of lowdata.sources, loaded and checked (every class present)."""
-    sets = train_stage.synthetic_folders(cfg)
+    sets = train_arms.synthetic_folders(cfg)
     missing = [name for name in cfg.lowdata.sources if name not in sets]
     if missing:
         raise ValueError(f"lowdata.sources={cfg.lowdata.sources}: no synthetic set {missing} in this run (sets: "
                          f"{', '.join(sets) or 'none'}); generate it first or leave it out of lowdata.sources")
-    return {name: train_stage.load_synthetic(Arm(f"real+{name}", True, name, sets[name]), cfg.data.on_bad_image)
+    return {name: train_arms.load_synthetic(Arm(f"real+{name}", True, name, sets[name]), cfg.data.on_bad_image)
             for name in cfg.lowdata.sources}
 
 
@@ -315,7 +302,7 @@ def finetune(cfg: Any, shard: Shard = Shard()) -> CurveSummary:
     inits, references = {}, {}
     for name in cfg.lowdata.sources:
         for seed in seeds_of(cfg):
-            path = train_stage.job_dir(cfg.run_dir, name, seed) / "model.safetensors"
+            path = train_arms.job_dir(cfg.run_dir, name, seed) / "model.safetensors"
             if not path.is_file():
                 raise MissingModelError(f"fine-tuning starts from the model trained on {name!r} alone, {path}, which "
                                         "does not exist: run notebook 04 (the training stage) first, or lower "
@@ -323,7 +310,7 @@ def finetune(cfg: Any, shard: Shard = Shard()) -> CurveSummary:
             inits[(name, seed)] = path
         accuracies = []
         for seed in seeds_of(cfg):
-            metrics = train_stage.job_dir(cfg.run_dir, name, seed) / "metrics.json"
+            metrics = train_arms.job_dir(cfg.run_dir, name, seed) / "metrics.json"
             record = json.loads(metrics.read_text()) if metrics.is_file() else {}
             if "test" in record:
                 accuracies.append(100 * record["test"]["accuracy"])

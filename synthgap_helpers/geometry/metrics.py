@@ -2,9 +2,9 @@
 
 Notation for one image of H x W pixels analysed at upsampling factor s: LSD segments i = 1..N
 (original pixel coordinates), lengths L_i, undirected angles a_i in [0, 180) degrees, the top
-vanishing points v_k found by :func:`synthgap_helpers.geometry.find_vanishing_points`
+vanishing points v_k found by :func:`synthgap_helpers.geometry.vanishing.find_vanishing_points`
 (uncalibrated unless ``focal_length`` is given), and the consistency angle theta_i(v) defined in
-:mod:`synthgap_helpers.geometry`. Metrics that need at least one segment (or pair) are NaN without.
+:mod:`synthgap_helpers.geometry.vanishing`. Metrics that need at least one segment (or pair) are NaN without.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from synthgap_helpers.geometry import (
+from synthgap_helpers.geometry.vanishing import (
     VanishingPoints,
     as_gray_uint8,
     consistency_angles,

@@ -40,8 +40,8 @@ import numpy as np
 import scipy.io
 from PIL import Image, UnidentifiedImageError
 
-from synthgap_helpers.data import DataError
-from synthgap_helpers.downloads import ChecksumError, fetch, file_digest
+from synthgap_helpers.downloads import fetch, file_digest
+from synthgap_helpers.errors import ChecksumError, DataError
 from synthgap_helpers.storage import atomic_write_bytes, atomic_write_json
 
 YORK_URBAN_URL = "https://www.elderlab.yorku.ca/?smd_process_download=1&download_id=8288"
@@ -192,7 +192,7 @@ def york_urban_from_archive(extracted: str | Path, dest: str | Path, split: Spli
     try:
         for name in sorted(chosen):
             shutil.copyfile(_image_files(root, name)["image"], building / records[name]["image"])
-        source = f"{SOURCE}; ECCV {split} split, converted from {origin or root} by synthgap_helpers.york_urban"
+        source = f"{SOURCE}; ECCV {split} split, converted from {origin or root} by synthgap_helpers.geometry.york_urban"
         atomic_write_json(building / "annotations.json", {"source": source, "convention": CONVENTION,
                                                           "images": {name: records[name] for name in sorted(chosen)}})
         shutil.rmtree(dest, ignore_errors=True)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from synthgap_helpers import inversion
+from synthgap_helpers.inversion import embeddings, stage
 from synthgap_helpers.plots import mosaic
 
 _SHOWN = ("model", "num_tokens", "group_size", "num_groups", "resolution", "steps", "batch_size", "lr", "weight_decay",
@@ -32,7 +32,7 @@ def parameter_table(cfg: Any) -> Any:
 
 def read_losses(cfg: Any) -> dict[str, list[float]]:
     """The stored loss curve of every finished group, by group name."""
-    folder = cfg.run_dir / inversion.LOSS_DIR
+    folder = cfg.run_dir / embeddings.LOSS_DIR
     return {path.stem: json.loads(path.read_text())["loss"] for path in sorted(folder.glob("group_*.json"))}
 
 
@@ -42,7 +42,7 @@ def group_table(cfg: Any) -> Any:
 
     rows = {}
     for name, losses in read_losses(cfg).items():
-        _, labels, meta = inversion.load_group_embeddings(cfg.run_dir, name)
+        _, labels, meta = embeddings.load_group_embeddings(cfg.run_dir, name)
         tenth = max(1, len(losses) // 10)
         rows[name] = {"images": len(labels), "classes": len(set(labels.tolist())), "steps": meta["step"],
                       "loss, first tenth": float(np.mean(losses[:tenth])),
@@ -88,8 +88,8 @@ def inverted_sets(cfg: Any) -> dict[str, Any]:
     """The real images that were inverted, and the synthetic set sampled from them, for `plots.sample_grid`."""
     from synthgap_helpers import data
 
-    train, groups = inversion.run_groups(cfg)
-    finished = [g for g in groups if inversion.embeddings_path(cfg.run_dir, g).is_file()]
+    train, groups = stage.run_groups(cfg)
+    finished = [g for g in groups if embeddings.embeddings_path(cfg.run_dir, g).is_file()]
     positions = [p for g in finished for p in g.positions]
     sets = {"real (inverted)": train.subset(positions)}
     folder = cfg.run_dir / "synthetic" / "di"

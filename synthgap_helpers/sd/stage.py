@@ -24,8 +24,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from synthgap_helpers import config, data, diffusion
-from synthgap_helpers.sd_prompts import check_templates, class_prompt, draw_guidance, read_captions
+from synthgap_helpers import config, data
+from synthgap_helpers.sd import pipelines as diffusion
+from synthgap_helpers.config import CLASS_SYNONYMS, check_templates
+from synthgap_helpers.sd.prompts import class_prompt, draw_guidance, read_captions
 from synthgap_helpers.workload import Shard, image_seed, merge_shards
 
 SOURCE = "sd"
@@ -105,11 +107,7 @@ def plan_images(cfg: Any, real_train: data.ImageSet | None = None) -> list[Image
     params = cfg.sd
     classes = list(params.classes or data.CLASSES)
     templates = check_templates(params.templates)
-    synonyms = params.synonyms if params.synonyms is not None else None
-    if synonyms is None:
-        from synthgap_helpers.sd_prompts import CLASS_SYNONYMS
-
-        synonyms = CLASS_SYNONYMS
+    synonyms = params.synonyms if params.synonyms is not None else CLASS_SYNONYMS
     captions = read_captions(params.captions) if params.captions else None
     pools: dict[str, list[int]] = {}
     if params.mode == "img2img":

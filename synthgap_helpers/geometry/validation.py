@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import linear_sum_assignment
 
-from synthgap_helpers.geometry import (
+from synthgap_helpers.geometry.vanishing import (
     consistency_angles,
     detect_segments,
     directions_from_pixels,

@@ -21,18 +21,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
 from synthgap_helpers import config, data, results
 from synthgap_helpers.data import ImageSet
-from synthgap_helpers.gap import classifier_features, gap_table
-from synthgap_helpers.gap_detect import detectability
+from synthgap_helpers.gap import figures as gap_figures
+from synthgap_helpers.gap.detection import detectability
+from synthgap_helpers.gap.measures import classifier_features, gap_table
 from synthgap_helpers.storage import atomic_write_json
-from synthgap_helpers.train import load_checkpoint
-from synthgap_helpers.train_stage import fingerprint
+from synthgap_helpers.train.arms import fingerprint
+from synthgap_helpers.train.trainer import load_checkpoint
 from synthgap_helpers.workload import Shard
 
 STAGE_VERSION = 1
@@ -121,35 +120,11 @@ class GapSummary:
 
     def distance_figure(self) -> Figure:
         """Bars of FD (basic-bootstrap 95% interval) and KID (± std over subsets), one bar per synthetic set."""
-        values = self.values
-        figure, axes = plt.subplots(1, 2, figsize=(8, 3.2), layout="constrained")
-        names = list(values.index)
-        x = np.arange(len(names))
-        errors = np.clip([values["fd"] - values["fd_low"], values["fd_high"] - values["fd"]], 0, None)
-        axes[0].bar(x, values["fd"], yerr=errors, capsize=4, color="tab:blue")
-        axes[0].set(title="Fréchet distance (95% CI)", ylabel="FD")
-        axes[1].bar(x, 1e3 * values["kid"], yerr=1e3 * values["kid_std"], capsize=4, color="tab:orange")
-        axes[1].set(title="KID (± std over subsets)", ylabel="KID × 10³")
-        for ax in axes:
-            ax.set_xticks(x, names)
-            ax.axhline(0, color="black", linewidth=0.8)
-        return figure
+        return gap_figures.distance_bars(self.values)
 
     def precision_recall_figure(self) -> Figure:
         """Precision against recall per synthetic set with both 95% intervals; (1, 1) is the real set itself."""
-        values = self.values
-        figure, ax = plt.subplots(figsize=(4.2, 4), layout="constrained")
-        for name, v in values.iterrows():
-            ax.errorbar(v["recall"], v["precision"],
-                        xerr=[[max(v["recall"] - v["recall_low"], 0)], [max(v["recall_high"] - v["recall"], 0)]],
-                        yerr=[[max(v["precision"] - v["precision_low"], 0)],
-                              [max(v["precision_high"] - v["precision"], 0)]],
-                        fmt="o", capsize=3, label=name)
-        ax.plot([1], [1], marker="*", color="black", markersize=10, linestyle="none", label="real (ideal)")
-        ax.set(xlim=(-0.03, 1.05), ylim=(-0.03, 1.05), xlabel="recall (real covered by synthetic)",
-               ylabel="precision (synthetic inside real)", title="k-NN precision and recall")
-        ax.legend(loc="lower left")
-        return figure
+        return gap_figures.precision_recall(self.values)
 
     def __repr__(self) -> str:
         state = "reused" if self.reused else "computed"

@@ -41,20 +41,12 @@ from tqdm.auto import tqdm
 from synthgap_helpers import data
 from synthgap_helpers.config import resolve_device
 from synthgap_helpers.data import CLASSES, ImageSet
-from synthgap_helpers.gradcam import (
-    attention_metrics,
-    compare_arms,
-    deletion_insertion,
-    faithfulness_curves,
-    gradcam_maps,
-    metric_distributions,
-    overlay_grid,
-    prepare_images,
-    resolve_layer,
-)
+from synthgap_helpers.gradcam.figures import faithfulness_curves, metric_distributions, overlay_grid
+from synthgap_helpers.gradcam.maps import deletion_insertion, gradcam_maps, prepare_images, resolve_layer
+from synthgap_helpers.gradcam.metrics import attention_metrics, compare_arms
 from synthgap_helpers.storage import atomic_write
-from synthgap_helpers.train import load_checkpoint
-from synthgap_helpers.train_batches import CIFAR10_MEAN, normalize
+from synthgap_helpers.train.trainer import load_checkpoint
+from synthgap_helpers.train.batches import CIFAR10_MEAN, normalize
 from synthgap_helpers.workload import Shard, image_seed
 
 METRICS_VERSION = 1

@@ -1,4 +1,5 @@
-"""Class prompts for Stable Diffusion generation: CLIP-style templates, class synonyms, captions files.
+"""Class prompts for Stable Diffusion generation from templates and class synonyms (their defaults are
+parameters: `config.CLIP_TEMPLATES`, `config.CLASS_SYNONYMS`), and captions files.
 
 A prompt is a template (`"a blurry photo of a {}."`) filled with a name of the class (`"sedan"` for
 `automobile`); which template and which name an image gets is drawn with that image's own seed, so a
@@ -12,44 +13,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-
-# The 18 CIFAR-10 prompt templates of CLIP (Radford et al. 2021, notebooks/Prompt_Engineering_for_ImageNet.ipynb).
-CLIP_TEMPLATES: tuple[str, ...] = (
-    "a photo of a {}.", "a blurry photo of a {}.", "a black and white photo of a {}.",
-    "a low contrast photo of a {}.", "a high contrast photo of a {}.", "a bad photo of a {}.",
-    "a good photo of a {}.", "a photo of a small {}.", "a photo of a big {}.", "a photo of the {}.",
-    "a blurry photo of the {}.", "a black and white photo of the {}.", "a low contrast photo of the {}.",
-    "a high contrast photo of the {}.", "a bad photo of the {}.", "a good photo of the {}.",
-    "a photo of the small {}.", "a photo of the big {}.",
-)
-
-# Names a prompt may use for each class. CIFAR-10's own definitions: "automobile" covers sedans, SUVs and
-# the like but not pickup trucks; "truck" covers only big trucks.
-CLASS_SYNONYMS: dict[str, tuple[str, ...]] = {
-    "airplane": ("airplane", "aeroplane", "jet", "airliner", "propeller plane"),
-    "automobile": ("car", "automobile", "sedan", "SUV", "hatchback", "station wagon"),
-    "bird": ("bird", "sparrow", "finch", "ostrich", "eagle", "songbird"),
-    "cat": ("cat", "kitten", "tabby cat", "house cat"),
-    "deer": ("deer", "stag", "doe", "fawn", "elk"),
-    "dog": ("dog", "puppy", "terrier", "retriever"),
-    "frog": ("frog", "toad", "tree frog", "bullfrog"),
-    "horse": ("horse", "pony", "foal", "stallion"),
-    "ship": ("ship", "boat", "cargo ship", "ferry", "sailing ship"),
-    "truck": ("truck", "lorry", "dump truck", "fire truck", "semi truck"),
-}
-
-
-def check_templates(templates: Sequence[str]) -> list[str]:
-    """The templates as a list; an empty list or a template without exactly one `{}` is an error."""
-    templates = list(templates)
-    if not templates:
-        raise ValueError("sd.templates is empty; give at least one prompt template such as 'a photo of a {}.'")
-    for template in templates:
-        if not isinstance(template, str) or template.count("{}") != 1 or "{" in template.replace("{}", ""):
-            raise ValueError(f"sd.templates: {template!r} must hold exactly one '{{}}' where the class name goes "
-                             "(e.g. 'a photo of a {}.') and no other braces")
-    return templates
-
 
 def class_prompt(class_name: str, seed: int, templates: Sequence[str],
                  synonyms: Mapping[str, Sequence[str]] | None = None) -> str:

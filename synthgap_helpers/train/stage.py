@@ -26,196 +26,43 @@ shard over ``<arm>/seed<k>`` (``Shard.owns``), and every shard's summary shows t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from synthgap_helpers import config, data, train_figures
+from synthgap_helpers import config, data
 from synthgap_helpers.data import CLASSES, ImageSet
+from synthgap_helpers.results import MISSING, frame_records, gains_over, record, summarize_seeds
 from synthgap_helpers.storage import atomic_write, atomic_write_json
-from synthgap_helpers.train import TrainingDiverged, TrainParams, evaluate, summarize_seeds, train_classifier
+from synthgap_helpers.train import figures as train_figures
+from synthgap_helpers.train.arms import (
+    ORIGINAL_ORDER,
+    ORIGINAL_STUDY,
+    REPORTED_NOTE,
+    STAGE_VERSION,
+    Arm,
+    ArmData,
+    fingerprint,
+    job_dir,
+    job_key,
+    load_synthetic,
+    plan_arms,
+    read_finished,
+    seeds_of,
+    trainer_params,
+)
+from synthgap_helpers.train.trainer import TrainingDiverged, TrainParams, evaluate, train_classifier
 from synthgap_helpers.workload import Shard
 
-STAGE_VERSION = 1
-"""Bump when what a job computes changes: finished jobs of an older version are retrained."""
-ORIGINAL_STUDY = {"real": 81.80, "di": 78.63, "sd": 52.57, "real+di": 86.14, "real+sd": 83.94}
-"""Test accuracy (%) the original study reported for its five arms, on its own split."""
-ORIGINAL_ORDER = ("real", "di", "sd", "real+di", "real+sd")
-REPORTED_NOTE = ("reported by the original study on its own split, not the official test set; "
-                 "not comparable one-to-one")
-MISSING = "not trained"
 HISTORY_POINTS = 200  # training-loss records kept per job (means over equal windows of steps)
-
-
-class ArmError(ValueError):
-    """An arm that cannot be trained as configured; the message names the arm, the folder and the fix."""
-
-
-@dataclass(frozen=True)
-class Arm:
-    """One training arm: whether it uses the real subset, and which synthetic set (name, folders)."""
-
-    name: str
-    real: bool
-    synthetic: str | None = None  # the synthetic set's name (a source or a folder set); None: real only
-    folders: tuple[Path, ...] = ()
-
-
-@dataclass
-class ArmData:
-    """The images one arm trains on: the real subset (or None) and the synthetic set (or None)."""
-
-    real: ImageSet | None
-    synthetic: ImageSet | None
-
-
-# --------------------------------------------------------------------------------------------- arms
-
-
-def synthetic_folders(cfg: Any) -> dict[str, tuple[Path, ...]]:
-    """Every synthetic set a run can train on, by name: ``synthetic/<source>`` with a manifest, then the
-    folder sets of ``train.folders`` (relative paths are resolved against the run directory)."""
-    sets: dict[str, tuple[Path, ...]] = {}
-    root = cfg.run_dir / "synthetic"
-    if root.is_dir():
-        for folder in sorted(root.iterdir()):
-            if folder.is_dir() and data.has_manifest(folder):
-                sets[folder.name] = (folder,)
-    for name, folder_arm in cfg.train.folders.items():
-        if name in sets:
-            raise ArmError(f"train.folders.{name}: the name {name!r} is already the synthetic source "
-                           f"{sets[name][0]}; choose another name for the folder set")
-        sets[name] = tuple(cfg.run_dir / Path(p).expanduser() for p in folder_arm.paths)
-    return sets
-
-
-def _present(folders: tuple[Path, ...]) -> bool:
-    """Whether every folder exists and at least one holds an image file."""
-    return all(f.is_dir() for f in folders) and any(
-        file.suffix.lower() in data.IMAGE_SUFFIXES for f in folders for file in f.glob("*/*"))
-
-
-def plan_arms(cfg: Any) -> tuple[list[Arm], dict[str, str]]:
-    """The arms to train (original-study order first) and, for ``auto``, the arms left out with the reason."""
-    sets = synthetic_folders(cfg)
-    skipped: dict[str, str] = {}
-    if cfg.train.arms == "auto":
-        names = ["real"]
-        for name, folders in sets.items():
-            folder_arm = cfg.train.folders.get(name)
-            wanted = [f"real+{name}"] if folder_arm is not None and folder_arm.with_real else \
-                [name] if folder_arm is not None else [name, f"real+{name}"]
-            if _present(folders):
-                names += wanted
-            else:
-                skipped.update({arm: f"no images in {', '.join(map(str, folders))}" for arm in wanted})
-        for arm in ORIGINAL_ORDER:
-            if arm not in names and arm not in skipped:
-                source = arm.removeprefix("real+")
-                skipped[arm] = f"no synthetic set {cfg.run_dir / 'synthetic' / source}"
-    else:
-        names = list(cfg.train.arms)
-    arms = []
-    for name in names:
-        set_name = None if name == "real" else name.removeprefix("real+")
-        if set_name is not None and set_name not in sets:
-            known = ", ".join(sets) or "none"
-            raise ArmError(f"arm {name!r}: no synthetic set {set_name!r}: {cfg.run_dir / 'synthetic' / set_name} has no "
-                           f"manifest and train.folders names no such set (sets of this run: {known}); run the "
-                           f"generation stage first, add it to train.folders, or leave the arm out of train.arms")
-        arms.append(Arm(name, real=name == "real" or name.startswith("real+"), synthetic=set_name,
-                        folders=sets.get(set_name, ()) if set_name else ()))
-    order = {name: i for i, name in enumerate(ORIGINAL_ORDER)}
-    arms.sort(key=lambda arm: order.get(arm.name, len(order)))
-    return arms, skipped
-
-
-def load_synthetic(arm: Arm, on_bad_image: str = "error") -> ImageSet:
-    """The synthetic images of an arm (its folders joined), checked to be non-empty and to cover every class."""
-    missing = [f for f in arm.folders if not f.is_dir()]
-    if missing:
-        raise ArmError(f"arm {arm.name!r}: folder(s) {', '.join(map(str, missing))} do not exist; generate the "
-                       f"set first, fix train.folders.{arm.synthetic}.paths, or leave the arm out of train.arms")
-    parts = [data.load_image_folder(folder, on_bad_image) for folder in arm.folders]
-    folders = ", ".join(map(str, arm.folders))
-    total = sum(len(p) for p in parts)
-    if total == 0:
-        raise ArmError(f"arm {arm.name!r}: folder(s) {folders} hold no images (class sub-folders "
-                       f"{'/'.join(CLASSES[:2])}/... with .png or .jpg files are expected)")
-    labels = torch.cat([p.labels for p in parts])
-    counts = np.bincount(labels.numpy(), minlength=len(CLASSES))
-    lacking = [CLASSES[i] for i in np.flatnonzero(counts == 0)]
-    if lacking:
-        raise ArmError(f"arm {arm.name!r}: synthetic set {folders} lacks class(es) {', '.join(lacking)} ({total} images "
-                       f"of {len(CLASSES) - len(lacking)} classes); every class is needed because the model is scored "
-                       f"on all ten real test classes. Generate the missing classes or leave the arm out of train.arms")
-    if len(parts) == 1:
-        return parts[0]
-    report = data.LoadReport(source=folders, loaded=total)
-    return ImageSet(torch.cat([p.images for p in parts]), labels, [i for p in parts for i in p.ids], report)
-
-
-# --------------------------------------------------------------------------------------------- jobs
-
-
-def fingerprint(image_set: ImageSet | None) -> str | None:
-    """Short hash of the pixels and labels of a set (None for no set)."""
-    if image_set is None:
-        return None
-    digest = hashlib.sha256(np.ascontiguousarray(image_set.images.numpy()).tobytes())
-    digest.update(image_set.labels.numpy().astype(np.int64).tobytes())
-    return digest.hexdigest()[:16]
-
-
-def trainer_params(cfg: Any, arm: Arm, progress: bool = True) -> TrainParams:
-    """The trainer's parameters for an arm: the run's train section (an arm without synthetic images
-    needs no mixing, so it shuffles its one set)."""
-    section = cfg.train
-    mix = section.mix if arm.real and arm.synthetic is not None else "concat"
-    return TrainParams(model=section.model, batch_size=section.batch_size, lr_per_128=section.lr_per_128,
-                       momentum=section.momentum, nesterov=section.nesterov, weight_decay=section.weight_decay,
-                       label_smoothing=section.label_smoothing, epochs=section.epochs, steps=section.steps,
-                       warmup_frac=section.warmup_frac, eval_every=section.eval_every, mix=mix,
-                       real_share=section.real_share, compile=section.compile, amp=section.amp, progress=progress)
-
-
-def job_key(arm: Arm, seed: int, params: TrainParams, fingerprints: dict[str, str | None]) -> str:
-    """Hash of everything a job's result depends on: version, arm, seed, trainer parameters, and the images."""
-    trainer = {k: v for k, v in asdict(params).items() if k != "progress"}
-    record = {"version": STAGE_VERSION, "arm": arm.name, "seed": seed, "params": trainer, **fingerprints}
-    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def seeds_of(cfg: Any) -> list[int]:
-    """The training seeds of the run: run seed + 0, ..., run seed + train.seeds - 1."""
-    return [cfg.seed + k for k in range(cfg.train.seeds)]
-
-
-def job_dir(run_dir: Path, arm: str, seed: int) -> Path:
-    """``<run_dir>/models/<arm>/seed<seed>``."""
-    return run_dir / "models" / arm / f"seed{seed}"
-
-
-def read_finished(folder: Path, key: str) -> dict[str, Any] | None:
-    """The metrics of a finished job with this key, else None (missing, unfinished, diverged or stale)."""
-    path = folder / "metrics.json"
-    if not path.is_file() or not (folder / "model.safetensors").is_file():
-        return None
-    try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
-    return record if record.get("key") == key and "test" in record else None
 
 
 def thin_history(history: Sequence[dict[str, Any]], points: int = HISTORY_POINTS) -> dict[str, list[dict[str, Any]]]:
@@ -484,6 +331,62 @@ def run(cfg: Any, shard: Shard = Shard(), train: bool = True) -> TrainingSummary
     return summary
 
 
-__all__ = ["ORIGINAL_STUDY", "REPORTED_NOTE", "Arm", "ArmError", "TrainingSummary", "fingerprint", "job_key",
-           "load_synthetic", "plan_arms", "read_finished", "run", "seeds_of", "synthetic_folders", "thin_history",
-           "trainer_params"]
+# --------------------------------------------------------------------------------------------- headline
+
+REPORTED_CITATION = "reported by the original study, on its own split, not the official test set"
+
+
+def training_summary(cfg: Any) -> TrainingSummary:
+    """The run's finished training jobs summarised as notebook 04 does, without training anything.
+
+    A job counts when its metrics.json carries the key the training stage would give it now (same
+    parameters, same images); stale or missing jobs show as *not trained*.
+    """
+    return run(cfg, train=False)
+
+
+@dataclass
+class Headline:
+    """The headline accuracy table: the original study's five arms (then any others) on the real test set."""
+
+    table: pd.DataFrame  # formatted: seeds, mean ± std, 95% t-interval, validation mean, original study's number
+    values: pd.DataFrame  # the same numbers unformatted (NaN where an arm was not trained)
+    per_seed: pd.DataFrame  # one row per finished (arm, seed)
+    gains: pd.DataFrame  # per arm: test accuracy minus the real arm's, points, with the 95% Welch interval
+    note: str
+    test_images: int  # size of the real test set every arm was scored on
+    path: Path  # results.json
+
+    def __repr__(self) -> str:
+        return f"{self.table.to_string()}\n* {self.note}"
+
+    def figure(self) -> Figure:
+        """Bars of test accuracy per arm with single seeds as dots, beside the original study's numbers."""
+        return train_figures.accuracy_bars(self.values, self.per_seed)
+
+
+def headline_table(cfg: Any) -> Headline:
+    """Test accuracy (%) per arm as mean ± std over n seeds with the 95% t-interval, beside the numbers the
+    original study reported (Real 81.80, DI 78.63, SD 52.57, Real+DI 86.14, Real+SD 83.94), which were
+    measured on its own split and not on the official test set. The table is the training stage's own
+    (`TrainingSummary.accuracy_table`); every number goes into the ``headline`` section of results.json."""
+    summary = training_summary(cfg)
+    values = summary.accuracy_values()
+    per_seed = summary.per_seed()[["arm", "seed", "test_accuracy", "val_accuracy", "best_step", "steps", "test_n"]]
+    per_seed = per_seed.sort_values(["arm", "seed"], key=lambda c: c.map(_arm_rank) if c.name == "arm" else c)
+    note = f"{REPORTED_CITATION} ({REPORTED_NOTE.split('; ', 1)[-1]}); accuracy in % on the run's real test set"
+    per_seed = per_seed.reset_index(drop=True)
+    gains = gains_over(per_seed, "real")
+    path = record(cfg.run_dir, "headline", {
+        "unit": "test accuracy, %", "test_images": summary.real_sizes["test"], "test_fingerprint": summary.test_fingerprint,
+        "original_study_note": REPORTED_CITATION, "arms": frame_records(values), "per_seed": frame_records(per_seed),
+        "gains_over_real": frame_records(gains)})
+    return Headline(summary.accuracy_table(), values, per_seed, gains, note, summary.real_sizes["test"], path)
+
+
+def _arm_rank(arm: str) -> int:
+    """Position of an arm in the original study's order (others after)."""
+    return ORIGINAL_ORDER.index(arm) if arm in ORIGINAL_ORDER else len(ORIGINAL_ORDER)
+
+
+__all__ = ["Headline", "TrainingSummary", "headline_table", "run", "thin_history", "training_summary", "write_results"]

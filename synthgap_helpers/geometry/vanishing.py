@@ -14,8 +14,8 @@ Conventions used throughout:
   ``p_i`` the perpendicular line through ``m_i`` (both scaled by the segment length); it lies in
   [0, 90] degrees and is defined for points at infinity.
 
-Structural metrics built on these live in :mod:`synthgap_helpers.geometry_metrics`, validation on
-York Urban in :mod:`synthgap_helpers.geometry_york`, figures in :mod:`synthgap_helpers.geometry_plots`.
+Structural metrics built on these live in :mod:`synthgap_helpers.geometry.metrics`, validation on
+York Urban in :mod:`synthgap_helpers.geometry.validation`, figures in :mod:`synthgap_helpers.geometry.figures`.
 """
 
 from __future__ import annotations

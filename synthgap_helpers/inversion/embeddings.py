@@ -26,28 +26,25 @@ Files under `<run_dir>/inversion/`:
   `checkpoint_every` steps; a rerun resumes from it exactly (the draws of step s depend on (seed, group, s) only).
 * `loss/group_NNNNN.json` -- the loss of every optimisation step.
 
-Sampling from the embeddings is in `inversion_sampling` (`sample` here forwards to it); tables and figures
-for the notebook in `inversion_figures`.
+Sampling from the embeddings is in `inversion.sampling`; the run-directory orchestration of both in
+`inversion.stage`, tables and figures for the notebook in `inversion.figures`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from synthgap_helpers.storage import atomic_write_bytes, atomic_write_json, safetensors_bytes
-from synthgap_helpers.workload import Shard, image_seed, stable_hash
+from synthgap_helpers.storage import atomic_write_bytes, safetensors_bytes
+from synthgap_helpers.workload import stable_hash
 
 EMBEDDINGS_DIR = Path("inversion") / "embeddings"
 CHECKPOINTS_DIR = Path("inversion") / "checkpoints"
@@ -129,7 +126,7 @@ def embedding_width(unet: Any) -> int:
 
 def check_model(pipe: Any, num_tokens: int, resolution: int | None = None) -> int:
     """Raise a ValueError before any work if the pipeline cannot be inverted; returns the embedding width."""
-    from synthgap_helpers.diffusion import resolution_multiple
+    from synthgap_helpers.sd.pipelines import resolution_multiple
 
     if not isinstance(num_tokens, int) or num_tokens < 1:
         raise ValueError(f"inversion.num_tokens = {num_tokens!r}: must be an integer of at least 1 (the authors: 5)")
@@ -435,7 +432,7 @@ def loss_path(run_dir: Path, group: Group | str) -> Path:
     return Path(run_dir) / LOSS_DIR / f"{name}.json"
 
 
-def _save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
+def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
     meta = {key: value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items()}
     atomic_write_bytes(path, safetensors_bytes(tensors, meta))  # the same bytes for the same tensors and metadata
 
@@ -450,15 +447,16 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
 
 def write_checkpoint(path: Path, state: InversionState, identity: dict[str, Any]) -> None:
     """A resumable snapshot of a group's optimisation (tensors + JSON scalars), written atomically."""
-    _save_safetensors(path, state.tensors(), {**identity, "step": state.step, "scaler": state.scaler})
+    save_safetensors(path, state.tensors(), {**identity, "step": state.step, "scaler": state.scaler})
 
 
-def _identity(group: Group, model: str, num_tokens: int) -> dict[str, Any]:
+def group_identity(group: Group, model: str, num_tokens: int) -> dict[str, Any]:
+    """What a group's stored files must match to be reused: its images, the model and the embedding length."""
     return {"group": group.name, "image_ids": list(group.ids), "model": model, "num_tokens": num_tokens}
 
 
-def _check_identity(path: Path, metadata: dict[str, str], tensors: dict[str, torch.Tensor], group: Group,
-                    model: str, num_tokens: int, width: int) -> None:
+def check_identity(path: Path, metadata: dict[str, str], tensors: dict[str, torch.Tensor], group: Group,
+                   model: str, num_tokens: int, width: int) -> None:
     """Raise if a stored file was made for other images, another model or another embedding shape."""
     shape = tuple(tensors["embeddings"].shape)
     expected = (len(group), num_tokens, width)
@@ -482,159 +480,3 @@ def load_group_embeddings(run_dir: Path, group: Group | str) -> tuple[torch.Tens
     decoded = {key: json.loads(value) if key in ("image_ids", "step", "num_tokens") else value
                for key, value in metadata.items()}
     return tensors["embeddings"], tensors["labels"], decoded
-
-
-# ---------------------------------------------------------------------------------------------
-# The stage
-
-
-@dataclass
-class TrainSummary:
-    """What `train_embeddings` did on this shard."""
-
-    groups_total: int
-    groups_owned: int
-    trained: list[str]
-    resumed: list[str]
-    skipped: list[str]
-    steps_run: int
-    seconds: float
-    final_loss: dict[str, float]
-
-    @property
-    def steps_per_second(self) -> float:
-        return self.steps_run / self.seconds if self.seconds > 0 else float("nan")
-
-    def table(self) -> Any:
-        import pandas as pd
-
-        return pd.DataFrame({"groups in the run": [self.groups_total], "groups of this shard": [self.groups_owned],
-                             "trained now": [len(self.trained)], "of which resumed": [len(self.resumed)],
-                             "already finished": [len(self.skipped)]}, index=["groups"])
-
-    def __str__(self) -> str:
-        return (f"inversion: {len(self.trained)} group(s) trained ({len(self.resumed)} resumed), {len(self.skipped)} "
-                f"already finished, of {self.groups_owned} on this shard ({self.groups_total} in the run); "
-                f"{self.steps_run} steps in {self.seconds:.1f} s ({self.steps_per_second:.2f} steps/s)")
-
-
-def run_groups(cfg: Any) -> tuple[Any, list[Group]]:
-    """The run's real train subset and its groups, as `inversion.*` fixes them."""
-    from synthgap_helpers import data
-
-    train = data.real_data(cfg).train
-    params = cfg.inversion
-    groups = plan_groups(train.ids, train.labels, params.group_size, params.num_groups)
-    if params.batch_size > params.group_size:
-        raise ValueError(f"inversion.batch_size = {params.batch_size} is larger than inversion.group_size = "
-                         f"{params.group_size}; a step draws its batch from one group")
-    return train, groups
-
-
-@contextlib.contextmanager
-def cpu_threads(count: int | None) -> Iterator[None]:
-    """Run with `count` torch CPU threads (None: leave torch's setting), restoring the previous count after.
-
-    Tiny models gain nothing from a thread pool, and on a shared CPU its spinning threads wait for cores.
-    """
-    previous = torch.get_num_threads()
-    if count is not None:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def stage_pipeline(cfg: Any, pipe: Any | None = None) -> Any:
-    """The run's diffusion pipeline (`inversion.model` on the run's device), unless one is given."""
-    if pipe is not None:
-        return pipe
-    from synthgap_helpers import config, diffusion
-
-    return diffusion.load_pipeline(cfg.inversion.model, "txt2img", config.resolve_device(cfg.device), cfg.inversion.dtype)
-
-
-def class_embeddings(pipe: Any, classes: Sequence[str], num_tokens: int, kind: str) -> torch.Tensor:
-    """The class prompts' embeddings (classes x T x H) for `init` = class_prompt (window) or class_prompt_mean."""
-    mode = "mean" if kind == "class_prompt_mean" else "window"
-    return prompt_embeddings(pipe, [CLASS_PROMPT.format(name) for name in classes], num_tokens, mode).cpu()
-
-
-def train_embeddings(cfg: Any, shard: Shard = Shard(), pipe: Any | None = None, progress: bool = True) -> TrainSummary:
-    """Train the embeddings of every group this shard owns; skip finished groups, resume interrupted ones."""
-    with cpu_threads(cfg.inversion.cpu_threads):
-        return _train_embeddings(cfg, shard, pipe, progress)
-
-
-def _train_embeddings(cfg: Any, shard: Shard, pipe: Any | None, progress: bool) -> TrainSummary:
-    params = cfg.inversion
-    train, groups = run_groups(cfg)
-    owned = [group for group in groups if shard.owns(group.name)]
-    pipe = stage_pipeline(cfg, pipe)
-    width = check_model(pipe, params.num_tokens, params.resolution)
-    model = params.model
-
-    todo, skipped, checkpoints = [], [], {}
-    for group in owned:  # every stored file is checked before any work starts
-        path = embeddings_path(cfg.run_dir, group)
-        if path.is_file():
-            tensors, metadata = read_safetensors(path)
-            _check_identity(path, metadata, tensors, group, model, params.num_tokens, width)
-            skipped.append(group.name)
-            continue
-        ckpt = checkpoint_path(cfg.run_dir, group)
-        if ckpt.is_file():
-            tensors, metadata = read_safetensors(ckpt)
-            _check_identity(ckpt, metadata, tensors, group, model, params.num_tokens, width)
-            checkpoints[group.name] = (tensors, metadata)
-        todo.append(group)
-
-    classes_embeds = None
-    if params.init != "random" and todo:
-        classes_embeds = class_embeddings(pipe, train.classes, params.num_tokens, params.init)
-
-    trained, resumed, final_loss, steps_run = [], [], {}, 0
-    start = time.perf_counter()
-    for group in tqdm(todo, desc="groups", unit="group", disable=not progress or len(todo) < 2):
-        seed = image_seed(cfg.seed, f"inversion/{group.name}")
-        if group.name in checkpoints:
-            tensors, metadata = checkpoints[group.name]
-            state = InversionState(tensors["embeddings"], int(metadata["step"]), tensors.get("exp_avg"),
-                                   tensors.get("exp_avg_sq"), tensors["losses"].tolist(),
-                                   json.loads(metadata["scaler"]) if metadata.get("scaler", "null") != "null" else None)
-            resumed.append(group.name)
-        else:
-            generator = torch.Generator().manual_seed(seed)
-            state = InversionState(init_embeddings(params.init, group.labels, params.num_tokens, width, generator,
-                                                   classes_embeds))
-        identity = _identity(group, model, params.num_tokens)
-        labels = torch.tensor(group.labels, dtype=torch.int64)
-
-        def save_checkpoint(snapshot: InversionState, group: Group = group, identity: dict = identity) -> None:
-            write_checkpoint(checkpoint_path(cfg.run_dir, group), snapshot, identity)
-
-        first = state.step
-        images = train.images[list(group.positions)]
-        state = invert_group(pipe, images, state, steps=params.steps, batch_size=params.batch_size, lr=params.lr,
-                             weight_decay=params.weight_decay, resolution=params.resolution, seed=seed,
-                             checkpoint_every=params.checkpoint_every, on_checkpoint=save_checkpoint,
-                             compile=params.compile, progress=progress, desc=group.name)
-        steps_run += params.steps - first
-        atomic_write_json(loss_path(cfg.run_dir, group), {"group": group.name, "image_ids": list(group.ids),
-                                                          "loss": state.losses})
-        _save_safetensors(embeddings_path(cfg.run_dir, group), {"embeddings": state.embeddings.contiguous(),
-                                                                "labels": labels},
-                          {**identity, "step": state.step, "width": width})
-        checkpoint_path(cfg.run_dir, group).unlink(missing_ok=True)
-        trained.append(group.name)
-        final_loss[group.name] = float(np.mean(state.losses[-max(1, len(state.losses) // 10):]))
-    return TrainSummary(len(groups), len(owned), trained, resumed, skipped, steps_run, time.perf_counter() - start,
-                        final_loss)
-
-
-def sample(cfg: Any, shard: Shard = Shard(), pipe: Any | None = None, progress: bool = True) -> Any:
-    """Sample the synthetic training set from the trained embeddings (see `inversion_sampling.sample`)."""
-    from synthgap_helpers import inversion_sampling
-
-    return inversion_sampling.sample(cfg, shard=shard, pipe=pipe, progress=progress)

@@ -2,8 +2,7 @@
 
 Every arm's model is explained on the same real test images; the maps keep their raw
 magnitudes (no min-max scaling) so that `attention_metrics` can compare them across arms.
-Metrics and the arm comparison live in `gradcam_metrics`, figures in `gradcam_figures`;
-all public names are re-exported here.
+Metrics and the arm comparison live in `gradcam.metrics`, figures in `gradcam.figures`.
 """
 
 from __future__ import annotations
@@ -21,21 +20,7 @@ from captum.attr import LayerGradCam
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .gradcam_figures import faithfulness_curves, metric_distributions, overlay_grid
-from .gradcam_metrics import attention_metrics, compare_arms
-
-__all__ = [
-    "FaithfulnessCurves",
-    "attention_metrics",
-    "compare_arms",
-    "deletion_insertion",
-    "faithfulness_curves",
-    "gradcam_maps",
-    "metric_distributions",
-    "overlay_grid",
-    "prepare_images",
-    "resolve_layer",
-]
+__all__ = ["FaithfulnessCurves", "deletion_insertion", "gradcam_maps", "prepare_images", "resolve_layer"]
 
 Normalize = Callable[[Tensor], Tensor] | tuple[Sequence[float], Sequence[float]] | None
 Targets = Tensor | Sequence[int] | Literal["predicted"]

@@ -1,0 +1,335 @@
+"""Diffusion Inversion, the stage: embedding training and sampling over the run directory, resumable and sharded.
+
+`train_embeddings` trains the embeddings of every group of the run's real training subset that this shard
+owns (`inversion.embeddings`), resuming from checkpoints; `sample` draws the synthetic set from them
+(`inversion.sampling`) into `<run_dir>/synthetic/di/`, skipping images already listed in a manifest;
+`reconstructions` draws one unperturbed sample of a few images for the notebook's comparison.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from synthgap_helpers import config, data
+from synthgap_helpers.inversion.embeddings import (
+    CLASS_PROMPT,
+    EMBEDDINGS_DIR,
+    Group,
+    InversionState,
+    check_identity,
+    check_model,
+    checkpoint_path,
+    embeddings_path,
+    group_identity,
+    init_embeddings,
+    invert_group,
+    loss_path,
+    plan_groups,
+    prompt_embeddings,
+    read_safetensors,
+    save_safetensors,
+    write_checkpoint,
+)
+from synthgap_helpers.inversion.sampling import (
+    SOURCE,
+    downsample,
+    perturb,
+    sample_from_embeddings,
+    sample_id,
+    sampling_pipeline,
+    unconditional,
+)
+from synthgap_helpers.sd import pipelines as diffusion
+from synthgap_helpers.storage import atomic_write_json
+from synthgap_helpers.workload import Shard, image_seed
+
+@dataclass
+class TrainSummary:
+    """What `train_embeddings` did on this shard."""
+
+    groups_total: int
+    groups_owned: int
+    trained: list[str]
+    resumed: list[str]
+    skipped: list[str]
+    steps_run: int
+    seconds: float
+    final_loss: dict[str, float]
+
+    @property
+    def steps_per_second(self) -> float:
+        return self.steps_run / self.seconds if self.seconds > 0 else float("nan")
+
+    def table(self) -> Any:
+        import pandas as pd
+
+        return pd.DataFrame({"groups in the run": [self.groups_total], "groups of this shard": [self.groups_owned],
+                             "trained now": [len(self.trained)], "of which resumed": [len(self.resumed)],
+                             "already finished": [len(self.skipped)]}, index=["groups"])
+
+    def __str__(self) -> str:
+        return (f"inversion: {len(self.trained)} group(s) trained ({len(self.resumed)} resumed), {len(self.skipped)} "
+                f"already finished, of {self.groups_owned} on this shard ({self.groups_total} in the run); "
+                f"{self.steps_run} steps in {self.seconds:.1f} s ({self.steps_per_second:.2f} steps/s)")
+
+
+def run_groups(cfg: Any) -> tuple[Any, list[Group]]:
+    """The run's real train subset and its groups, as `embeddings.*` fixes them."""
+    train = data.real_data(cfg).train
+    params = cfg.inversion
+    groups = plan_groups(train.ids, train.labels, params.group_size, params.num_groups)
+    if params.batch_size > params.group_size:
+        raise ValueError(f"inversion.batch_size = {params.batch_size} is larger than inversion.group_size = "
+                         f"{params.group_size}; a step draws its batch from one group")
+    return train, groups
+
+
+@contextlib.contextmanager
+def cpu_threads(count: int | None) -> Iterator[None]:
+    """Run with `count` torch CPU threads (None: leave torch's setting), restoring the previous count after.
+
+    Tiny models gain nothing from a thread pool, and on a shared CPU its spinning threads wait for cores.
+    """
+    previous = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def stage_pipeline(cfg: Any, pipe: Any | None = None) -> Any:
+    """The run's diffusion pipeline (`inversion.model` on the run's device), unless one is given."""
+    if pipe is not None:
+        return pipe
+    return diffusion.load_pipeline(cfg.inversion.model, "txt2img", config.resolve_device(cfg.device), cfg.inversion.dtype)
+
+
+def class_embeddings(pipe: Any, classes: Sequence[str], num_tokens: int, kind: str) -> torch.Tensor:
+    """The class prompts' embeddings (classes x T x H) for `init` = class_prompt (window) or class_prompt_mean."""
+    mode = "mean" if kind == "class_prompt_mean" else "window"
+    return prompt_embeddings(pipe, [CLASS_PROMPT.format(name) for name in classes], num_tokens, mode).cpu()
+
+
+def train_embeddings(cfg: Any, shard: Shard = Shard(), pipe: Any | None = None, progress: bool = True) -> TrainSummary:
+    """Train the embeddings of every group this shard owns; skip finished groups, resume interrupted ones."""
+    with cpu_threads(cfg.inversion.cpu_threads):
+        return _train_embeddings(cfg, shard, pipe, progress)
+
+
+def _shard_setup(cfg: Any, shard: Shard, pipe: Any | None) -> tuple[Any, list[Group], list[Group], Any, int]:
+    """The run's real train subset, its groups, those this shard owns, the pipeline and its embedding width."""
+    train, groups = run_groups(cfg)
+    pipe = stage_pipeline(cfg, pipe)
+    width = check_model(pipe, cfg.inversion.num_tokens, cfg.inversion.resolution)
+    return train, groups, [group for group in groups if shard.owns(group.name)], pipe, width
+
+
+def _train_embeddings(cfg: Any, shard: Shard, pipe: Any | None, progress: bool) -> TrainSummary:
+    params = cfg.inversion
+    train, groups, owned, pipe, width = _shard_setup(cfg, shard, pipe)
+    model = params.model
+
+    todo, skipped, checkpoints = [], [], {}
+    for group in owned:  # every stored file is checked before any work starts
+        path = embeddings_path(cfg.run_dir, group)
+        if path.is_file():
+            tensors, metadata = read_safetensors(path)
+            check_identity(path, metadata, tensors, group, model, params.num_tokens, width)
+            skipped.append(group.name)
+            continue
+        ckpt = checkpoint_path(cfg.run_dir, group)
+        if ckpt.is_file():
+            tensors, metadata = read_safetensors(ckpt)
+            check_identity(ckpt, metadata, tensors, group, model, params.num_tokens, width)
+            checkpoints[group.name] = (tensors, metadata)
+        todo.append(group)
+
+    classes_embeds = None
+    if params.init != "random" and todo:
+        classes_embeds = class_embeddings(pipe, train.classes, params.num_tokens, params.init)
+
+    trained, resumed, final_loss, steps_run = [], [], {}, 0
+    start = time.perf_counter()
+    for group in tqdm(todo, desc="groups", unit="group", disable=not progress or len(todo) < 2):
+        seed = image_seed(cfg.seed, f"inversion/{group.name}")
+        if group.name in checkpoints:
+            tensors, metadata = checkpoints[group.name]
+            state = InversionState(tensors["embeddings"], int(metadata["step"]), tensors.get("exp_avg"),
+                                   tensors.get("exp_avg_sq"), tensors["losses"].tolist(),
+                                   json.loads(metadata["scaler"]) if metadata.get("scaler", "null") != "null" else None)
+            resumed.append(group.name)
+        else:
+            generator = torch.Generator().manual_seed(seed)
+            state = InversionState(init_embeddings(params.init, group.labels, params.num_tokens, width, generator,
+                                                   classes_embeds))
+        identity = group_identity(group, model, params.num_tokens)
+        labels = torch.tensor(group.labels, dtype=torch.int64)
+
+        def save_checkpoint(snapshot: InversionState, group: Group = group, identity: dict = identity) -> None:
+            write_checkpoint(checkpoint_path(cfg.run_dir, group), snapshot, identity)
+
+        first = state.step
+        images = train.images[list(group.positions)]
+        state = invert_group(pipe, images, state, steps=params.steps, batch_size=params.batch_size, lr=params.lr,
+                             weight_decay=params.weight_decay, resolution=params.resolution, seed=seed,
+                             checkpoint_every=params.checkpoint_every, on_checkpoint=save_checkpoint,
+                             compile=params.compile, progress=progress, desc=group.name)
+        steps_run += params.steps - first
+        atomic_write_json(loss_path(cfg.run_dir, group), {"group": group.name, "image_ids": list(group.ids),
+                                                          "loss": state.losses})
+        save_safetensors(embeddings_path(cfg.run_dir, group), {"embeddings": state.embeddings.contiguous(),
+                                                                "labels": labels},
+                          {**identity, "step": state.step, "width": width})
+        checkpoint_path(cfg.run_dir, group).unlink(missing_ok=True)
+        trained.append(group.name)
+        final_loss[group.name] = float(np.mean(state.losses[-max(1, len(state.losses) // 10):]))
+    return TrainSummary(len(groups), len(owned), trained, resumed, skipped, steps_run, time.perf_counter() - start,
+                        final_loss)
+
+
+
+@dataclass
+class SampleSummary:
+    """What `sample` did on this shard."""
+
+    folder: Path
+    planned: int
+    written: int
+    skipped: int
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.written / self.seconds if self.seconds > 0 else float("nan")
+
+    def table(self) -> Any:
+        import pandas as pd
+
+        return pd.DataFrame({"samples of this shard": [self.planned], "written now": [self.written],
+                             "already written": [self.skipped]}, index=["synthetic/di"])
+
+    def __str__(self) -> str:
+        return (f"inversion sampling: {self.written} image(s) written, {self.skipped} already there, of {self.planned} "
+                f"on this shard, in {self.folder} ({self.seconds:.1f} s, {self.images_per_second:.2f} img/s)")
+
+
+def _load_groups(cfg: Any, groups: list[Group], width: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Every owned group's embeddings, checked against the model and the plan before any sampling."""
+    params = cfg.inversion
+    loaded, missing = {}, []
+    for group in groups:
+        path = embeddings_path(cfg.run_dir, group)
+        if not path.is_file():
+            missing.append(path)
+            continue
+        tensors, metadata = read_safetensors(path)
+        check_identity(path, metadata, tensors, group, params.model, params.num_tokens, width)
+        loaded[group.name] = (tensors["embeddings"].float(), tensors["labels"])
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} group(s) have no trained embeddings yet, e.g. {missing[0]}; "
+                                "run the embedding training first (inversion.train_embeddings, or "
+                                "`python -m synthgap_helpers invert train`)")
+    return loaded
+
+
+def sample(cfg: Any, shard: Shard = Shard(), pipe: Any | None = None, progress: bool = True) -> SampleSummary:
+    """Write `samples_per_image` images per inverted real image of this shard's groups; skip those already written."""
+    with cpu_threads(cfg.inversion.cpu_threads):
+        return _sample(cfg, shard, pipe, progress)
+
+
+def _sample(cfg: Any, shard: Shard, pipe: Any | None, progress: bool) -> SampleSummary:
+    params = cfg.inversion
+    train, _, owned, pipe, width = _shard_setup(cfg, shard, pipe)
+    loaded = _load_groups(cfg, owned, width)
+    folder = cfg.run_dir / "synthetic" / SOURCE
+    writer = data.ImageFolderWriter(folder, shard.manifest_name)
+    done = writer.done()
+    sampler = sampling_pipeline(pipe, params.scheduler)
+    effective = params.perturbation
+    jobs, planned = [], 0
+    for group in owned:
+        embeddings, labels = loaded[group.name]
+        uncond = unconditional(pipe, embeddings, params.uncond, params.num_tokens)
+        for index, source in enumerate(group.ids):
+            class_name = train.classes[group.labels[index]]
+            for k in range(params.samples_per_image):
+                planned += 1
+                name = sample_id(class_name, source, k)
+                if name in done:
+                    continue
+                generator = torch.Generator().manual_seed(image_seed(cfg.seed, f"{name}#perturbation"))
+                embedding, partner = perturb(embeddings, group.labels, index, effective, params.noise_std,
+                                             params.interpolation_strength, generator)
+                seed = image_seed(cfg.seed, name)
+                record = {"id": name, "class": class_name, "source_id": source, "group": group.name,
+                          "perturbation": effective, "partner": group.ids[partner] if partner is not None else None,
+                          "sample": k, "seed": seed, "guidance": params.guidance, "steps": params.sample_steps,
+                          "scheduler": params.scheduler, "eta": params.eta, "uncond": params.uncond,
+                          "noise_std": params.noise_std, "interpolation_strength": params.interpolation_strength,
+                          "resolution": params.resolution, "size": params.save_size, "model": params.model,
+                          "embedding": f"{EMBEDDINGS_DIR.as_posix()}/{group.name}.safetensors#{index}"}
+                jobs.append((embedding, uncond, seed, record))
+    start = time.perf_counter()
+    batches = range(0, len(jobs), params.sample_batch_size)
+    for offset in tqdm(batches, desc="sample di", unit="batch", disable=not progress or len(batches) < 2):
+        chunk = jobs[offset:offset + params.sample_batch_size]
+        images = sample_from_embeddings(sampler, torch.stack([job[0] for job in chunk]),
+                                        torch.stack([job[1] for job in chunk]), [job[2] for job in chunk],
+                                        guidance=params.guidance, steps=params.sample_steps,
+                                        resolution=params.resolution, eta=params.eta)
+        writer.write(downsample(images, params.save_size), [job[3] for job in chunk])
+    return SampleSummary(folder, planned, len(jobs), planned - len(jobs), time.perf_counter() - start)
+
+
+def reconstructions(cfg: Any, per_class: int = 1, pipe: Any | None = None) -> tuple[Any, Any]:
+    """The first `per_class` inverted real images of each class and one unperturbed sample of each (ImageSets).
+
+    The samples use the run's guidance, sampler and unconditional input, without perturbation: how much of
+    the real image its embedding alone carries.
+    """
+    with cpu_threads(cfg.inversion.cpu_threads):
+        return _reconstructions(cfg, per_class, pipe)
+
+
+def _reconstructions(cfg: Any, per_class: int, pipe: Any | None) -> tuple[Any, Any]:
+    from synthgap_helpers.data import ImageSet, LoadReport
+
+    params = cfg.inversion
+    train, groups = run_groups(cfg)
+    finished = [g for g in groups if embeddings_path(cfg.run_dir, g).is_file()]
+    pipe = stage_pipeline(cfg, pipe)
+    width = check_model(pipe, params.num_tokens, params.resolution)
+    loaded = _load_groups(cfg, finished, width)
+    picks: dict[int, list[tuple[Group, int]]] = {}
+    for group in finished:
+        for index, label in enumerate(group.labels):
+            if len(picks.setdefault(label, [])) < per_class:
+                picks[label].append((group, index))
+    chosen = [pick for label in sorted(picks) for pick in picks[label]]
+    if not chosen:
+        raise FileNotFoundError("no trained embeddings in this run yet: run inversion.train_embeddings first")
+    embeds = torch.stack([loaded[g.name][0][i] for g, i in chosen])
+    unconds = torch.stack([unconditional(pipe, loaded[g.name][0], params.uncond, params.num_tokens) for g, _ in chosen])
+    ids = [g.ids[i] for g, i in chosen]
+    seeds = [image_seed(cfg.seed, f"{source}#reconstruction") for source in ids]
+    images = sample_from_embeddings(sampling_pipeline(pipe, params.scheduler), embeds, unconds, seeds,
+                                    guidance=params.guidance, steps=params.sample_steps, resolution=params.resolution,
+                                    eta=params.eta)
+    labels = torch.tensor([g.labels[i] for g, i in chosen], dtype=torch.int64)
+    real = ImageSet(train.images[[g.positions[i] for g, i in chosen]], labels, ids, train.report, train.classes)
+    inverted = ImageSet(downsample(images, params.save_size), labels.clone(), ids,
+                        LoadReport(source="inversion (unperturbed)", loaded=len(ids)), train.classes)
+    return real, inverted
