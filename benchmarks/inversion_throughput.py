@@ -7,8 +7,10 @@ Both optimise the same group of embeddings on the same architecture at the same 
   optionally torch.compile;
 * the authors' recipe: fp32 U-Net and VAE, the VAE re-encoding the batch at every step.
 
-Rounds alternate between the two so that a busy machine slows both alike (on CPU both run in fp32: the
-difference there is the cached encoding only). The last lines print steps/s of each, their ratio, and the
+Rounds alternate between the two so that a busy machine slows both alike (on CPU both run in fp32 by default:
+the difference there is the cached encoding only; --dtype fp16|bf16 runs ours under CPU autocast). The warm-up
+state is handed to the timed run as a resume would hand it (loss-scaler state with its integer fields, AdamW's
+own step count), so fp16 timing resumes exactly as `inversion.stage` does. The last lines print steps/s of each, their ratio, and the
 sampling speed (images/s) of `inversion.sampling.sample_from_embeddings` with classifier-free guidance.
 
     python benchmarks/inversion_throughput.py --tiny                    # tiny random pipeline, CPU
@@ -24,9 +26,9 @@ import time
 
 import torch
 
-from synthgap_helpers.sd import pipelines as diffusion
 from synthgap_helpers.inversion import embeddings as inversion
 from synthgap_helpers.inversion import sampling as inversion_sampling
+from synthgap_helpers.sd import pipelines as diffusion
 
 # Stable Diffusion 1.5's U-Net and VAE (diffusers configs of stable-diffusion-v1-5); the text encoder is cut to
 # one layer (only its width matters here: sampling gets prompt_embeds and never calls it).
@@ -44,7 +46,12 @@ SD15_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.0
 
 def random_sd15(seed: int = 0):
     """A StableDiffusionPipeline with SD 1.5's U-Net and VAE architecture and random weights (no download)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)

@@ -22,9 +22,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from synthgap_helpers.train.trainer import TrainParams, make_optimizer, train_classifier
 from synthgap_helpers.train.batches import CIFAR10_MEAN, CIFAR10_STD
 from synthgap_helpers.train.models import build_model
+from synthgap_helpers.train.trainer import TrainParams, make_optimizer, train_classifier
 
 
 def load_images(data: Path | None, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

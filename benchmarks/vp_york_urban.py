@@ -11,7 +11,10 @@ import sys
 import cv2
 
 from synthgap_helpers.data import default_cache_dir
-from synthgap_helpers.geometry.validation import evaluate_york_urban, resolution_calibration
+from synthgap_helpers.geometry.validation import (
+    evaluate_york_urban,
+    resolution_calibration,
+)
 from synthgap_helpers.geometry.york_urban import resolve_york_urban
 
 

@@ -10,12 +10,18 @@
     python -m synthgap_helpers merge runs/paper/synthetic/sd
     python -m synthgap_helpers cost --profile paper [--rate sd=<images/s> --rate train=<images/s> ...]
     python -m synthgap_helpers publish [--remote origin] [--html _build/html]
+
+Relative paths (--run-dir, --profile FILE.yaml, and path parameters in --set) are taken from the folder the
+command is started in. An expected failure (bad parameters, data, files or folders; a failed notebook) is
+printed as one line, `error: <what> ... <fix>`, on stderr, and the exit status is 2; any other exception is a
+bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from typing import Any
 
@@ -23,7 +29,18 @@ import pandas as pd
 
 from synthgap_helpers import config, runner
 from synthgap_helpers.cost import RATES as COST_RATES
+from synthgap_helpers.errors import UserError
 from synthgap_helpers.workload import merge_shards, parse_shard
+
+EXIT_USER_ERROR = 2  # an expected failure, reported in one line (argparse uses 2 for its usage errors too)
+# Failures of paths the user gave (run directory, data folders, files) and the fix each calls for.
+PATH_ERRORS: dict[type[OSError], str] = {
+    FileNotFoundError: "check the path (relative paths are taken from the folder the command was started in)",
+    PermissionError: "fix the permissions of that path (chmod / chgrp), or choose a location you can write to",
+    NotADirectoryError: "a file stands where that path needs a folder: move the file or choose another path",
+    IsADirectoryError: "a folder stands where that path needs a file: choose the file itself",
+    FileExistsError: "a file stands where a folder is to be created: move it or choose another path",
+}
 
 # (command, action) -> (module, function): every stage entry point takes (cfg, shard) and returns a summary.
 STAGES: dict[tuple[str, str | None], tuple[str, str]] = {
@@ -81,7 +98,10 @@ def _print_cost(args: argparse.Namespace) -> str:
     from synthgap_helpers import cost
 
     estimate = cost.profile_cost(config.resolve(args.profile, run_dir=args.run_dir, overrides=args.overrides))
-    work = estimate.with_hours(cost.parse_rates(args.rates))
+    try:
+        work = estimate.with_hours(cost.parse_rates(args.rates))
+    except ValueError as exc:  # both check only the user's --rate values
+        raise config.ConfigError(str(exc)) from None
     with pd.option_context("display.width", 200, "display.max_colwidth", 90):
         return f"{work.to_string()}\n\n{estimate.disk.assign(size=estimate.disk['bytes'].map(cost.human_bytes)).to_string()}" \
                f"\ntotal of the known items: {cost.human_bytes(estimate.disk_bytes)}"
@@ -90,16 +110,36 @@ def _print_cost(args: argparse.Namespace) -> str:
 def _run_stage(args: argparse.Namespace) -> Any:
     """Resolve the config and call the stage's entry point on this shard."""
     module_name, function = STAGES[(args.command, getattr(args, "action", None))]
+    shard = parse_shard(args.shard)  # before load: a bad shard creates no run directory
     cfg = config.load(args.profile, run_dir=args.run_dir, overrides=args.overrides)
-    return getattr(importlib.import_module(module_name), function)(cfg, shard=parse_shard(args.shard))
+    return getattr(importlib.import_module(module_name), function)(cfg, shard=shard)
+
+
+def one_line(exc: BaseException) -> str:
+    """An expected failure as one line: its message's lines joined; an OSError raised by the system (it has an
+    errno, and names only the path and the reason) gets the fix for its kind."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    text = lines[0]
+    for line in lines[1:]:
+        text += (" " if text.endswith((":", ".", ";", ",")) else "; ") + line
+    if isinstance(exc, OSError) and exc.errno is not None and not isinstance(exc, UserError):
+        fix = next((fix for kind, fix in PATH_ERRORS.items() if isinstance(exc, kind)), None)
+        text = f"{text}; {fix}" if fix else text
+    return re.sub(r"\s+", " ", text)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status (1 with a one-paragraph message on a known failure)."""
+    """Entry point; returns the exit status: 0, or 2 with a one-line message on stderr for an expected failure
+    (`errors.UserError`, which covers config.ConfigError, data errors, runner.NotebookFailed and the stages'
+    own errors, or a path that is missing, not writable or of the wrong kind). Other exceptions are bugs and
+    propagate with their traceback."""
     args = _parser().parse_args(argv)
     try:
+        if hasattr(args, "overrides"):
+            args.overrides = config.absolute_overrides(args.overrides)  # relative to where the command was started
         if args.command == "run":
-            index = runner.run(args.profile, run_dir=args.run_dir, only=args.only.split(",") if args.only else None,
+            index = runner.run(args.profile, run_dir=args.run_dir,
+                               only=args.only.split(",") if args.only is not None else None,
                                overrides=args.overrides, build=not args.no_book)
             if index is not None:
                 print(f"book: {index}")
@@ -111,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.folder}: {merge_shards(args.folder)} images listed in manifest.jsonl")
         else:
             print(_run_stage(args))
-    except (config.ConfigError, runner.NotebookFailed, FileNotFoundError, ValueError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except (UserError, config.ConfigError, runner.NotebookFailed, *PATH_ERRORS) as exc:
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return EXIT_USER_ERROR
     return 0

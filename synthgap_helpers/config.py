@@ -7,6 +7,7 @@ directory is refused, so that resumed stages never mix results of two configurat
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import json
 import os
@@ -14,14 +15,25 @@ import platform
 import re
 import subprocess
 import sys
+import tempfile
+import types
+import typing
 from collections.abc import Sequence
 from importlib import metadata, resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from synthgap_helpers.errors import UserError
 from synthgap_helpers.storage import atomic_write_json
 
 PROFILES = ("smoke", "gpu-small", "paper")
@@ -67,8 +79,21 @@ def check_templates(templates: Sequence[str]) -> list[str]:
     return templates
 
 
-class ConfigError(ValueError):
+class ConfigError(ValueError, UserError):
     """A profile, override or run directory that cannot be used; the message says what to change."""
+
+
+# Parameters that name a file or folder, and what null means for each. A relative path is made absolute when the
+# configuration is resolved, so that config.json records where the data really was: in `--set` and other
+# overrides against the folder the command was started in (the current directory), in a profile file against
+# the folder of that file. `train.folders.<name>.paths` are relative to the run directory in profiles and in
+# Python overrides (as documented there); on the command line they too are taken from the current directory.
+PATH_PARAMETERS: dict[str, str] = {
+    "data.root": "$SYNTHGAP_DATA_DIR, then the download cache",
+    "data.cache_dir": "$SYNTHGAP_CACHE_DIR or ~/.cache/synthgap",
+    "geometry.york_urban_root": "the converted copy in the cache, then a download",
+    "sd.captions": "the class prompt templates",
+}
 
 
 class _Section(BaseModel):
@@ -353,25 +378,131 @@ class Config(_Section):
         return self.model_dump(mode="json", exclude={"run_dir"})
 
 
-def read_profile(profile: str) -> dict[str, Any]:
-    """The raw parameters of a shipped profile, or of a YAML file given by path."""
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error as 'line L, column C: problem'."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    problem = " ".join(str(part) for part in (getattr(exc, "context", None), getattr(exc, "problem", None)) if part)
+    return where + (problem or str(exc))
+
+
+def read_profile(profile: str, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The raw parameters of a shipped profile, or of a YAML file given by path.
+
+    A profile file must set something: an empty one would silently be the paper-scale defaults, so it is an
+    error. It may start from another profile with `base: <smoke|gpu-small|paper|other.yaml>` and set only the
+    keys it changes; without `base`, the keys it does not set take the defaults of `Config` (the paper's
+    values). Relative paths in a profile file (data.root, data.cache_dir, geometry.york_urban_root,
+    sd.captions, and a relative `base`) are taken from the folder of that file.
+    """
     path = Path(profile)
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
-            raise ConfigError(f"profile file {path} does not exist")
-        text = path.read_text()
+            raise ConfigError(f"profile file {path} does not exist (relative paths are taken from the folder the "
+                              f"command was started in, {Path.cwd()}); give the path of an existing .yaml file")
+        path = path.resolve()
+        if path in _seen:
+            raise ConfigError(f"profile file {path}: its `base:` chain comes back to itself "
+                              f"({' -> '.join(map(str, (*_seen, path)))}); remove one of the `base:` keys")
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"profile file {path} cannot be read ({exc}); fix its permissions or encoding") from None
+        where = f"profile file {path}"
     elif profile in PROFILES:
         text = (resources.files("synthgap_helpers") / "profiles" / f"{profile}.yaml").read_text()
+        where = f"shipped profile {profile!r}"
     else:
         raise ConfigError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)} or a path to a .yaml file")
-    data = yaml.safe_load(text) or {}
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where} is not valid YAML: {_yaml_problem(exc)}; fix the syntax there "
+                          "(indent with spaces, `key: value` per line)") from None
+    if data is None or data == {}:
+        raise ConfigError(f"{where} sets no parameters, so every value would be a paper-scale default; "
+                          f"start it with `base: smoke` (or gpu-small, paper) and the keys you change, "
+                          "or copy a shipped profile from synthgap_helpers/profiles/")
     if not isinstance(data, dict):
-        raise ConfigError(f"profile {profile!r} must hold a mapping of parameters, got {type(data).__name__}")
-    return data
+        raise ConfigError(f"{where} must hold a mapping of parameters (key: value), got {type(data).__name__}")
+    if profile in PROFILES:
+        return data
+    data = _absolute_paths(data, path.parent, folders=False)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{where}: base = {base!r} must name a profile ({', '.join(PROFILES)}) or a .yaml file")
+    if Path(base).suffix in (".yaml", ".yml"):
+        base = str(path.parent / Path(base).expanduser())
+    return _merge(read_profile(base, (*_seen, path)), data)
+
+
+def _absolute(value: str, base: Path, key: str) -> str:
+    """`value` as an absolute path (`~` expanded; a relative one joined to `base`)."""
+    if not value.strip():
+        raise ConfigError(f"{key} is an empty string; give a path, or null for the default "
+                          f"({PATH_PARAMETERS.get(key, 'none')})")
+    path = Path(value).expanduser()
+    return os.path.normpath(path if path.is_absolute() else base / path)
+
+
+def _absolute_paths(raw: dict[str, Any], base: Path, folders: bool) -> dict[str, Any]:
+    """A copy of nested raw parameters with the path parameters made absolute against `base`
+    (with `folders`, also `train.folders.<name>.paths`)."""
+    raw = copy.deepcopy(raw)
+    for key in PATH_PARAMETERS:
+        section, name = key.split(".")
+        node = raw.get(section)
+        if isinstance(node, dict) and isinstance(node.get(name), str):
+            node[name] = _absolute(node[name], base, key)
+    train = raw.get("train")
+    arms = train.get("folders") if folders and isinstance(train, dict) else None
+    if isinstance(arms, dict):
+        for name, arm in arms.items():
+            if isinstance(arm, dict) and isinstance(arm.get("paths"), list):
+                arm["paths"] = [_absolute(p, base, f"train.folders.{name}.paths") if isinstance(p, str) else p
+                                for p in arm["paths"]]
+    return raw
+
+
+def absolute_overrides(overrides: str | list[str] | None, base: str | Path | None = None) -> list[str]:
+    """Command-line `key=value` overrides with every relative path value made absolute against `base`
+    (default: the current directory, where the command was started), so that notebooks running in
+    `notebooks/` and config.json see the folder the user meant. Other pairs are returned unchanged."""
+    pairs = (overrides.split() if isinstance(overrides, str) else list(overrides)) if overrides else []
+    base = Path(base) if base is not None else Path.cwd()
+    result = []
+    for pair in pairs:
+        nested = parse_overrides([pair])
+        fixed = _absolute_paths(nested, base, folders=True)
+        if fixed == nested:
+            result.append(pair)
+            continue
+        key = pair.partition("=")[0]
+        value: Any = fixed
+        for part in key.split("."):
+            value = value[part]
+        result.append(f"{key}={json.dumps(value)}")  # JSON is YAML: any character of a path survives
+    return result
+
+
+def _parse_value(pair: str, key: str, value: str) -> Any:
+    """The YAML value of one `key=value` override; an empty value is an error, not a silent null."""
+    if not value.strip():
+        raise ConfigError(f"override {pair!r} has no value; write {key}=null for null, or {key}=\"''\" for an "
+                          "empty string")
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {pair!r}: the value is not valid YAML ({_yaml_problem(exc)}); quote it, "
+                          f"e.g. {key}=\"'...'\"") from None
 
 
 def parse_overrides(overrides: str | list[str] | dict[str, Any] | None) -> dict[str, Any]:
-    """`key=value` pairs (dotted keys, YAML values) as a nested dict: `data.val_per_class=50`."""
+    """`key=value` pairs (dotted keys, YAML values) as a nested dict: `data.val_per_class=50`.
+
+    An empty value (`key=`) is an error: write `key=null` for null."""
     if not overrides:
         return {}
     if isinstance(overrides, dict):
@@ -381,9 +512,9 @@ def parse_overrides(overrides: str | list[str] | dict[str, Any] | None) -> dict[
         items = []
         for pair in pairs:
             key, sep, value = pair.partition("=")
-            if not sep or not key:
+            if not sep or not key or any(not part for part in key.split(".")):
                 raise ConfigError(f"override {pair!r} is not of the form key=value (e.g. data.val_per_class=50)")
-            items.append((key, yaml.safe_load(value) if value else None))
+            items.append((key, _parse_value(pair, key, value)))
     nested: dict[str, Any] = {}
     for key, value in items:
         *parents, leaf = key.split(".")
@@ -407,14 +538,41 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def _model_of(annotation: Any) -> Any:
+    """The parameter group inside an annotation (`X | None` gives X), else the annotation."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        models = [arg for arg in typing.get_args(annotation) if isinstance(arg, type) and issubclass(arg, BaseModel)]
+        return models[0] if len(models) == 1 else annotation
+    return annotation
+
+
+def _owner_of(model: type[BaseModel], loc: Sequence[Any]) -> type[BaseModel] | None:
+    """The parameter group that holds the key at `loc`, following groups, dicts of groups (train.folders.<name>)
+    and lists; None where the path leads elsewhere."""
+    owner: Any = model
+    for part in loc:
+        owner = _model_of(owner)
+        if isinstance(owner, type) and issubclass(owner, BaseModel):
+            field = owner.model_fields.get(str(part))
+            if field is None:
+                return None
+            owner = field.annotation
+        elif typing.get_origin(owner) in (dict, list, tuple) and typing.get_args(owner):
+            owner = typing.get_args(owner)[-1]  # a dict's values, a list's items
+        else:
+            return None
+    owner = _model_of(owner)
+    return owner if isinstance(owner, type) and issubclass(owner, BaseModel) else None
+
+
 def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
     """One validation error as 'key = value: what is allowed'."""
     loc = [str(part) for part in error["loc"]]
     key = ".".join(loc)
     if error["type"] == "extra_forbidden":
-        owner: type[BaseModel] = model
-        for part in loc[:-1]:
-            owner = owner.model_fields[part].annotation  # type: ignore[assignment]
+        owner = _owner_of(model, error["loc"][:-1])
+        if owner is None:
+            return f"unknown key {key!r} (value {error['input']!r})"
         allowed = ", ".join(name for name in owner.model_fields if name not in ("profile", "run_dir"))
         return f"unknown key {key!r} (value {error['input']!r}); allowed here: {allowed}"
     message = error["msg"].removeprefix("Value error, ")
@@ -423,11 +581,17 @@ def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
 
 def resolve(profile: str = "smoke", run_dir: str | Path | None = None,
             overrides: str | list[str] | dict[str, Any] | None = None) -> Config:
-    """Validated config from a profile plus overrides; errors name the key, the value and what is allowed."""
-    raw = _merge(read_profile(profile), parse_overrides(overrides))
+    """Validated config from a profile plus overrides; errors name the key, the value and what is allowed.
+
+    Relative paths of the overrides are made absolute against the current directory, those of a profile
+    file against its folder (see `PATH_PARAMETERS`); `run_dir` against the current directory."""
+    if isinstance(run_dir, str) and not run_dir.strip():
+        raise ConfigError("the run directory is an empty string (--run-dir \"\"); give a folder, or leave the "
+                          "option out for runs/<profile>")
+    raw = _merge(read_profile(profile), _absolute_paths(parse_overrides(overrides), Path.cwd(), folders=False))
     name = Path(profile).stem if Path(profile).suffix in (".yaml", ".yml") else profile
     raw["profile"] = name
-    raw["run_dir"] = Path(run_dir if run_dir is not None else Path("runs") / name).resolve()
+    raw["run_dir"] = Path(run_dir if run_dir is not None else Path("runs") / name).expanduser().resolve()
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
@@ -494,11 +658,15 @@ def load(profile: str = "smoke", run_dir: str | Path | None = None,
 
     The first call on a run directory writes the parameters and provenance; later calls must
     resolve to the same values, else the error lists the keys that differ. Parameters the record
-    lacks (added by a newer version) are added to it.
+    lacks (added by a newer version) are added to it. Before anything is written, every path parameter that
+    is set must exist (`check_paths`), and the run directory must be a folder that can be written to (created
+    if missing): otherwise a ConfigError names the parameter or folder and the fix.
     """
     cfg = resolve(profile, run_dir, overrides)
+    check_paths(cfg)
     if not record:
         return cfg
+    _usable_run_dir(cfg.run_dir)
     path = cfg.run_dir / "config.json"
     if not path.exists():
         atomic_write_json(path, {"params": cfg.params(), "provenance": provenance(cfg)})
@@ -517,6 +685,38 @@ def load(profile: str = "smoke", run_dir: str | Path | None = None,
     if _merge(cfg.params(), previous) != previous:  # parameters a newer version added: record them too
         atomic_write_json(path, {**record, "params": _merge(cfg.params(), previous)})
     return cfg
+
+
+def check_paths(cfg: Config) -> None:
+    """Every path parameter that is set must exist (the cache folder may be created): a ConfigError names the
+    parameter and the path; no loader falls back to another source instead."""
+    wanted = {"data.root": (cfg.data.root, Path.is_dir, "folder"),
+              "geometry.york_urban_root": (cfg.geometry.york_urban_root, Path.exists, "file or folder"),
+              "sd.captions": (cfg.sd.captions, Path.is_file, "file")}
+    for key, (value, check, kind) in wanted.items():
+        if value is not None and not check(Path(value)):
+            raise ConfigError(f"{key} = {value}: no such {kind}; fix the path (relative paths are taken from the folder "
+                              f"the command was started in, or from the profile file's folder), or set {key}=null "
+                              f"for {PATH_PARAMETERS[key]}")
+    if cfg.data.cache_dir is not None and Path(cfg.data.cache_dir).exists() and not Path(cfg.data.cache_dir).is_dir():
+        raise ConfigError(f"data.cache_dir = {cfg.data.cache_dir} is a file, not a folder; give a folder (it is "
+                          f"created if missing), or set data.cache_dir=null for {PATH_PARAMETERS['data.cache_dir']}")
+
+
+def _usable_run_dir(run_dir: Path) -> None:
+    """Create the run directory if needed and check that files can be written in it (ConfigError otherwise)."""
+    fix = "pass another --run-dir (run_dir), or fix the path"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run directory {run_dir} is a file, not a folder; {fix}")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=run_dir, prefix=".write-check-"):
+            pass
+    except (FileExistsError, NotADirectoryError):
+        raise ConfigError(f"run directory {run_dir} cannot be created: part of its path is a file; {fix}") from None
+    except PermissionError as exc:
+        raise ConfigError(f"run directory {run_dir} is not writable ({exc.strerror}: {exc.filename}); pass a "
+                          "--run-dir you can write to, or fix its permissions (chmod / chgrp)") from None
 
 
 def _differences(old: Any, new: Any, key: str = "") -> list[str]:

@@ -1,9 +1,10 @@
 """CIFAR-10 and image-folder datasets as uint8 tensors, balanced seeded subsets, the real split.
 
-Sources of CIFAR-10: the sample embedded in the package (smoke profile), or, tried in order, the `root`
-parameter, `$SYNTHGAP_DATA_DIR`, then a torchvision download into the cache. A folder may hold the
-official `cifar-10-batches-py` files or a class-folder layout `{train,test}/<class>/*.png|jpg`. Decoded
-class folders are cached as `.npy`. Every loader hands out one layout: contiguous N x 3 x 32 x 32 uint8.
+Sources of CIFAR-10: the sample embedded in the package (smoke profile), or the first that is set of the `root`
+parameter and `$SYNTHGAP_DATA_DIR` (a set one that does not hold CIFAR-10 is an error, never a reason to read
+another source), else the download cache and a torchvision download into it. A folder may hold the official
+`cifar-10-batches-py` files or a class-folder layout `{train,test}/<class>/*.png|jpg`. Decoded class folders
+are cached as `.npy`, checksummed. Every loader hands out one layout: contiguous N x 3 x 32 x 32 uint8.
 """
 
 from __future__ import annotations
@@ -30,7 +31,12 @@ from tqdm.auto import tqdm
 
 from synthgap_helpers.downloads import file_digest
 from synthgap_helpers.errors import DataError, DownloadError
-from synthgap_helpers.storage import Manifest, atomic_write, atomic_write_bytes, atomic_write_json
+from synthgap_helpers.storage import (
+    Manifest,
+    atomic_write,
+    atomic_write_bytes,
+    atomic_write_json,
+)
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 IMAGE_SIZE = 32
@@ -48,7 +54,7 @@ class LoadReport:
     origin: str = ""  # where the source came from: embedded sample, user folder, official download
     loaded: int = 0  # images decoded and kept
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
-    converted: list[str] = field(default_factory=list)  # non-RGB images converted to RGB
+    converted: list[str] = field(default_factory=list)  # non-RGB images converted to 8-bit RGB (16-bit: v >> 8)
     resized: list[str] = field(default_factory=list)  # images of another size resized to 32x32
     unlisted: list[str] = field(default_factory=list)  # files on disk that the manifest does not list
 
@@ -95,13 +101,27 @@ class ImageSet:
 
 
 def _decode_with_pil(data: bytes, name: str) -> tuple[np.ndarray, bool, bool]:
-    """Slow path for anything but 3-channel 8-bit 32x32: convert to RGB, antialiased resize."""
+    """Slow path for anything but 3-channel 8-bit 32x32: convert to RGB, antialiased resize.
+
+    16-bit grey images (PIL modes I;16*, and I, as older Pillow opens 16-bit PNGs) keep their high byte
+    (v >> 8), the reduction Pillow itself applies to 16-bit colour PNGs; PIL's own I -> RGB conversion would
+    clip every value above 255 to white.
+    """
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
             converted = image.mode != "RGB"
-            rgb = image.convert("RGB")
+            if image.mode.startswith("I"):
+                values = np.asarray(image).astype(np.int64)
+                if values.size and (values.min() < 0 or values.max() > 0xFFFF):
+                    raise DataError(f"image {name}: {image.mode} values {values.min()}..{values.max()} exceed 16 bits; "
+                                    "save it as an 8- or 16-bit PNG")
+                rgb = Image.fromarray((values >> 8).astype(np.uint8)).convert("RGB")
+            else:
+                rgb = image.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        if isinstance(exc, DataError):
+            raise
         raise DataError(f"cannot read image {name}: {exc}") from None
     resized = rgb.size != (IMAGE_SIZE, IMAGE_SIZE)
     if resized:
@@ -110,9 +130,10 @@ def _decode_with_pil(data: bytes, name: str) -> tuple[np.ndarray, bool, bool]:
 
 
 def decode_file(path: Path) -> tuple[np.ndarray, bool, bool]:
-    """One image file as uint8 3 x 32 x 32, with flags (converted to RGB, resized).
+    """One image file as uint8 3 x 32 x 32, with flags (converted to 8-bit RGB, resized).
 
-    libjpeg/libpng through torchvision for the common case (fast), PIL for the rest.
+    libjpeg/libpng through torchvision for the common case (fast), PIL for the rest (16-bit images among them,
+    reduced to 8 bits by their high byte, v >> 8).
     """
     data = path.read_bytes()
     if data:
@@ -179,12 +200,45 @@ def _class_dirs(path: Path) -> list[Path]:
 
 
 def _folder_files(path: Path) -> list[tuple[str, Path]]:
-    """(id, file) for every image under the class folders, sorted by class then name; id = class/stem."""
+    """(id, file) for every image under the class folders, sorted by class then name; id = class/stem.
+
+    Two images of one id (`0000.jpg` and `0000.png`) are a DataError naming both: neither may silently win.
+    """
     found = []
     for class_dir in _class_dirs(path):
+        seen: dict[str, Path] = {}
         for file in sorted(class_dir.iterdir()):
             if file.suffix.lower() in IMAGE_SUFFIXES and not file.name.startswith("."):
-                found.append((f"{class_dir.name}/{file.stem}", file))
+                image_id = f"{class_dir.name}/{file.stem}"
+                if image_id in seen:
+                    raise DataError(f"{seen[image_id]} and {file} have the same image id {image_id!r} (the name without "
+                                    "its suffix); keep one of them: rename the other or move it out of the folder")
+                seen[image_id] = file
+                found.append((image_id, file))
+    return found
+
+
+def _unusable_files(path: Path, warn: bool = True) -> list[tuple[str, str]]:
+    """(file, reason) for every entry of the class folders that is not an image the loader reads
+    (with `warn`, a warning names the first few)."""
+    found = []
+    for class_dir in _class_dirs(path):
+        for entry in sorted(class_dir.iterdir()):
+            if entry.name.startswith("."):
+                reason = ("temporary file of an unfinished write (a crash); safe to delete" if entry.suffix == ".tmp"
+                          else "hidden file")
+            elif entry.is_dir():
+                reason = "a folder inside a class folder; class folders hold image files only"
+            elif entry.suffix.lower() not in IMAGE_SUFFIXES:
+                reason = (f"not an image type this loader reads ({', '.join(IMAGE_SUFFIXES)}); convert it to PNG "
+                          "to use it")
+            else:
+                continue
+            found.append((str(entry), reason))
+    if found and warn:
+        shown = "; ".join(f"{Path(file).name}: {reason}" for file, reason in found[:3])
+        warnings.warn(f"{path}: {len(found)} file(s) in the class folders are not loaded ({shown}"
+                      f"{'; ...' if len(found) > 3 else ''}); the load report lists each as skipped", stacklevel=3)
     return found
 
 
@@ -207,22 +261,98 @@ def has_manifest(path: Path) -> bool:
     return any(manifest.path.is_file() for manifest in folder_manifests(path))
 
 
+CHECKSUM_KEY = "sha256"  # manifest field: SHA-256 of the PNG's bytes, written by ImageFolderWriter
+# synthetic/<source>/ -> the command that wrote it, and rewrites missing or corrupt listed images identically
+GENERATING_COMMANDS = {"sd": "python -m synthgap_helpers generate sd", "di": "python -m synthgap_helpers invert sample"}
+
+
+def regenerate_fix(folder: Path) -> str:
+    """The fix for missing or corrupt listed images of a folder: rerun the stage that wrote it."""
+    command = GENERATING_COMMANDS.get(Path(folder).name)
+    run_dir = Path(folder).parent.parent
+    if command is None:
+        return (f"Fix: rerun the stage that wrote {folder} (it regenerates missing and corrupt listed images), "
+                "or restore the files from a backup.")
+    return (f"Fix: rerun `{command} --profile <the run's profile> --run-dir {run_dir}` (or its notebook): it "
+            "regenerates the missing and corrupt images identically from their seeds and keeps one manifest "
+            "record per image.")
+
+
+def listed_image_problem(record: dict[str, Any], file: Path | None, decode: bool = True) -> str | None:
+    """Why a listed image cannot be used (missing, not its recorded checksum, unreadable), or None if it can.
+
+    Records written before checksums were recorded have none: their file is accepted if it decodes
+    (`decode`; a truncated PNG does not), as the writer only ever listed complete files.
+    """
+    if file is None or not file.is_file():
+        return "missing"
+    payload = file.read_bytes()
+    expected = record.get(CHECKSUM_KEY)
+    if expected is not None:
+        actual = hashlib.sha256(payload).hexdigest()
+        if actual != expected:
+            return (f"{len(payload)} bytes with sha256 {actual[:12]}..., the manifest recorded {expected[:12]}... "
+                    "(truncated or overwritten)")
+        return None
+    if decode:
+        try:
+            decode_file(file)
+        except (DataError, OSError) as exc:
+            return f"unreadable ({exc}); its manifest record predates checksums"
+    return None
+
+
+@dataclass
+class FolderCheck:
+    """An image folder's listed ids, checked against their files: what a rerun may skip and what it must redo."""
+
+    done: set[str]  # listed, present and matching their checksum (or decodable, for records without one)
+    damaged: dict[str, str]  # listed id -> why its file cannot be used (missing, checksum mismatch, unreadable)
+
+    def notes(self, folder: Path, mine: set[str], planned: set[str], shown: int = 5) -> list[str]:
+        """Summary lines on the damaged ids: those of this shard (`mine`, repaired now), those of other
+        shards, and those the run no longer plans (which nothing regenerates)."""
+        notes = []
+        repaired = [image_id for image_id in self.damaged if image_id in mine]
+        notes += [f"repaired {folder / image_id}.png: {self.damaged[image_id]}" for image_id in repaired[:shown]]
+        if len(repaired) > shown:
+            notes.append(f"... and {len(repaired) - shown} more repaired")
+        others = [image_id for image_id in self.damaged if image_id in planned and image_id not in mine]
+        if others:
+            notes.append(f"{len(others)} missing or corrupt image(s) of other shards, e.g. {folder / others[0]}.png: "
+                         "rerun those shards (or one unsharded run) to regenerate them")
+        unplanned = [image_id for image_id in self.damaged if image_id not in planned]
+        if unplanned:
+            notes.append(f"{len(unplanned)} listed image(s) missing or corrupt that this config does not plan, e.g. "
+                         f"{folder / unplanned[0]}.png ({self.damaged[unplanned[0]]}): rerun with the parameters "
+                         "that planned them, or delete the folder to start over")
+        return notes
+
+
 def load_image_folder(path: str | Path, on_bad_image: BadImagePolicy = "error") -> ImageSet:
     """A class-folder image set `<path>/<class>/<id>.png|jpg` as uint8 tensors.
 
     When the folder has a manifest (merged or per shard), exactly the images it lists are loaded
-    (a file without a manifest line is an unfinished write and is reported as unlisted);
-    otherwise every image file.
+    (a file without a manifest line is an unfinished write and is reported as unlisted), each checked
+    against the SHA-256 its record holds: a missing or differing file is a DataError naming the files
+    and the stage that regenerates them; otherwise every image file. Every other file of a class folder
+    (another image type, a hidden or temporary file, a sub-folder) is listed in the report as skipped, with
+    its reason; two images of one id are a DataError.
     """
     path = Path(path)
     files = _folder_files(path)
-    report = LoadReport(source=str(path))
+    report = LoadReport(source=str(path), skipped=_unusable_files(path))
     if has_manifest(path):
-        listed = [record["id"] for record in listed_records(path)]
+        records = listed_records(path)
+        listed = [record["id"] for record in records]
         on_disk = dict(files)
-        missing = [image_id for image_id in listed if image_id not in on_disk]
-        if missing:
-            raise DataError(f"{path}: the manifest lists {len(missing)} image(s) missing from disk, e.g. {missing[:3]}")
+        problems = [(on_disk.get(record["id"], path / f"{record['id']}.png"), problem) for record in records
+                    if (problem := listed_image_problem(record, on_disk.get(record["id"]), decode=False))]
+        if problems:
+            named = ", ".join(str(file) for file, _ in problems[:10]) + (", ..." if len(problems) > 10 else "")
+            reasons = "".join(f"\n  {file}: {problem}" for file, problem in problems[:10])
+            raise DataError(f"{path}: the manifest lists {len(problems)} image(s) missing from disk or corrupt "
+                            f"(of {len(records)} listed): {named}{reasons}\n{regenerate_fix(path)}")
         listed_set = set(listed)
         report.unlisted = [str(file) for image_id, file in files if image_id not in listed_set]
         files = [(image_id, on_disk[image_id]) for image_id in listed]
@@ -235,33 +365,87 @@ def load_image_folder(path: str | Path, on_bad_image: BadImagePolicy = "error") 
 class ImageFolderWriter:
     """Writes an image set as `<root>/<class>/<id>.png` plus a manifest line per image, resumably.
 
-    Each PNG is written atomically before its manifest line, so an id listed in a manifest is
-    always complete; `done()` says which ids a rerun can skip (whichever shard wrote them).
+    Each PNG is written atomically before its manifest line, and the line records the SHA-256 of the
+    PNG's bytes: `check()` / `done()` say which listed ids a rerun can skip (whichever shard wrote them)
+    and which are missing or corrupt on disk and must be written again. Writing an id that `check()`
+    found damaged (a repair) replaces its record where it stands, so the folder keeps one record per id;
+    any other write appends (two shards writing one id differently is then caught by `merge_shards`).
     """
 
     def __init__(self, root: str | Path, manifest_name: str = "manifest.jsonl"):
         self.root = Path(root)
         self.manifest = Manifest(self.root / manifest_name)
         self.manifest.repair()
+        self._listed: dict[str, list[Path]] | None = None  # id -> the manifests that list it, read once
+        self._damaged: set[str] = set()  # listed ids that the last `check()` found missing or corrupt
+
+    def _listing(self) -> dict[str, list[Path]]:
+        if self._listed is None:
+            self._listed = {}
+            for manifest in folder_manifests(self.root):
+                for record in manifest.records():
+                    self._listed.setdefault(record["id"], []).append(manifest.path)
+        return self._listed
+
+    def check(self) -> FolderCheck:
+        """Every listed id, checked in one pass over its file: done (skip) or damaged (redo, with the reason)."""
+        done, damaged = set(), {}
+        for record in listed_records(self.root):
+            problem = listed_image_problem(record, self.root / f"{record['id']}.png")
+            if problem is None:
+                done.add(record["id"])
+            else:
+                damaged[record["id"]] = problem
+        self._damaged = set(damaged)
+        return FolderCheck(done, damaged)
 
     def done(self) -> set[str]:
-        """Ids already written and listed in any manifest of the folder."""
-        return {record["id"] for record in listed_records(self.root)}
+        """Ids a rerun can skip: listed in any manifest of the folder, and their PNG present and intact."""
+        return self.check().done
 
     def write(self, images: torch.Tensor | np.ndarray, records: list[dict[str, Any]]) -> None:
-        """Write uint8 images (N x 3 x H x W) with one record each; a record needs `id` ('class/name')."""
+        """Write uint8 images (N x 3 x H x W) with one record each; a record needs `id` ('class/name').
+
+        The records are stored with the PNG's SHA-256 added; an id that `check()` found damaged (a repair)
+        has its record replaced in the manifest(s) listing it, any other is appended to this writer's manifest.
+        """
         array = images.cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
         if array.dtype != np.uint8 or array.ndim != 4 or array.shape[1] != 3 or len(array) != len(records):
             raise ValueError(f"images must be uint8 N x 3 x H x W with one record each; got {array.dtype} "
                              f"{array.shape} for {len(records)} records")
+        finished = []
         for image, record in zip(array, records):
             class_name, _, name = record["id"].partition("/")
             if class_name not in CLASSES or not name:
                 raise ValueError(f"record id {record['id']!r} must be '<class>/<name>' with a CIFAR-10 class")
             buffer = io.BytesIO()
             Image.fromarray(image.transpose(1, 2, 0)).save(buffer, format="PNG")
-            atomic_write_bytes(self.root / class_name / f"{name}.png", buffer.getvalue())
-        self.manifest.append(records)
+            payload = buffer.getvalue()
+            atomic_write_bytes(self.root / class_name / f"{name}.png", payload)
+            finished.append({**record, CHECKSUM_KEY: hashlib.sha256(payload).hexdigest()})
+        listed = self._listing()
+        repairs = {record["id"]: record for record in finished
+                   if record["id"] in self._damaged and record["id"] in listed}
+        self._replace(repairs)
+        self._damaged -= repairs.keys()
+        fresh = [record for record in finished if record["id"] not in repairs]
+        self.manifest.append(fresh)
+        for record in fresh:
+            listed.setdefault(record["id"], []).append(self.manifest.path)
+
+    def _replace(self, records: dict[str, dict[str, Any]]) -> None:
+        """Put `records` in place of the records of the same ids, in every manifest listing them (atomically).
+
+        A manifest of another shard is rewritten only when this run repairs one of the images it lists
+        (a shard count changed between runs); shards running at that moment could lose an append to it,
+        which costs a regeneration of that image on their next run, never a wrong record.
+        """
+        paths = {path for image_id in records for path in self._listing()[image_id]}
+        for path in sorted(paths):
+            old = Manifest(path).records()
+            new = [records.get(record["id"], record) for record in old]
+            if new != old:  # a byte-identical repair of a record with its checksum changes nothing
+                atomic_write_bytes(path, b"".join(Manifest.encode(record) for record in new))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,11 +500,14 @@ def default_cache_dir() -> Path:
 
 
 def _folder_fingerprint(folder: Path, on_bad_image: str) -> str:
-    """Hash of the file names, sizes and modification times: a changed folder gets a new cache entry."""
+    """Hash of the image names, sizes and modification times and of the other files' names: a changed folder
+    gets a new cache entry (whose load report lists the skipped files as they are now)."""
     digest = hashlib.sha256(f"{folder.resolve()}|{on_bad_image}".encode())
     for _, file in _folder_files(folder):
         stat = file.stat()
         digest.update(f"{file.parent.name}/{file.name}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    for file, _ in _unusable_files(folder, warn=False):
+        digest.update(f"skipped {Path(file).parent.name}/{Path(file).name}".encode())
     return digest.hexdigest()[:16]
 
 
@@ -333,21 +520,56 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
     atomic_write(path, write)
 
 
-def _load_class_folders_cached(folder: Path, on_bad_image: BadImagePolicy, cache_dir: Path) -> ImageSet:
-    """`load_image_folder` with its arrays cached as .npy under `cache_dir` (report.json marks completion)."""
-    entry = cache_dir / "cifar10" / _folder_fingerprint(folder, on_bad_image)
-    if (entry / "report.json").is_file():
+_CACHED_ARRAYS = ("images.npy", "labels.npy")
+
+
+def _read_cache_entry(entry: Path, folder: Path) -> ImageSet | str | None:
+    """The image set of a finished cache entry; None when there is none; or why the entry cannot be used
+    (an array that differs from the SHA-256 its report.json recorded, an unreadable or inconsistent entry)."""
+    if not (entry / "report.json").is_file():
+        return None
+    try:
         meta = json.loads((entry / "report.json").read_text())
-        report = LoadReport(source=str(folder), loaded=len(meta["ids"]), skipped=[tuple(s) for s in meta["skipped"]],
+        sums = meta.get("sha256")
+        if not isinstance(sums, dict) or set(sums) != set(_CACHED_ARRAYS):
+            return "its report.json records no checksums of the arrays (written by an older version)"
+        for name in _CACHED_ARRAYS:
+            if file_digest(entry / name, "sha256") != sums[name]:
+                return f"{name} differs from the SHA-256 that report.json recorded (edited or damaged)"
+        images, labels = np.load(entry / "images.npy"), np.load(entry / "labels.npy")
+        ids = meta["ids"]
+        if images.dtype != np.uint8 or images.shape[1:] != (3, IMAGE_SIZE, IMAGE_SIZE) or \
+                not len(images) == len(labels) == len(ids):
+            return f"its arrays ({images.dtype} {images.shape}, {len(labels)} labels) do not match its {len(ids)} ids"
+        report = LoadReport(source=str(folder), loaded=len(ids), skipped=[tuple(s) for s in meta["skipped"]],
                             converted=meta["converted"], resized=meta["resized"])
-        return ImageSet(torch.from_numpy(np.load(entry / "images.npy")), torch.from_numpy(np.load(entry / "labels.npy")),
-                        meta["ids"], report)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        return f"it cannot be read ({exc!r})"
+    return ImageSet(torch.from_numpy(images), torch.from_numpy(labels), ids, report)
+
+
+def _load_class_folders_cached(folder: Path, on_bad_image: BadImagePolicy, cache_dir: Path) -> ImageSet:
+    """`load_image_folder` with its arrays cached as .npy under `cache_dir`.
+
+    report.json marks a finished entry and records the SHA-256 of each array; an entry whose arrays differ
+    from it (edited, zeroed, truncated) is discarded with a warning naming it, and rebuilt from the folder.
+    """
+    entry = cache_dir / "cifar10" / _folder_fingerprint(folder, on_bad_image)
+    cached = _read_cache_entry(entry, folder)
+    if isinstance(cached, ImageSet):
+        return cached
+    if isinstance(cached, str):
+        warnings.warn(f"decoded-array cache entry {entry} (of {folder}) is not used: {cached}; it is discarded "
+                      "and rebuilt from the folder", stacklevel=2)
+        (entry / "report.json").unlink(missing_ok=True)
     loaded = load_image_folder(folder, on_bad_image)
-    _save_npy(entry / "images.npy", loaded.images.numpy())
-    _save_npy(entry / "labels.npy", loaded.labels.numpy())
+    for name, array in zip(_CACHED_ARRAYS, (loaded.images.numpy(), loaded.labels.numpy())):
+        _save_npy(entry / name, array)
     report = loaded.report
     atomic_write_json(entry / "report.json", {"ids": loaded.ids, "skipped": report.skipped,
-                                              "converted": report.converted, "resized": report.resized})
+                                              "converted": report.converted, "resized": report.resized,
+                                              "sha256": {name: file_digest(entry / name, "sha256")
+                                                         for name in _CACHED_ARRAYS}})
     return loaded
 
 
@@ -411,9 +633,10 @@ def load_cifar10(split: Literal["train", "test"], root: str | Path | None = None
                  sample: bool = False) -> ImageSet:
     """One CIFAR-10 split (train: 50,000 images, test: 10,000) as uint8 tensors in a stable order.
 
-    `sample`: the subset embedded in the package (smoke profile) and nothing else. Otherwise looks in
-    `root`, then `$SYNTHGAP_DATA_DIR`, then (with `download`) torchvision's download into the cache;
-    if none works, one error lists what was tried and how to fix it.
+    `sample`: the subset embedded in the package (smoke profile) and nothing else. Otherwise reads `root`
+    if it is given, else `$SYNTHGAP_DATA_DIR` if it is set: a folder named so that does not hold CIFAR-10 is a
+    DataError naming it, never a reason to read another source. With neither, reads the download cache, then
+    (with `download`) torchvision's download into it; if that fails, one error lists what was tried and the fix.
     """
     if split not in _BATCH_FILES:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -425,10 +648,12 @@ def load_cifar10(split: Literal["train", "test"], root: str | Path | None = None
         folders = _find_class_folders(sample_dir("cifar10"), split)
         return _found(_load_class_folders_cached(folders, on_bad_image, cache),
                       "embedded sample (JPEG re-encoded subset, see sample_data/PROVENANCE.md)", "class folders")
-    candidates = [("root parameter", root), ("$SYNTHGAP_DATA_DIR", os.environ.get("SYNTHGAP_DATA_DIR")),
+    candidates = [("data.root", root), ("$SYNTHGAP_DATA_DIR", os.environ.get("SYNTHGAP_DATA_DIR")),
                   ("download cache", cache / "download")]
-    origins = {"root parameter": "user folder (data.root)", "$SYNTHGAP_DATA_DIR": "user folder ($SYNTHGAP_DATA_DIR)",
+    origins = {"data.root": "user folder (data.root)", "$SYNTHGAP_DATA_DIR": "user folder ($SYNTHGAP_DATA_DIR)",
                "download cache": "official download (torchvision, MD5-checked)"}
+    instead = {"data.root": "set data.root=null to use $SYNTHGAP_DATA_DIR or the download cache",
+               "$SYNTHGAP_DATA_DIR": "unset SYNTHGAP_DATA_DIR to use the download cache"}
     tried = []
     for label, value in candidates:
         if not value:
@@ -439,7 +664,14 @@ def load_cifar10(split: Literal["train", "test"], root: str | Path | None = None
             return _found(_read_batches(batches, split), origins[label], "official python batches")
         if (folders := _find_class_folders(candidate, split)) is not None:
             return _found(_load_class_folders_cached(folders, on_bad_image, cache), origins[label], "class folders")
-        tried.append(f"{label}: {candidate} holds neither cifar-10-batches-py nor {split}/<class>/ folders")
+        state = ("does not exist" if not candidate.exists() else "is not a folder" if not candidate.is_dir() else
+                 f"holds neither cifar-10-batches-py/ (data_batch_1 ... test_batch) nor {split}/<class>/ folders")
+        if label in instead:  # a source the user named: it is used or the load fails
+            raise DataError(f"{label} = {value} ({os.path.abspath(candidate)}) {state}; CIFAR-10 is read from there "
+                            f"or not at all. Fix: point {label} at a folder holding the official cifar-10-batches-py "
+                            f"files or train/<class>/ and test/<class>/ image folders (relative paths are taken from "
+                            f"the folder the command was started in), or {instead[label]}.")
+        tried.append(f"{label}: {candidate} {state}")
     if download:
         try:
             batches = _download(cache)
@@ -527,21 +759,79 @@ def source_line(cfg: Any) -> str:
             f"fingerprint `{fingerprint(train, test)}`")
 
 
+def _split_problem(split: Any, train_labels: np.ndarray, test_labels: np.ndarray, params: Any, seed: int) -> str | None:
+    """Why a stored split cannot be the one `make_split` drew for these parameters, or None.
+
+    Checked: the three index lists (integers, strictly increasing, so no duplicates), train and val
+    disjoint, indices within the pools, the seed, and the counts per class that the parameters ask for
+    (or, for a null count, every remaining train image / the whole test set).
+    """
+    if not isinstance(split, dict):
+        return f"it holds a JSON {type(split).__name__}, not the split record"
+    n_train = len(train_labels)
+    pools = {"train": len(train_labels), "val": len(train_labels), "test": len(test_labels)}
+    arrays = {}
+    for name, pool in pools.items():
+        values = split.get(name)
+        if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            return f"'{name}' is not a list of integer indices"
+        bad = [v for v in values if not 0 <= v < pool]  # Python ints first: any size, no overflow
+        if bad:
+            return f"'{name}' holds indices outside 0..{pool - 1} (e.g. {bad[:3]})"
+        array = np.asarray(values, dtype=np.int64)
+        if len(np.unique(array)) != len(array):
+            return f"'{name}' lists {len(array) - len(np.unique(array))} index(es) twice"
+        if np.any(np.diff(array) <= 0):
+            return f"'{name}' is not in increasing order, as the split was drawn"
+        arrays[name] = array
+    both = np.intersect1d(arrays["train"], arrays["val"])
+    if len(both):
+        return f"{len(both)} index(es) are in both 'train' and 'val' (e.g. {both[:3].tolist()})"
+    if split.get("seed") != seed:
+        return f"it was drawn with seed {split.get('seed')!r}, the run's seed is {seed}"
+    if params.train_per_class is None and len(arrays["train"]) + len(arrays["val"]) != n_train:
+        return (f"'train' holds {len(arrays['train'])} indices; with data.train_per_class=null it holds every one of "
+                f"the {n_train} train images that 'val' does not ({n_train - len(arrays['val'])})")
+    if params.test_per_class is None and len(arrays["test"]) != len(test_labels):
+        return (f"'test' holds {len(arrays['test'])} indices; with data.test_per_class=null it is the whole test set "
+                f"({len(test_labels)})")
+    expected = {"val": (params.val_per_class, train_labels), "train": (params.train_per_class, train_labels),
+                "test": (params.test_per_class, test_labels)}
+    for name, (per_class, labels) in expected.items():
+        counts = np.bincount(labels[arrays[name]], minlength=len(CLASSES))
+        if per_class is not None and counts.tolist() != [per_class] * len(CLASSES):
+            return (f"'{name}' holds {counts.tolist()} images per class; data.{name}_per_class={per_class} asks for "
+                    f"{per_class} of each class")
+    return None
+
+
 def real_data(cfg: Any) -> RealData:
     """The run's real train/val/test sets; the split is written once to `real/split.json` and reused.
 
-    The split records the fingerprint of the data it was drawn from; other data on a rerun is an error.
+    The split records the fingerprint of the data it was drawn from; other data on a rerun is an error. A split
+    file that is not what the split was drawn as (unreadable; indices duplicated, out of range, out of order or in
+    both train and val; counts per class other than the parameters ask for) is refused naming it and the fix.
     """
     train, test = _cifar_pools(cfg)
     split_path = cfg.run_dir / "real" / "split.json"
     data_fingerprint = fingerprint(train, test)
     if split_path.exists():
-        split = json.loads(split_path.read_text())
+        fix = (f"The file was edited or damaged: restore it (from a backup or a copy of the run), or delete the run "
+               f"directory {cfg.run_dir} to start over (the split is drawn again and every stage reruns).")
+        try:
+            split = json.loads(split_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DataError(f"{split_path} is not valid JSON ({exc}). {fix}") from None
+        if not isinstance(split, dict):
+            raise DataError(f"{split_path} holds a JSON {type(split).__name__}, not the split record. {fix}")
         if split.get("fingerprint") != data_fingerprint:
             raise DataError(f"{split_path} was drawn from other CIFAR-10 data (fingerprint {split.get('fingerprint')}, "
                             f"{split.get('n_train_pool')} train / {split.get('n_test_pool')} test images) than the run "
                             f"now finds ({data_fingerprint}, {len(train)} / {len(test)} from the {train.report.origin}); "
                             "point data.root back at the original data, or delete the run directory to start over")
+        problem = _split_problem(split, train.labels.numpy(), test.labels.numpy(), cfg.data, cfg.seed)
+        if problem is not None:
+            raise DataError(f"{split_path} cannot be the run's split: {problem}. {fix}")
     else:
         split = make_split(train.labels.numpy(), test.labels.numpy(), cfg.data, cfg.seed)
         split.update(n_train_pool=len(train), n_test_pool=len(test), seed=cfg.seed, source=train.report.source,

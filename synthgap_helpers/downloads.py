@@ -20,6 +20,7 @@ from typing import BinaryIO
 from tqdm.auto import tqdm
 
 from synthgap_helpers.errors import ChecksumError, DownloadError
+from synthgap_helpers.storage import file_mode
 
 CHUNK_BYTES = 1 << 16
 TIMEOUT_S = 60.0  # per network operation (connect, each read), not for the whole transfer
@@ -109,6 +110,7 @@ def fetch(url: str, dest: str | Path, *, sha256: str | None = None, md5: str | N
             raise ChecksumError(f"{url} does not match its {expected[0]} checksum: expected {expected[1]}, got {got}; "
                                 f"the download was deleted (cache folder {dest.parent}).\n"
                                 f"{_fix(override, 'retry later (a broken transfer or proxy changes the bytes)')}")
+        os.chmod(part, file_mode())  # mkstemp's 0600 would keep a shared cache from other users
         os.replace(part, dest)
     finally:
         part.unlink(missing_ok=True)

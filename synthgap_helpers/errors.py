@@ -1,10 +1,20 @@
-"""The errors of unusable data: each message names the file, folder or address and the fix.
+"""Expected failures: each message names the file, folder, parameter or address and the fix.
 
-They live apart from the modules that raise them so that `data` and `downloads` need not import each other.
+They live apart from the modules that raise them so that `data` and `downloads` need not import each other,
+and so that the command line can recognise the failures of any stage without importing the stage packages.
 """
 
 
-class DataError(ValueError):
+class UserError(Exception):
+    """An expected failure whose message says what to fix; the CLI prints it in one line and exits 2.
+
+    Inherit from it (besides the built-in class a caller may catch, such as ValueError) for every failure
+    that a user causes and can fix: bad data, parameters, files or folders. Bugs must not inherit from it:
+    the CLI lets every other exception through with its traceback.
+    """
+
+
+class DataError(ValueError, UserError):
     """Data that cannot be used as given; the message names the file or folder and the fix."""
 
 

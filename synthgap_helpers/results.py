@@ -7,8 +7,10 @@ the narrative can cite the file instead of copying numbers by hand.
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ import pandas as pd
 import scipy.stats
 
 from synthgap_helpers import config
+from synthgap_helpers.errors import DataError
 from synthgap_helpers.storage import atomic_write_json
 
 RESULTS_FILE = "results.json"
@@ -47,23 +50,58 @@ def frame_records(frame: pd.DataFrame) -> list[dict[str, Any]]:
     return json_safe(frame.to_dict(orient="records"))
 
 
+class CorruptResults(DataError):
+    """`results.json` cannot be read as the stages wrote it; the message names the file and the fix."""
+
+
+_REBUILD = ("each stage's notebook or command records its section again when rerun (finished work is reused, "
+            "so a rerun is quick)")
+
+
+def _read(path: Path) -> dict[str, Any] | str:
+    """The records of `path` (empty when it does not exist), or why they cannot be read."""
+    if not path.is_file():
+        return {}
+    try:
+        current = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return f"not valid JSON ({exc})"
+    if not isinstance(current, dict):
+        return f"a JSON {type(current).__name__}, not the mapping of sections the stages write"
+    return current
+
+
 def record(run_dir: str | Path, section: str, payload: Any) -> Path:
-    """Set one section of `<run_dir>/results.json` (other sections kept), atomically."""
+    """Set one section of `<run_dir>/results.json` (other sections kept), atomically.
+
+    A results.json that cannot be read (edited or damaged) is never rewritten from what could be read of it,
+    which would drop the other stages' sections without a word. Instead it is moved aside, unchanged, to
+    `results.json.corrupt-<UTC time>` and CorruptResults is raised, naming both files: nothing is recorded by
+    this call. The next call starts a fresh results.json; rerunning the stages' notebooks or commands
+    re-records their sections (or repair the moved file and move it back).
+    """
     path = Path(run_dir) / RESULTS_FILE
-    current: dict[str, Any] = {}
-    if path.is_file():
-        try:
-            current = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            current = {}  # an unreadable record is rebuilt section by section
+    current = _read(path)
+    if isinstance(current, str):
+        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+        aside = path.with_name(f"{RESULTS_FILE}.corrupt-{stamp}")
+        os.replace(path, aside)
+        raise CorruptResults(f"{path} is {current}; it was moved aside, unchanged, to {aside}, and section "
+                             f"{section!r} was not recorded. Fix: rerun this stage to record {section!r} into a fresh "
+                             f"{RESULTS_FILE}, and rerun the other stages to record theirs ({_REBUILD}); or repair "
+                             f"{aside.name} and move it back to {RESULTS_FILE}")
     current[section] = json_safe(payload)
     return atomic_write_json(path, current)
 
 
 def read_records(run_dir: str | Path) -> dict[str, Any]:
-    """`<run_dir>/results.json` as a dict (empty when no stage has recorded anything yet)."""
+    """`<run_dir>/results.json` as a dict (empty when no stage has recorded anything yet); one that cannot be
+    read is CorruptResults naming it and the fix (it is left where it is)."""
     path = Path(run_dir) / RESULTS_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    current = _read(path)
+    if isinstance(current, str):
+        raise CorruptResults(f"{path} is {current}. Fix: repair it, or delete it and rerun the stages ({_REBUILD})")
+    return current
 
 
 # --------------------------------------------------------------------------------------------- statistics
@@ -180,5 +218,5 @@ def glue_story(cfg: Any, headline: Any, sweep: Any = None, finetuned: Any = None
                         index=pd.Index(list(texts), name="glue key"))
 
 
-__all__ = ["GAIN_COLUMNS", "MISSING", "GlueText", "frame_records", "gain_text", "gains_over", "glue_story", "json_safe",
+__all__ = ["GAIN_COLUMNS", "MISSING", "CorruptResults", "GlueText", "frame_records", "gain_text", "gains_over", "glue_story", "json_safe",
            "largest_gain", "read_records", "record", "story_numbers", "summarize_seeds", "welch_difference"]

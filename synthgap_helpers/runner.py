@@ -14,12 +14,18 @@ from typing import Any
 
 import yaml
 
+from synthgap_helpers.errors import UserError
+
 EXECUTED_DIR = Path("book") / "executed"
 BUILD_RECORD = EXECUTED_DIR / "build.json"  # what the last build measured; the reproducing page shows it
 
 
-class NotebookFailed(RuntimeError):
+class NotebookFailed(RuntimeError, UserError):
     """A notebook raised: the message names the notebook, the cell and the error."""
+
+
+class BuildFailed(RuntimeError, UserError):
+    """An external tool of the build (jupyter-book, ghp-import) failed; its own messages are printed above."""
 
 
 def project_root() -> Path:
@@ -32,16 +38,25 @@ def project_root() -> Path:
 
 
 def select_notebooks(notebook_dir: Path, only: list[str] | None = None) -> list[Path]:
-    """The `NN_*.ipynb` notebooks in order; `only` keeps those whose number or name is listed."""
+    """The `NN_*.ipynb` notebooks in order; `only` keeps those whose number or name is listed.
+
+    `only=None` selects every notebook; a list that names none (`--only ,` or `--only ""`) is a ConfigError,
+    not an empty run that succeeds."""
+    from synthgap_helpers.config import ConfigError
+
     notebooks = sorted(p for p in notebook_dir.glob("*.ipynb") if re.match(r"\d\d_", p.name))
-    if not only:
+    if only is None:
         return notebooks
     wanted = {item.strip() for item in only if item.strip()}
+    if not wanted:
+        raise ConfigError(f"--only {','.join(only)!r} names no notebook; give numbers or names separated by commas "
+                          f"(e.g. --only 01,04), or leave the option out to run all of "
+                          f"{', '.join(p.stem for p in notebooks)}")
     chosen = [p for p in notebooks if p.name[:2] in wanted or p.stem in wanted]
     unknown = wanted - {p.name[:2] for p in chosen} - {p.stem for p in chosen}
     if unknown:
-        raise ValueError(f"--only {', '.join(sorted(unknown))}: no such notebook; "
-                         f"have {', '.join(p.stem for p in notebooks)}")
+        raise ConfigError(f"--only {', '.join(sorted(unknown))}: no such notebook; "
+                          f"have {', '.join(p.stem for p in notebooks)}")
     return chosen
 
 
@@ -97,7 +112,8 @@ def build_book(root: Path) -> Path:
     print("building the book: jupyter-book build . -W -n --keep-going", flush=True)
     result = subprocess.run([executable, "build", str(root), "-W", "-n", "--keep-going"], cwd=root)
     if result.returncode != 0:
-        raise RuntimeError(f"jupyter-book build failed (exit {result.returncode}); its warnings are printed above")
+        raise BuildFailed(f"jupyter-book build failed (exit {result.returncode}); fix the warnings printed above "
+                          "(the executed notebooks are in book/executed/), then rerun")
     return root / "_build" / "html" / "index.html"
 
 
@@ -117,8 +133,8 @@ def publish(html: str | Path | None = None, remote: str = "origin", branch: str 
     result = subprocess.run([executable, "-n", "-p", "-f", "-r", remote, "-b", branch,
                              "-m", "Publish the synthgap book", str(folder)], cwd=folder)
     if result.returncode != 0:
-        raise RuntimeError(f"ghp-import failed (exit {result.returncode}) pushing {folder} to the {branch} branch of "
-                           f"{remote}; its message is printed above")
+        raise BuildFailed(f"ghp-import failed (exit {result.returncode}) pushing {folder} to the {branch} branch of "
+                          f"{remote}; its message is printed above")
     return f"{folder} pushed to the {branch} branch of {remote}"
 
 
@@ -174,13 +190,20 @@ def for_notebooks(path: Path, root: Path) -> str:
 
 def run(profile: str = "smoke", run_dir: str | Path | None = None, only: list[str] | None = None,
         overrides: list[str] | None = None, build: bool = True) -> Path | None:
-    """Execute the suite (or `only` some notebooks) for one profile, then build the book."""
+    """Execute the suite (or `only` some notebooks) for one profile, then build the book.
+
+    Relative paths in `overrides` are made absolute against the current directory first (the notebooks run in
+    `notebooks/`, where they would mean another folder)."""
     from synthgap_helpers import config
 
+    overrides = config.absolute_overrides(overrides)
+    for variable in ("SYNTHGAP_DATA_DIR", "SYNTHGAP_CACHE_DIR", "SYNTHGAP_SHARED_DATA"):  # the kernels inherit them
+        if os.environ.get(variable) and not Path(os.environ[variable]).expanduser().is_absolute():
+            os.environ[variable] = os.path.abspath(Path(os.environ[variable]).expanduser())
     root = project_root()
+    notebooks = select_notebooks(root / "notebooks", only)  # before load: a bad --only creates no run directory
     cfg = config.load(profile, run_dir=run_dir if run_dir is not None else root / "runs" / Path(profile).stem,
                       overrides=overrides)
-    notebooks = select_notebooks(root / "notebooks", only)
     if Path(profile).suffix in (".yaml", ".yml"):
         profile = for_notebooks(Path(profile).resolve(), root)  # the notebooks run in notebooks/, not here
     parameters = {"profile": profile, "run_dir": for_notebooks(cfg.run_dir, root),

@@ -3,26 +3,55 @@ survives a crash."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import struct
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from synthgap_helpers.errors import DataError
+
+
+@functools.cache
+def process_umask() -> int:
+    """The process's umask, read once: from /proc/self/status where Linux shows it, else by setting it and
+    setting it back (done once, so other threads see the temporary 0 umask at most once)."""
+    try:
+        match = re.search(r"^Umask:\s*([0-7]+)$", Path("/proc/self/status").read_text(), re.MULTILINE)
+    except OSError:
+        match = None
+    if match:
+        return int(match.group(1), 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode a new file gets from `open()`: 0o666 less the umask (group-shared run directories and caches
+    stay shared)."""
+    return 0o666 & ~process_umask()
+
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp_path)` on a temporary file beside `path`, then rename it into place.
 
     Readers see either the old file or the complete new one, never a partial file; the
-    temporary name ends in `.tmp` so that folder scans can ignore leftovers of a crash.
+    temporary name ends in `.tmp` so that folder scans can ignore leftovers of a crash. The file gets
+    the mode of a plain `open()` (0o666 less the umask), not mkstemp's private 0o600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     tmp_path = Path(tmp)
+    try:
+        os.fchmod(fd, file_mode())
+    finally:
+        os.close(fd)
     try:
         write(tmp_path)
         os.replace(tmp_path, path)
@@ -84,7 +113,8 @@ class Manifest:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{self.path}, line {number}: not valid JSON ({exc.msg})") from None
+                raise DataError(f"{self.path}, line {number}: not valid JSON ({exc.msg}); the manifest was edited or "
+                                f"damaged: restore it, or delete the line (its image is then made again)") from None
         return records
 
     def ids(self) -> set[str]:
@@ -112,7 +142,7 @@ class Manifest:
         if not payload:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # less the umask, as open() does
         try:
             os.write(fd, payload)
             os.fsync(fd)

@@ -12,7 +12,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from synthgap_helpers.errors import DataError, UserError
 from synthgap_helpers.storage import Manifest, atomic_write_bytes
+
+
+class ShardError(ValueError, UserError):
+    """A `--shard` value, or the launcher variables `--shard auto` reads, that name no valid shard."""
 
 
 @dataclass(frozen=True)
@@ -24,7 +29,7 @@ class Shard:
 
     def __post_init__(self) -> None:
         if self.count < 1 or not 0 <= self.index < self.count:
-            raise ValueError(f"shard {self.index}/{self.count}: need 0 <= i < n (0-based, e.g. 0/4 ... 3/4)")
+            raise ShardError(f"shard {self.index}/{self.count}: need 0 <= i < n (0-based, e.g. 0/4 ... 3/4)")
 
     @property
     def manifest_name(self) -> str:
@@ -40,20 +45,48 @@ class Shard:
         return [item for item in item_ids if self.owns(item)]
 
 
+def _env_int(name: str, launcher: str, minimum: int = 0, default: int | None = None) -> int:
+    """An integer launcher variable; a missing (without default) or malformed one is a ShardError naming it."""
+    value = os.environ.get(name)
+    if value is None and default is not None:
+        return default
+    if value is None or not value.strip().isdigit() or int(value) < minimum:
+        shown = "is not set" if value is None else f"is {value!r}"
+        raise ShardError(f"--shard auto: ${name} {shown}, expected an integer >= {minimum} as {launcher} sets it; "
+                         f"launch with {launcher}, or give the shard explicitly (--shard i/n)")
+    return int(value)
+
+
 def parse_shard(text: str | None) -> Shard:
-    """`'i/n'`, or `'auto'` (torchrun/accelerate RANK and WORLD_SIZE, else a SLURM array), or None for one shard."""
+    """`'i/n'`, or `'auto'` (torchrun/accelerate RANK and WORLD_SIZE, else a SLURM array), or None for one shard.
+
+    `auto` without either launcher's variables is the single shard. A launcher variable that is malformed, or
+    missing where the others need it (RANK with WORLD_SIZE > 1, SLURM_ARRAY_TASK_ID with SLURM_ARRAY_TASK_COUNT),
+    is a ShardError naming it: guessing shard 0 would make every process do the same work.
+    """
     if text is None or text == "":
         return Shard()
     if text == "auto":
         if "WORLD_SIZE" in os.environ:
-            return Shard(int(os.environ.get("RANK", "0")), int(os.environ["WORLD_SIZE"]))
+            count = _env_int("WORLD_SIZE", "torchrun/accelerate", minimum=1)
+            return Shard(_env_int("RANK", "torchrun/accelerate", default=0 if count == 1 else None), count)
         if "SLURM_ARRAY_TASK_COUNT" in os.environ:
-            first = int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
-            return Shard(int(os.environ["SLURM_ARRAY_TASK_ID"]) - first, int(os.environ["SLURM_ARRAY_TASK_COUNT"]))
+            slurm = "a SLURM array job (sbatch --array=0-N)"
+            count = _env_int("SLURM_ARRAY_TASK_COUNT", slurm, minimum=1)
+            task = _env_int("SLURM_ARRAY_TASK_ID", slurm)
+            first = _env_int("SLURM_ARRAY_TASK_MIN", slurm, default=0)
+            step = _env_int("SLURM_ARRAY_TASK_STEP", slurm, minimum=1, default=1)
+            index, rest = divmod(task - first, step)
+            if rest or not 0 <= index < count:
+                raise ShardError(f"--shard auto: SLURM array task {task} is not task min + k x step of a range "
+                                 f"(SLURM_ARRAY_TASK_MIN={first}, SLURM_ARRAY_TASK_STEP={step}, "
+                                 f"SLURM_ARRAY_TASK_COUNT={count}); submit the array as a range such as "
+                                 "--array=0-15, or give the shard explicitly (--shard i/n)")
+            return Shard(index, count)
         return Shard()
     index, sep, count = text.partition("/")
     if not sep or not index.isdigit() or not count.isdigit():
-        raise ValueError(f"--shard {text!r}: expected i/n with 0 <= i < n (e.g. 0/4), or 'auto'")
+        raise ShardError(f"--shard {text!r}: expected i/n with 0 <= i < n (e.g. 0/4), or 'auto'")
     return Shard(int(index), int(count))
 
 
@@ -71,20 +104,29 @@ def merge_shards(folder: str | Path) -> int:
     """Join the shard manifests of an image folder into `manifest.jsonl`; returns the number of records.
 
     Checks that no id appears twice with different records and that every listed image exists,
-    then writes the merged manifest atomically and removes the shard manifests.
+    then writes the merged manifest atomically and removes the shard manifests. A folder that does not
+    exist or holds no manifest at all is a DataError (a mistyped folder must not become an empty set).
     """
     folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"merge: {folder} is not a folder; give an image set folder of a run, such as "
+                        "runs/<profile>/synthetic/sd")
+    if not (folder / "manifest.jsonl").is_file() and not any(folder.glob("manifest.shard-*.jsonl")):
+        raise DataError(f"merge: {folder} holds neither manifest.jsonl nor shard manifests (manifest.shard-*.jsonl); "
+                        "give the image set folder a stage wrote, such as runs/<profile>/synthetic/sd")
     parts = [Manifest(folder / "manifest.jsonl")] + [Manifest(p) for p in sorted(folder.glob("manifest.shard-*.jsonl"))]
     merged: dict[str, dict] = {}
     for part in parts:
         for record in part.records():
             previous = merged.setdefault(record["id"], record)
             if previous != record:
-                raise ValueError(f"{part.path}: id {record['id']!r} differs from an earlier record of it; "
-                                 "the shards were run with different parameters")
+                raise DataError(f"{part.path}: id {record['id']!r} differs from an earlier record of it; "
+                                "the shards were run with different parameters: delete the folder and generate "
+                                "it again with one set of parameters")
     missing = [i for i in merged if not any((folder / f"{i}{suffix}").exists() for suffix in (".png", ".jpg"))]
     if missing:
-        raise ValueError(f"{folder}: {len(missing)} listed image(s) missing, e.g. {missing[:3]}")
+        raise DataError(f"{folder}: {len(missing)} listed image(s) missing, e.g. {missing[:3]}; rerun the stage "
+                        "that wrote the folder (it writes missing images again), then merge")
     atomic_write_bytes(folder / "manifest.jsonl",
                        b"".join(Manifest.encode(record) for record in merged.values()))
     for part in parts[1:]:

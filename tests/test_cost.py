@@ -93,5 +93,5 @@ def test_cli_prints_hours_for_the_rates_given(capsys):
     assert cli.main(["cost", "--profile", "smoke", "--rate", "train=100"]) == 0
     out = capsys.readouterr().out
     assert "hours" in out and "classifier training (04)" in out and "total of the known items" in out
-    assert cli.main(["cost", "--profile", "smoke", "--rate", "speed=1"]) == 1
+    assert cli.main(["cost", "--profile", "smoke", "--rate", "speed=1"]) == 2
     assert "not known" in capsys.readouterr().err

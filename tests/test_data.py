@@ -8,12 +8,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-from synthgap_helpers import config, data
-from synthgap_helpers.data import CLASSES, DataError, ImageFolderWriter, load_cifar10, load_image_folder
 from study_files import write_batches
 
-
+from synthgap_helpers import config, data
+from synthgap_helpers.data import (
+    CLASSES,
+    DataError,
+    ImageFolderWriter,
+    load_cifar10,
+    load_image_folder,
+)
 
 
 def write_folder(root: Path, per_class: int = 3, size: int = 32, mode: str = "RGB", suffix: str = ".png") -> None:
@@ -79,16 +83,16 @@ def test_download_path_reads_what_torchvision_fetched(tmp_path, monkeypatch):
 
 
 def test_nothing_found_lists_every_attempt_and_the_fix(tmp_path, monkeypatch):
-    monkeypatch.setenv("SYNTHGAP_DATA_DIR", str(tmp_path / "empty"))
+    monkeypatch.delenv("SYNTHGAP_DATA_DIR", raising=False)
 
     def offline(cache):
         raise OSError("no network")
 
     monkeypatch.setattr(data, "_download", offline)
     with pytest.raises(DataError) as info:
-        load_cifar10("train", root=tmp_path / "nowhere", download=True)
+        load_cifar10("train", download=True, cache_dir=tmp_path / "cache")
     message = str(info.value)
-    assert "root parameter" in message and "nowhere" in message and "$SYNTHGAP_DATA_DIR" in message
+    assert "data.root: not set" in message and "$SYNTHGAP_DATA_DIR: not set" in message
     assert "no network" in message and "Fix: set SYNTHGAP_DATA_DIR" in message
 
 

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import DPMSolverMultistepScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+from diffusers import (
+    DPMSolverMultistepScheduler,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionPipeline,
+)
 
 from synthgap_helpers.sd import pipelines as diffusion
 

@@ -27,7 +27,11 @@ from synthgap_helpers.data import CLASSES, DataError, load_cifar10
 from synthgap_helpers.downloads import fetch
 from synthgap_helpers.errors import ChecksumError, DownloadError
 from synthgap_helpers.geometry.validation import load_york_urban
-from synthgap_helpers.geometry.york_urban import YorkUrbanArchive, resolve_york_urban, york_urban_from_archive
+from synthgap_helpers.geometry.york_urban import (
+    YorkUrbanArchive,
+    resolve_york_urban,
+    york_urban_from_archive,
+)
 
 PIXEL_SIZE_MM = 0.00896875  # cameraParameters.mat of the published archive (pixelSize)
 

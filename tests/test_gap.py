@@ -7,6 +7,7 @@ import pytest
 import scipy.linalg
 import torch
 
+from synthgap_helpers.gap.detection import detectability
 from synthgap_helpers.gap.measures import (
     bootstrap_gap,
     classifier_features,
@@ -15,7 +16,6 @@ from synthgap_helpers.gap.measures import (
     kernel_inception_distance,
     precision_recall,
 )
-from synthgap_helpers.gap.detection import detectability
 from synthgap_helpers.train.batches import normalize
 from synthgap_helpers.train.models import build_model
 

@@ -7,23 +7,29 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from synthgap_helpers import config
-from synthgap_helpers.gap import stage as gap_stage
-from synthgap_helpers.train.trainer import save_checkpoint
-from synthgap_helpers.train.models import build_model
-from synthgap_helpers.workload import Shard
 from study_files import TINY_TRAINING, write_batches, write_synthetic
+
+from synthgap_helpers import config, data
+from synthgap_helpers.gap import stage as gap_stage
+from synthgap_helpers.train import arms as train_arms
+from synthgap_helpers.train.models import build_model
+from synthgap_helpers.train.trainer import save_checkpoint
+from synthgap_helpers.workload import Shard
 
 GAP = {"gap.images_per_class": 4, "gap.kid_subsets": 3, "gap.n_resamples": 3, "gap.detector_steps": 2,
        "gap.detector_batch_size": 8, "gap.detector_width": 4}
 
 
 def write_real_model(run_dir: Path, seed: int = 0) -> Path:
-    """A random-weight narrow ResNet-18 saved where the training stage puts the real arm's model."""
+    """A random-weight narrow ResNet-18 saved as the training stage saves the real arm's finished job (seed 0):
+    metrics.json with the tiny config's job key, test metrics and the file's SHA-256."""
     torch.manual_seed(seed)
+    cfg = load(run_dir)
+    key = train_arms.CurrentKeys(cfg, data.real_data(cfg))("real", 0)
     path = run_dir / "models" / "real" / "seed0" / "model.safetensors"
-    save_checkpoint(build_model("resnet18_cifar_narrow"), path, {"model": "resnet18_cifar_narrow", "num_classes": 10})
+    save_checkpoint(build_model("resnet18_cifar_narrow"), path,
+                    {"model": "resnet18_cifar_narrow", "num_classes": 10, "key": key,
+                     "version": train_arms.STAGE_VERSION, "test": {"accuracy": 0.0}})
     return path
 
 

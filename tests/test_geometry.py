@@ -10,18 +10,18 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
+from synthgap_helpers.geometry.validation import (
+    angular_errors,
+    error_summary,
+    evaluate_york_urban,
+    resolution_calibration,
+)
 from synthgap_helpers.geometry.vanishing import (
     detect_segments,
     detect_vanishing_points,
     directions_from_pixels,
     find_vanishing_points,
     normalise_lsd_lines,
-)
-from synthgap_helpers.geometry.validation import (
-    angular_errors,
-    error_summary,
-    evaluate_york_urban,
-    resolution_calibration,
 )
 
 CAMERA = np.array([[520.0, 0.0, 330.0], [0.0, 520.0, 235.0], [0.0, 0.0, 1.0]])

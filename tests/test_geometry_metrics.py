@@ -8,7 +8,10 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from synthgap_helpers.geometry.vanishing import detect_segments, find_vanishing_points
+from synthgap_helpers.geometry.figures import (
+    plot_metric_distributions,
+    plot_vanishing_points,
+)
 from synthgap_helpers.geometry.metrics import (
     compare_datasets,
     dataset_means,
@@ -17,7 +20,7 @@ from synthgap_helpers.geometry.metrics import (
     orientation_entropy,
     structural_metrics,
 )
-from synthgap_helpers.geometry.figures import plot_metric_distributions, plot_vanishing_points
+from synthgap_helpers.geometry.vanishing import detect_segments, find_vanishing_points
 
 
 def vertical_stripes() -> np.ndarray:

@@ -10,14 +10,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from study_files import write_batches, write_synthetic
 
 from synthgap_helpers import config, data
 from synthgap_helpers.data import DataError, ImageSet, LoadReport
 from synthgap_helpers.geometry import figures as geometry_figures
 from synthgap_helpers.geometry import stage as geometry_stage
 from synthgap_helpers.geometry.metrics import metric_names
-from study_files import write_batches, write_synthetic
 
 
 def box_image(rng: np.random.Generator) -> np.ndarray:
@@ -100,8 +99,11 @@ def test_rerun_reuses_both_files_and_analyses_only_a_changed_image(tiny_run):
     assert again.table.equals(first.table) and again.york_urban.equals(first.york_urban)
     assert again.resolution.equals(first.resolution)
     changed_id = again.images["sd"].ids[0]  # regenerated pixels under the same id are analysed anew
-    Image.fromarray(255 - again.images["sd"].images[0].numpy().transpose(1, 2, 0)).save(
-        run_dir / "synthetic" / "sd" / f"{changed_id}.png")
+    folder = run_dir / "synthetic" / "sd"
+    (folder / f"{changed_id}.png").unlink()  # lost, then regenerated (other pixels) as the stage repairs it
+    writer = data.ImageFolderWriter(folder)
+    assert changed_id not in writer.done()
+    writer.write(255 - again.images["sd"].images[:1], [{"id": changed_id}])
     assert geometry_stage.run(cfg).computed == {"real/test": 0, "sd": 1}
 
 

@@ -10,12 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from study_files import write_batches, write_synthetic
 
-from synthgap_helpers import config
+from synthgap_helpers import config, data
 from synthgap_helpers.gradcam import stage as gradcam_stage
-from synthgap_helpers.train.trainer import save_checkpoint
+from synthgap_helpers.train import arms as train_arms
 from synthgap_helpers.train.models import build_model
-from study_files import write_batches
+from synthgap_helpers.train.trainer import save_checkpoint
 
 MODEL = "resnet18_cifar_narrow"
 
@@ -23,11 +24,16 @@ MODEL = "resnet18_cifar_narrow"
 
 
 def save_random_model(run_dir: Path, arm: str, seed: int = 0, weights_seed: int = 0) -> Path:
-    """A random-weight narrow ResNet-18 saved as the training stage saves it: models/<arm>/seed<k>/."""
+    """A random-weight narrow ResNet-18 saved as the training stage saves a finished job: models/<arm>/seed<k>/
+    with a metrics.json holding the job key of the tiny config (CIFAR root beside the run), test metrics and the
+    file's SHA-256."""
     torch.manual_seed(weights_seed)
     model = build_model(MODEL).eval()
-    path = run_dir / "models" / arm / f"seed{seed}" / "model.safetensors"
-    save_checkpoint(model, path, {"model": MODEL, "num_classes": 10, "seed": seed})
+    cfg = tiny_config(run_dir.parent / "cifar", run_dir)
+    key = train_arms.CurrentKeys(cfg, data.real_data(cfg))(arm, seed)
+    path = train_arms.job_dir(run_dir, arm, seed) / "model.safetensors"
+    save_checkpoint(model, path, {"model": MODEL, "num_classes": 10, "seed": seed, "key": key,
+                                  "version": train_arms.STAGE_VERSION, "test": {"accuracy": 0.0}})
     return path
 
 
@@ -50,10 +56,12 @@ def close_figures():
 
 @pytest.fixture
 def tiny_run(tmp_path: Path) -> tuple[Path, Path]:
-    """(CIFAR root, run dir) with random-weight models of the arms real and sd."""
+    """(CIFAR root, run dir) with random-weight models of the arms real and sd (synthetic sets sd and di)."""
     root = tmp_path / "cifar"
     write_batches(root / "cifar-10-batches-py", per_file=40)
     run_dir = tmp_path / "run"
+    for source in ("sd", "di"):
+        write_synthetic(run_dir / "synthetic" / source)
     save_random_model(run_dir, "real", weights_seed=0)
     save_random_model(run_dir, "sd", weights_seed=1)
     return root, run_dir
@@ -151,8 +159,8 @@ def test_a_sample_larger_than_the_test_set_is_refused(tiny_run):
 def test_model_seed_picks_that_seed_and_a_missing_one_is_named(tiny_run):
     root, run_dir = tiny_run
     save_random_model(run_dir, "real", seed=1, weights_seed=4)
-    checkpoints = gradcam_stage.find_checkpoints(run_dir)
-    assert [(c.arm, c.seed) for c in checkpoints] == [("real", 0), ("sd", 0)]
+    checkpoints, skipped = gradcam_stage.find_checkpoints(run_dir)
+    assert [(c.arm, c.seed) for c in checkpoints] == [("real", 0), ("sd", 0)] and skipped == {}
     with pytest.raises(ValueError, match=r"gradcam.model_seed = 1.*'sd': \[0\]"):
         gradcam_stage.find_checkpoints(run_dir, model_seed=1)
 

@@ -12,8 +12,8 @@ import torch
 
 from synthgap_helpers import config, data
 from synthgap_helpers.inversion import embeddings as inversion
-from synthgap_helpers.inversion import stage as inversion_stage
 from synthgap_helpers.inversion import sampling as inversion_sampling
+from synthgap_helpers.inversion import stage as inversion_stage
 from synthgap_helpers.sd.pipelines import tiny_pipeline
 from synthgap_helpers.workload import Shard, merge_shards
 

@@ -8,13 +8,18 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
-from synthgap_helpers import config, results
-from synthgap_helpers.lowdata import stage as lowdata
-from synthgap_helpers.train.trainer import TrainParams, save_checkpoint, train_classifier
-from synthgap_helpers.train.models import build_model
-from synthgap_helpers.workload import Shard
 from study_files import TINY_TRAINING, write_batches, write_synthetic
+
+from synthgap_helpers import config, data, results
+from synthgap_helpers.lowdata import stage as lowdata
+from synthgap_helpers.train import arms as train_arms
+from synthgap_helpers.train.models import build_model
+from synthgap_helpers.train.trainer import (
+    TrainParams,
+    save_checkpoint,
+    train_classifier,
+)
+from synthgap_helpers.workload import Shard
 
 LOW = {"lowdata.k_per_class": [1, 2], "lowdata.seeds": 1, "lowdata.steps": 2}
 
@@ -33,11 +38,15 @@ def load(run_dir: Path, **overrides) -> config.Config:
 
 
 def write_synthetic_models(run_dir: Path) -> None:
-    """Random-weight narrow checkpoints where the training stage puts the synthetic-only arms."""
+    """Random-weight narrow checkpoints saved as the training stage saves the synthetic-only arms' finished jobs
+    (metrics.json with the job key, test metrics and the file's SHA-256)."""
+    cfg = load(run_dir)
+    keys = train_arms.CurrentKeys(cfg, data.real_data(cfg))
     for i, source in enumerate(("sd", "di")):
         torch.manual_seed(10 + i)
         save_checkpoint(build_model("resnet18_cifar_narrow"), run_dir / "models" / source / "seed0" / "model.safetensors",
-                        {"model": "resnet18_cifar_narrow", "num_classes": 10})
+                        {"model": "resnet18_cifar_narrow", "num_classes": 10, "key": keys(source, 0),
+                         "version": train_arms.STAGE_VERSION, "test": {"accuracy": 0.1 * (i + 1)}})
 
 
 @pytest.fixture()

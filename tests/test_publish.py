@@ -59,6 +59,6 @@ def test_publish_without_a_built_book_says_to_build_it_first(tmp_path: Path, cap
     missing = tmp_path / "_build" / "html"
     with pytest.raises(FileNotFoundError, match="run make book first"):
         runner.publish(missing, remote=str(tmp_path / "nowhere.git"))
-    assert cli.main(["publish", "--html", str(missing)]) == 1
+    assert cli.main(["publish", "--html", str(missing)]) == 2
     error = capsys.readouterr().err
     assert "index.html does not exist: run make book first" in error

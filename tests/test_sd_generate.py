@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -9,8 +10,8 @@ import pytest
 import torch
 
 from synthgap_helpers import config, data, storage
-from synthgap_helpers.sd import stage as sd_generate
 from synthgap_helpers.config import CLIP_TEMPLATES
+from synthgap_helpers.sd import stage as sd_generate
 from synthgap_helpers.sd.prompts import class_prompt, draw_guidance
 from synthgap_helpers.workload import Shard, image_seed
 
@@ -105,7 +106,9 @@ def test_manifest_records_everything_that_decides_an_image(tmp_path):
                              "dog/sd_000000", "dog/sd_000001", "dog/sd_000002"]
     first = records["cat/sd_000000"]
     assert set(first) == {"id", "class", "prompt", "negative_prompt", "seed", "guidance", "steps", "scheduler",
-                          "model", "mode", "resolution", "source_id", "strength"}
+                          "model", "mode", "resolution", "source_id", "strength", "sha256"}
+    png = (sd_generate.output_folder(cfg) / "cat" / "sd_000000.png").read_bytes()
+    assert first["sha256"] == hashlib.sha256(png).hexdigest()  # marks the file finished and intact
     seed = image_seed(cfg.seed, "cat/sd_000000")
     assert first["seed"] == seed and first["prompt"] == class_prompt("cat", seed, CLIP_TEMPLATES, cfg.sd.synonyms)
     assert (first["class"], first["negative_prompt"], first["guidance"], first["steps"]) == ("cat", "blurry", 7.5, 2)

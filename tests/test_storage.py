@@ -5,7 +5,13 @@ import os
 import pytest
 import torch
 
-from synthgap_helpers.storage import Manifest, atomic_write, atomic_write_bytes, atomic_write_json, safetensors_bytes
+from synthgap_helpers.storage import (
+    Manifest,
+    atomic_write,
+    atomic_write_bytes,
+    atomic_write_json,
+    safetensors_bytes,
+)
 
 
 def test_atomic_write_replaces_the_file_and_leaves_no_temporary(tmp_path):

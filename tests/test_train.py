@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 
@@ -10,6 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from synthgap_helpers.train.batches import (
+    CIFAR10_MEAN,
+    BatchIndices,
+    normalize,
+    random_crop_flip,
+)
+from synthgap_helpers.train.models import build_model
 from synthgap_helpers.train.trainer import (
     TrainingDiverged,
     TrainParams,
@@ -21,8 +29,6 @@ from synthgap_helpers.train.trainer import (
     save_checkpoint,
     train_classifier,
 )
-from synthgap_helpers.train.batches import CIFAR10_MEAN, BatchIndices, normalize, random_crop_flip
-from synthgap_helpers.train.models import build_model
 
 TINY = TrainParams(model="resnet18_cifar_narrow", batch_size=10, steps=6, eval_every=3, progress=False)
 
@@ -234,7 +240,8 @@ def test_checkpoint_round_trip_restores_weights_and_metadata(tmp_path):
     save_checkpoint(model, path, {"model": "resnet18_cifar_narrow", "num_classes": 4, "test_accuracy": 0.5})
     loaded, metadata = load_checkpoint(path, "resnet18_cifar_narrow")
     assert metadata == {"model": "resnet18_cifar_narrow", "num_classes": 4, "test_accuracy": 0.5}
-    assert json.loads((path.parent / "metrics.json").read_text()) == metadata
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()  # metrics.json, written last, records the file's hash
+    assert json.loads((path.parent / "metrics.json").read_text()) == {**metadata, "model_sha256": digest}
     assert sorted(p.name for p in path.parent.iterdir()) == ["metrics.json", "model.safetensors"]  # no .tmp left
     original = model.state_dict()
     assert all(torch.equal(v, original[k]) for k, v in loaded.state_dict().items())

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from study_files import TINY_TRAINING, write_batches, write_synthetic
 
 from synthgap_helpers import config, data, results
 from synthgap_helpers.data import CLASSES
@@ -16,12 +17,6 @@ from synthgap_helpers.train import arms as train_arms
 from synthgap_helpers.train import stage as train_stage
 from synthgap_helpers.train.models import MODELS
 from synthgap_helpers.workload import Shard
-from study_files import TINY_TRAINING, write_batches, write_synthetic
-
-
-
-
-
 
 
 @pytest.fixture()

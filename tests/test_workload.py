@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from synthgap_helpers.data import ImageFolderWriter, load_image_folder
+from synthgap_helpers.storage import Manifest
 from synthgap_helpers.workload import Shard, image_seed, merge_shards, parse_shard
 
 IDS = [f"{c}/{i:05d}" for c in ("cat", "dog", "ship") for i in range(40)]
@@ -56,7 +57,7 @@ def test_merge_joins_shard_manifests_into_one(tmp_path):
 def test_merge_refuses_conflicting_records(tmp_path):
     ImageFolderWriter(tmp_path, Shard(0, 2).manifest_name).write(
         torch.zeros((1, 3, 32, 32), dtype=torch.uint8), [{"id": "cat/a", "seed": 1}])
-    ImageFolderWriter(tmp_path, Shard(1, 2).manifest_name).write(
-        torch.zeros((1, 3, 32, 32), dtype=torch.uint8), [{"id": "cat/a", "seed": 2}])
+    # shards run with other parameters: the other shard's manifest lists the same id with another record
+    Manifest(tmp_path / Shard(1, 2).manifest_name).append([{"id": "cat/a", "seed": 2}])
     with pytest.raises(ValueError, match="'cat/a' differs"):
         merge_shards(tmp_path)

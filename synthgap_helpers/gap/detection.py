@@ -16,8 +16,8 @@ from scipy.stats import binomtest
 from torch import Tensor, nn
 
 from synthgap_helpers.gap.measures import check_feature_sets
-from synthgap_helpers.train.trainer import check_images
 from synthgap_helpers.train.batches import IndexStream, normalize, random_crop_flip
+from synthgap_helpers.train.trainer import check_images
 
 DETECTORS = ("cnn", "linear_probe")
 

@@ -22,8 +22,8 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 from tqdm.auto import tqdm
 
-from synthgap_helpers.train.trainer import check_images
 from synthgap_helpers.train.batches import normalize as cifar_normalize
+from synthgap_helpers.train.trainer import check_images
 
 PAIRWISE_CHUNK = 1024  # rows of a pairwise-distance block held at once (bounds memory at chunk x n floats)
 

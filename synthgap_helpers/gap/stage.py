@@ -11,6 +11,10 @@ set (``gap.images_per_class`` per class), then
 
 Writes ``analysis/gap.json`` (atomically) and the ``gap`` section of results.json. A rerun reuses gap.json
 when its key (gap parameters, the checkpoint's bytes, the sampled images) is unchanged.
+
+The model is used only if it is usable (`train.arms.check_model`: finished, not diverged, trained under the
+run's config now, its file matching the SHA-256 its metrics.json recorded); otherwise MissingModelError names
+the file, what is wrong with it and the fix.
 """
 
 from __future__ import annotations
@@ -25,12 +29,14 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from synthgap_helpers import config, data, results
+from synthgap_helpers.config import ConfigError
 from synthgap_helpers.data import ImageSet
+from synthgap_helpers.errors import DataError
 from synthgap_helpers.gap import figures as gap_figures
 from synthgap_helpers.gap.detection import detectability
 from synthgap_helpers.gap.measures import classifier_features, gap_table
 from synthgap_helpers.storage import atomic_write_json
-from synthgap_helpers.train.arms import fingerprint
+from synthgap_helpers.train.arms import CurrentKeys, MissingModelError, fingerprint
 from synthgap_helpers.train.trainer import load_checkpoint
 from synthgap_helpers.workload import Shard
 
@@ -39,14 +45,14 @@ STAGE_VERSION = 1
 REFERENCE = "real"
 
 
-class MissingModelError(FileNotFoundError):
-    """The real-data classifier whose features the stage needs has not been trained yet."""
+def model_seed(cfg: Any) -> int:
+    """The training seed of the real-data model the stage uses: gap.model_seed, or the run seed."""
+    return cfg.gap.model_seed if cfg.gap.model_seed is not None else cfg.seed
 
 
 def model_path(cfg: Any) -> Path:
     """``<run_dir>/models/real/seed<k>/model.safetensors``, k = gap.model_seed or the run seed."""
-    seed = cfg.gap.model_seed if cfg.gap.model_seed is not None else cfg.seed
-    return cfg.run_dir / "models" / "real" / f"seed{seed}" / "model.safetensors"
+    return cfg.run_dir / "models" / "real" / f"seed{model_seed(cfg)}" / "model.safetensors"
 
 
 def balanced_sample(image_set: ImageSet, per_class: int, seed: int, name: str) -> ImageSet:
@@ -54,17 +60,9 @@ def balanced_sample(image_set: ImageSet, per_class: int, seed: int, name: str) -
     counts = image_set.class_counts()
     if counts.min() < per_class:
         lacking = {image_set.classes[i]: int(c) for i, c in enumerate(counts) if c < per_class}
-        raise ValueError(f"gap.images_per_class={per_class}: set {name!r} has fewer images of {lacking}; "
-                         f"lower gap.images_per_class to at most {int(counts.min())} or generate more images")
+        raise ConfigError(f"gap.images_per_class={per_class}: set {name!r} has fewer images of {lacking}; "
+                          f"lower gap.images_per_class to at most {int(counts.min())} or generate more images")
     return image_set.subset(data.balanced_indices(image_set.labels, per_class, seed))
-
-
-def _file_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def stage_key(cfg: Any, checkpoint_hash: str, prints: dict[str, str | None]) -> str:
@@ -136,27 +134,28 @@ def run(cfg: Any, shard: Shard = Shard()) -> GapSummary | None:
 
     The stage is one short job: shard 0 does it, any other shard has nothing to do and returns None.
 
-    Raises MissingModelError naming the checkpoint path when the real-data classifier is missing
-    (run notebook 04, the training stage, first), and ValueError when the run has no synthetic set
+    Raises MissingModelError naming the checkpoint path when the real-data classifier is missing or not
+    usable (run notebook 04, the training stage, first), and ValueError when the run has no synthetic set
     or a set has fewer than gap.images_per_class images of a class.
     """
     if shard.index != 0:
         return None
     checkpoint = model_path(cfg)
-    if not checkpoint.is_file():
-        raise MissingModelError(f"the domain-gap stage needs the classifier trained on real data, {checkpoint}, which "
-                                "does not exist: run notebook 04 (the training stage: python -m synthgap_helpers train) "
-                                "first, or set gap.model_seed to a trained seed")
+    real = data.real_data(cfg)
+    check = CurrentKeys(cfg, real).check(REFERENCE, model_seed(cfg)).require(
+        "the domain-gap stage needs the classifier trained on real data",
+        "run notebook 04 (the training stage: python -m synthgap_helpers train) first, or set gap.model_seed to a "
+        "trained seed")
     synthetic = data.synthetic_sets(cfg)
     if not synthetic:
-        raise ValueError(f"no synthetic set in {cfg.run_dir / 'synthetic'}: run the generation stages "
-                         "(notebooks 02 and 03) before the domain-gap stage")
+        raise DataError(f"no synthetic set in {cfg.run_dir / 'synthetic'}: run the generation stages "
+                        "(notebooks 02 and 03) before the domain-gap stage")
     params = cfg.gap
     per_class = params.images_per_class
-    sets = {REFERENCE: balanced_sample(data.real_data(cfg).test, per_class, cfg.seed, "real test")}
+    sets = {REFERENCE: balanced_sample(real.test, per_class, cfg.seed, "real test")}
     sets |= {name: balanced_sample(s, per_class, cfg.seed, name) for name, s in synthetic.items()}
     prints = {name: fingerprint(s) for name, s in sets.items()}
-    key = stage_key(cfg, _file_hash(checkpoint), prints)
+    key = stage_key(cfg, check.sha256[:16], prints)
     path = cfg.run_dir / "analysis" / "gap.json"
     if path.is_file():
         previous = json.loads(path.read_text())

@@ -12,7 +12,12 @@ from matplotlib.figure import Figure
 
 from synthgap_helpers.data import CLASSES
 from synthgap_helpers.geometry.validation import load_york_urban
-from synthgap_helpers.geometry.vanishing import VanishingPoints, as_gray_uint8, detect_segments, find_vanishing_points
+from synthgap_helpers.geometry.vanishing import (
+    VanishingPoints,
+    as_gray_uint8,
+    detect_segments,
+    find_vanishing_points,
+)
 from synthgap_helpers.workload import image_seed
 
 if TYPE_CHECKING:  # the stage's result type only: at run time figures import no stage

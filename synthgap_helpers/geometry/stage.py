@@ -29,12 +29,22 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from synthgap_helpers import data
+from synthgap_helpers.config import ConfigError
 from synthgap_helpers.data import CLASSES, ImageSet
-from synthgap_helpers.geometry.metrics import compare_datasets, dataset_means, image_metrics, metric_names
-from synthgap_helpers.geometry.validation import evaluate_york_urban, load_york_urban, resolution_calibration
+from synthgap_helpers.geometry.metrics import (
+    compare_datasets,
+    dataset_means,
+    image_metrics,
+    metric_names,
+)
+from synthgap_helpers.geometry.validation import (
+    evaluate_york_urban,
+    load_york_urban,
+    resolution_calibration,
+)
+from synthgap_helpers.geometry.york_urban import resolve_york_urban
 from synthgap_helpers.storage import atomic_write, atomic_write_json
 from synthgap_helpers.workload import image_seed, stable_hash
-from synthgap_helpers.geometry.york_urban import resolve_york_urban
 
 METRICS_VERSION = 1
 """Bump when a metric's definition changes: rows and files of an older version are recomputed."""
@@ -109,7 +119,7 @@ def york_urban_subset(root: Path, count: int | None) -> list[str]:
     if count is None:
         return names
     if count > len(names):
-        raise ValueError(f"geometry.york_urban_images = {count}, but {root} holds {len(names)} images; "
+        raise ConfigError(f"geometry.york_urban_images = {count}, but {root} holds {len(names)} images; "
                          f"choose at most {len(names)}, or null for all")
     return [names[i] for i in np.unique(np.linspace(0, len(names) - 1, count).round().astype(int))]
 

@@ -15,6 +15,10 @@ Files written (atomically) into the run directory:
 * ``analysis/gradcam_faithfulness.csv``: per arm and curve point ``fraction``, the mean probability of
   the explained class and the share of images still classified as it, under deletion and insertion.
 
+Only usable models are explained (`train.arms.check_model`: finished, not diverged, trained under the run's
+config now, the file matching the SHA-256 its metrics.json recorded); an arm whose model is not usable is
+skipped and said so (stderr, `GradcamResult.skipped`, a row of `status()`), naming the file and the fix.
+
 ``key`` hashes what an arm's rows depend on: the Grad-CAM parameters, the run's seed, the sample's ids
 and pixels, the checkpoint file's SHA-256, the metric version and the torch version. A rerun reuses an
 arm's rows when its key is unchanged and recomputes that arm otherwise (a retrained checkpoint, another
@@ -27,6 +31,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,14 +45,30 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from synthgap_helpers import data
-from synthgap_helpers.config import resolve_device
+from synthgap_helpers.config import ConfigError, resolve_device
 from synthgap_helpers.data import CLASSES, ImageSet
-from synthgap_helpers.gradcam.figures import faithfulness_curves, metric_distributions, overlay_grid
-from synthgap_helpers.gradcam.maps import deletion_insertion, gradcam_maps, prepare_images, resolve_layer
+from synthgap_helpers.gradcam.figures import (
+    faithfulness_curves,
+    metric_distributions,
+    overlay_grid,
+)
+from synthgap_helpers.gradcam.maps import (
+    deletion_insertion,
+    gradcam_maps,
+    prepare_images,
+    resolve_layer,
+)
 from synthgap_helpers.gradcam.metrics import attention_metrics, compare_arms
 from synthgap_helpers.storage import atomic_write
-from synthgap_helpers.train.trainer import load_checkpoint
+from synthgap_helpers.train.arms import (
+    CurrentKeys,
+    MissingModelError,
+    ModelCheck,
+    check_model,
+    job_dir,
+)
 from synthgap_helpers.train.batches import CIFAR10_MEAN, normalize
+from synthgap_helpers.train.trainer import load_checkpoint
 from synthgap_helpers.workload import Shard, image_seed
 
 METRICS_VERSION = 1
@@ -88,6 +110,7 @@ class GradcamResult:
     computed: dict[str, bool] = field(default_factory=dict)  # per arm: computed now (True) or reused (False)
     files: list[Path] = field(default_factory=list)
     params: dict[str, Any] = field(default_factory=dict)  # the gradcam parameters of the run
+    skipped: dict[str, ModelCheck] = field(default_factory=dict)  # unusable models passed over, by "<arm>/seed<k>"
 
     @property
     def arms(self) -> list[str]:
@@ -98,7 +121,8 @@ class GradcamResult:
         return {arm: frame.set_index("id")[METRICS + AUC_COLUMNS] for arm, frame in self.rows.groupby("arm", sort=False)}
 
     def status(self) -> pd.DataFrame:
-        """Per arm: the checkpoint explained, its hash, and whether its rows were computed now or reused."""
+        """Per arm: the checkpoint explained, its hash, and whether its rows were computed now or reused; then a
+        row per unusable model passed over (``skipped: <why>``)."""
         table = pd.DataFrame({
             "seed": [c.seed for c in self.checkpoints],
             "checkpoint": [f"models/{c.arm}/{c.path.parent.name}/{c.path.name}" for c in self.checkpoints],
@@ -106,6 +130,11 @@ class GradcamResult:
             "images": [int((self.rows["arm"] == c.arm).sum()) for c in self.checkpoints],
             "this call": ["computed" if self.computed.get(c.arm) else "reused" for c in self.checkpoints],
         }, index=pd.Index(self.arms, name="arm"))
+        if self.skipped:
+            rows = [{"arm": job.split("/")[0], "seed": int(job.split("/seed")[1]),
+                     "checkpoint": f"models/{job}/{check.path.name}", "sha256": "—", "images": 0,
+                     "this call": f"skipped: {check.problem}"} for job, check in self.skipped.items()]
+            table = pd.concat([table, pd.DataFrame(rows).set_index("arm")])
         return table
 
     def summary(self) -> pd.DataFrame:
@@ -168,7 +197,8 @@ class GradcamResult:
 
     def __repr__(self) -> str:
         state = ", ".join(f"{arm}: {'computed' if done else 'reused'}" for arm, done in self.computed.items())
-        return f"GradcamResult({len(self.sample)} images; {state}; files {', '.join(str(f) for f in self.files)})"
+        skipped = "".join(f"\nskipped {check.message()}" for check in self.skipped.values())
+        return f"GradcamResult({len(self.sample)} images; {state}; files {', '.join(str(f) for f in self.files)}){skipped}"
 
 
 def _mean_sd(values: pd.Series) -> str:
@@ -192,20 +222,31 @@ def _difference(row: pd.Series) -> str:
 # --------------------------------------------------------------------------------------------- inputs
 
 
-def find_checkpoints(run_dir: Path, model_seed: int | None = None) -> list[Checkpoint]:
+def find_checkpoints(run_dir: Path, model_seed: int | None = None,
+                     check: Callable[[str, int], ModelCheck] | None = None
+                     ) -> tuple[list[Checkpoint], dict[str, ModelCheck]]:
     """The model explained for every trained arm of ``run_dir``, in arm order (real, sd, di, real+sd, real+di,
-    then others sorted): seed ``model_seed``, or each arm's lowest seed when None.
+    then others sorted): seed ``model_seed``, or each arm's lowest seed with a usable model when None; and the
+    unusable models passed over, ``{"<arm>/seed<k>": ModelCheck}`` (its ``message()``: the file, why, the fix).
 
-    Raises FileNotFoundError when no arm has a model, and ValueError when ``model_seed`` is missing for an arm.
+    ``check(arm, seed)`` decides whether a model is usable: `train.arms.CurrentKeys.check` (the run's config
+    now, as `run` does), or by default `train.arms.check_model` without a key (finished, not diverged, the
+    file matching its recorded SHA-256, written by the current training stage).
+
+    Raises MissingModelError (a FileNotFoundError) when no arm has a usable model, and ConfigError (a
+    ValueError) when ``model_seed`` is missing for an arm.
     """
     root = Path(run_dir) / "models"
-    found: dict[str, dict[int, Path]] = {}
-    for path in sorted(root.glob("*/seed*/model.safetensors")):
-        match = re.fullmatch(r"seed(\d+)", path.parent.name)
-        if match:
-            found.setdefault(path.parent.parent.name, {})[int(match.group(1))] = path
+    if check is None:
+        def check(arm: str, seed: int) -> ModelCheck:
+            return check_model(job_dir(Path(run_dir), arm, seed))
+    found: dict[str, set[int]] = {}
+    for folder in sorted(root.glob("*/seed*")):
+        match = re.fullmatch(r"seed(\d+)", folder.name)
+        if match and folder.is_dir() and any(folder.iterdir()):
+            found.setdefault(folder.parent.name, set()).add(int(match.group(1)))
     if not found:
-        raise FileNotFoundError(
+        raise MissingModelError(
             f"no trained models in {root}: the Grad-CAM stage explains models/<arm>/seed<k>/model.safetensors, "
             "which the training stage writes. Run notebook 04 (04_train_resnet18) or "
             "`python -m synthgap_helpers train --profile <profile>` on this run directory first.")
@@ -213,22 +254,21 @@ def find_checkpoints(run_dir: Path, model_seed: int | None = None) -> list[Check
     if model_seed is not None:
         missing = {arm: sorted(seeds) for arm, seeds in found.items() if model_seed not in seeds}
         if missing:
-            raise ValueError(f"gradcam.model_seed = {model_seed}, but these arms have no model of that seed "
-                             f"(their seeds: {missing}); choose a seed every arm has, or null for each arm's lowest")
-    checkpoints = []
+            raise ConfigError(f"gradcam.model_seed = {model_seed}, but these arms have no model of that seed "
+                              f"(their seeds: {missing}); choose a seed every arm has, or null for each arm's lowest")
+    checkpoints, skipped = [], {}
     for arm in arms:
-        seed = model_seed if model_seed is not None else min(found[arm])
-        checkpoints.append(Checkpoint(arm, seed, found[arm][seed], file_sha256(found[arm][seed])))
-    return checkpoints
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        for seed in [model_seed] if model_seed is not None else sorted(found[arm]):
+            verdict = check(arm, seed)
+            if verdict.usable:
+                checkpoints.append(Checkpoint(arm, seed, verdict.path, verdict.sha256))
+                break
+            if verdict.found:
+                skipped[f"{arm}/seed{seed}"] = verdict
+    if not checkpoints:
+        raise MissingModelError(f"no usable trained model in {root}: "
+                                + " | ".join(check.message() for check in skipped.values()))
+    return checkpoints, skipped
 
 
 def fixed_sample(test: ImageSet, per_class: int, seed: int) -> ImageSet:
@@ -237,9 +277,9 @@ def fixed_sample(test: ImageSet, per_class: int, seed: int) -> ImageSet:
     counts = test.class_counts()
     if per_class > counts.min():
         worst = int(np.argmin(counts))
-        raise ValueError(f"gradcam.images_per_class = {per_class}, but the run's test set has only {counts.min()} "
-                         f"images of class {CLASSES[worst]!r}; choose at most {counts.min()}, or raise "
-                         "data.test_per_class")
+        raise ConfigError(f"gradcam.images_per_class = {per_class}, but the run's test set has only {counts.min()} "
+                          f"images of class {CLASSES[worst]!r}; choose at most {counts.min()}, or raise "
+                          "data.test_per_class")
     indices = data.balanced_indices(test.labels.numpy(), per_class, image_seed(seed, "gradcam/sample"))
     return test.subset(indices)
 
@@ -268,7 +308,8 @@ def model_input(images: Tensor) -> Tensor:
 
 def explained_layer(model: nn.Module, layer: str) -> str:
     """The module name of stage ``layer`` in ``model``: itself, or ``net.<layer>`` in a model that upsamples
-    its input first (resnet18_imagenet_224). Unknown names are left for `resolve_layer` to reject."""
+    its input first (resnet18_imagenet_224). Unknown names are left for `resolve_layer` to reject (the
+    configuration already refuses them as `gradcam.layer`)."""
     names = dict(model.named_modules())
     return f"net.{layer}" if layer not in names and f"net.{layer}" in names else layer
 
@@ -374,20 +415,23 @@ def _valid(rows: pd.DataFrame, curves: pd.DataFrame, arm: str, key: str, ids: li
 def run(cfg: Any, shard: Shard = Shard()) -> GradcamResult:
     """Explain every trained arm on the fixed sample; reuse arms whose key is unchanged (module doc).
 
-    Raises, before any work: FileNotFoundError without trained models; ValueError for a layer the models
-    lack (listing the valid names), a sample larger than the test set, or a faithfulness part larger than
-    the sample.
+    Raises, before any work: MissingModelError (a FileNotFoundError) without a usable trained model; ValueError
+    for a layer the models lack (listing the valid names), a sample larger than the test set, or a
+    faithfulness part larger than the sample.
     """
     if shard.count != 1:
-        raise ValueError(f"the Grad-CAM stage does not shard (got shard {shard.index}/{shard.count}): "
-                         "it explains a few thousand images per arm, minutes on one device")
+        raise ConfigError(f"the Grad-CAM stage does not shard (got shard {shard.index}/{shard.count}): "
+                          "it explains a few thousand images per arm, minutes on one device")
     params = cfg.gradcam
-    checkpoints = find_checkpoints(cfg.run_dir, params.model_seed)
-    sample = fixed_sample(data.real_data(cfg).test, params.images_per_class, cfg.seed)
+    real = data.real_data(cfg)
+    checkpoints, skipped = find_checkpoints(cfg.run_dir, params.model_seed, CurrentKeys(cfg, real).check)
+    for check in skipped.values():
+        print(f"Grad-CAM skips {check.message()}", file=sys.stderr)
+    sample = fixed_sample(real.test, params.images_per_class, cfg.seed)
     if params.faithfulness_images is not None and params.faithfulness_images > len(sample):
-        raise ValueError(f"gradcam.faithfulness_images = {params.faithfulness_images} exceeds the sample of "
-                         f"{len(sample)} images (10 x gradcam.images_per_class); choose at most {len(sample)}, "
-                         "or null for all")
+        raise ConfigError(f"gradcam.faithfulness_images = {params.faithfulness_images} exceeds the sample of "
+                          f"{len(sample)} images (10 x gradcam.images_per_class); choose at most {len(sample)}, "
+                          "or null for all")
     device = resolve_device(cfg.device)
     models = {}
     for checkpoint in checkpoints:
@@ -455,5 +499,5 @@ def run(cfg: Any, shard: Shard = Shard()) -> GradcamResult:
     return GradcamResult(
         checkpoints=checkpoints, sample=sample, rows=rows, curves=curves, comparison=comparison,
         overlay_images=sample.images[overlay_at], overlay_maps=overlay_maps, computed=computed,
-        files=[rows_path, curves_path], params=params.model_dump(),
+        files=[rows_path, curves_path], params=params.model_dump(), skipped=skipped,
     )

@@ -20,11 +20,19 @@ then cut into consecutive groups. A group's id is `group_NNNNN`; shards split gr
 Files under `<run_dir>/inversion/`:
 
 * `embeddings/group_NNNNN.safetensors` -- tensors `embeddings` (G x T x H, fp32) and `labels`; metadata
-  `image_ids` (JSON list), `step`, `model`, `num_tokens`, `group`. Its presence marks the group finished.
+  `image_ids` (JSON list), `step`, `model`, `num_tokens`, `group`, `training` (every parameter that changes the
+  result: steps, lr, weight_decay, batch_size, resolution, init, dtype, seed) and `tensors_sha256`. Its presence
+  marks the group finished.
 * `checkpoints/group_NNNNN.safetensors` -- while a group trains: embeddings, AdamW moments and the losses so far
-  (tensors), and step, AdamW step and loss-scaler state (JSON metadata). Written atomically every
-  `checkpoint_every` steps; a rerun resumes from it exactly (the draws of step s depend on (seed, group, s) only).
+  (tensors), and step, AdamW's own step count and the loss-scaler state (JSON metadata, integers as integers).
+  Written atomically every `checkpoint_every` steps, the one before kept as `group_NNNNN.previous.safetensors`;
+  a rerun resumes from it exactly, in every precision (the draws of step s depend on (seed, group, s) only).
 * `loss/group_NNNNN.json` -- the loss of every optimisation step.
+
+Every safetensors file is read back whole or not at all: a truncated or overwritten one (safetensors cannot
+parse it, or its tensors and metadata no longer match `tensors_sha256`) raises `CorruptFileError` naming the
+path, and the stage discards it (a checkpoint: resume from the previous one or from step 0; embeddings: retrain
+the group).
 
 Sampling from the embeddings is in `inversion.sampling`; the run-directory orchestration of both in
 `inversion.stage`, tables and figures for the notebook in `inversion.figures`.
@@ -32,8 +40,10 @@ Sampling from the embeddings is in `inversion.sampling`; the run-directory orche
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +53,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from synthgap_helpers.config import ConfigError
+from synthgap_helpers.errors import DataError
 from synthgap_helpers.storage import atomic_write_bytes, safetensors_bytes
 from synthgap_helpers.workload import stable_hash
 
@@ -94,12 +106,12 @@ def plan_groups(ids: Sequence[str], labels: Sequence[int] | torch.Tensor, group_
                 num_groups: int | None = None) -> list[Group]:
     """The fixed, class-balanced groups of a set of real images (the last group may be smaller)."""
     if group_size < 1:
-        raise ValueError(f"inversion.group_size = {group_size}: must be at least 1")
+        raise ConfigError(f"inversion.group_size = {group_size}: must be at least 1")
     if group_size > len(ids):
-        raise ValueError(f"inversion.group_size = {group_size} is larger than the {len(ids)} real training images "
+        raise ConfigError(f"inversion.group_size = {group_size} is larger than the {len(ids)} real training images "
                          "of this run; choose a group size of at most the data size (the authors: 100)")
     if num_groups is not None and num_groups < 1:
-        raise ValueError(f"inversion.num_groups = {num_groups}: must be at least 1, or None for every group")
+        raise ConfigError(f"inversion.num_groups = {num_groups}: must be at least 1, or None for every group")
     label_list = [int(v) for v in (labels.tolist() if isinstance(labels, torch.Tensor) else labels)]
     order = class_balanced_order(label_list)
     groups = []
@@ -129,7 +141,7 @@ def check_model(pipe: Any, num_tokens: int, resolution: int | None = None) -> in
     from synthgap_helpers.sd.pipelines import resolution_multiple
 
     if not isinstance(num_tokens, int) or num_tokens < 1:
-        raise ValueError(f"inversion.num_tokens = {num_tokens!r}: must be an integer of at least 1 (the authors: 5)")
+        raise ConfigError(f"inversion.num_tokens = {num_tokens!r}: must be an integer of at least 1 (the authors: 5)")
     unet = getattr(pipe, "unet", None)
     config = getattr(unet, "config", None)
     blocks = [*getattr(config, "down_block_types", ()), *getattr(config, "up_block_types", ()),
@@ -141,7 +153,7 @@ def check_model(pipe: Any, num_tokens: int, resolution: int | None = None) -> in
                          "conditions the U-Net through its cross-attention context (encoder_hidden_states); use a "
                          "text-conditional model such as Stable Diffusion 1.x")
     if resolution is not None and resolution % resolution_multiple(pipe):
-        raise ValueError(f"inversion.resolution = {resolution}: this model needs a multiple of "
+        raise ConfigError(f"inversion.resolution = {resolution}: this model needs a multiple of "
                          f"{resolution_multiple(pipe)} pixels (VAE factor x U-Net downsampling)")
     return width
 
@@ -201,7 +213,7 @@ def init_embeddings(kind: str, labels: Sequence[int], num_tokens: int, width: in
         if class_embeddings is None:
             raise ValueError(f"init {kind!r} needs the class prompts' embeddings")
         return class_embeddings.detach().float().cpu()[torch.as_tensor(list(labels), dtype=torch.long)].clone()
-    raise ValueError(f"inversion.init = {kind!r}: choose one of {', '.join(INIT_KINDS)}")
+    raise ConfigError(f"inversion.init = {kind!r}: choose one of {', '.join(INIT_KINDS)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,14 +274,16 @@ def step_generators(seed: int, step: int, device: torch.device) -> tuple[torch.G
 
 @dataclass
 class InversionState:
-    """Everything a group's optimisation needs to continue exactly: embeddings, AdamW moments, step, losses."""
+    """Everything a group's optimisation needs to continue exactly: embeddings, AdamW moments and its own step
+    count, the loss-scaler state, the loop step and the losses."""
 
     embeddings: torch.Tensor  # G x T x H, fp32
-    step: int = 0
+    step: int = 0  # optimisation steps run (the loop counter)
     exp_avg: torch.Tensor | None = None
     exp_avg_sq: torch.Tensor | None = None
     losses: list[float] = field(default_factory=list)
-    scaler: dict[str, float] | None = None  # loss-scaler state (fp16 training)
+    scaler: dict[str, float | int] | None = None  # loss-scaler state (fp16 training), see `scaler_state`
+    optimizer_step: float | None = None  # AdamW's state["step"]: below `step` when fp16 steps were skipped
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"embeddings": self.embeddings, "losses": torch.tensor(self.losses, dtype=torch.float32)}
@@ -279,10 +293,24 @@ class InversionState:
 
 
 def amp_dtype(device: torch.device, unet: Any) -> torch.dtype | None:
-    """The autocast dtype: the U-Net's half dtype on CUDA, None (no autocast) for fp32 weights or CPU."""
-    if device.type == "cuda" and unet.dtype in (torch.float16, torch.bfloat16):
+    """The autocast dtype: the U-Net's half dtype (fp16 or bf16, on any device), None (no autocast) for fp32."""
+    if unet.dtype in (torch.float16, torch.bfloat16):
         return unet.dtype
     return None
+
+
+SCALER_INTEGERS = ("growth_interval", "_growth_tracker")  # GradScaler state fields that must stay integers
+
+
+def scaler_state(scaler: torch.amp.GradScaler) -> dict[str, float | int]:
+    """A GradScaler's state as JSON-safe numbers, the integer fields as integers (load_state_dict needs them)."""
+    return {key: int(value) if key in SCALER_INTEGERS else float(value) for key, value in scaler.state_dict().items()}
+
+
+def load_scaler_state(scaler: torch.amp.GradScaler, state: dict[str, Any]) -> None:
+    """Restore `scaler_state` output, also from checkpoints that stored every field as a float."""
+    scaler.load_state_dict({key: int(value) if key in SCALER_INTEGERS else float(value)
+                            for key, value in state.items()})
 
 
 def freeze(*modules: Any) -> None:
@@ -302,8 +330,9 @@ def invert_group(pipe: Any, images: torch.Tensor, state: InversionState, *, step
     Per step: `batch_size` images of the group (without replacement), a latent drawn from each image's cached
     VAE latent distribution (or, with `encode_every_step`, re-encoded as in the authors' code), a timestep
     uniform over the scheduler's training timesteps, and the MSE to the noise or velocity target. AdamW
-    (constant lr) on the fp32 embeddings; on CUDA the U-Net runs in its half dtype under autocast, channels-last.
-    Calls `on_checkpoint(state)` every `checkpoint_every` steps (not after the last one).
+    (constant lr) on the fp32 embeddings; a half-precision U-Net (fp16, bf16) runs under autocast on any device
+    (CPU included), fp16 with a loss scaler; on CUDA channels-last. Calls `on_checkpoint(state)` every
+    `checkpoint_every` steps (not after the last one); the state it gets resumes exactly, in every precision.
     """
     unet, vae = pipe.unet, pipe.vae
     freeze(unet, vae)
@@ -327,14 +356,17 @@ def invert_group(pipe: Any, images: torch.Tensor, state: InversionState, *, step
     optimizer = torch.optim.AdamW([embeddings], lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), eps=1e-8,
                                   fused=fused)
     if state.exp_avg is not None:
+        # AdamW's own step count (bias correction): the loop counter overcounts it by every step the loss
+        # scaler skipped; states saved before it was stored fall back to the loop counter
+        adam_step = state.optimizer_step if state.optimizer_step is not None else state.step
         template = optimizer.state_dict()
-        template["state"] = {0: {"step": torch.tensor(float(state.step)),
+        template["state"] = {0: {"step": torch.tensor(float(adam_step)),
                                  "exp_avg": state.exp_avg.to(device=device, dtype=torch.float32),
                                  "exp_avg_sq": state.exp_avg_sq.to(device=device, dtype=torch.float32)}}
         optimizer.load_state_dict(template)
-    scaler = torch.amp.GradScaler("cuda", enabled=half == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=half == torch.float16)
     if scaler.is_enabled() and state.scaler:
-        scaler.load_state_dict(state.scaler)
+        load_scaler_state(scaler, state.scaler)
     forward = torch.compile(unet) if compile else unet
     channels_last = channels_last and device.type == "cuda"
     if channels_last:
@@ -350,7 +382,8 @@ def invert_group(pipe: Any, images: torch.Tensor, state: InversionState, *, step
                               opt_state["exp_avg"].detach().cpu().clone() if opt_state else None,
                               opt_state["exp_avg_sq"].detach().cpu().clone() if opt_state else None,
                               state.losses[:first] + done,
-                              {k: float(v) for k, v in scaler.state_dict().items()} if scaler.is_enabled() else None)
+                              scaler_state(scaler) if scaler.is_enabled() else None,
+                              float(opt_state["step"]) if opt_state else state.optimizer_step)
 
     bar = tqdm(range(first, steps), desc=desc, unit="step", leave=False, mininterval=1.0,
                disable=not progress or steps - first < 20)
@@ -427,37 +460,138 @@ def checkpoint_path(run_dir: Path, group: Group | str) -> Path:
     return Path(run_dir) / CHECKPOINTS_DIR / f"{name}.safetensors"
 
 
+def previous_checkpoint_path(run_dir: Path, group: Group | str) -> Path:
+    """The checkpoint before the latest one, kept so that a corrupt latest one costs `checkpoint_every` steps."""
+    name = group if isinstance(group, str) else group.name
+    return Path(run_dir) / CHECKPOINTS_DIR / f"{name}.previous.safetensors"
+
+
 def loss_path(run_dir: Path, group: Group | str) -> Path:
     name = group if isinstance(group, str) else group.name
     return Path(run_dir) / LOSS_DIR / f"{name}.json"
 
 
+class CorruptFileError(DataError):
+    """A stored inversion file that cannot be read back whole (truncated, overwritten); names the file and the fix."""
+
+    def __init__(self, path: Path, reason: str):
+        self.path, self.reason = Path(path), reason
+        super().__init__(f"{path} is corrupt: {reason}.\n{_corrupt_fix(self.path)}")
+
+
+def _corrupt_fix(path: Path) -> str:
+    if path.parent.name == CHECKPOINTS_DIR.name:
+        return ("Fix: rerun the embedding training (`python -m synthgap_helpers invert train`): it discards the "
+                "corrupt checkpoint and resumes the group from the previous checkpoint, or from step 0.")
+    if path.parent.name == EMBEDDINGS_DIR.name:
+        return ("Fix: rerun the embedding training (`python -m synthgap_helpers invert train`): it discards the "
+                "corrupt embeddings and retrains their group (identically: its draws depend on the seeds only).")
+    return "Fix: delete the file and rerun the stage that wrote it."
+
+
+DIGEST_KEY = "tensors_sha256"  # metadata: SHA-256 of the tensors and the other metadata, checked on every read
+
+
+def content_digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """SHA-256 of every tensor (name, dtype, shape, bytes) and every metadata entry but the digest itself."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    digest.update(json.dumps(sorted((k, v) for k, v in metadata.items() if k != DIGEST_KEY)).encode())
+    return digest.hexdigest()
+
+
 def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
+    """Tensors and JSON-encoded metadata, with their digest, written atomically (same content, same bytes)."""
     meta = {key: value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items()}
+    meta[DIGEST_KEY] = content_digest(tensors, meta)
     atomic_write_bytes(path, safetensors_bytes(tensors, meta))  # the same bytes for the same tensors and metadata
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and raw (string) metadata of a safetensors file."""
+    """Tensors and raw (string) metadata of a safetensors file, checked against its stored digest.
+
+    Raises FileNotFoundError for a missing file and `CorruptFileError` (naming the path) for one that
+    safetensors cannot parse (truncated) or whose content differs from its digest (files written before
+    digests were stored are checked by parsing only).
+    """
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as handle:
-        return {key: handle.get_tensor(key) for key in handle.keys()}, dict(handle.metadata() or {})
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            metadata = dict(handle.metadata() or {})
+    except Exception as exc:  # safetensors raises its own SafetensorError (and OSError) for unreadable files
+        raise CorruptFileError(path, f"safetensors cannot read it ({type(exc).__name__}: {exc}; "
+                                     f"{path.stat().st_size} bytes)") from None
+    expected = metadata.get(DIGEST_KEY)
+    if expected is not None and content_digest(tensors, metadata) != expected:
+        raise CorruptFileError(path, "its tensors or metadata differ from the checksum stored with them")
+    return tensors, metadata
 
 
 def write_checkpoint(path: Path, state: InversionState, identity: dict[str, Any]) -> None:
     """A resumable snapshot of a group's optimisation (tensors + JSON scalars), written atomically."""
-    save_safetensors(path, state.tensors(), {**identity, "step": state.step, "scaler": state.scaler})
+    save_safetensors(path, state.tensors(), {**identity, "step": state.step, "scaler": state.scaler,
+                                             "optimizer_step": state.optimizer_step})
 
 
-def group_identity(group: Group, model: str, num_tokens: int) -> dict[str, Any]:
-    """What a group's stored files must match to be reused: its images, the model and the embedding length."""
-    return {"group": group.name, "image_ids": list(group.ids), "model": model, "num_tokens": num_tokens}
+def read_checkpoint(path: Path) -> tuple[InversionState, dict[str, torch.Tensor], dict[str, str]]:
+    """The state a checkpoint resumes, with its raw tensors and metadata (for `check_identity`)."""
+    tensors, metadata = read_safetensors(path)
+    try:
+        def decoded(key: str) -> Any:
+            return json.loads(metadata.get(key, "null"))
+
+        state = InversionState(tensors["embeddings"], int(decoded("step")), tensors.get("exp_avg"),
+                               tensors.get("exp_avg_sq"), tensors["losses"].tolist(), decoded("scaler"),
+                               decoded("optimizer_step"))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CorruptFileError(path, f"it lacks or garbles {exc}") from None
+    if len(state.losses) != state.step:
+        raise CorruptFileError(path, f"step {state.step} with {len(state.losses)} recorded losses")
+    return state, tensors, metadata
+
+
+# What changes a group's result, with the config name each entry comes from (the model and num_tokens are
+# checked on their own; the images are the group's ids).
+TRAINING_PARAMETERS = {"steps": "inversion.steps", "lr": "inversion.lr", "weight_decay": "inversion.weight_decay",
+                       "batch_size": "inversion.batch_size", "resolution": "inversion.resolution",
+                       "init": "inversion.init", "dtype": "inversion.dtype (the U-Net's resolved dtype)",
+                       "seed": "seed (the run's)"}
+
+
+def training_parameters(*, steps: int, lr: float, weight_decay: float, batch_size: int, resolution: int, init: str,
+                        dtype: torch.dtype | str, seed: int) -> dict[str, Any]:
+    """The parameters besides model and images that decide a group's embeddings, as stored with them."""
+    return {"steps": int(steps), "lr": float(lr), "weight_decay": float(weight_decay), "batch_size": int(batch_size),
+            "resolution": int(resolution), "init": str(init), "dtype": str(dtype).removeprefix("torch."),
+            "seed": int(seed)}
+
+
+def group_identity(group: Group, model: str, num_tokens: int, training: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a group's stored files must match to be reused: its images, the model, the embedding length and
+    (`training_parameters`) everything else that changes the result."""
+    identity = {"group": group.name, "image_ids": list(group.ids), "model": model, "num_tokens": num_tokens}
+    if training is not None:
+        identity["training"] = training
+    return identity
 
 
 def check_identity(path: Path, metadata: dict[str, str], tensors: dict[str, torch.Tensor], group: Group,
-                   model: str, num_tokens: int, width: int) -> None:
-    """Raise if a stored file was made for other images, another model or another embedding shape."""
+                   model: str, num_tokens: int, width: int, training: dict[str, Any] | None = None,
+                   checkpoint: bool = False) -> None:
+    """Raise if a stored file was made for other images, another model, another embedding shape or (given
+    `training`) other training parameters; the message says which parameter differs and how to start over.
+
+    Files written before the training parameters were stored are checked on their step count and accepted
+    with a warning that the other parameters could not be checked.
+    """
     shape = tuple(tensors["embeddings"].shape)
     expected = (len(group), num_tokens, width)
     if shape != expected:
@@ -468,6 +602,32 @@ def check_identity(path: Path, metadata: dict[str, str], tensors: dict[str, torc
     if ids != list(group.ids) or metadata.get("model") != model:
         raise ValueError(f"{path} was made for other images or another model ({metadata.get('model')!r}); "
                          "delete it, or use another run_dir")
+    if training is None:
+        return
+    try:
+        stored = json.loads(metadata["training"]) if "training" in metadata else None
+        step = int(json.loads(metadata.get("step", "0")))
+    except (TypeError, ValueError) as exc:
+        raise CorruptFileError(path, f"its metadata does not parse ({exc})") from None
+    if stored is None:  # written before the parameters were stored: the step count is all there is to check
+        stored = {"steps": training["steps"] if checkpoint and step < training["steps"] else step}
+        warnings.warn(f"{path} predates stored training parameters: only its images, model, num_tokens and step "
+                      f"count were checked, not {', '.join(TRAINING_PARAMETERS[k] for k in training if k != 'steps')}",
+                      stacklevel=2)
+    differ = [key for key in training if key in stored and stored[key] != training[key]]
+    if not differ:
+        return
+    changes = "; ".join(f"{TRAINING_PARAMETERS.get(key, key)} = {stored[key]!r} there, {training[key]!r} now"
+                        for key in differ)
+    run_dir = path.parents[2]
+    if checkpoint:
+        fix = (f"To resume it, set the parameter(s) back; to restart this group with the new ones, delete its "
+               f"checkpoints {path.parent / group.name}.safetensors and {group.name}.previous.safetensors")
+    else:
+        fix = (f"To use the finished groups, set the parameter(s) back; to retrain every group with the new ones, "
+               f"delete {run_dir / 'inversion'} and the samples drawn from it, {run_dir / 'synthetic' / 'di'} "
+               "(or use another run_dir)")
+    raise ConfigError(f"{path} was trained with other parameters than this run's config: {changes}. {fix}.")
 
 
 def load_group_embeddings(run_dir: Path, group: Group | str) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
@@ -477,6 +637,6 @@ def load_group_embeddings(run_dir: Path, group: Group | str) -> tuple[torch.Tens
         raise FileNotFoundError(f"{path} does not exist: run the embedding training first "
                                 "(inversion.train_embeddings, or `python -m synthgap_helpers invert train`)")
     tensors, metadata = read_safetensors(path)
-    decoded = {key: json.loads(value) if key in ("image_ids", "step", "num_tokens") else value
+    decoded = {key: json.loads(value) if key in ("image_ids", "step", "num_tokens", "training", "width") else value
                for key, value in metadata.items()}
     return tensors["embeddings"], tensors["labels"], decoded

@@ -2,17 +2,25 @@
 
 `train_embeddings` trains the embeddings of every group of the run's real training subset that this shard
 owns (`inversion.embeddings`), resuming from checkpoints; `sample` draws the synthetic set from them
-(`inversion.sampling`) into `<run_dir>/synthetic/di/`, skipping images already listed in a manifest;
-`reconstructions` draws one unperturbed sample of a few images for the notebook's comparison.
+(`inversion.sampling`) into `<run_dir>/synthetic/di/`, skipping images already listed in a manifest whose
+PNG is intact and drawing missing or corrupt ones again; `reconstructions` draws one unperturbed sample of a
+few images for the notebook's comparison.
+
+Stored files are never used silently when they cannot be trusted: a finished group or a checkpoint made with
+other images, model or training parameters stops the run with the parameter that differs and how to start
+over (nothing is retrained behind the researcher's back, nor mixed with samples drawn from the old one); a
+corrupt (truncated, overwritten) checkpoint or embeddings file is discarded with a warning naming it and the
+group resumes from the previous checkpoint, or from step 0.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import time
-import json
+import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +29,11 @@ import torch
 from tqdm.auto import tqdm
 
 from synthgap_helpers import config, data
+from synthgap_helpers.config import ConfigError
 from synthgap_helpers.inversion.embeddings import (
     CLASS_PROMPT,
     EMBEDDINGS_DIR,
+    CorruptFileError,
     Group,
     InversionState,
     check_identity,
@@ -35,9 +45,12 @@ from synthgap_helpers.inversion.embeddings import (
     invert_group,
     loss_path,
     plan_groups,
+    previous_checkpoint_path,
     prompt_embeddings,
+    read_checkpoint,
     read_safetensors,
     save_safetensors,
+    training_parameters,
     write_checkpoint,
 )
 from synthgap_helpers.inversion.sampling import (
@@ -53,6 +66,7 @@ from synthgap_helpers.sd import pipelines as diffusion
 from synthgap_helpers.storage import atomic_write_json
 from synthgap_helpers.workload import Shard, image_seed
 
+
 @dataclass
 class TrainSummary:
     """What `train_embeddings` did on this shard."""
@@ -65,6 +79,7 @@ class TrainSummary:
     steps_run: int
     seconds: float
     final_loss: dict[str, float]
+    discarded: list[str] = field(default_factory=list)  # corrupt files discarded, each with what happened instead
 
     @property
     def steps_per_second(self) -> float:
@@ -78,9 +93,10 @@ class TrainSummary:
                              "already finished": [len(self.skipped)]}, index=["groups"])
 
     def __str__(self) -> str:
+        notes = "".join(f"\n  {line}" for line in self.discarded)
         return (f"inversion: {len(self.trained)} group(s) trained ({len(self.resumed)} resumed), {len(self.skipped)} "
                 f"already finished, of {self.groups_owned} on this shard ({self.groups_total} in the run); "
-                f"{self.steps_run} steps in {self.seconds:.1f} s ({self.steps_per_second:.2f} steps/s)")
+                f"{self.steps_run} steps in {self.seconds:.1f} s ({self.steps_per_second:.2f} steps/s){notes}")
 
 
 def run_groups(cfg: Any) -> tuple[Any, list[Group]]:
@@ -89,7 +105,7 @@ def run_groups(cfg: Any) -> tuple[Any, list[Group]]:
     params = cfg.inversion
     groups = plan_groups(train.ids, train.labels, params.group_size, params.num_groups)
     if params.batch_size > params.group_size:
-        raise ValueError(f"inversion.batch_size = {params.batch_size} is larger than inversion.group_size = "
+        raise ConfigError(f"inversion.batch_size = {params.batch_size} is larger than inversion.group_size = "
                          f"{params.group_size}; a step draws its batch from one group")
     return train, groups
 
@@ -136,25 +152,70 @@ def _shard_setup(cfg: Any, shard: Shard, pipe: Any | None) -> tuple[Any, list[Gr
     return train, groups, [group for group in groups if shard.owns(group.name)], pipe, width
 
 
+def run_training_parameters(cfg: Any, pipe: Any) -> dict[str, Any]:
+    """Every parameter besides the model, num_tokens and the images that decides this run's embeddings."""
+    params = cfg.inversion
+    return training_parameters(steps=params.steps, lr=params.lr, weight_decay=params.weight_decay,
+                               batch_size=params.batch_size, resolution=params.resolution, init=params.init,
+                               dtype=pipe.unet.dtype, seed=cfg.seed)
+
+
+def _discard(path: Path, reason: str, outcome: str, discarded: list[str]) -> None:
+    """Delete a corrupt file, saying which and what happens instead (a warning and a summary line)."""
+    path.unlink(missing_ok=True)
+    line = f"discarded corrupt {path} ({reason}); {outcome}"
+    warnings.warn(line, stacklevel=3)
+    discarded.append(line)
+
+
+def _resume_point(cfg: Any, group: Group, width: int, training: dict[str, Any],
+                  corrupt: list[tuple[Path, str]]) -> InversionState | None:
+    """The group's latest readable checkpoint (the latest, else the one before), checked against the run;
+    unreadable ones are added to `corrupt`. None: start from step 0."""
+    params = cfg.inversion
+    for path in (checkpoint_path(cfg.run_dir, group), previous_checkpoint_path(cfg.run_dir, group)):
+        if not path.is_file():
+            continue
+        try:
+            state, tensors, metadata = read_checkpoint(path)
+        except CorruptFileError as exc:
+            corrupt.append((path, exc.reason))
+            continue
+        check_identity(path, metadata, tensors, group, params.model, params.num_tokens, width, training,
+                       checkpoint=True)
+        return state
+    return None
+
+
 def _train_embeddings(cfg: Any, shard: Shard, pipe: Any | None, progress: bool) -> TrainSummary:
     params = cfg.inversion
     train, groups, owned, pipe, width = _shard_setup(cfg, shard, pipe)
     model = params.model
+    training = run_training_parameters(cfg, pipe)
 
-    todo, skipped, checkpoints = [], [], {}
-    for group in owned:  # every stored file is checked before any work starts
+    # Every stored file is checked before any work starts (and before anything is deleted): a file of other
+    # images, model or parameters stops the run; a corrupt one is discarded below, saying what replaces it.
+    todo, skipped, starts, corrupt_files = [], [], {}, []
+    for group in owned:
         path = embeddings_path(cfg.run_dir, group)
         if path.is_file():
-            tensors, metadata = read_safetensors(path)
-            check_identity(path, metadata, tensors, group, model, params.num_tokens, width)
-            skipped.append(group.name)
-            continue
-        ckpt = checkpoint_path(cfg.run_dir, group)
-        if ckpt.is_file():
-            tensors, metadata = read_safetensors(ckpt)
-            check_identity(ckpt, metadata, tensors, group, model, params.num_tokens, width)
-            checkpoints[group.name] = (tensors, metadata)
+            try:
+                tensors, metadata = read_safetensors(path)
+            except CorruptFileError as exc:
+                corrupt_files.append((group, path, exc.reason, "is retrained"))
+            else:
+                check_identity(path, metadata, tensors, group, model, params.num_tokens, width, training)
+                skipped.append(group.name)
+                continue
+        corrupt: list[tuple[Path, str]] = []
+        starts[group.name] = _resume_point(cfg, group, width, training, corrupt)
+        corrupt_files += [(group, file, reason, "resumes") for file, reason in corrupt]
         todo.append(group)
+    discarded: list[str] = []
+    for group, path, reason, what in corrupt_files:
+        state = starts.get(group.name)
+        start = f"from step {state.step} (its last good checkpoint)" if state is not None else "from step 0"
+        _discard(path, reason, f"group {group.name} {what} {start}", discarded)
 
     classes_embeds = None
     if params.init != "random" and todo:
@@ -164,21 +225,21 @@ def _train_embeddings(cfg: Any, shard: Shard, pipe: Any | None, progress: bool) 
     start = time.perf_counter()
     for group in tqdm(todo, desc="groups", unit="group", disable=not progress or len(todo) < 2):
         seed = image_seed(cfg.seed, f"inversion/{group.name}")
-        if group.name in checkpoints:
-            tensors, metadata = checkpoints[group.name]
-            state = InversionState(tensors["embeddings"], int(metadata["step"]), tensors.get("exp_avg"),
-                                   tensors.get("exp_avg_sq"), tensors["losses"].tolist(),
-                                   json.loads(metadata["scaler"]) if metadata.get("scaler", "null") != "null" else None)
+        state = starts[group.name]
+        if state is not None:
             resumed.append(group.name)
         else:
             generator = torch.Generator().manual_seed(seed)
             state = InversionState(init_embeddings(params.init, group.labels, params.num_tokens, width, generator,
                                                    classes_embeds))
-        identity = group_identity(group, model, params.num_tokens)
+        identity = group_identity(group, model, params.num_tokens, training)
         labels = torch.tensor(group.labels, dtype=torch.int64)
 
         def save_checkpoint(snapshot: InversionState, group: Group = group, identity: dict = identity) -> None:
-            write_checkpoint(checkpoint_path(cfg.run_dir, group), snapshot, identity)
+            latest, previous = checkpoint_path(cfg.run_dir, group), previous_checkpoint_path(cfg.run_dir, group)
+            if latest.is_file():  # keep one good state behind: a corrupt latest checkpoint costs checkpoint_every steps
+                os.replace(latest, previous)
+            write_checkpoint(latest, snapshot, identity)
 
         first = state.step
         images = train.images[list(group.positions)]
@@ -193,11 +254,11 @@ def _train_embeddings(cfg: Any, shard: Shard, pipe: Any | None, progress: bool) 
                                                                 "labels": labels},
                           {**identity, "step": state.step, "width": width})
         checkpoint_path(cfg.run_dir, group).unlink(missing_ok=True)
+        previous_checkpoint_path(cfg.run_dir, group).unlink(missing_ok=True)
         trained.append(group.name)
         final_loss[group.name] = float(np.mean(state.losses[-max(1, len(state.losses) // 10):]))
     return TrainSummary(len(groups), len(owned), trained, resumed, skipped, steps_run, time.perf_counter() - start,
-                        final_loss)
-
+                        final_loss, discarded)
 
 
 @dataclass
@@ -209,6 +270,8 @@ class SampleSummary:
     written: int
     skipped: int
     seconds: float
+    repaired: int = 0  # of `written`: listed samples whose PNG was missing or corrupt, drawn again
+    notes: list[str] = field(default_factory=list)
 
     @property
     def images_per_second(self) -> float:
@@ -218,16 +281,22 @@ class SampleSummary:
         import pandas as pd
 
         return pd.DataFrame({"samples of this shard": [self.planned], "written now": [self.written],
+                             "of which repaired (missing or corrupt)": [self.repaired],
                              "already written": [self.skipped]}, index=["synthetic/di"])
 
     def __str__(self) -> str:
-        return (f"inversion sampling: {self.written} image(s) written, {self.skipped} already there, of {self.planned} "
-                f"on this shard, in {self.folder} ({self.seconds:.1f} s, {self.images_per_second:.2f} img/s)")
+        repaired = f" ({self.repaired} repaired: listed but missing or corrupt)" if self.repaired else ""
+        notes = "".join(f"\n  {note}" for note in self.notes)
+        return (f"inversion sampling: {self.written} image(s) written{repaired}, {self.skipped} already there, of "
+                f"{self.planned} on this shard, in {self.folder} ({self.seconds:.1f} s, "
+                f"{self.images_per_second:.2f} img/s){notes}")
 
 
-def _load_groups(cfg: Any, groups: list[Group], width: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Every owned group's embeddings, checked against the model and the plan before any sampling."""
+def _load_groups(cfg: Any, groups: list[Group], width: int, pipe: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Every owned group's embeddings, checked against the model, the plan and the training parameters before
+    any sampling; a corrupt file raises `CorruptFileError` (naming it; `invert train` discards and retrains it)."""
     params = cfg.inversion
+    training = run_training_parameters(cfg, pipe)
     loaded, missing = {}, []
     for group in groups:
         path = embeddings_path(cfg.run_dir, group)
@@ -235,7 +304,7 @@ def _load_groups(cfg: Any, groups: list[Group], width: int) -> dict[str, tuple[t
             missing.append(path)
             continue
         tensors, metadata = read_safetensors(path)
-        check_identity(path, metadata, tensors, group, params.model, params.num_tokens, width)
+        check_identity(path, metadata, tensors, group, params.model, params.num_tokens, width, training)
         loaded[group.name] = (tensors["embeddings"].float(), tensors["labels"])
     if missing:
         raise FileNotFoundError(f"{len(missing)} group(s) have no trained embeddings yet, e.g. {missing[0]}; "
@@ -244,19 +313,30 @@ def _load_groups(cfg: Any, groups: list[Group], width: int) -> dict[str, tuple[t
     return loaded
 
 
+def sample_ids(train: Any, groups: Sequence[Group], samples_per_image: int) -> set[str]:
+    """The ids of every sample of `groups`."""
+    return {sample_id(train.classes[group.labels[index]], source, k) for group in groups
+            for index, source in enumerate(group.ids) for k in range(samples_per_image)}
+
+
 def sample(cfg: Any, shard: Shard = Shard(), pipe: Any | None = None, progress: bool = True) -> SampleSummary:
-    """Write `samples_per_image` images per inverted real image of this shard's groups; skip those already written."""
+    """Write `samples_per_image` images per inverted real image of this shard's groups; skip those already written.
+
+    A listed sample whose PNG is missing or differs from its recorded checksum is drawn again (byte-identical:
+    its draws depend on the run seed and its id only) and counted as repaired.
+    """
     with cpu_threads(cfg.inversion.cpu_threads):
         return _sample(cfg, shard, pipe, progress)
 
 
 def _sample(cfg: Any, shard: Shard, pipe: Any | None, progress: bool) -> SampleSummary:
     params = cfg.inversion
-    train, _, owned, pipe, width = _shard_setup(cfg, shard, pipe)
-    loaded = _load_groups(cfg, owned, width)
+    train, groups, owned, pipe, width = _shard_setup(cfg, shard, pipe)
+    loaded = _load_groups(cfg, owned, width, pipe)
     folder = cfg.run_dir / "synthetic" / SOURCE
     writer = data.ImageFolderWriter(folder, shard.manifest_name)
-    done = writer.done()
+    check = writer.check()
+    done = check.done
     sampler = sampling_pipeline(pipe, params.scheduler)
     effective = params.perturbation
     jobs, planned = [], 0
@@ -291,7 +371,10 @@ def _sample(cfg: Any, shard: Shard, pipe: Any | None, progress: bool) -> SampleS
                                         guidance=params.guidance, steps=params.sample_steps,
                                         resolution=params.resolution, eta=params.eta)
         writer.write(downsample(images, params.save_size), [job[3] for job in chunk])
-    return SampleSummary(folder, planned, len(jobs), planned - len(jobs), time.perf_counter() - start)
+    notes = check.notes(folder, sample_ids(train, owned, params.samples_per_image),
+                        sample_ids(train, groups, params.samples_per_image))
+    return SampleSummary(folder, planned, len(jobs), planned - len(jobs), time.perf_counter() - start,
+                         sum(job[3]["id"] in check.damaged for job in jobs), notes)
 
 
 def reconstructions(cfg: Any, per_class: int = 1, pipe: Any | None = None) -> tuple[Any, Any]:
@@ -312,7 +395,7 @@ def _reconstructions(cfg: Any, per_class: int, pipe: Any | None) -> tuple[Any, A
     finished = [g for g in groups if embeddings_path(cfg.run_dir, g).is_file()]
     pipe = stage_pipeline(cfg, pipe)
     width = check_model(pipe, params.num_tokens, params.resolution)
-    loaded = _load_groups(cfg, finished, width)
+    loaded = _load_groups(cfg, finished, width, pipe)
     picks: dict[int, list[tuple[Group, int]]] = {}
     for group in finished:
         for index, label in enumerate(group.labels):

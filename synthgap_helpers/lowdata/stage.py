@@ -4,8 +4,9 @@ Two experiments on the same nested, seeded k-subsets of the run's real training 
 
 * `sweep`: ResNet-18 from scratch on the k real images alone (arm ``real``) and with each whole synthetic
   set added (``real+<set>``, mixed as `train.mix` says), for every k and seed; writes ``results/lowdata.csv``.
-* `finetune`: the models trained on a synthetic set alone by the training stage (``models/<set>/seed<s>``),
-  fine-tuned on the k real images with only `lowdata.finetune_layers` (default ``layer4`` and ``fc``)
+* `finetune`: the models trained on a synthetic set alone by the training stage (``models/<set>/seed<s>``,
+  each usable by `train.arms.check_model`: finished, not diverged, current, its SHA-256 intact), fine-tuned on
+  the k real images with only `lowdata.finetune_layers` (default ``layer4`` and ``fc``)
   trainable (arm ``finetune_<set>``), against the same k images trained from scratch (arm ``scratch``, the
   sweep's ``real`` model: one is reused for the other); writes ``results/finetune.csv``.
 
@@ -30,23 +31,25 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from synthgap_helpers import config, data, results
+from synthgap_helpers.config import ConfigError
 from synthgap_helpers.data import CLASSES, ImageSet
 from synthgap_helpers.lowdata import figures as lowdata_figures
 from synthgap_helpers.results import summarize_seeds
 from synthgap_helpers.storage import atomic_write
 from synthgap_helpers.train import arms as train_arms
-from synthgap_helpers.train.arms import Arm, fingerprint
-from synthgap_helpers.train.trainer import TrainParams, evaluate, load_checkpoint, train_classifier
+from synthgap_helpers.train.arms import Arm, CurrentKeys, MissingModelError, fingerprint
+from synthgap_helpers.train.trainer import (
+    TrainParams,
+    evaluate,
+    load_checkpoint,
+    train_classifier,
+)
 from synthgap_helpers.workload import Shard
 
 STAGE_VERSION = 1
 """Bump when what a job computes changes: rows of an older version are retrained."""
 COLUMNS = ["k", "arm", "seed", "n_real", "n_synthetic", "init", "test_accuracy", "val_accuracy", "best_step", "steps",
            "seconds", "key"]
-
-
-class MissingModelError(FileNotFoundError):
-    """A synthetic-trained model that fine-tuning starts from has not been trained yet."""
 
 
 def nested_subset(labels: torch.Tensor | np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -62,9 +65,9 @@ def nested_subset(labels: torch.Tensor | np.ndarray, k: int, seed: int) -> np.nd
         pool = np.flatnonzero(labels == class_index)
         order = rng.permutation(pool)
         if len(pool) < k:
-            raise ValueError(f"lowdata.k_per_class holds k={k}, but the run's real training set has only {len(pool)} "
-                             f"images of class {CLASSES[class_index]!r}; use k <= {len(pool)} or raise "
-                             "data.train_per_class")
+            raise ConfigError(f"lowdata.k_per_class holds k={k}, but the run's real training set has only {len(pool)} "
+                              f"images of class {CLASSES[class_index]!r}; use k <= {len(pool)} or raise "
+                              "data.train_per_class")
         chosen.append(order[:k])
     return np.sort(np.concatenate(chosen))
 
@@ -96,10 +99,6 @@ def job_key(arm: str, k: int, seed: int, params: TrainParams, prints: dict[str, 
     trainer = {name: value for name, value in dataclasses.asdict(params).items() if name != "progress"}
     record = {"version": STAGE_VERSION, "arm": arm, "k": k, "seed": seed, "params": trainer, **prints, **(extra or {})}
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _file_hash(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def read_rows(path: Path) -> pd.DataFrame:
@@ -253,8 +252,8 @@ def _synthetic(cfg: Any) -> dict[str, ImageSet]:
     sets = train_arms.synthetic_folders(cfg)
     missing = [name for name in cfg.lowdata.sources if name not in sets]
     if missing:
-        raise ValueError(f"lowdata.sources={cfg.lowdata.sources}: no synthetic set {missing} in this run (sets: "
-                         f"{', '.join(sets) or 'none'}); generate it first or leave it out of lowdata.sources")
+        raise ConfigError(f"lowdata.sources={cfg.lowdata.sources}: no synthetic set {missing} in this run (sets: "
+                          f"{', '.join(sets) or 'none'}); generate it first or leave it out of lowdata.sources")
     return {name: train_arms.load_synthetic(Arm(f"real+{name}", True, name, sets[name]), cfg.data.on_bad_image)
             for name in cfg.lowdata.sources}
 
@@ -300,22 +299,16 @@ def finetune(cfg: Any, shard: Shard = Shard()) -> CurveSummary:
     params = finetune_params(cfg)
     trainable = tuple(cfg.lowdata.finetune_layers)
     inits, references = {}, {}
+    current = CurrentKeys(cfg, real)
     for name in cfg.lowdata.sources:
-        for seed in seeds_of(cfg):
-            path = train_arms.job_dir(cfg.run_dir, name, seed) / "model.safetensors"
-            if not path.is_file():
-                raise MissingModelError(f"fine-tuning starts from the model trained on {name!r} alone, {path}, which "
-                                        "does not exist: run notebook 04 (the training stage) first, or lower "
-                                        "lowdata.seeds to the seeds trained there")
-            inits[(name, seed)] = path
         accuracies = []
         for seed in seeds_of(cfg):
-            metrics = train_arms.job_dir(cfg.run_dir, name, seed) / "metrics.json"
-            record = json.loads(metrics.read_text()) if metrics.is_file() else {}
-            if "test" in record:
-                accuracies.append(100 * record["test"]["accuracy"])
-        if accuracies:
-            references[f"{name} only (before fine-tuning)"] = float(np.mean(accuracies))
+            check = current.check(name, seed).require(
+                f"fine-tuning starts from the model trained on {name!r} alone",
+                "run notebook 04 (the training stage) first, or lower lowdata.seeds to the seeds trained there")
+            inits[(name, seed)] = (check.path, check.sha256)
+            accuracies.append(100 * check.record["test"]["accuracy"])
+        references[f"{name} only (before fine-tuning)"] = float(np.mean(accuracies))
     arms = ["scratch"] + [f"finetune_{name}" for name in cfg.lowdata.sources]
     jobs = []
     for k in cfg.lowdata.k_per_class:
@@ -323,9 +316,9 @@ def finetune(cfg: Any, shard: Shard = Shard()) -> CurveSummary:
             subset = subsets[seed][k]
             jobs.append(_scratch_job(cfg, k, seed, subset, prints, arm="scratch"))
             for name in cfg.lowdata.sources:
-                init = inits[(name, seed)]
+                init, init_sha256 = inits[(name, seed)]
                 key = job_key(f"finetune_{name}", k, seed, params, {**prints, "train": fingerprint(subset)},
-                              {"init": _file_hash(init), "trainable": list(trainable)})
+                              {"init": init_sha256[:16], "trainable": list(trainable)})
                 jobs.append(_Job(k, f"finetune_{name}", seed, key, params, subset, init=init, trainable=trainable))
     path = cfg.run_dir / "results" / "finetune.csv"
     rows, trained, reused, pending = _run_jobs(jobs, path, real, config.resolve_device(cfg.device), "fine-tuning",

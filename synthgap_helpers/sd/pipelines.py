@@ -22,6 +22,8 @@ from typing import Any, Literal
 
 import torch
 
+from synthgap_helpers.errors import UserError
+
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 TINY_MODEL = "tiny"
 MODES = ("txt2img", "img2img")
@@ -31,7 +33,7 @@ _TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfl
 _BASE_CACHE: dict[tuple[str, str, str], Any] = {}  # (model, device, dtype) -> txt2img pipeline
 
 
-class ModelNotAvailable(RuntimeError):
+class ModelNotAvailable(RuntimeError, UserError):
     """Weights that cannot be loaded; the message names the model, where it was looked up and the fix."""
 
 
@@ -76,7 +78,12 @@ def tiny_pipeline(seed: int = 0) -> Any:
     width 32, 2 layers, byte-level tokenizer; scheduler: DPM-Solver++ multistep. Default resolution 32x32 pixels (works at any
     multiple of 4: VAE factor 2 x U-Net downsampling 2). The same `seed` gives the same weights.
     """
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DPMSolverMultistepScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = tiny_tokenizer()
@@ -134,7 +141,12 @@ def sd15_random_pipeline(seed: int = 0, device: str = "cpu", dtype: torch.dtype 
     For timing only: the compute per image equals the real model's, the images are noise.
     Built directly on `device` in `dtype` (about 2 GB in fp16).
     """
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = tiny_tokenizer()

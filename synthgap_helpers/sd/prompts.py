@@ -14,6 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from synthgap_helpers.errors import DataError
+
+
 def class_prompt(class_name: str, seed: int, templates: Sequence[str],
                  synonyms: Mapping[str, Sequence[str]] | None = None) -> str:
     """The prompt of one image: template and class name drawn with the image's seed."""
@@ -40,7 +43,7 @@ def read_captions(path: str | Path) -> dict[str, str]:
     """
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"sd.captions: file {path} does not exist (JSON id -> caption, or JSONL with id and caption)")
+        raise DataError(f"sd.captions: file {path} does not exist (JSON id -> caption, or JSONL with id and caption)")
     text = path.read_text()
     try:
         if path.suffix == ".jsonl":
@@ -48,14 +51,14 @@ def read_captions(path: str | Path) -> dict[str, str]:
         else:
             entries = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"sd.captions: {path} is not valid JSON/JSONL ({exc.msg}, line {exc.lineno})") from None
+        raise DataError(f"sd.captions: {path} is not valid JSON/JSONL ({exc.msg}, line {exc.lineno})") from None
     if isinstance(entries, dict):
         captions = entries
     elif isinstance(entries, list) and all(isinstance(e, dict) and {"id", "caption"} <= set(e) for e in entries):
         captions = {e["id"]: e["caption"] for e in entries}
     else:
-        raise ValueError(f"sd.captions: {path} must map image id -> caption, or list records with 'id' and 'caption'")
+        raise DataError(f"sd.captions: {path} must map image id -> caption, or list records with 'id' and 'caption'")
     bad = [key for key, value in captions.items() if not isinstance(value, str) or not value.strip()]
     if bad:
-        raise ValueError(f"sd.captions: {path} has {len(bad)} empty or non-text caption(s), e.g. ids {bad[:3]}")
+        raise DataError(f"sd.captions: {path} has {len(bad)} empty or non-text caption(s), e.g. ids {bad[:3]}")
     return {str(key): value for key, value in captions.items()}

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from synthgap_helpers import config, data
+from synthgap_helpers.config import CLASS_SYNONYMS, ConfigError, check_templates
 from synthgap_helpers.sd import pipelines as diffusion
-from synthgap_helpers.config import CLASS_SYNONYMS, check_templates
 from synthgap_helpers.sd.prompts import class_prompt, draw_guidance, read_captions
 from synthgap_helpers.workload import Shard, image_seed, merge_shards
 
@@ -67,6 +67,7 @@ class GenerationSummary:
     dtype: str
     merged: int | None = None  # images in manifest.jsonl after merging shard manifests, if merged
     notes: list[str] = field(default_factory=list)
+    repaired: int = 0  # of `written`: listed images whose file was missing or corrupt, regenerated
 
     @property
     def images_per_second(self) -> float:
@@ -80,12 +81,16 @@ class GenerationSummary:
                 "resolution (px)": self.resolution, "steps / scheduler": f"{self.steps} / {self.scheduler}",
                 "batch size": self.batch_size, "shard": self.shard, "images planned": self.planned,
                 "already done (skipped)": self.skipped, "written now": self.written,
+                "of which repaired (missing or corrupt)": self.repaired,
                 "seconds": round(self.seconds, 2), "images / s": round(self.images_per_second, 2)}
         return pd.DataFrame({"value": [str(v) for v in rows.values()]}, index=list(rows))
 
     def __str__(self) -> str:
-        return (f"sd {self.mode} ({self.model}), shard {self.shard}: {self.written} written, {self.skipped} already done "
-                f"of {self.planned}, {self.seconds:.1f} s ({self.images_per_second:.2f} images/s) -> {self.folder}")
+        repaired = f" ({self.repaired} repaired: listed but missing or corrupt)" if self.repaired else ""
+        notes = "".join(f"\n  {note}" for note in self.notes)
+        return (f"sd {self.mode} ({self.model}), shard {self.shard}: {self.written} written{repaired}, {self.skipped} "
+                f"already done of {self.planned}, {self.seconds:.1f} s ({self.images_per_second:.2f} images/s) "
+                f"-> {self.folder}{notes}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,10 +141,10 @@ def plan_images(cfg: Any, real_train: data.ImageSet | None = None) -> list[Image
     if captions is not None:
         missing = sorted({p.source_id for p in plans if p.source_id is not None and p.source_id not in captions})
         if params.mode == "txt2img":
-            raise ValueError("sd.captions is only used by img2img (captions belong to real images); "
+            raise ConfigError("sd.captions is only used by img2img (captions belong to real images); "
                              "set sd.mode=img2img or sd.captions=null")
         if missing:
-            raise ValueError(f"sd.captions: {len(missing)} source image(s) have no caption, e.g. {missing[:3]}; "
+            raise ConfigError(f"sd.captions: {len(missing)} source image(s) have no caption, e.g. {missing[:3]}; "
                              "the file must caption every real training image that img2img starts from")
     return plans
 
@@ -240,7 +245,7 @@ def check_resolution(pipe: Any, resolution: int) -> None:
     """The generation side must be a multiple of VAE factor x U-Net downsampling."""
     multiple = diffusion.resolution_multiple(pipe)
     if resolution % multiple:
-        raise ValueError(f"sd.resolution = {resolution}: this model needs a multiple of {multiple} "
+        raise ConfigError(f"sd.resolution = {resolution}: this model needs a multiple of {multiple} "
                          f"(VAE factor {diffusion.vae_factor(pipe)} x U-Net downsampling); its native resolution "
                          f"is {diffusion.native_resolution(pipe)}, or leave sd.resolution null to use it")
 
@@ -249,7 +254,7 @@ def check_steps(cfg: Any) -> None:
     """img2img runs int(steps x strength) denoising steps: at least one."""
     params = cfg.sd
     if params.mode == "img2img" and int(params.steps * params.strength) < 1:
-        raise ValueError(f"sd.steps = {params.steps} with sd.strength = {params.strength} gives no denoising step "
+        raise ConfigError(f"sd.steps = {params.steps} with sd.strength = {params.strength} gives no denoising step "
                          "(img2img runs int(steps x strength)); raise sd.steps or sd.strength")
 
 
@@ -266,8 +271,10 @@ def pipeline_for(cfg: Any, device: str) -> Any:
 def run(cfg: Any, shard: Shard = Shard()) -> GenerationSummary:
     """Generate this shard's missing images into `<run_dir>/synthetic/sd/`; returns what was done.
 
-    Finished ids (listed in any manifest of the folder) are skipped; with one shard, shard manifests
-    left by an earlier sharded run are merged into `manifest.jsonl` at the end.
+    Finished ids (listed in any manifest of the folder, their PNG intact) are skipped; listed ids whose PNG
+    is missing or does not match its recorded checksum are regenerated (byte-identical: per-image seeds) and
+    counted as repaired. With one shard, shard manifests left by an earlier sharded run are merged into
+    `manifest.jsonl` at the end.
     """
     params = cfg.sd
     check_steps(cfg)
@@ -281,8 +288,9 @@ def run(cfg: Any, shard: Shard = Shard()) -> GenerationSummary:
     folder = output_folder(cfg)
     writer = data.ImageFolderWriter(folder, shard.manifest_name)
     mine = [plan for plan in plans if shard.owns(plan.id)]
-    done = writer.done()
-    todo = [plan for plan in mine if plan.id not in done]
+    check = writer.check()
+    todo = [plan for plan in mine if plan.id not in check.done]
+    notes = check.notes(folder, {plan.id for plan in mine}, {plan.id for plan in plans})
     start = time.perf_counter()
     with tqdm(total=len(todo), desc=f"sd {params.mode} {shard.index}/{shard.count}", unit="img",
               disable=len(todo) == 0) as bar:
@@ -303,7 +311,8 @@ def run(cfg: Any, shard: Shard = Shard()) -> GenerationSummary:
         folder=folder, model=params.model, mode=params.mode, shard=f"{shard.index}/{shard.count}", planned=len(mine),
         skipped=len(mine) - len(todo), written=len(todo), seconds=seconds, resolution=resolution, steps=params.steps,
         scheduler=params.scheduler, batch_size=params.batch_size, device=device,
-        dtype=str(pipe.unet.dtype).removeprefix("torch."), merged=merged)
+        dtype=str(pipe.unet.dtype).removeprefix("torch."), merged=merged, notes=notes,
+        repaired=sum(plan.id in check.damaged for plan in todo))
 
 
 # ---------------------------------------------------------------------------------------------

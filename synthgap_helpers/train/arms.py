@@ -17,7 +17,13 @@ import torch
 
 from synthgap_helpers import data
 from synthgap_helpers.data import CLASSES, ImageSet
-from synthgap_helpers.train.trainer import TrainParams
+from synthgap_helpers.errors import UserError
+from synthgap_helpers.train.trainer import (
+    RETRAIN_HINT,
+    TrainParams,
+    file_sha256,
+    resume_files,
+)
 
 STAGE_VERSION = 1
 """Bump when what a job computes changes: finished jobs of an older version are retrained."""
@@ -28,7 +34,7 @@ REPORTED_NOTE = ("reported by the original study on its own split, not the offic
                  "not comparable one-to-one")
 
 
-class ArmError(ValueError):
+class ArmError(ValueError, UserError):
     """An arm that cannot be trained as configured; the message names the arm, the folder and the fix."""
 
 
@@ -96,19 +102,24 @@ def plan_arms(cfg: Any) -> tuple[list[Arm], dict[str, str]]:
                 skipped[arm] = f"no synthetic set {cfg.run_dir / 'synthetic' / source}"
     else:
         names = list(cfg.train.arms)
-    arms = []
-    for name in names:
-        set_name = None if name == "real" else name.removeprefix("real+")
-        if set_name is not None and set_name not in sets:
-            known = ", ".join(sets) or "none"
-            raise ArmError(f"arm {name!r}: no synthetic set {set_name!r}: {cfg.run_dir / 'synthetic' / set_name} has no "
-                           f"manifest and train.folders names no such set (sets of this run: {known}); run the "
-                           f"generation stage first, add it to train.folders, or leave the arm out of train.arms")
-        arms.append(Arm(name, real=name == "real" or name.startswith("real+"), synthetic=set_name,
-                        folders=sets.get(set_name, ()) if set_name else ()))
+    arms = [make_arm(cfg, name, sets) for name in names]
     order = {name: i for i, name in enumerate(ORIGINAL_ORDER)}
     arms.sort(key=lambda arm: order.get(arm.name, len(order)))
     return arms, skipped
+
+
+def make_arm(cfg: Any, name: str, sets: dict[str, tuple[Path, ...]] | None = None) -> Arm:
+    """The arm of this name (``real``, ``<set>`` or ``real+<set>``) over the run's synthetic sets (`synthetic_folders`);
+    ArmError when its set is not one of them."""
+    sets = synthetic_folders(cfg) if sets is None else sets
+    set_name = None if name == "real" else name.removeprefix("real+")
+    if set_name is not None and set_name not in sets:
+        known = ", ".join(sets) or "none"
+        raise ArmError(f"arm {name!r}: no synthetic set {set_name!r}: {cfg.run_dir / 'synthetic' / set_name} has no "
+                       f"manifest and train.folders names no such set (sets of this run: {known}); run the "
+                       f"generation stage first, add it to train.folders, or leave the arm out of train.arms")
+    return Arm(name, real=name == "real" or name.startswith("real+"), synthetic=set_name,
+               folders=sets.get(set_name, ()) if set_name else ())
 
 
 def load_synthetic(arm: Arm, on_bad_image: str = "error") -> ImageSet:
@@ -156,6 +167,18 @@ def trainer_params(cfg: Any, arm: Arm, progress: bool = True) -> TrainParams:
                        real_share=section.real_share, compile=section.compile, amp=section.amp, progress=progress)
 
 
+def real_fingerprints(real: data.RealData) -> dict[str, str | None]:
+    """Fingerprints of the run's real train, validation and test sets (parts of every job key)."""
+    return {"train": fingerprint(real.train), "val": fingerprint(real.val), "test": fingerprint(real.test)}
+
+
+def job_fingerprints(arm: Arm, real_prints: dict[str, str | None], synthetic_print: str | None) -> dict[str, str | None]:
+    """The images a job's key depends on: validation and test always, the real train set if the arm uses it,
+    its synthetic set's fingerprint."""
+    return {"val": real_prints["val"], "test": real_prints["test"], "train": real_prints["train"] if arm.real else None,
+            "synthetic": synthetic_print}
+
+
 def job_key(arm: Arm, seed: int, params: TrainParams, fingerprints: dict[str, str | None]) -> str:
     """Hash of everything a job's result depends on: version, arm, seed, trainer parameters, and the images."""
     trainer = {k: v for k, v in asdict(params).items() if k != "progress"}
@@ -173,17 +196,150 @@ def job_dir(run_dir: Path, arm: str, seed: int) -> Path:
     return run_dir / "models" / arm / f"seed{seed}"
 
 
-def read_finished(folder: Path, key: str) -> dict[str, Any] | None:
-    """The metrics of a finished job with this key, else None (missing, unfinished, diverged or stale)."""
-    path = folder / "metrics.json"
-    if not path.is_file() or not (folder / "model.safetensors").is_file():
-        return None
+# --------------------------------------------------------------------------------------------- finished models
+
+MODEL_FILE = "model.safetensors"
+METRICS_FILE = "metrics.json"
+NOT_TRAINED = "not trained"
+CORRUPT = "model file corrupt"
+DIVERGED_FIX = ("training diverged: lower train.lr_per_128 (e.g. --set train.lr_per_128=0.05), set train.amp=off if "
+                "bf16 was on, or raise train.warmup_frac, then rerun notebook 04 or `python -m synthgap_helpers train`")
+
+
+class MissingModelError(FileNotFoundError, UserError):
+    """A trained model a stage needs is missing or not usable (unfinished, diverged, stale, damaged); the message
+    names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class ModelCheck:
+    """What `check_model` found in a job folder: a usable model (its metrics.json and the file's SHA-256),
+    or why the model there may not be used."""
+
+    folder: Path
+    record: dict[str, Any] | None = None  # metrics.json of a usable model
+    problem: str | None = None  # why it is not usable (short, e.g. "model file corrupt"); None: usable
+    detail: str = ""  # what exactly was found
+    sha256: str | None = None  # SHA-256 of model.safetensors (checked against metrics.json) when usable
+
+    @property
+    def usable(self) -> bool:
+        return self.problem is None
+
+    @property
+    def path(self) -> Path:
+        return self.folder / MODEL_FILE
+
+    @property
+    def found(self) -> bool:
+        """Whether the job left anything behind (a model, metrics or a resume checkpoint)."""
+        return self.problem != NOT_TRAINED
+
+    def require(self, needed: str, missing_fix: str) -> ModelCheck:
+        """This check, if its model is usable; else MissingModelError saying who needs `needed` (e.g. "the
+        domain-gap stage needs the classifier trained on real data") and the fix (`missing_fix` when absent)."""
+        if not self.found:
+            raise MissingModelError(f"{needed}, {self.path}, which does not exist: {missing_fix}")
+        if not self.usable:
+            raise MissingModelError(f"{needed}, which is not usable: {self.message()}")
+        return self
+
+    def message(self) -> str:
+        """One line: the file, what is wrong with it and the fix."""
+        if self.usable:
+            return f"{self.path}: usable"
+        fix = DIVERGED_FIX if self.problem.startswith("training diverged") else \
+            f"{RETRAIN_HINT}, which {'resumes' if self.problem.startswith('unfinished') else 'retrains'} it"
+        return f"{self.path}: {self.problem}{f' ({self.detail})' if self.detail else ''}; fix: {fix}"
+
+
+def check_model(folder: Path, key: str | None = None) -> ModelCheck:
+    """Whether the job folder ``models/<arm>/seed<k>`` holds a model any stage may use: the one notion of a
+    finished, valid model that the training stage (to reuse a job) and every consumer (Grad-CAM, the gap
+    stage, fine-tuning) apply.
+
+    Usable means: metrics.json (written after the model, so it marks completion) reads, its job did not
+    diverge, it holds the test metrics, the job key `key` (given no key: a key of the current stage
+    version) and the SHA-256 of model.safetensors, and the file has that SHA-256 (one read of the file).
+    """
+    folder = Path(folder)
+    model, metrics = folder / MODEL_FILE, folder / METRICS_FILE
+    interrupted = bool(resume_files(model))
+
+    def unusable(problem: str, detail: str = "") -> ModelCheck:
+        return ModelCheck(folder, problem=problem, detail=detail)
+
+    if not metrics.is_file():
+        if interrupted:
+            return unusable("unfinished", "training was interrupted: a resume checkpoint, no finished model")
+        if model.is_file():
+            return unusable("metrics.json missing", "the job did not finish, or its metrics.json was deleted")
+        return unusable(NOT_TRAINED)
     try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
-    return record if record.get("key") == key and "test" in record else None
+        record = json.loads(metrics.read_text())
+    except (OSError, ValueError) as exc:
+        return unusable("metrics.json unreadable", str(exc))
+    if not isinstance(record, dict):
+        return unusable("metrics.json unreadable", "not a JSON object")
+    if record.get("diverged_at_step") is not None:
+        return unusable(f"training diverged at step {record['diverged_at_step']}",
+                        "the file holds the last weights with a finite loss, kept for inspection only")
+    if not isinstance(record.get("test"), dict) or "accuracy" not in record["test"]:
+        return unusable("unfinished", "metrics.json has no test metrics" + (": training was interrupted" * interrupted))
+    if key is not None and record.get("key") != key:
+        return unusable("stale", "trained with other parameters or images than the run's config now")
+    if key is None and (record.get("version") != STAGE_VERSION or not record.get("key")):
+        return unusable("stale", f"written by another version of the training stage (not {STAGE_VERSION})")
+    if not model.is_file():
+        return unusable("model file missing", "metrics.json describes a model.safetensors that is not there")
+    if not record.get("model_sha256"):
+        return unusable("no checksum", "metrics.json records no model_sha256 of model.safetensors")
+    digest = file_sha256(model)
+    if digest != record["model_sha256"]:
+        return unusable(CORRUPT, "its SHA-256 differs from the one metrics.json recorded: truncated or overwritten")
+    return ModelCheck(folder, record=record, sha256=digest)
 
 
-__all__ = ["ORIGINAL_ORDER", "ORIGINAL_STUDY", "REPORTED_NOTE", "Arm", "ArmData", "ArmError", "fingerprint", "job_dir",
-           "job_key", "load_synthetic", "plan_arms", "read_finished", "seeds_of", "synthetic_folders", "trainer_params"]
+def read_finished(folder: Path, key: str) -> dict[str, Any] | None:
+    """The metrics of a finished, usable job with this key (`check_model`), else None."""
+    return check_model(folder, key).record
+
+
+class CurrentKeys:
+    """The key the training stage would give each (arm, seed) of a run under its config now, for consumers to
+    check a model against (`check_model`): the training parameters, the run's real sets and the arm's
+    synthetic set, loaded once, when an arm first needs it."""
+
+    def __init__(self, cfg: Any, real: data.RealData) -> None:
+        self.cfg = cfg
+        self.real_prints = real_fingerprints(real)
+        self._sets: dict[str, tuple[Path, ...]] | None = None
+        self._synthetic: dict[str, str | None] = {}
+
+    def __call__(self, arm_name: str, seed: int) -> str:
+        """The job key; ArmError when the arm's synthetic set is not in the run (or cannot be loaded)."""
+        if self._sets is None:
+            self._sets = synthetic_folders(self.cfg)
+        arm = make_arm(self.cfg, arm_name, self._sets)
+        if arm.synthetic is not None and arm.synthetic not in self._synthetic:
+            self._synthetic[arm.synthetic] = fingerprint(load_synthetic(arm, self.cfg.data.on_bad_image))
+        prints = job_fingerprints(arm, self.real_prints, self._synthetic.get(arm.synthetic))
+        return job_key(arm, seed, trainer_params(self.cfg, arm), prints)
+
+    def check(self, arm_name: str, seed: int) -> ModelCheck:
+        """`check_model` of ``models/<arm>/seed<k>`` against the key of the run's config now."""
+        folder = job_dir(self.cfg.run_dir, arm_name, seed)
+        try:
+            key = self(arm_name, seed)
+        except ArmError as exc:
+            found = check_model(folder)
+            if not found.usable:
+                return found
+            return ModelCheck(folder, problem="stale", detail=f"its arm has no data in this run now: {exc}")
+        return check_model(folder, key)
+
+
+__all__ = ["CORRUPT", "METRICS_FILE", "MODEL_FILE", "NOT_TRAINED", "ORIGINAL_ORDER", "ORIGINAL_STUDY", "REPORTED_NOTE",
+           "Arm", "ArmData", "ArmError", "CurrentKeys", "ModelCheck", "check_model", "fingerprint", "job_dir",
+           "job_fingerprints", "job_key", "load_synthetic", "make_arm", "plan_arms", "read_finished",
+           "real_fingerprints", "seeds_of", "synthetic_folders", "trainer_params"]

@@ -36,6 +36,17 @@ class IndexStream:
             parts.append(part)
         return torch.cat(parts)
 
+    def state(self) -> tuple[torch.Tensor, int]:
+        """The current pass and the position in it: with the generator's state, what the next indices depend on."""
+        return self._perm, self._pos
+
+    def restore(self, perm: torch.Tensor, pos: int) -> None:
+        """Continue from a `state()`: the same pass, the same position."""
+        if perm.dtype != torch.long or perm.ndim != 1 or (len(perm) and len(perm) != self.n) or not 0 <= pos <= len(perm):
+            raise ValueError(f"not the state of a stream over {self.n} indices: a pass of shape {tuple(perm.shape)}, "
+                             f"position {pos}")
+        self._perm, self._pos = perm.to(self._generator.device), int(pos)
+
 
 class BatchIndices:
     """Indices into the pool `cat([real, synthetic])` for each training batch.
@@ -75,6 +86,18 @@ class BatchIndices:
     def next(self) -> torch.Tensor:
         """Pool indices of the next batch, real ones first in fixed_share mode."""
         return torch.cat([stream.take(count) + offset for stream, count, offset in self._sources])
+
+    def state(self) -> tuple[list[torch.Tensor], list[int]]:
+        """Each source's current pass and position (the generator's state is the caller's to keep)."""
+        states = [stream.state() for stream, _, _ in self._sources]
+        return [perm for perm, _ in states], [pos for _, pos in states]
+
+    def restore(self, perms: list[torch.Tensor], positions: list[int]) -> None:
+        """Continue from a `state()` of batches over the same sets, so that the next batches are the same."""
+        if len(perms) != len(self._sources) or len(positions) != len(self._sources):
+            raise ValueError(f"the state holds {len(perms)} sources; these batches draw from {len(self._sources)}")
+        for (stream, _, _), perm, pos in zip(self._sources, perms, positions):
+            stream.restore(perm, pos)
 
 
 def real_per_batch(batch_size: int, real_share: float) -> int:

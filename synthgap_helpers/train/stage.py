@@ -20,8 +20,12 @@ Files written (atomically) into the run directory:
   ``key`` (hash of the parameters and of the images trained, selected and scored on);
 * ``results/accuracy.csv`` and ``results/accuracy_per_seed.csv``: the numbers of the accuracy table.
 
-A rerun skips a job whose metrics.json has the current key and retrains one whose key differs; jobs
-shard over ``<arm>/seed<k>`` (``Shard.owns``), and every shard's summary shows the jobs finished so far.
+A rerun skips a job whose model is usable (`train.arms.check_model`: finished, not diverged, metrics.json
+with the current key, the test metrics and the SHA-256 of model.safetensors, which the file matches) and
+retrains any other, saying why in the jobs table (e.g. "retrained: model file corrupt"). A job killed
+mid-way resumes from its last resume checkpoint (written at each validation pass, see
+`trainer.ResumeCheckpoints`). Jobs shard over ``<arm>/seed<k>`` (``Shard.owns``), and every shard's summary
+shows the jobs finished so far.
 """
 
 from __future__ import annotations
@@ -40,26 +44,42 @@ from tqdm.auto import tqdm
 
 from synthgap_helpers import config, data
 from synthgap_helpers.data import CLASSES, ImageSet
-from synthgap_helpers.results import MISSING, frame_records, gains_over, record, summarize_seeds
+from synthgap_helpers.results import (
+    MISSING,
+    frame_records,
+    gains_over,
+    record,
+    summarize_seeds,
+)
 from synthgap_helpers.storage import atomic_write, atomic_write_json
 from synthgap_helpers.train import figures as train_figures
 from synthgap_helpers.train.arms import (
+    METRICS_FILE,
+    MODEL_FILE,
     ORIGINAL_ORDER,
     ORIGINAL_STUDY,
     REPORTED_NOTE,
     STAGE_VERSION,
     Arm,
     ArmData,
+    check_model,
     fingerprint,
     job_dir,
+    job_fingerprints,
     job_key,
     load_synthetic,
     plan_arms,
     read_finished,
+    real_fingerprints,
     seeds_of,
     trainer_params,
 )
-from synthgap_helpers.train.trainer import TrainingDiverged, TrainParams, evaluate, train_classifier
+from synthgap_helpers.train.trainer import (
+    TrainingDiverged,
+    TrainParams,
+    evaluate,
+    train_classifier,
+)
 from synthgap_helpers.workload import Shard
 
 HISTORY_POINTS = 200  # training-loss records kept per job (means over equal windows of steps)
@@ -77,9 +97,25 @@ def thin_history(history: Sequence[dict[str, Any]], points: int = HISTORY_POINTS
     return {"train": train, "val": val}
 
 
+def diverged_message(arm: str, seed: int, folder: Path, params: TrainParams, exc: TrainingDiverged) -> str:
+    """One line: the arm, seed, step and loss, the fix, and where the last finite weights are kept."""
+    amp = f"set train.amp=off (now {params.amp!r}), " if params.amp != "off" else ""
+    kept = "; no later stage uses those weights" if "saved to" in str(exc) else ""
+    return (f"training diverged in arm {arm!r}, seed {seed} ({folder}): {exc}{kept}; fix: lower train.lr_per_128 "
+            f"(now {params.lr_per_128:g}, e.g. --set train.lr_per_128={params.lr_per_128 / 2:g}), {amp}or raise "
+            f"train.warmup_frac (now {params.warmup_frac:g}), then rerun notebook 04 or `python -m synthgap_helpers "
+            f"train`")
+
+
 def train_job(arm: Arm, seed: int, arm_data: ArmData, real: data.RealData, params: TrainParams, device: str,
-              folder: Path, key: str) -> dict[str, Any]:
-    """Train one (arm, seed), score it on the real test set, write model.safetensors and metrics.json."""
+              folder: Path, key: str) -> tuple[dict[str, Any], int | None]:
+    """Train one (arm, seed), score it on the real test set, write model.safetensors and metrics.json; returns
+    the metrics and the step training resumed at (None: trained from step 0).
+
+    An earlier (stale, damaged, diverged) model of the folder is removed first, metrics.json (the completion
+    marker) before the model; a resume checkpoint of the same job is continued (`train_classifier`)."""
+    for name in (METRICS_FILE, MODEL_FILE):
+        (folder / name).unlink(missing_ok=True)
     train_set = arm_data.real if arm_data.real is not None else arm_data.synthetic
     extra = arm_data.synthetic if arm_data.real is not None else None
     try:
@@ -87,9 +123,9 @@ def train_job(arm: Arm, seed: int, arm_data: ArmData, real: data.RealData, param
             train_set.images, train_set.labels, real.val.images, real.val.labels, params,
             synthetic_images=None if extra is None else extra.images,
             synthetic_labels=None if extra is None else extra.labels,
-            seed=seed, device=device, checkpoint_path=folder / "model.safetensors")
+            seed=seed, device=device, checkpoint_path=folder / MODEL_FILE)
     except TrainingDiverged as exc:
-        raise TrainingDiverged(f"arm {arm.name!r}, seed {seed} ({folder}): {exc}", exc.step) from exc
+        raise TrainingDiverged(diverged_message(arm.name, seed, folder, params, exc), exc.step) from None
     test = evaluate(result.model, real.test.images, real.test.labels, device=device, amp=params.amp,
                     channels_last=params.channels_last)
     metadata = json.loads((folder / "metrics.json").read_text())  # what the trainer saved beside the weights
@@ -114,8 +150,8 @@ def train_job(arm: Arm, seed: int, arm_data: ArmData, real: data.RealData, param
         "device": str(device),
         "history": thin_history(result.history),
     }
-    atomic_write_json(folder / "metrics.json", record)
-    return record
+    atomic_write_json(folder / METRICS_FILE, record)  # last: marks the job finished (with the model's SHA-256)
+    return record, result.resumed_at
 
 
 # --------------------------------------------------------------------------------------------- summary
@@ -137,6 +173,9 @@ class TrainingSummary:
     reused: list[tuple[str, int]] = field(default_factory=list)  # jobs this call found finished
     pending: list[tuple[str, int]] = field(default_factory=list)  # jobs of other shards not finished yet
     files: list[Path] = field(default_factory=list)
+    problems: dict[tuple[str, int], str] = field(default_factory=dict)  # jobs found unusable: short reason
+    messages: dict[tuple[str, int], str] = field(default_factory=dict)  # the same: file, reason and fix in one line
+    resumed: dict[tuple[str, int], int] = field(default_factory=dict)  # jobs this call resumed: the step
 
     def _arm_records(self, arm: str) -> list[dict[str, Any]]:
         return [self.records[(arm, s)] for s in self.seeds if (arm, s) in self.records]
@@ -211,9 +250,16 @@ class TrainingSummary:
         return table
 
     def jobs_table(self) -> pd.DataFrame:
-        """Per (arm, seed): trained by this call, reused from an earlier run, or pending (another shard)."""
-        status = {**{job: "pending" for job in self.pending}, **{job: "reused" for job in self.reused},
-                  **{job: "trained now" for job in self.trained}}
+        """Per (arm, seed): trained by this call, reused from an earlier run, or pending (another shard); a job
+        whose earlier model was unusable says why ("retrained: model file corrupt", "pending: unfinished"), a
+        resumed one the step it continued from."""
+        def trained(job: tuple[str, int]) -> str:
+            text = f"retrained: {self.problems[job]}" if job in self.problems and self.problems[job] != "unfinished" \
+                else "trained now"
+            return text + (f" (resumed at step {self.resumed[job]})" if job in self.resumed else "")
+
+        status = {**{job: f"pending: {self.problems[job]}" if job in self.problems else "pending" for job in self.pending},
+                  **{job: "reused" for job in self.reused}, **{job: trained(job) for job in self.trained}}
         rows = [{"arm": arm.name, "seed": s, "status": status.get((arm.name, s), "pending")}
                 for arm in self.arms for s in self.seeds]
         return pd.DataFrame(rows).pivot(index="arm", columns="seed", values="status").loc[[a.name for a in self.arms]]
@@ -252,9 +298,11 @@ class TrainingSummary:
         return train_figures.training_curves(curves)
 
     def __repr__(self) -> str:
+        notes = "".join(f"\n{'retrained' if job in self.trained else 'not used'}: {message}"
+                        for job, message in self.messages.items())
         return (f"TrainingSummary({self.run_dir}: {len(self.arms)} arms x {len(self.seeds)} seeds; "
                 f"{len(self.trained)} trained now, {len(self.reused)} reused, {len(self.pending)} pending)\n"
-                f"{self.accuracy_table().to_string()}\n* {REPORTED_NOTE}")
+                f"{self.accuracy_table().to_string()}\n* {REPORTED_NOTE}{notes}")
 
 
 def write_results(summary: TrainingSummary) -> list[Path]:
@@ -290,30 +338,35 @@ def run(cfg: Any, shard: Shard = Shard(), train: bool = True) -> TrainingSummary
                 synthetic_cache[arm.synthetic] = load_synthetic(arm, cfg.data.on_bad_image)
             synthetic = synthetic_cache[arm.synthetic]
         arm_data[arm.name] = ArmData(real.train if arm.real else None, synthetic)
-    prints = {"val": fingerprint(real.val), "test": fingerprint(real.test), "real": fingerprint(real.train)}
+    prints = real_fingerprints(real)
     synthetic_prints = {name: fingerprint(s) for name, s in synthetic_cache.items()}
     device = config.resolve_device(cfg.device)
     seeds = seeds_of(cfg)
 
-    keys, todo, reused, pending = {}, [], [], []
+    keys, todo, reused, pending, problems, messages = {}, [], [], [], {}, {}
     for arm in arms:
         params = trainer_params(cfg, arm)
-        fingerprints = {"val": prints["val"], "test": prints["test"], "train": prints["real"] if arm.real else None,
-                        "synthetic": synthetic_prints.get(arm.synthetic)}
+        fingerprints = job_fingerprints(arm, prints, synthetic_prints.get(arm.synthetic))
         for seed in seeds:
             key = keys[(arm.name, seed)] = job_key(arm, seed, params, fingerprints)
-            finished = read_finished(job_dir(cfg.run_dir, arm.name, seed), key) is not None
-            if finished:
+            check = check_model(job_dir(cfg.run_dir, arm.name, seed), key)
+            if check.usable:
                 reused.append((arm.name, seed))
-            elif train and shard.owns(f"{arm.name}/seed{seed}"):
+                continue
+            if check.found:
+                problems[(arm.name, seed)], messages[(arm.name, seed)] = check.problem, check.message()
+            if train and shard.owns(f"{arm.name}/seed{seed}"):
                 todo.append((arm, seed, params, key))
             else:
                 pending.append((arm.name, seed))
 
-    trained = []
+    trained, resumed = [], {}
     for arm, seed, params, key in tqdm(todo, desc="training jobs", unit="model", disable=not todo):
-        train_job(arm, seed, arm_data[arm.name], real, params, device, job_dir(cfg.run_dir, arm.name, seed), key)
+        _, resumed_at = train_job(arm, seed, arm_data[arm.name], real, params, device,
+                                  job_dir(cfg.run_dir, arm.name, seed), key)
         trained.append((arm.name, seed))
+        if resumed_at is not None:
+            resumed[(arm.name, seed)] = resumed_at
 
     records = {}
     for (arm_name, seed), key in keys.items():
@@ -326,7 +379,8 @@ def run(cfg: Any, shard: Shard = Shard(), train: bool = True) -> TrainingSummary
                               "synthetic": len(arm_data[arm.name].synthetic) if arm.synthetic else 0}
                    for arm in arms},
         real_sizes={"train": len(real.train), "val": len(real.val), "test": len(real.test)},
-        test_fingerprint=prints["test"], skipped=skipped, trained=trained, reused=reused, pending=pending)
+        test_fingerprint=prints["test"], skipped=skipped, trained=trained, reused=reused, pending=pending,
+        problems=problems, messages=messages, resumed=resumed)
     summary.files = write_results(summary)
     return summary
 

@@ -8,8 +8,12 @@ validation split; the real test set is scored by the caller with `evaluate`.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
 import json
 import math
+import re
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,8 +27,18 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from synthgap_helpers.storage import atomic_write, atomic_write_json
-from synthgap_helpers.train.batches import MIX_MODES, BatchIndices, normalize, random_crop_flip
+from synthgap_helpers.errors import DataError, UserError
+from synthgap_helpers.storage import (
+    atomic_write_bytes,
+    atomic_write_json,
+    safetensors_bytes,
+)
+from synthgap_helpers.train.batches import (
+    MIX_MODES,
+    BatchIndices,
+    normalize,
+    random_crop_flip,
+)
 from synthgap_helpers.train.models import INPUT_SIZE, MODELS, build_model
 
 AMP_MODES = ("auto", "bf16", "off")  # auto: bf16 on CUDA, fp32 on CPU (bf16 was 2.5x slower on the AVX-512 test CPU)
@@ -99,14 +113,22 @@ class TrainResult:
     steps_per_epoch: float
     images_per_second: float  # training throughput, validation passes excluded
     seconds: float
+    resumed_at: int | None = None  # the step a resume checkpoint continued from (None: trained from step 0)
+    discarded: list[str] = dataclasses.field(default_factory=list)  # resume checkpoints found damaged, and why
 
 
-class TrainingDiverged(FloatingPointError):
-    """The training loss became NaN or infinite; `step` is the 0-based step whose loss it was."""
+class TrainingDiverged(FloatingPointError, UserError):
+    """The training loss became NaN or infinite; `step` is the 0-based step whose loss it was.
+
+    A UserError: the fix is in the parameters (learning rate, precision, warmup), so the CLI prints it in one line."""
 
     def __init__(self, message: str, step: int) -> None:
         super().__init__(message)
         self.step = step
+
+
+class CheckpointError(DataError):
+    """A model file that cannot be read (truncated, damaged, not a checkpoint); the message names it and the fix."""
 
 
 def _require(ok: bool, field: str, value: Any, allowed: str) -> None:
@@ -280,6 +302,13 @@ def train_classifier(
     torch.Generator); on CPU two runs with the same seed are identical. With `checkpoint_path`
     the kept weights are saved there (see save_checkpoint); if the loss turns NaN/inf the last
     weights with a finite loss are restored, saved there, and TrainingDiverged is raised.
+
+    With `checkpoint_path` the run is also resumable: after every validation pass but the last it writes a
+    resume checkpoint beside it (`ResumeCheckpoints`: weights, optimizer, step, batch order and RNG states, the
+    kept weights and the history), and a call with the same inputs continues from the newest intact one, so
+    a killed run loses at most one validation interval and ends with the same weights (bit for bit on CPU) as
+    an uninterrupted one. A damaged checkpoint is discarded (and said so) in favour of the previous one, or
+    of step 0. The resume checkpoints are removed when the run ends, finished or diverged.
     """
     device = torch.device(device)
     has_synthetic = synthetic_images is not None or synthetic_labels is not None
@@ -303,9 +332,22 @@ def train_classifier(
     eval_every = params.eval_every or max(1, round(batches.steps_per_epoch))
     live = model.state_dict()
     last_good = best = None
-    best_step, best_metrics, history, train_seconds = 0, {"accuracy": -1.0}, [], 0.0
+    start, best_step, best_metrics, history, train_seconds = 0, 0, {"accuracy": -1.0}, [], 0.0
+    resume = None
+    if checkpoint_path is not None:
+        identity = _identity(params, seed, device, init_model, trainable,
+                             [train_images, train_labels, synthetic_images, synthetic_labels, val_images, val_labels])
+        resume = ResumeCheckpoints(checkpoint_path, identity)
+        found = resume.load()
+        if found is not None:
+            state, tensors = found
+            last_good, best = _restore(state, tensors, model, optimizer, batches, generator, device)
+            start, best_step, best_metrics = state["steps_done"], state["best_step"], state["best_metrics"]
+            history, train_seconds = state["history"], state["train_seconds"]
+            _say(f"resuming training from step {start} of {total} ({resume.tensors_path(start)})")
 
-    for step in tqdm(range(total), desc=f"train {params.model}", disable=not params.progress):
+    for step in tqdm(range(start, total), desc=f"train {params.model}", disable=not params.progress,
+                     initial=start, total=total):
         started = time.perf_counter()
         lr = lr_at(step, total, params.peak_lr, warmup)
         for group in optimizer.param_groups:
@@ -317,6 +359,8 @@ def train_classifier(
             loss = F.cross_entropy(forward(x), y, label_smoothing=params.label_smoothing)
         loss_value = loss.item()
         if not math.isfinite(loss_value):
+            if resume is not None:
+                resume.clear()
             _stop_diverged(model, last_good, step, loss_value, params, seed, checkpoint_path)
         last_good = _copy_state(live, last_good)
         optimizer.zero_grad(set_to_none=True)
@@ -333,11 +377,16 @@ def train_classifier(
                 best, best_step, best_metrics = _copy_state(live, best), step + 1, metrics
         epoch = (step + 1) / batches.steps_per_epoch
         history.append({"step": step + 1, "epoch": epoch, "lr": lr, "train_loss": loss_value, "val_accuracy": val_accuracy})
+        if resume is not None and val_accuracy is not None and step + 1 < total:
+            state = {"steps_done": step + 1, "best_step": best_step, "best_metrics": best_metrics, "history": history,
+                     "train_seconds": train_seconds}
+            resume.save(step + 1, *_snapshot(state, live, best, last_good, optimizer, batches, generator))
 
     model.load_state_dict(best)
     model.eval()
     if checkpoint_path is not None:
         save_checkpoint(model, checkpoint_path, _metadata(params, seed, best_step, val_metrics=best_metrics))
+        resume.clear()
     return TrainResult(
         model=model,
         best_step=best_step,
@@ -347,7 +396,187 @@ def train_classifier(
         steps_per_epoch=batches.steps_per_epoch,
         images_per_second=total * params.batch_size / train_seconds,
         seconds=train_seconds,
+        resumed_at=start or None,
+        discarded=[] if resume is None else resume.discarded,
     )
+
+
+# --------------------------------------------------------------------------------------------- resume checkpoints
+
+RESUME_FORMAT = 1
+"""Layout version of the resume checkpoints: one of another version is discarded, not misread."""
+RESUME_KEEP = 2  # the newest resume checkpoint and the one before it, in case the newest is damaged
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def resume_files(checkpoint_path: str | Path) -> list[Path]:
+    """Every file of the resume checkpoints of the model file `checkpoint_path`, leftovers of a killed write included."""
+    path = Path(checkpoint_path)
+    return sorted([*path.parent.glob(f"{path.stem}.resume-*"), *path.parent.glob(f".{path.stem}.resume-*.tmp")])
+
+
+class ResumeCheckpoints:
+    """The resume checkpoints of one training run, beside its model file ``<dir>/<stem>.safetensors``.
+
+    Each is two files, written atomically in this order:
+
+    * ``<stem>.resume-<step:06d>.safetensors``: the tensors: ``model/<name>`` (the weights now), ``best/<name>``
+      (the best-validation weights so far), ``last_good/<name>`` (the weights of the last finite loss),
+      ``optimizer/<i>/<name>`` (SGD momentum buffers), ``batches/<j>`` (each batch source's current
+      permutation), ``rng/batches`` (the batch/augmentation generator's state) and ``rng/torch``;
+    * ``<stem>.resume-<step:06d>.json``: ``format``, ``identity`` (hash of the parameters, seed, device type,
+      initial weights and every input tensor: a checkpoint of another setup is never resumed), ``step``,
+      ``tensors`` (the file name), ``sha256`` (of the tensor file), ``steps_done``, ``best_step``,
+      ``best_metrics``, ``history``, ``train_seconds``, ``positions`` (position in each permutation),
+      ``param_groups`` (the optimizer's) and ``optimizer_scalars`` (its non-tensor state).
+
+    The JSON is the completion marker: a tensor file without it (a write that was killed) is ignored. The
+    newest two are kept; a damaged one (unreadable JSON, missing file, SHA-256 mismatch) is deleted and said so.
+    """
+
+    def __init__(self, checkpoint_path: str | Path, identity: str) -> None:
+        self.path = Path(checkpoint_path)
+        self.identity = identity
+        self.discarded: list[str] = []
+
+    def tensors_path(self, step: int) -> Path:
+        return self.path.with_name(f"{self.path.stem}.resume-{step:06d}.safetensors")
+
+    def json_path(self, step: int) -> Path:
+        return self.path.with_name(f"{self.path.stem}.resume-{step:06d}.json")
+
+    def steps(self) -> list[int]:
+        """Steps with a completion marker, oldest first."""
+        pattern = re.compile(rf"{re.escape(self.path.stem)}\.resume-(\d+)\.json")
+        return sorted(int(m.group(1)) for p in self.path.parent.glob(f"{self.path.stem}.resume-*.json")
+                      if (m := pattern.fullmatch(p.name)))
+
+    def save(self, step: int, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        """Write the checkpoint of `step` (tensors, then the JSON), then drop all but the newest RESUME_KEEP."""
+        raw = safetensors_bytes(tensors)
+        atomic_write_bytes(self.tensors_path(step), raw)
+        atomic_write_json(self.json_path(step), {"format": RESUME_FORMAT, "identity": self.identity, "step": step,
+                                                 "tensors": self.tensors_path(step).name,
+                                                 "sha256": hashlib.sha256(raw).hexdigest(), **state})
+        keep = {p for s in self.steps()[-RESUME_KEEP:] for p in (self.tensors_path(s), self.json_path(s))}
+        for path in resume_files(self.path):
+            if path not in keep:
+                path.unlink(missing_ok=True)
+
+    def load(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+        """The newest intact checkpoint of this run (its JSON and its tensors on the CPU), or None; every damaged
+        or foreign one met on the way is deleted and reported (stderr and `discarded`)."""
+        steps = self.steps()
+        for i, step in reversed(list(enumerate(steps))):
+            problem, found = self._read(step)
+            if problem is None:
+                return found
+            then = f"trying the one of step {steps[i - 1]}" if i > 0 else "training starts from step 0"
+            message = f"discarded the resume checkpoint {self.tensors_path(step)}: {problem}; {then}"
+            self.discarded.append(message)
+            _say(message)
+            self.tensors_path(step).unlink(missing_ok=True)
+            self.json_path(step).unlink(missing_ok=True)
+        return None
+
+    def _read(self, step: int) -> tuple[str | None, Any]:
+        tensors_path = self.tensors_path(step)
+        try:
+            state = json.loads(self.json_path(step).read_text())
+        except (OSError, ValueError) as exc:
+            return f"its metadata {self.json_path(step).name} is unreadable ({exc})", None
+        if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
+            return "it was written by another version of the trainer", None
+        if state.get("identity") != self.identity:
+            return "it belongs to another training setup (parameters, data, seed or device differ)", None
+        if not tensors_path.is_file():
+            return "its tensor file is missing", None
+        if file_sha256(tensors_path) != state.get("sha256"):
+            return "its tensor file is truncated or damaged (SHA-256 differs from the recorded one)", None
+        try:
+            tensors = safetensors.torch.load_file(str(tensors_path))
+        except safetensors.SafetensorError as exc:
+            return f"its tensor file cannot be read ({exc})", None
+        return None, (state, tensors)
+
+    def clear(self) -> None:
+        """Remove every resume file of this model (the run ended)."""
+        for path in resume_files(self.path):
+            path.unlink(missing_ok=True)
+
+
+def _say(message: str) -> None:
+    """One line on stderr, between progress bars."""
+    tqdm.write(message, file=sys.stderr)
+
+
+def _identity(params: TrainParams, seed: int, device: torch.device, init_model: nn.Module | None,
+              trainable: tuple[str, ...] | None, inputs: list[torch.Tensor | None]) -> str:
+    """Hash of everything a training run's course depends on: what a resume checkpoint must have been written under."""
+    setup = {"format": RESUME_FORMAT, "params": {k: v for k, v in asdict(params).items() if k != "progress"},
+             "seed": seed, "device": device.type, "trainable": None if trainable is None else list(trainable)}
+    digest = hashlib.sha256(json.dumps(setup, sort_keys=True).encode())
+    weights = [] if init_model is None else sorted(init_model.state_dict().items())
+    for name, tensor in [(str(i), t) for i, t in enumerate(inputs)] + weights:
+        digest.update(f"{name}:{None if tensor is None else (tuple(tensor.shape), str(tensor.dtype))}".encode())
+        if tensor is not None:
+            digest.update(np.ascontiguousarray(tensor.detach().cpu().numpy()).view(np.uint8))
+    return digest.hexdigest()
+
+
+def _snapshot(state: dict[str, Any], live: dict[str, torch.Tensor], best: dict[str, torch.Tensor] | None,
+              last_good: dict[str, torch.Tensor] | None, optimizer: torch.optim.Optimizer, batches: BatchIndices,
+              generator: torch.Generator) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The JSON part and the tensors of a resume checkpoint (see ResumeCheckpoints)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for prefix, weights in (("model", live), ("best", best), ("last_good", last_good)):
+        tensors.update({f"{prefix}/{k}": v for k, v in (weights or {}).items()})
+    optimizer_state = optimizer.state_dict()
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, values in optimizer_state["state"].items():
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer/{index}/{name}"] = value
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    perms, positions = batches.state()
+    tensors.update({f"batches/{j}": perm for j, perm in enumerate(perms)})
+    tensors["rng/batches"] = generator.get_state()
+    tensors["rng/torch"] = torch.get_rng_state()
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return {**state, "positions": positions, "param_groups": optimizer_state["param_groups"],
+            "optimizer_scalars": scalars}, tensors
+
+
+def _restore(state: dict[str, Any], tensors: dict[str, torch.Tensor], model: nn.Module, optimizer: torch.optim.Optimizer,
+             batches: BatchIndices, generator: torch.Generator, device: torch.device
+             ) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor] | None]:
+    """Put a resume checkpoint back into the model, optimizer, batch order and RNGs; returns (last_good, best)."""
+    def weights(prefix: str) -> dict[str, torch.Tensor] | None:
+        found = {k[len(prefix) + 1:]: v.to(device) for k, v in tensors.items() if k.startswith(prefix + "/")}
+        return found or None
+
+    model.load_state_dict(weights("model"))
+    optimizer_state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer/"):
+            _, index, name = key.split("/", 2)
+            optimizer_state.setdefault(int(index), {})[name] = value
+    for index, values in state["optimizer_scalars"].items():
+        optimizer_state.setdefault(int(index), {}).update(values)
+    optimizer.load_state_dict({"state": optimizer_state, "param_groups": state["param_groups"]})
+    batches.restore([tensors[f"batches/{j}"] for j in range(len(state["positions"]))], state["positions"])
+    generator.set_state(tensors["rng/batches"])
+    torch.set_rng_state(tensors["rng/torch"])
+    return weights("last_good"), weights("best")
 
 
 def _copy_model(init_model: nn.Module, params: TrainParams) -> nn.Module:
@@ -424,10 +653,13 @@ def _metadata(params: TrainParams, seed: int, best_step: int, **extra: Any) -> d
             "best_step": best_step, **extra}
 
 
-def save_checkpoint(model: nn.Module, path: str | Path, metadata: dict[str, Any]) -> None:
-    """Save the weights as safetensors (metadata embedded) and the metadata as metrics.json beside them.
+def save_checkpoint(model: nn.Module, path: str | Path, metadata: dict[str, Any]) -> str:
+    """Save the weights as safetensors (metadata embedded), then the metadata as metrics.json beside them with
+    the file's SHA-256 as ``model_sha256``; returns that hash.
 
-    Both writes are atomic (temporary file, then rename), so a crash never leaves a half-written checkpoint.
+    Both writes are atomic (temporary file, then rename), so a crash never leaves a half-written file, and
+    metrics.json is written last: it marks the model complete (`train.arms.check_model` checks the hash).
+    The file's bytes depend only on the weights and the metadata (`storage.safetensors_bytes`).
 
     `metadata` must be JSON-serialisable and name the `model` (a MODELS key) for load_checkpoint.
     """
@@ -435,18 +667,31 @@ def save_checkpoint(model: nn.Module, path: str | Path, metadata: dict[str, Any]
         raise ValueError(f"metadata['model']={metadata.get('model')!r} must name a model: {', '.join(sorted(MODELS))}")
     path = Path(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    embedded = {"synthgap": json.dumps(metadata)}
-    atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=embedded))
-    atomic_write_json(path.parent / "metrics.json", metadata)
+    raw = safetensors_bytes(tensors, {"synthgap": json.dumps(metadata)})
+    digest = hashlib.sha256(raw).hexdigest()
+    atomic_write_bytes(path, raw)
+    atomic_write_json(path.parent / "metrics.json", {**metadata, "model_sha256": digest})
+    return digest
+
+
+RETRAIN_HINT = "rerun notebook 04 (04_train_resnet18) or `python -m synthgap_helpers train` on the run directory"
 
 
 def load_checkpoint(path: str | Path, model_name: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model a checkpoint names (or `model_name`, which must agree) and return it in eval mode with its metadata."""
-    with safetensors.safe_open(str(path), framework="pt") as f:
-        metadata = json.loads((f.metadata() or {}).get("synthgap", "{}"))
+    """Rebuild the model a checkpoint names (or `model_name`, which must agree) and return it in eval mode with its metadata.
+
+    A file that cannot be read as a checkpoint (truncated, damaged) raises CheckpointError naming it.
+    """
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            metadata = json.loads((f.metadata() or {}).get("synthgap", "{}"))
+        tensors = safetensors.torch.load_file(str(path))
+    except (safetensors.SafetensorError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} cannot be read as a model checkpoint ({exc}): the file is truncated or "
+                              f"damaged; delete it and {RETRAIN_HINT}, which trains it again") from None
     stored = metadata.get("model")
     if model_name is not None and stored is not None and model_name != stored:
         raise ValueError(f"model_name={model_name!r} does not match the checkpoint's model {stored!r} in {path}")
     model = build_model(model_name or stored, metadata.get("num_classes", 10))
-    model.load_state_dict(safetensors.torch.load_file(str(path)))
+    model.load_state_dict(tensors)
     return model.eval(), metadata
