@@ -10,6 +10,11 @@ narrow enough that a real change fails (an arm at chance, a changed metric formu
 Refresh the reference after an intended change of results, from a fresh smoke run:
 
     python tests/smoke_reference.py write runs/smoke
+
+Measure the spread the bands must cover over smoke runs computed on other CPU code paths (e.g. one run as is,
+one with `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`, each with OMP_NUM_THREADS=1 and 2):
+
+    python tests/smoke_reference.py spread RUN_DIR RUN_DIR ...
 """
 
 from __future__ import annotations
@@ -124,9 +129,22 @@ def compare(values: dict[str, float], reference: dict[str, float]) -> list[str]:
     return problems
 
 
+def spread(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Largest minus smallest value of each key over several runs (keys with a missing value left out)."""
+    return {key: max(r[key] for r in runs) - min(r[key] for r in runs) for key in runs[0]
+            if all(r.get(key) is not None for r in runs)}
+
+
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["spread"] and len(argv) > 2:
+        runs = [collect(run) for run in argv[1:]]
+        for key, width in sorted(spread(runs).items()):
+            if width:
+                print(f"{key:55s} spread {width:.4g}  band {band(key, runs[0][key]):.4g}")
+        return 0
     if len(argv) != 2 or argv[0] not in ("write", "check"):
-        print("usage: python tests/smoke_reference.py write|check RUN_DIR", file=sys.stderr)
+        print("usage: python tests/smoke_reference.py write|check RUN_DIR  |  spread RUN_DIR RUN_DIR ...",
+              file=sys.stderr)
         return 2
     values = collect(argv[1])
     if argv[0] == "write":

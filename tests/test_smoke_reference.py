@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
-from smoke_reference import REFERENCE, TOLERANCES, collect, compare, rule
+from smoke_reference import REFERENCE, TOLERANCES, collect, compare, rule, spread
 
 RUN_DIR = Path(__file__).resolve().parents[1] / "runs" / "smoke"
 
@@ -50,3 +50,8 @@ def test_a_missing_or_new_number_fails_the_check(reference):
                        reference)
     assert problems == [f"{key}: in the reference, missing from the run",
                         "headline/extra/test_accuracy: new in the run, not in the reference (1.0)"]
+
+
+def test_spread_is_the_range_of_each_key_over_runs():
+    runs = [{"a": 1.0, "b": None}, {"a": 4.0, "b": 2.0}, {"a": 2.0, "b": 3.0}]
+    assert spread(runs) == {"a": 3.0}
