@@ -302,6 +302,12 @@ def listed_image_problem(record: dict[str, Any], file: Path | None, decode: bool
     return None
 
 
+def repairs_text(repaired: int, notes: list[str]) -> str:
+    """The tail of a generation summary: how many listed images were repaired, then one line per note."""
+    count = f" ({repaired} repaired: listed but missing or corrupt)" if repaired else ""
+    return count + "".join(f"\n  {note}" for note in notes)
+
+
 @dataclass
 class FolderCheck:
     """An image folder's listed ids, checked against their files: what a rerun may skip and what it must redo."""

@@ -450,25 +450,30 @@ def evaluation_loss(pipe: Any, images: torch.Tensor, embeddings: torch.Tensor, r
 # Files
 
 
-def embeddings_path(run_dir: Path, group: Group | str) -> Path:
+def _group_file(run_dir: Path, folder: Path, group: Group | str, suffix: str) -> Path:
+    """`<run_dir>/<folder>/<group name><suffix>`."""
     name = group if isinstance(group, str) else group.name
-    return Path(run_dir) / EMBEDDINGS_DIR / f"{name}.safetensors"
+    return Path(run_dir) / folder / f"{name}{suffix}"
+
+
+def embeddings_path(run_dir: Path, group: Group | str) -> Path:
+    """The group's finished embeddings (their presence marks the group finished)."""
+    return _group_file(run_dir, EMBEDDINGS_DIR, group, ".safetensors")
 
 
 def checkpoint_path(run_dir: Path, group: Group | str) -> Path:
-    name = group if isinstance(group, str) else group.name
-    return Path(run_dir) / CHECKPOINTS_DIR / f"{name}.safetensors"
+    """The group's latest resumable checkpoint."""
+    return _group_file(run_dir, CHECKPOINTS_DIR, group, ".safetensors")
 
 
 def previous_checkpoint_path(run_dir: Path, group: Group | str) -> Path:
     """The checkpoint before the latest one, kept so that a corrupt latest one costs `checkpoint_every` steps."""
-    name = group if isinstance(group, str) else group.name
-    return Path(run_dir) / CHECKPOINTS_DIR / f"{name}.previous.safetensors"
+    return _group_file(run_dir, CHECKPOINTS_DIR, group, ".previous.safetensors")
 
 
 def loss_path(run_dir: Path, group: Group | str) -> Path:
-    name = group if isinstance(group, str) else group.name
-    return Path(run_dir) / LOSS_DIR / f"{name}.json"
+    """The loss of every optimisation step of the group."""
+    return _group_file(run_dir, LOSS_DIR, group, ".json")
 
 
 class CorruptFileError(DataError):

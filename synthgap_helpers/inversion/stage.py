@@ -285,11 +285,9 @@ class SampleSummary:
                              "already written": [self.skipped]}, index=["synthetic/di"])
 
     def __str__(self) -> str:
-        repaired = f" ({self.repaired} repaired: listed but missing or corrupt)" if self.repaired else ""
-        notes = "".join(f"\n  {note}" for note in self.notes)
-        return (f"inversion sampling: {self.written} image(s) written{repaired}, {self.skipped} already there, of "
+        return (f"inversion sampling: {self.written} image(s) written, {self.skipped} already there, of "
                 f"{self.planned} on this shard, in {self.folder} ({self.seconds:.1f} s, "
-                f"{self.images_per_second:.2f} img/s){notes}")
+                f"{self.images_per_second:.2f} img/s){data.repairs_text(self.repaired, self.notes)}")
 
 
 def _load_groups(cfg: Any, groups: list[Group], width: int, pipe: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

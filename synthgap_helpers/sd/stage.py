@@ -86,11 +86,9 @@ class GenerationSummary:
         return pd.DataFrame({"value": [str(v) for v in rows.values()]}, index=list(rows))
 
     def __str__(self) -> str:
-        repaired = f" ({self.repaired} repaired: listed but missing or corrupt)" if self.repaired else ""
-        notes = "".join(f"\n  {note}" for note in self.notes)
-        return (f"sd {self.mode} ({self.model}), shard {self.shard}: {self.written} written{repaired}, {self.skipped} "
+        return (f"sd {self.mode} ({self.model}), shard {self.shard}: {self.written} written, {self.skipped} "
                 f"already done of {self.planned}, {self.seconds:.1f} s ({self.images_per_second:.2f} images/s) "
-                f"-> {self.folder}{notes}")
+                f"-> {self.folder}{data.repairs_text(self.repaired, self.notes)}")
 
 
 # ---------------------------------------------------------------------------------------------
