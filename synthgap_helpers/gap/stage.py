@@ -37,9 +37,19 @@ from synthgap_helpers.data import ImageSet
 from synthgap_helpers.errors import DataError
 from synthgap_helpers.gap import figures as gap_figures
 from synthgap_helpers.gap.detection import detectability
-from synthgap_helpers.gap.measures import classifier_features, frechet_distance, gap_table, precision_recall
+from synthgap_helpers.gap.measures import (
+    classifier_features,
+    frechet_distance,
+    gap_table,
+    precision_recall,
+)
 from synthgap_helpers.storage import atomic_write_json
-from synthgap_helpers.train.arms import CurrentKeys, MissingModelError, fingerprint, seeds_of
+from synthgap_helpers.train.arms import (
+    CurrentKeys,
+    MissingModelError,
+    fingerprint,
+    seeds_of,
+)
 from synthgap_helpers.train.trainer import load_checkpoint
 from synthgap_helpers.workload import Shard
 
