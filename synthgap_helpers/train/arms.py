@@ -27,11 +27,21 @@ from synthgap_helpers.train.trainer import (
 
 STAGE_VERSION = 1
 """Bump when what a job computes changes: finished jobs of an older version are retrained."""
+ORIGINAL_STUDY_NAME = "Fixing the Synthetic Data for Representational Learning"
+ORIGINAL_STUDY_AUTHORS = "Pankaj Gadhwal, Aayush Prakash Parmar, Vatsal Trivedi, Astitva Aryan"
+ORIGINAL_STUDY_REPOSITORY = "PankajGadhwal/Fixing-the-Synthetic-Data-for-Representational-Learning"
+ORIGINAL_STUDY_CITATION = (f'"{ORIGINAL_STUDY_NAME}" ({ORIGINAL_STUDY_AUTHORS}; GitHub '
+                           f"{ORIGINAL_STUDY_REPOSITORY})")
+"""The study synthgap reproduces, named wherever its numbers appear (the book pastes it from here)."""
+ORIGINAL_STUDY_PROTOCOL = ("ResNet-18 trained on CIFAR-10 real images, Diffusion Inversion images, Stable Diffusion "
+                           "img2img images and real plus either; accuracies on its own split, not the official test "
+                           "set, and its code scored the synthetic-trained models on synthetic images")
+"""What is known of the original study's protocol, from its repository and write-up."""
 ORIGINAL_STUDY = {"real": 81.80, "di": 78.63, "sd": 52.57, "real+di": 86.14, "real+sd": 83.94}
-"""Test accuracy (%) the original study reported for its five arms, on its own split."""
+"""Test accuracy (%) the original study reported for its five arms, on its own split: the one copy in the code."""
 ORIGINAL_ORDER = ("real", "di", "sd", "real+di", "real+sd")
-REPORTED_NOTE = ("reported by the original study on its own split, not the official test set; "
-                 "not comparable one-to-one")
+REPORTED_NOTE = (f'reported by the original study ("{ORIGINAL_STUDY_NAME}") on its own split, not the official test '
+                 "set; not comparable one-to-one")
 
 
 EQUAL_SIZE_MARK = "@"
@@ -403,6 +413,7 @@ class CurrentKeys:
 
 
 __all__ = ["CORRUPT", "EQUAL_SIZE_MARK", "METRICS_FILE", "MODEL_FILE", "NOT_TRAINED", "ORIGINAL_ORDER", "ORIGINAL_STUDY",
+           "ORIGINAL_STUDY_CITATION", "ORIGINAL_STUDY_NAME", "ORIGINAL_STUDY_PROTOCOL",
            "REPORTED_NOTE", "Arm", "ArmData", "ArmError", "CurrentKeys", "ModelCheck", "arm_synthetic", "check_model",
            "equal_size_arms", "equal_size_subset", "fingerprint", "job_dir", "job_fingerprints", "job_key", "load_synthetic", "make_arm", "plan_arms", "read_finished",
            "real_fingerprints", "seeds_of", "synthetic_folders", "trainer_params"]

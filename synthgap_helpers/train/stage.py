@@ -58,6 +58,7 @@ from synthgap_helpers.train.arms import (
     MODEL_FILE,
     ORIGINAL_ORDER,
     ORIGINAL_STUDY,
+    ORIGINAL_STUDY_CITATION,
     REPORTED_NOTE,
     STAGE_VERSION,
     Arm,
@@ -405,7 +406,7 @@ def run(cfg: Any, shard: Shard = Shard(), train: bool = True) -> TrainingSummary
 
 # --------------------------------------------------------------------------------------------- headline
 
-REPORTED_CITATION = "reported by the original study, on its own split, not the official test set"
+REPORTED_CITATION = f"reported by {ORIGINAL_STUDY_CITATION}, on its own split, not the official test set"
 
 
 def training_summary(cfg: Any) -> TrainingSummary:
