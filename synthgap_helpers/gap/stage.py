@@ -162,13 +162,14 @@ class GapSummary:
 
 
 def run(cfg: Any, shard: Shard = Shard()) -> GapSummary | None:
-    """Features, gap table and detectability of every synthetic set of the run; reuses gap.json when nothing changed.
+    """Features, gap table and detectability of the real floor and every synthetic set of the run, and the point
+    values in every trained real-arm seed's features; reuses gap.json when nothing changed.
 
     The stage is one short job: shard 0 does it, any other shard has nothing to do and returns None.
 
     Raises MissingModelError naming the checkpoint path when the real-data classifier is missing or not
     usable (run notebook 04, the training stage, first), and ValueError when the run has no synthetic set
-    or a set has fewer than gap.images_per_class images of a class.
+    or a set (the untrained real images included) has fewer than gap.images_per_class images of a class.
     """
     if shard.index != 0:
         return None
