@@ -79,6 +79,18 @@ def check_templates(templates: Sequence[str]) -> list[str]:
     return templates
 
 
+GUIDANCE_BELOW_ONE = ("guidance scales below 1 are refused: diffusers switches classifier-free guidance off for a batch "
+                      "whose largest scale is <= 1, so an image's result would depend on its batch-mates (and 1 already "
+                      "means no guidance: the conditional prediction alone); use a scale >= 1")
+
+
+def check_guidance(value: float) -> float:
+    """A classifier-free guidance scale >= 1 (`GUIDANCE_BELOW_ONE` says why); ValueError otherwise."""
+    if value < 1:
+        raise ValueError(f"{value} is below 1: {GUIDANCE_BELOW_ONE}")
+    return value
+
+
 class ConfigError(ValueError, UserError):
     """A profile, override or run directory that cannot be used; the message says what to change."""
 
@@ -154,7 +166,7 @@ class InversionParams(_Section):
     init: Literal["random", "class_prompt", "class_prompt_mean"] = "random"  # random: U(+-1/sqrt(group_size)) as the authors
     checkpoint_every: int = Field(default=500, ge=1)  # steps between resumable checkpoints (embeddings + optimizer)
     compile: bool = False  # torch.compile the U-Net for training (CUDA; the first steps pay the compilation)
-    guidance: float = Field(default=2.0, ge=0.0, le=50.0)  # classifier-free guidance scale of sampling
+    guidance: float = Field(default=2.0, le=50.0)  # classifier-free guidance scale of sampling (>= 1, see check_guidance)
     uncond: Literal["mean", "empty_prompt"] = "mean"  # unconditional input: the group's mean embedding, or the empty prompt
     sample_steps: int = Field(default=200, ge=1, le=1000)  # denoising steps per sample (the authors: 200)
     eta: float = Field(default=1.0, ge=0.0, le=1.0)  # DDIM eta passed to the sampler (the authors: 1; others ignore it)
@@ -166,6 +178,11 @@ class InversionParams(_Section):
     sample_batch_size: int = Field(default=50, ge=1)  # samples per pipeline call (pixels do not depend on it)
     save_size: int = Field(default=32, ge=8, le=1024)  # side of the saved images (antialiased bicubic downsampling)
     cpu_threads: int | None = Field(default=None, ge=1, le=1024)  # torch CPU threads of the stage; None: torch's default
+
+    @field_validator("guidance")
+    @classmethod
+    def _guidance_at_least_one(cls, value: float) -> float:
+        return check_guidance(value)
 
     @field_validator("resolution")
     @classmethod
@@ -185,7 +202,7 @@ class SDParams(_Section):
     resolution: int | None = Field(default=None, ge=8, le=2048)  # generation side in pixels; None: the model's own (512 for SD 1.5)
     steps: int = Field(default=25, ge=1, le=1000)  # denoising steps (img2img runs int(steps x strength) of them)
     scheduler: Literal["dpm++", "dpm++_karras", "ddim", "ddpm", "euler", "euler_a", "heun", "lms", "pndm", "unipc"] = "dpm++"  # sampler by name
-    guidance: float = Field(default=7.5, ge=0.0, le=50.0)  # classifier-free guidance scale, used when guidance_range is None
+    guidance: float = Field(default=7.5, le=50.0)  # classifier-free guidance scale (>= 1), used when guidance_range is None
     guidance_range: list[float] | None = None  # [low, high]: a scale drawn uniformly per image with its seed
     strength: float = Field(default=0.75, gt=0.0, le=1.0)  # img2img: how far the real image is noised (1: pure noise)
     templates: list[str] = Field(default_factory=lambda: list(CLIP_TEMPLATES))  # prompt templates, '{}' is the class name
@@ -206,11 +223,18 @@ class SDParams(_Section):
                 raise ValueError(f"unknown, repeated or no class(es) {unknown or value}; allowed: {', '.join(CLASSES)}")
         return value
 
+    @field_validator("guidance")
+    @classmethod
+    def _guidance_at_least_one(cls, value: float) -> float:
+        return check_guidance(value)
+
     @field_validator("guidance_range")
     @classmethod
     def _ordered_range(cls, value: list[float] | None) -> list[float] | None:
-        if value is not None and (len(value) != 2 or not 0 <= value[0] <= value[1] <= 50):
-            raise ValueError("must be [low, high] with 0 <= low <= high <= 50 (or null for the fixed guidance)")
+        if value is not None and (len(value) != 2 or not value[0] <= value[1] <= 50):
+            raise ValueError("must be [low, high] with 1 <= low <= high <= 50 (or null for the fixed guidance)")
+        if value is not None:
+            check_guidance(value[0])
         return value
 
     @field_validator("templates")

@@ -125,6 +125,9 @@ def work_table(cfg: Any) -> pd.DataFrame:
     mixed = train.mix == "concat"  # fixed_share epochs count passes over the real set, concat over the joined pool
     arms = {arm: (real["train"] if arm == "real" else synthetic[arm] if "+" not in arm else
                   real["train"] + mixed * synthetic[arm.removeprefix("real+")]) for arm in ARMS}
+    if synthetic["sd"] != synthetic["di"]:  # the generators again at equal size: the larger set subsampled
+        larger, smaller = sorted(("sd", "di"), key=synthetic.get, reverse=True)
+        arms[f"{larger}@{smaller}-size"] = synthetic[smaller]
     trained = train.seeds * sum(_passes(train.steps, train.epochs, pool, train.batch_size) for pool in arms.values())
     low_steps = low.steps if low.steps is not None else train.steps
     sweep = low.seeds * sum(
@@ -155,9 +158,9 @@ def work_table(cfg: Any) -> pd.DataFrame:
         ("Grad-CAM deletion and insertion (05)", len(arms) * faithful * 2 * (cam.deletion_steps + 1),
          "forward passes", "gradcam", (f"{faithful} images x {len(arms)} arms x 2 curves x {cam.deletion_steps + 1} points "
          "(an upper bound at the maps' rate: no backward pass)")),
-        ("real-vs-synthetic detectors (07)", 2 * len(synthetic) * gap.detector_steps * gap.detector_batch_size,
-         "training images", "train", (f"probe and CNN x {len(synthetic)} sets x {gap.detector_steps} steps (an upper "
-         "bound at ResNet-18's rate: both detectors are far smaller)")),
+        ("real-vs-synthetic detectors (07)", 2 * (len(synthetic) + 1) * gap.detector_steps * gap.detector_batch_size,
+         "training images", "train", (f"probe and CNN x {len(synthetic) + 1} sets (the real floor too) x "
+         f"{gap.detector_steps} steps (an upper bound at ResNet-18's rate: both detectors are far smaller)")),
     ]
     return pd.DataFrame(rows, columns=["stage", "amount", "unit", "rate", "what"]).set_index("stage")
 

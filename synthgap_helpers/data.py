@@ -846,6 +846,18 @@ def real_data(cfg: Any) -> RealData:
     return RealData(train.subset(split["train"]), train.subset(split["val"]), test.subset(split["test"]))
 
 
+def untrained_real(cfg: Any) -> ImageSet:
+    """The official training images no classifier of the run trains on: all but the run's train subset.
+
+    That is the validation split (images that only choose a checkpoint) and any image the split never drew;
+    the domain-gap stage draws its real-vs-real floor from it (`gap.stage`).
+    """
+    real_data(cfg)  # the split exists and is the run's
+    train, _ = _cifar_pools(cfg)
+    split = json.loads((cfg.run_dir / "real" / "split.json").read_text())
+    return train.subset(np.setdiff1d(np.arange(len(train)), split["train"]).tolist())
+
+
 def run_sets(cfg: Any) -> dict[str, ImageSet]:
     """The real splits and every synthetic set of the run, by name, for the overview tables and figures."""
     return {**real_data(cfg).sets(), **synthetic_sets(cfg)}

@@ -48,3 +48,22 @@ def test_build_record_lines_show_times_device_and_disk_or_say_there_is_none():
     text = "\n".join(synthgap_book.build_record_lines(record))
     assert "profile `smoke` on cpu (x86_64, 2 CPU cores) at commit `abc123`" in text and "holds 12.3 GB" in text
     assert "* - 01_data\n  - 0.2" in text and "* - total\n  - 1.0" in text and ":name: tab-build-record" in text
+
+
+def test_quoted_numbers_come_from_the_code_and_an_unknown_key_names_the_known_ones():
+    from synthgap_helpers.geometry.validation import YORK_URBAN_FULL
+    from synthgap_helpers.train.arms import ORIGINAL_STUDY
+
+    assert synthgap_book.quoted_number("original:real+di") == f"{ORIGINAL_STUDY['real+di']:.2f}" == "86.14"
+    assert "Fixing the Synthetic Data for Representational Learning" in synthgap_book.quoted_number("original-study")
+    assert synthgap_book.quoted_number("york:calibrated.within_2deg|%") == "86.3 %"
+    assert synthgap_book.quoted_number("york:calibrated.median_deg|deg") == "0.76°"
+    assert synthgap_book.quoted_number("york:resolution.n_segments_full") == str(YORK_URBAN_FULL["resolution"]["n_segments_full"])
+    with pytest.raises(KeyError, match="original:<arm>"):
+        synthgap_book.quoted_number("original:gan")
+
+
+def test_no_book_page_types_the_original_study_or_york_urban_numbers_by_hand():
+    pages = "\n".join(p.read_text() for p in (Path(__file__).resolve().parents[1] / "book").glob("*.md"))
+    for typed in ("81.80", "78.63", "52.57", "86.14", "83.94", "0.892", "0.845", "142.9", "0.352"):
+        assert typed not in pages, f"{typed} is typed in a book page: paste it with {{quoted}}"

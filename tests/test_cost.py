@@ -26,16 +26,18 @@ def test_work_counts_steps_images_and_guided_passes():
     assert work.loc["SD generation (02)", "amount"] == 5000
     assert "18 denoising steps x 2 U-Net passes" in work.loc["SD generation (02)", "what"]  # img2img: int(25 x 0.75)
     assert work.loc["DI embedding training (03)", "amount"] == 50 * 2000
-    assert work.loc["classifier training (04)", "amount"] == 5 * 3 * 10000 * 128
+    assert work.loc["classifier training (04)", "amount"] == 6 * 3 * 10000 * 128  # the 5 arms and di@sd-size
+    assert "6 arms" in work.loc["classifier training (04)", "what"]
     assert work.loc["low-data sweep (07)", "amount"] == 4 * 3 * 3 * 5000 * 128
     assert work.loc["fine-tuning (07)", "amount"] == 4 * 2 * 3 * 5000 * 128
-    assert work.loc["Grad-CAM maps (05)", "amount"] == 5 * 1000
+    assert work.loc["Grad-CAM maps (05)", "amount"] == 6 * 1000
+    assert work.loc["real-vs-synthetic detectors (07)", "amount"] == 2 * 3 * 1000 * 128  # sd, di and the real floor
 
 
 def test_an_epoch_budget_counts_whole_batches_over_the_pool():
     cfg = config.resolve("smoke", overrides={"train.steps": None, "train.epochs": 1.5, "train.batch_size": 64,
                                              "train.mix": "concat", "train.seeds": 1})
-    per_arm = {"real": 500, "sd": 200, "di": 80, "real+sd": 700, "real+di": 580}
+    per_arm = {"real": 500, "sd": 200, "di": 80, "real+sd": 700, "real+di": 580, "sd@di-size": 80}
     expected = sum(-(-int(1.5 * n) // 64) * 64 for n in per_arm.values())
     assert cost.work_table(cfg).loc["classifier training (04)", "amount"] == expected
     shared = config.resolve("smoke", overrides={"train.steps": None, "train.epochs": 2.0, "train.batch_size": 50,
@@ -49,7 +51,7 @@ def test_an_epoch_budget_counts_whole_batches_over_the_pool():
 def test_hours_are_amount_over_rate_and_bad_rates_are_named():
     estimate = cost.profile_cost(config.resolve("gpu-small"))
     hours = estimate.with_hours({"train": 1000.0})
-    assert hours.loc["classifier training (04)", "hours"] == pytest.approx(5 * 3 * 10000 * 128 / 1000 / 3600)
+    assert hours.loc["classifier training (04)", "hours"] == pytest.approx(6 * 3 * 10000 * 128 / 1000 / 3600)
     assert hours["hours"].isna().sum() == 5  # the stages without a rate
     with pytest.raises(ValueError, match="rate keys \\['gpu'\\] are not known"):
         estimate.with_hours({"gpu": 1.0})

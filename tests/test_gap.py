@@ -9,6 +9,7 @@ import torch
 
 from synthgap_helpers.gap.detection import detectability
 from synthgap_helpers.gap.measures import (
+    KnnManifolds,
     bootstrap_gap,
     classifier_features,
     frechet_distance,
@@ -101,12 +102,38 @@ def test_a_fake_set_covering_half_the_modes_has_full_precision_and_half_recall()
 def test_bootstrap_interval_brackets_the_value_and_repeats_with_the_seed() -> None:
     real = _clusters(torch.zeros(1, 6), 300, seed=0)
     fake = _clusters(torch.full((1, 6), 0.5), 300, seed=1)
-    value, low, high = bootstrap_gap(real, fake, frechet_distance, n_resamples=30, seed=3)
+    result = bootstrap_gap(real, fake, n_resamples=30, seed=3)
+    value, low, high = result["fd"]
     assert low < 6 * 0.5**2 < high and low < value < high
-    assert bootstrap_gap(real, fake, frechet_distance, n_resamples=30, seed=3) == (value, low, high)
-    precision, p_low, p_high = bootstrap_gap(real, fake, lambda r, f: precision_recall(r, f)[0], n_resamples=20,
-                                            method="percentile")
+    assert value == pytest.approx(frechet_distance(real, fake), rel=1e-12)
+    assert bootstrap_gap(real, fake, n_resamples=30, seed=3) == result
+    precision, p_low, p_high = bootstrap_gap(real, fake, n_resamples=20, method="percentile")["precision"]
     assert p_low < precision < p_high  # duplicates in a resample must not collapse the k-NN radii
+
+
+def test_batched_frechet_distance_equals_torchmetrics_fid() -> None:
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    from synthgap_helpers.gap.measures import _PrecomputedFeatures
+
+    real = _gaussian(400, torch.zeros(5, dtype=torch.float64), torch.eye(5, dtype=torch.float64) * 2, seed=0)
+    fake = _clusters(torch.ones(1, 5), 300, seed=1).double()
+    metric = FrechetInceptionDistance(feature=_PrecomputedFeatures(5))
+    metric.update(real, real=True)
+    metric.update(fake, real=False)
+    assert frechet_distance(real, fake) == pytest.approx(float(metric.compute()), rel=1e-9)
+
+
+def test_a_resample_read_off_stored_distances_equals_the_measures_of_the_materialised_resample() -> None:
+    """What the bootstrap computes for a resample (rows with repeats) is what the measures give on those rows."""
+    real, fake = _clusters(torch.zeros(2, 4), 40, seed=0), _clusters(torch.ones(1, 4), 70, seed=1)
+    generator = torch.Generator().manual_seed(5)
+    rows_r, rows_f = torch.randint(80, (80,), generator=generator), torch.randint(70, (70,), generator=generator)
+    shares = KnnManifolds(real, fake, k=3).shares(rows_r, rows_f)
+    precision, recall = precision_recall(real[rows_r], fake[rows_f], k=3)
+    assert shares == pytest.approx((precision, recall), abs=1e-12)
+    # hand-checkable: precision counts fake rows with multiplicity
+    assert shares[0] * 70 == pytest.approx(round(shares[0] * 70))
 
 
 def test_gap_table_has_a_row_per_synthetic_set_ordered_by_gap() -> None:
@@ -149,8 +176,8 @@ def test_linear_probe_detector_on_features() -> None:
         (lambda a, b: frechet_distance(a, b[:, :3]), "fake_feats has dimension 3"),
         (lambda a, b: precision_recall(a[:3], b, k=3), "k=3 must be in"),
         (lambda a, b: kernel_inception_distance(a, b, subset_size=50), "subset_size=50"),
-        (lambda a, b: bootstrap_gap(a, b, frechet_distance, n_resamples=1), "n_resamples=1"),
-        (lambda a, b: bootstrap_gap(a, b, frechet_distance, method="bca"), "method='bca'"),
+        (lambda a, b: bootstrap_gap(a, b, n_resamples=1), "n_resamples=1"),
+        (lambda a, b: bootstrap_gap(a, b, method="bca"), "method='bca'"),
         (lambda a, b: gap_table({"sd": a}), "reference='real'"),
         (lambda a, b: detectability(a, b, method="svm"), "method='svm'"),
         (lambda a, b: detectability(a, b, method="linear_probe", test_share=0.01), "test_share=0.01"),

@@ -60,15 +60,28 @@ def test_gap_json_holds_a_row_per_set_and_both_detectors_with_intervals(run_dir)
     summary = gap_stage.run(load(run_dir))
     record = json.loads((run_dir / "analysis" / "gap.json").read_text())
     assert not summary.reused and record == summary.record
-    assert [row["set"] for row in record["gap"]] == ["di", "sd"]
+    sets = [gap_stage.HELD_OUT, "di", "sd"]  # the real-vs-real floor first
+    assert [row["set"] for row in record["gap"]] == sets
     assert all(row["n"] == row["n_reference"] == 40 for row in record["gap"])
     assert record["feature_dim"] == 128  # the narrow model's 8 x 16 channels
     detectors = {(row["set"], row["method"]) for row in record["detectability"]}
-    assert detectors == {(s, m) for s in ("di", "sd") for m in ("linear_probe", "cnn")}
+    assert detectors == {(s, m) for s in sets for m in ("linear_probe", "cnn")}
+    assert [(row["set"], row["seed"]) for row in record["extractor_seeds"]] == [(s, 0) for s in sets]
+    assert summary.extractor_table().index.tolist() == sets
     for row in record["detectability"]:
         assert 0 <= row["ci_low"] <= row["accuracy"] <= row["ci_high"] <= 1 and row["n_test"] == 24
     assert list(summary.table().columns)[0] == "images (real / synthetic)"
     assert json.loads((run_dir / "results.json").read_text())["gap"]["gap"] == record["gap"]
+
+
+def test_held_out_real_set_is_untrained_and_as_large_as_each_synthetic_set(run_dir):
+    cfg = load(run_dir)
+    real = data.real_data(cfg)
+    held_out = data.untrained_real(cfg)
+    assert not set(held_out.ids) & set(real.train.ids)  # no classifier of the run trains on these images
+    assert set(real.val.ids) <= set(held_out.ids)
+    sample = gap_stage.balanced_sample(held_out, cfg.gap.images_per_class, cfg.seed, gap_stage.HELD_OUT)
+    assert sample.class_counts().tolist() == [cfg.gap.images_per_class] * 10
 
 
 def test_rerun_reuses_gap_json_and_a_new_checkpoint_or_parameter_recomputes(run_dir, monkeypatch):

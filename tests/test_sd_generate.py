@@ -157,7 +157,7 @@ def test_img2img_prompts_come_from_a_captions_file_when_given(tmp_path, monkeypa
 
 @pytest.mark.parametrize("override, message", [
     ({"sd.scheduler": "dpm"}, "sd.scheduler = 'dpm': Input should be 'dpm\\+\\+'"),
-    ({"sd.guidance": -1.0}, "sd.guidance = -1.0: Input should be greater than or equal to 0"),
+    ({"sd.guidance": 0.5}, "sd.guidance = 0.5: 0.5 is below 1: guidance scales below 1 are refused"),
     ({"sd.guidance_range": [9, 2]}, "sd.guidance_range = \\[9, 2\\]: must be \\[low, high\\]"),
     ({"sd.templates": []}, "sd.templates is empty; give at least one prompt template"),
     ({"sd.templates": ["a photo"]}, "'a photo' must hold exactly one '\\{\\}'"),

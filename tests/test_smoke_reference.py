@@ -55,3 +55,26 @@ def test_a_missing_or_new_number_fails_the_check(reference):
 def test_spread_is_the_range_of_each_key_over_runs():
     runs = [{"a": 1.0, "b": None}, {"a": 4.0, "b": 2.0}, {"a": 2.0, "b": 3.0}]
     assert spread(runs) == {"a": 3.0}
+
+
+@pytest.mark.slow
+def test_the_smoke_run_has_the_real_vs_real_floor_below_every_synthetic_set():
+    """The held-out real set is a row of the gap table, as large as each synthetic set, with the smallest FD."""
+    if not (RUN_DIR / "results.json").is_file():
+        pytest.fail(f"{RUN_DIR} holds no finished smoke run: `make test` executes the notebooks into it first")
+    rows = {row["set"]: row for row in json.loads((RUN_DIR / "results.json").read_text())["gap"]["gap"]}
+    floor = rows.pop("real held-out")
+    assert rows, "no synthetic set in the smoke run's gap table"
+    assert all(floor["n"] == row["n"] for row in rows.values())
+    assert all(floor["fd"] < row["fd"] for row in rows.values()), {name: row["fd"] for name, row in rows.items()}
+
+
+@pytest.mark.slow
+def test_the_smoke_run_compares_the_generators_at_equal_size():
+    """The smoke SD set (20 per class) is larger than its DI set (8 per class): sd@di-size is trained and scored."""
+    if not (RUN_DIR / "results.json").is_file():
+        pytest.fail(f"{RUN_DIR} holds no finished smoke run: `make test` executes the notebooks into it first")
+    arms = {row["arm"]: row for row in json.loads((RUN_DIR / "results.json").read_text())["headline"]["arms"]}
+    assert arms["sd@di-size"]["n_seeds"] >= 1 and arms["sd"]["n_seeds"] >= 1
+    metrics = json.loads((RUN_DIR / "models" / "sd@di-size" / "seed0" / "metrics.json").read_text())
+    assert metrics["train_data"]["synthetic_images"] == 80  # di's 8 per class, not sd's 200

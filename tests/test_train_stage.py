@@ -202,3 +202,30 @@ def test_config_models_are_the_trainer_models_and_budgets_are_exclusive():
         config.resolve("smoke", run_dir="/tmp/unused", overrides={"train.epochs": 2})
     with pytest.raises(config.ConfigError, match="arm names"):
         config.resolve("smoke", run_dir="/tmp/unused", overrides={"train.arms": ["real", "real"]})
+
+
+def test_generators_are_compared_also_at_equal_size_beside_their_native_sizes(tmp_path):
+    """sd holds 3 images per class, di 1: the auto arms add sd@di-size, sd subsampled to di's 1 per class."""
+    write_batches(tmp_path / "cifar" / "cifar-10-batches-py")
+    write_synthetic(tmp_path / "run" / "synthetic" / "sd", per_class=3)
+    write_synthetic(tmp_path / "run" / "synthetic" / "di", per_class=1)
+    cfg = load(tmp_path / "run")
+    arms, _ = train_arms.plan_arms(cfg)
+    assert [arm.name for arm in arms] == ["real", "di", "sd", "real+di", "real+sd", "sd@di-size"]
+    equal = arms[-1]
+    assert (equal.synthetic, equal.size_of, equal.real) == ("sd", "di", False)
+    images = train_arms.arm_synthetic(equal, cfg.seed, "error", {})
+    whole = data.load_image_folder(tmp_path / "run" / "synthetic" / "sd")
+    assert images.class_counts().tolist() == [1] * 10 and set(images.ids) <= set(whole.ids)
+    summary = train_stage.run(cfg)
+    comparison = summary.generator_comparison()
+    assert comparison["synthetic images"].to_dict() == {"di": 10, "sd": 30, "sd@di-size": 10}
+    assert comparison["set size"].to_dict() == {"di": "native", "sd": "native", "sd@di-size": "equal to di"}
+    assert all(comparison["seeds"] == 1) and "±" not in comparison.loc["sd@di-size", "test accuracy % (mean ± std)"]
+    # the stage's key for the equal-size arm is the one consumers recompute (CurrentKeys)
+    assert train_arms.CurrentKeys(cfg, data.real_data(cfg)).check("sd@di-size", 0).usable
+
+
+def test_a_malformed_equal_size_arm_is_refused_naming_the_form(run_dir):
+    with pytest.raises(train_arms.ArmError, match="<set>@<other>-size"):
+        train_arms.make_arm(load(run_dir), "sd@di")

@@ -6,6 +6,12 @@ profiles at build time, so the reproducing page never quotes a number the code d
 `build-record`: what the runner measured while executing this build's notebooks (book/executed/build.json):
 each notebook's wall time, the device and the run directory's size; a book built without the runner says so.
 
+`quoted` (a role) and `original-study-table`: numbers measured or reported outside a run, pasted from the one
+place the code keeps them: the original study's name and table (`synthgap_helpers.train.arms`), the York Urban
+results on all 51 images (`synthgap_helpers.geometry.validation.YORK_URBAN_FULL`). ``{quoted}`original-study` ``
+is the citation, ``{quoted}`original:real` `` a reported accuracy, ``{quoted}`york:calibrated.within_2deg|%` `` a
+York Urban number (formats: ``%`` percent, ``deg`` degrees, none: as stored); an unknown key fails the build.
+
 `glued-figure`: a numbered, captioned figure whose image a notebook glued with `myst_nb.glue(key, fig,
 display=False)`. myst-nb's own `glue:figure` pastes only from the same page, and its cross-page `glue` pastes
 an image without caption or number (and without copying the image file), so the introduction could not
@@ -115,6 +121,52 @@ class ProfileCosts(SphinxDirective):
         return _parse_myst(self, lines)
 
 
+def quoted_number(key: str) -> str:
+    """The text of a `quoted` key (module doc); KeyError naming the key and the known prefixes if unknown."""
+    from synthgap_helpers.geometry.validation import YORK_URBAN_FULL
+    from synthgap_helpers.train.arms import ORIGINAL_STUDY, ORIGINAL_STUDY_CITATION, ORIGINAL_STUDY_PROTOCOL
+
+    name, _, form = key.partition("|")
+    if name == "original-study":
+        return ORIGINAL_STUDY_CITATION
+    if name == "original-protocol":
+        return ORIGINAL_STUDY_PROTOCOL
+    prefix, _, rest = name.partition(":")
+    if prefix == "original" and rest in ORIGINAL_STUDY:
+        return f"{ORIGINAL_STUDY[rest]:.2f}"
+    setting, _, measure = rest.partition(".")
+    if prefix == "york" and measure in YORK_URBAN_FULL.get(setting, {}):
+        value = YORK_URBAN_FULL[setting][measure]
+        return {"%": f"{100 * value:.1f} %", "deg": f"{value:.2f}°"}.get(form, f"{value:g}")
+    raise KeyError(f"quoted: unknown key {key!r}; known: original-study, original-protocol, original:<arm> "
+                   f"({', '.join(ORIGINAL_STUDY)}), york:<setting>.<measure> ({', '.join(YORK_URBAN_FULL)})")
+
+
+def quoted_role(name, rawtext, text, lineno, inliner, options=None, content=None):
+    """``{quoted}`key` ``: the text of `quoted_number`, or a build error naming the key."""
+    try:
+        return [nodes.Text(quoted_number(text))], []
+    except KeyError as exc:
+        message = inliner.reporter.error(str(exc.args[0]), line=lineno)
+        return [inliner.problematic(rawtext, rawtext, message)], [message]
+
+
+class OriginalStudyTable(SphinxDirective):
+    """``{original-study-table}``: the original study's reported accuracies (`tab-original`), from the code."""
+
+    def run(self):
+        import pandas as pd
+
+        from synthgap_helpers.train.arms import ORIGINAL_ORDER, ORIGINAL_STUDY
+
+        labels = {"real": "real", "di": "Diffusion Inversion (DI)", "sd": "Stable Diffusion (SD)",
+                  "real+di": "real + DI", "real+sd": "real + SD"}
+        frame = pd.DataFrame({"reported accuracy (%)": [f"{ORIGINAL_STUDY[arm]:.2f}" for arm in ORIGINAL_ORDER]},
+                             index=pd.Index([labels[arm] for arm in ORIGINAL_ORDER], name="training data"))
+        caption = "Test accuracy reported by the original study (its own split; quoted, not recomputed)."
+        return _parse_myst(self, _list_table(frame, caption, "tab-original"))
+
+
 def build_record_lines(record: dict | None) -> list[str]:
     """MyST for the build record: a sentence on profile, device and disk, then a table of notebook wall times."""
     if record is None:
@@ -148,5 +200,7 @@ def setup(app):
     app.add_directive("build-record", BuildRecord)
     app.add_directive("profile-costs", ProfileCosts)
     app.add_directive("glued-figure", GluedFigure)
+    app.add_directive("original-study-table", OriginalStudyTable)
+    app.add_role("quoted", quoted_role)
     app.connect("html-page-context", _drop_duplicate_scripts, priority=900)
     return {"parallel_read_safe": True, "parallel_write_safe": True}

@@ -261,7 +261,7 @@ def training_scheduler(pipe: Any) -> Any:
     """A DDPM scheduler on the pipeline's noise schedule: add_noise and get_velocity for training."""
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler.from_config(pipe.scheduler.config)
+    return DDPMScheduler.from_config(pipe.scheduler.config, clip_sample=False)  # never clip latents to +-1
 
 
 def step_generators(seed: int, step: int, device: torch.device) -> tuple[torch.Generator, torch.Generator]:

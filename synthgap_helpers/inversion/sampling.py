@@ -30,23 +30,21 @@ import torch
 import torch.nn.functional as F
 
 from synthgap_helpers.inversion import embeddings
+from synthgap_helpers.sd.pipelines import with_scheduler
 
 SOURCE = "di"
 PERTURBATIONS = ("both", "noise", "interpolation", "none")
 
 
 def sampling_pipeline(pipe: Any, scheduler: str = "model") -> Any:
-    """The pipeline to sample with: as loaded (`model`), or the same components with a DDIM scheduler (`ddim`)."""
+    """The pipeline to sample with: as loaded (`model`: PNDM for SD 1.4, as the authors sampled), or the same
+    components with a DDIM scheduler (`ddim`, built with clip_sample=False: SD's scheduler config has no
+    clip_sample, and DDIM's default would clip the predicted latents to +-1)."""
     if scheduler == "model":
         return pipe
     if scheduler != "ddim":
         raise ValueError(f"inversion.scheduler = {scheduler!r}: choose model or ddim")
-    from diffusers import DDIMScheduler
-
-    components = {**pipe.components, "scheduler": DDIMScheduler.from_config(pipe.scheduler.config)}
-    ddim = type(pipe)(**components, requires_safety_checker=False)
-    ddim.set_progress_bar_config(disable=True)
-    return ddim
+    return with_scheduler(pipe, "ddim")
 
 
 def to_uint8(images: np.ndarray) -> torch.Tensor:

@@ -10,12 +10,12 @@ from matplotlib.figure import Figure
 
 
 def accuracy_curves(values: pd.DataFrame, arms: Sequence[str], references: Mapping[str, float], title: str) -> Figure:
-    """Test accuracy against k (log scale), one line per arm, error bars: std over seeds."""
+    """Test accuracy against k (log scale), one line per arm, error bars: std over seeds (none for one seed)."""
     figure, ax = plt.subplots(figsize=(6, 4), layout="constrained")
     for arm in arms:
         line = values[values["arm"] == arm]
         if len(line):
-            ax.errorbar(line["k"], line["mean"], yerr=line["std"].fillna(0), marker="o", capsize=3, label=arm)
+            ax.errorbar(line["k"], line["mean"], yerr=line["std"], marker="o", capsize=3, label=arm)  # one seed: NaN, no bar
     for i, (label, accuracy) in enumerate(references.items()):
         ax.axhline(accuracy, linestyle="--", linewidth=1, color=f"C{len(arms) + i}", label=label)
     ax.set_xscale("log")

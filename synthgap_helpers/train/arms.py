@@ -27,11 +27,25 @@ from synthgap_helpers.train.trainer import (
 
 STAGE_VERSION = 1
 """Bump when what a job computes changes: finished jobs of an older version are retrained."""
+ORIGINAL_STUDY_NAME = "Fixing the Synthetic Data for Representational Learning"
+ORIGINAL_STUDY_AUTHORS = "Pankaj Gadhwal, Aayush Prakash Parmar, Vatsal Trivedi, Astitva Aryan"
+ORIGINAL_STUDY_REPOSITORY = "PankajGadhwal/Fixing-the-Synthetic-Data-for-Representational-Learning"
+ORIGINAL_STUDY_CITATION = (f'"{ORIGINAL_STUDY_NAME}" ({ORIGINAL_STUDY_AUTHORS}; GitHub '
+                           f"{ORIGINAL_STUDY_REPOSITORY})")
+"""The study synthgap reproduces, named wherever its numbers appear (the book pastes it from here)."""
+ORIGINAL_STUDY_PROTOCOL = ("ResNet-18 trained on CIFAR-10 real images, Diffusion Inversion images, Stable Diffusion "
+                           "img2img images and real plus either; accuracies on its own split, not the official test "
+                           "set, and its code scored the synthetic-trained models on synthetic images")
+"""What is known of the original study's protocol, from its repository and write-up."""
 ORIGINAL_STUDY = {"real": 81.80, "di": 78.63, "sd": 52.57, "real+di": 86.14, "real+sd": 83.94}
-"""Test accuracy (%) the original study reported for its five arms, on its own split."""
+"""Test accuracy (%) the original study reported for its five arms, on its own split: the one copy in the code."""
 ORIGINAL_ORDER = ("real", "di", "sd", "real+di", "real+sd")
-REPORTED_NOTE = ("reported by the original study on its own split, not the official test set; "
-                 "not comparable one-to-one")
+REPORTED_NOTE = (f'reported by the original study ("{ORIGINAL_STUDY_NAME}") on its own split, not the official test '
+                 "set; not comparable one-to-one")
+
+
+EQUAL_SIZE_MARK = "@"
+"""``<set>@<other>-size``: the arm of <set> subsampled, per class, to as many images as <other> holds."""
 
 
 class ArmError(ValueError, UserError):
@@ -46,6 +60,13 @@ class Arm:
     real: bool
     synthetic: str | None = None  # the synthetic set's name (a source or a folder set); None: real only
     folders: tuple[Path, ...] = ()
+    size_of: str | None = None  # equal-size arm: the synthetic set subsampled to this other set's size per class
+    size_folders: tuple[Path, ...] = ()  # that other set's folders
+
+    @property
+    def synthetic_key(self) -> str | None:
+        """What the arm's synthetic images are: the set's name, with ``@<other>-size`` when subsampled."""
+        return self.synthetic if self.size_of is None else f"{self.synthetic}{EQUAL_SIZE_MARK}{self.size_of}-size"
 
 
 @dataclass
@@ -96,6 +117,7 @@ def plan_arms(cfg: Any) -> tuple[list[Arm], dict[str, str]]:
                 names += wanted
             else:
                 skipped.update({arm: f"no images in {', '.join(map(str, folders))}" for arm in wanted})
+        names += equal_size_arms(sets, names)
         for arm in ORIGINAL_ORDER:
             if arm not in names and arm not in skipped:
                 source = arm.removeprefix("real+")
@@ -108,18 +130,67 @@ def plan_arms(cfg: Any) -> tuple[list[Arm], dict[str, str]]:
     return arms, skipped
 
 
+def _image_count(folders: tuple[Path, ...]) -> int:
+    """Image files in the class sub-folders of `folders`."""
+    return sum(1 for f in folders for file in f.glob("*/*") if file.suffix.lower() in data.IMAGE_SUFFIXES)
+
+
+def equal_size_arms(sets: dict[str, tuple[Path, ...]], names: list[str]) -> list[str]:
+    """The generator comparison at equal size: when the planned synthetic-only arms of the sources ``sd`` and ``di``
+    hold different numbers of images, the larger one again, subsampled per class to the smaller's size."""
+    if not {"sd", "di"} <= set(names):
+        return []
+    counts = {name: _image_count(sets[name]) for name in ("sd", "di")}
+    if counts["sd"] == counts["di"]:
+        return []
+    larger, smaller = sorted(counts, key=counts.get, reverse=True)
+    return [f"{larger}{EQUAL_SIZE_MARK}{smaller}-size"]
+
+
 def make_arm(cfg: Any, name: str, sets: dict[str, tuple[Path, ...]] | None = None) -> Arm:
-    """The arm of this name (``real``, ``<set>`` or ``real+<set>``) over the run's synthetic sets (`synthetic_folders`);
-    ArmError when its set is not one of them."""
+    """The arm of this name (``real``, ``<set>``, ``real+<set>``, either with ``@<other>-size``) over the run's
+    synthetic sets (`synthetic_folders`); ArmError when a set it names is not one of them."""
     sets = synthetic_folders(cfg) if sets is None else sets
-    set_name = None if name == "real" else name.removeprefix("real+")
-    if set_name is not None and set_name not in sets:
-        known = ", ".join(sets) or "none"
-        raise ArmError(f"arm {name!r}: no synthetic set {set_name!r}: {cfg.run_dir / 'synthetic' / set_name} has no "
-                       f"manifest and train.folders names no such set (sets of this run: {known}); run the "
-                       f"generation stage first, add it to train.folders, or leave the arm out of train.arms")
-    return Arm(name, real=name == "real" or name.startswith("real+"), synthetic=set_name,
-               folders=sets.get(set_name, ()) if set_name else ())
+    base, _, size = name.partition(EQUAL_SIZE_MARK)
+    set_name = None if base == "real" else base.removeprefix("real+")
+    size_of = size.removesuffix("-size") if size else None
+    if size and (set_name is None or not size.endswith("-size")):
+        raise ArmError(f"arm {name!r}: an equal-size arm is <set>@<other>-size or real+<set>@<other>-size, "
+                       "e.g. di@sd-size")
+    for wanted in (set_name, size_of):
+        if wanted is not None and wanted not in sets:
+            known = ", ".join(sets) or "none"
+            raise ArmError(f"arm {name!r}: no synthetic set {wanted!r}: {cfg.run_dir / 'synthetic' / wanted} has no "
+                           f"manifest and train.folders names no such set (sets of this run: {known}); run the "
+                           f"generation stage first, add it to train.folders, or leave the arm out of train.arms")
+    return Arm(name, real=base == "real" or base.startswith("real+"), synthetic=set_name,
+               folders=sets.get(set_name, ()) if set_name else (), size_of=size_of,
+               size_folders=sets.get(size_of, ()) if size_of else ())
+
+
+def equal_size_subset(larger: ImageSet, smaller: ImageSet, seed: int, arm: str) -> ImageSet:
+    """`larger` subsampled without replacement (seeded), per class, to as many images as `smaller` holds of it."""
+    wanted, available = smaller.class_counts(), larger.class_counts()
+    short = {CLASSES[c]: (int(available[c]), int(wanted[c])) for c in range(len(CLASSES)) if available[c] < wanted[c]}
+    if short:
+        raise ArmError(f"arm {arm!r}: its set holds fewer images than the set it is matched to in class(es) "
+                       f"{short} (held, wanted); leave the arm out of train.arms")
+    rng = np.random.default_rng(seed)
+    labels = larger.labels.numpy()
+    chosen = [rng.choice(np.flatnonzero(labels == c), size=int(wanted[c]), replace=False) for c in range(len(CLASSES))]
+    return larger.subset(np.sort(np.concatenate(chosen)))
+
+
+def arm_synthetic(arm: Arm, seed: int, on_bad_image: str, cache: dict[str, ImageSet]) -> ImageSet:
+    """The synthetic images an arm trains on (its set, or the equal-size subsample), loaded once per `cache`."""
+    if arm.synthetic_key not in cache:
+        if arm.size_of is None:
+            cache[arm.synthetic_key] = load_synthetic(arm, on_bad_image)
+        else:
+            whole = arm_synthetic(Arm(arm.synthetic, False, arm.synthetic, arm.folders), seed, on_bad_image, cache)
+            other = arm_synthetic(Arm(arm.size_of, False, arm.size_of, arm.size_folders), seed, on_bad_image, cache)
+            cache[arm.synthetic_key] = equal_size_subset(whole, other, seed, arm.name)
+    return cache[arm.synthetic_key]
 
 
 def load_synthetic(arm: Arm, on_bad_image: str = "error") -> ImageSet:
@@ -314,6 +385,7 @@ class CurrentKeys:
         self.cfg = cfg
         self.real_prints = real_fingerprints(real)
         self._sets: dict[str, tuple[Path, ...]] | None = None
+        self._loaded: dict[str, ImageSet] = {}
         self._synthetic: dict[str, str | None] = {}
 
     def __call__(self, arm_name: str, seed: int) -> str:
@@ -321,9 +393,10 @@ class CurrentKeys:
         if self._sets is None:
             self._sets = synthetic_folders(self.cfg)
         arm = make_arm(self.cfg, arm_name, self._sets)
-        if arm.synthetic is not None and arm.synthetic not in self._synthetic:
-            self._synthetic[arm.synthetic] = fingerprint(load_synthetic(arm, self.cfg.data.on_bad_image))
-        prints = job_fingerprints(arm, self.real_prints, self._synthetic.get(arm.synthetic))
+        if arm.synthetic is not None and arm.synthetic_key not in self._synthetic:
+            images = arm_synthetic(arm, self.cfg.seed, self.cfg.data.on_bad_image, self._loaded)
+            self._synthetic[arm.synthetic_key] = fingerprint(images)
+        prints = job_fingerprints(arm, self.real_prints, self._synthetic.get(arm.synthetic_key))
         return job_key(arm, seed, trainer_params(self.cfg, arm), prints)
 
     def check(self, arm_name: str, seed: int) -> ModelCheck:
@@ -339,7 +412,8 @@ class CurrentKeys:
         return check_model(folder, key)
 
 
-__all__ = ["CORRUPT", "METRICS_FILE", "MODEL_FILE", "NOT_TRAINED", "ORIGINAL_ORDER", "ORIGINAL_STUDY", "REPORTED_NOTE",
-           "Arm", "ArmData", "ArmError", "CurrentKeys", "ModelCheck", "check_model", "fingerprint", "job_dir",
-           "job_fingerprints", "job_key", "load_synthetic", "make_arm", "plan_arms", "read_finished",
+__all__ = ["CORRUPT", "EQUAL_SIZE_MARK", "METRICS_FILE", "MODEL_FILE", "NOT_TRAINED", "ORIGINAL_ORDER", "ORIGINAL_STUDY",
+           "ORIGINAL_STUDY_CITATION", "ORIGINAL_STUDY_NAME", "ORIGINAL_STUDY_PROTOCOL",
+           "REPORTED_NOTE", "Arm", "ArmData", "ArmError", "CurrentKeys", "ModelCheck", "arm_synthetic", "check_model",
+           "equal_size_arms", "equal_size_subset", "fingerprint", "job_dir", "job_fingerprints", "job_key", "load_synthetic", "make_arm", "plan_arms", "read_finished",
            "real_fingerprints", "seeds_of", "synthetic_folders", "trainer_params"]

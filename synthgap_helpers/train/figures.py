@@ -74,7 +74,7 @@ def training_curves(curves: Mapping[str, Mapping[str, Any]]) -> Figure:
 
 
 def accuracy_bars(values: Any, per_seed: Any) -> Figure:
-    """Test accuracy per arm: bar = mean over seeds, whisker = std, dots = single seeds; open diamonds mark
+    """Test accuracy per arm: bar = mean over seeds, whisker = std (none for one seed), dots = single seeds; open diamonds mark
     the accuracy the original study reported (its own split, so a reference point, not a target).
 
     `values` is indexed by arm with columns mean, std, n_seeds, reported_by_original_study; `per_seed` has
@@ -83,9 +83,10 @@ def accuracy_bars(values: Any, per_seed: Any) -> Figure:
     fig, ax = plt.subplots(figsize=(1.6 + 1.05 * len(arms), 4.4))
     positions = np.arange(len(arms))
     means = values["mean"].to_numpy(dtype=float)
-    spreads = np.nan_to_num(values["std"].to_numpy(dtype=float))
+    several = values["n_seeds"].to_numpy(dtype=float) >= 2
+    spreads = np.where(several, values["std"].to_numpy(dtype=float), np.nan)  # one seed: no whisker, not a zero-width one
     ax.bar(positions, np.nan_to_num(means), yerr=spreads, color="C0", alpha=0.75, capsize=4,
-           label="this run: mean ± std over seeds")
+           label="this run: mean ± std over seeds" if several.any() else "this run: one seed (no spread)")
     for position, arm in zip(positions, arms):
         seeds = per_seed.loc[per_seed["arm"] == arm, "test_accuracy"].to_numpy(dtype=float)
         ax.plot(np.full(len(seeds), position), seeds, ".", color="black", markersize=5)

@@ -58,16 +58,17 @@ from synthgap_helpers.train.arms import (
     MODEL_FILE,
     ORIGINAL_ORDER,
     ORIGINAL_STUDY,
+    ORIGINAL_STUDY_CITATION,
     REPORTED_NOTE,
     STAGE_VERSION,
     Arm,
     ArmData,
+    arm_synthetic,
     check_model,
     fingerprint,
     job_dir,
     job_fingerprints,
     job_key,
-    load_synthetic,
     plan_arms,
     read_finished,
     real_fingerprints,
@@ -224,6 +225,26 @@ class TrainingSummary:
         table.index.name = "arm"
         return table
 
+    def generator_comparison(self) -> pd.DataFrame:
+        """The generators compared at their native set sizes and at equal size: per synthetic-only arm of the
+        sources sd and di (``<larger>@<smaller>-size``: the larger set subsampled per class, the same steps),
+        its images and test accuracy as mean ± std over seeds (no spread for one seed)."""
+        values = self.accuracy_values()
+        rows = {}
+        for arm in self.arms:
+            if arm.real or arm.synthetic not in ("sd", "di"):
+                continue
+            v = values.loc[arm.name]
+            n = int(v["n_seeds"])
+            accuracy = MISSING if n == 0 else f"{v['mean']:.2f}" + (f" ± {v['std']:.2f}" if n > 1 else "")
+            rows[arm.name] = {"generator": arm.synthetic,
+                              "set size": "native" if arm.size_of is None else f"equal to {arm.size_of}",
+                              "synthetic images": self.arm_sizes[arm.name]["synthetic"], "seeds": n,
+                              "test accuracy % (mean ± std)": accuracy}
+        table = pd.DataFrame.from_dict(rows, orient="index")
+        table.index.name = "arm"
+        return table
+
     def per_seed(self) -> pd.DataFrame:
         """One row per finished job: arm, seed, test and validation accuracy (%), best step, steps, images/s, seconds."""
         rows = [{"arm": arm, "seed": seed, "test_accuracy": 100 * r["test"]["accuracy"],
@@ -242,7 +263,7 @@ class TrainingSummary:
         for arm in self.arms:
             sizes = self.arm_sizes[arm.name]
             rows[arm.name] = {"real train images": sizes["real"], "synthetic images": sizes["synthetic"],
-                              "synthetic set": arm.synthetic or "—", "validation (real)": self.real_sizes["val"],
+                              "synthetic set": arm.synthetic_key or "—", "validation (real)": self.real_sizes["val"],
                               "test (real)": self.real_sizes["test"], "test fingerprint": self.test_fingerprint,
                               "seeds": ", ".join(map(str, self.seeds))}
         table = pd.DataFrame.from_dict(rows, orient="index")
@@ -334,9 +355,7 @@ def run(cfg: Any, shard: Shard = Shard(), train: bool = True) -> TrainingSummary
     for arm in arms:
         synthetic = None
         if arm.synthetic is not None:
-            if arm.synthetic not in synthetic_cache:
-                synthetic_cache[arm.synthetic] = load_synthetic(arm, cfg.data.on_bad_image)
-            synthetic = synthetic_cache[arm.synthetic]
+            synthetic = arm_synthetic(arm, cfg.seed, cfg.data.on_bad_image, synthetic_cache)
         arm_data[arm.name] = ArmData(real.train if arm.real else None, synthetic)
     prints = real_fingerprints(real)
     synthetic_prints = {name: fingerprint(s) for name, s in synthetic_cache.items()}
@@ -346,7 +365,7 @@ def run(cfg: Any, shard: Shard = Shard(), train: bool = True) -> TrainingSummary
     keys, todo, reused, pending, problems, messages = {}, [], [], [], {}, {}
     for arm in arms:
         params = trainer_params(cfg, arm)
-        fingerprints = job_fingerprints(arm, prints, synthetic_prints.get(arm.synthetic))
+        fingerprints = job_fingerprints(arm, prints, synthetic_prints.get(arm.synthetic_key))
         for seed in seeds:
             key = keys[(arm.name, seed)] = job_key(arm, seed, params, fingerprints)
             check = check_model(job_dir(cfg.run_dir, arm.name, seed), key)
@@ -387,7 +406,7 @@ def run(cfg: Any, shard: Shard = Shard(), train: bool = True) -> TrainingSummary
 
 # --------------------------------------------------------------------------------------------- headline
 
-REPORTED_CITATION = "reported by the original study, on its own split, not the official test set"
+REPORTED_CITATION = f"reported by {ORIGINAL_STUDY_CITATION}, on its own split, not the official test set"
 
 
 def training_summary(cfg: Any) -> TrainingSummary:
