@@ -28,7 +28,7 @@ def test_work_counts_steps_images_and_guided_passes():
     assert work.loc["DI embedding training (03)", "amount"] == 50 * 2000
     assert work.loc["classifier training (04)", "amount"] == 5 * 3 * 10000 * 128
     assert work.loc["low-data sweep (07)", "amount"] == 4 * 3 * 3 * 5000 * 128
-    assert work.loc["fine-tuning (07)", "amount"] == 4 * 2 * 3 * 5000 * 128
+    assert work.loc["fine-tuning (07)", "amount"] == 4 * 2 * 3 * (5000 + 5000) * 128  # synthetic-only model, then tuning
     assert work.loc["Grad-CAM maps (05)", "amount"] == 5 * 1000
 
 

@@ -147,9 +147,10 @@ def _train(job: _Job, real: data.RealData, device: str) -> dict[str, Any]:
         return evaluate(model, real.test.images, real.test.labels, device=device, amp=job.params.amp,
                         channels_last=job.params.channels_last)["accuracy"]
 
-    init_model, init_accuracy = None, float("nan")
+    init_model, init_accuracy, init_seconds = None, float("nan"), 0.0
     if job.pretrain is not None:
-        init_model = fit(job.pretrain, job.pretrain_params).model
+        pretrained = fit(job.pretrain, job.pretrain_params)
+        init_model, init_seconds = pretrained.model, pretrained.seconds
         init_accuracy = test_accuracy(init_model)
     result = fit(job.real, job.params, synthetic_images=None if job.synthetic is None else job.synthetic.images,
                  synthetic_labels=None if job.synthetic is None else job.synthetic.labels, init_model=init_model,
@@ -159,7 +160,7 @@ def _train(job: _Job, real: data.RealData, device: str) -> dict[str, Any]:
             "n_synthetic": 0 if synthetic is None else len(synthetic),
             "init": "" if job.pretrain is None else f"trained on its {len(job.pretrain)} synthetic images alone",
             "init_test_accuracy": init_accuracy, "test_accuracy": test_accuracy(result.model),
-            "subset_accuracy": result.val_metrics["accuracy"], "steps": result.steps, "seconds": result.seconds,
+            "subset_accuracy": result.val_metrics["accuracy"], "steps": result.steps, "seconds": init_seconds + result.seconds,
             "key": job.key}
 
 
