@@ -79,7 +79,8 @@ def write_real_ids(run_dir: Path, k: int, order_seed: int, real_ids: Sequence[st
 
 
 def write_manifest(run_dir: Path, k: int, source: str, records: Sequence[dict[str, Any]], ids: Sequence[str]) -> Path:
-    """``lowdata/k<K>/<source>/manifest.jsonl``: the manifest records of the synthetic images the arm trains on."""
+    """``lowdata/k<K>/<source>/manifest.jsonl``: the manifest records of the synthetic images the arm trains on
+    (none for a skipped arm)."""
     wanted = set(ids)
     text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records if r["id"] in wanted)
     return atomic_write(arm_folder(run_dir, k) / source / "manifest.jsonl", lambda tmp: tmp.write_text(text))

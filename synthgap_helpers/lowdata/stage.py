@@ -287,7 +287,7 @@ def _setup(cfg: Any, prefix: str) -> _Setup:
         containment.write_real_ids(cfg.run_dir, k, cfg.seed, subset.ids)
         for name, (images, records) in sets.items():
             allowed = containment.contained(records, subset.ids, k, name)
-            containment.write_manifest(cfg.run_dir, k, name, records, allowed.ids)
+            containment.write_manifest(cfg.run_dir, k, name, records, [] if allowed.skipped else allowed.ids)
             if allowed.skipped is not None:
                 synthetic[(k, name)] = None
                 skipped[f"{prefix}{name} at k={k}"] = allowed.skipped
