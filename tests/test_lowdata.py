@@ -175,6 +175,20 @@ def test_lowdata_arms_train_only_on_synthetic_images_made_from_their_k_subset(ru
     assert rows.loc[(1, "real+di"), "n_synthetic"] == 10 and rows.loc[(2, "real+sd"), "n_synthetic"] == 20
 
 
+def test_an_arm_whose_set_does_not_cover_its_k_subset_is_skipped_with_the_reason(run_dir, trainings):
+    cfg = load(run_dir, **{"lowdata.sources": ["sd"]})
+    train = data.real_data(cfg).train
+    order = data.nested_order(train.labels, cfg.seed)
+    records = [{"id": f"{name}/sd_0", "source_id": train.ids[order[c][0]]} for c, name in enumerate(data.CLASSES)]
+    shutil.rmtree(run_dir / "synthetic" / "sd")  # img2img from the first image of each class only
+    ImageFolderWriter(run_dir / "synthetic" / "sd").write(np.zeros((10, 3, 32, 32), dtype=np.uint8), records)
+    summary = lowdata.sweep(cfg)
+    assert sorted(summary.trained) == [(1, "real", 0), (1, "real+sd", 0), (2, "real", 0)]
+    assert list(summary.skipped) == ["real+sd at k=2"] and "only from 10 of the 20 real images" in repr(summary)
+    assert (run_dir / "lowdata" / "k2" / "sd" / "manifest.jsonl").read_text() == ""
+    assert results.read_records(run_dir)["lowdata"]["skipped"] == summary.skipped
+
+
 def check_containment(run_dir: Path, expected: dict[tuple[int, str], int] | None = None) -> None:
     """Read lowdata/k<K>/real_ids.json and lowdata/k<K>/<source>/manifest.jsonl: every image an arm trains on
     draws (source, partner, and its group when uncond is mean) only on the k-subset's real images."""
