@@ -130,12 +130,19 @@ def work_table(cfg: Any) -> pd.DataFrame:
         arms[f"{larger}@{smaller}-size"] = synthetic[smaller]
     trained = train.seeds * sum(_passes(train.steps, train.epochs, pool, train.batch_size) for pool in arms.values())
     low_steps = low.steps if low.steps is not None else train.steps
+    per_class = real["train"] // CLASSES
+
+    def contained(source: str, k: int) -> int:  # the part of a set made from the k-subset (txt2img: all of it)
+        whole = synthetic.get(source, 0)
+        return whole if source == "sd" and sd.mode == "txt2img" else whole * k // per_class
+
     sweep = low.seeds * sum(
         _passes(low_steps, train.epochs, CLASSES * k + mixed * extra, train.batch_size)
-        for k in low.k_per_class for extra in [0] + [synthetic.get(s, 0) for s in low.sources])
+        for k in low.k_per_class for extra in [0] + [contained(s, k) for s in low.sources])
     tune_steps = low.finetune_steps if low.finetune_steps is not None else low_steps
-    finetune = low.seeds * len(low.sources) * sum(
-        _passes(tune_steps, train.epochs, CLASSES * k, train.batch_size) for k in low.k_per_class)
+    finetune = low.seeds * sum(
+        _passes(low_steps, train.epochs, contained(s, k), train.batch_size)
+        + _passes(tune_steps, train.epochs, CLASSES * k, train.batch_size) for k in low.k_per_class for s in low.sources)
     cam_images = CLASSES * cam.images_per_class
     faithful = min(cam.faithfulness_images or cam_images, cam_images)
     sd_guidance = sd.guidance if sd.guidance_range is None else max(sd.guidance_range)
@@ -151,8 +158,9 @@ def work_table(cfg: Any) -> pd.DataFrame:
         ("low-data sweep (07)", sweep, "training images", "train",
          f"{len(low.k_per_class)} values of k x {1 + len(low.sources)} arms x {low.seeds} seeds"),
         ("fine-tuning (07)", finetune, "training images", "train",
-         (f"{len(low.k_per_class)} values of k x {len(low.sources)} sources x {low.seeds} seeds (an upper bound: "
-         "frozen layers need no gradients)")),
+         (f"{len(low.k_per_class)} values of k x {len(low.sources)} sources x {low.seeds} seeds, each a model of the "
+         "synthetic images made from the k-subset, then its fine-tuning (an upper bound: frozen layers need no "
+         "gradients)")),
         ("Grad-CAM maps (05)", len(arms) * cam_images, "images", "gradcam",
          f"{cam_images} real test images x {len(arms)} arms"),
         ("Grad-CAM deletion and insertion (05)", len(arms) * faithful * 2 * (cam.deletion_steps + 1),

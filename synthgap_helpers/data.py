@@ -714,6 +714,16 @@ def balanced_indices(labels: np.ndarray | torch.Tensor, per_class: int, seed: in
     return np.sort(np.concatenate(chosen))
 
 
+def nested_order(labels: np.ndarray | torch.Tensor, seed: int) -> list[np.ndarray]:
+    """Per class, the positions of its images in one seeded permutation: the order in which the low-data study
+    takes real images (its k-subset is the first k of every class), and in which Diffusion Inversion groups and
+    img2img source images are drawn, so that the synthetic images of every k-subset are made first and from it alone.
+    """
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    return [rng.permutation(np.flatnonzero(labels == class_index)) for class_index in range(len(CLASSES))]
+
+
 @dataclass
 class RealData:
     """The real images of a run: train subset, validation split (from train), and test set."""

@@ -24,7 +24,8 @@ from synthgap_helpers.errors import DataError
 from synthgap_helpers.storage import atomic_write_json
 
 RESULTS_FILE = "results.json"
-GAIN_COLUMNS = ["over", "seeds", "baseline seeds", "gain (points)", "ci95_low", "ci95_high"]
+GAIN_COLUMNS = ["over", "seeds", "baseline seeds", "test", "gain (points)", "ci95_low", "ci95_high"]
+PAIRED, WELCH = "paired", "Welch"  # the test of a gain row: paired t over shared seeds, or Welch's unequal-variance t
 MISSING = "not trained"  # what a table or the introduction shows for an arm without finished models
 
 
@@ -136,17 +137,50 @@ def welch_difference(values: list[float], reference: list[float]) -> dict[str, f
     return result
 
 
-def gains_over(per_seed: pd.DataFrame, baseline: str, scale: float = 1.0) -> pd.DataFrame:
+def paired_difference(values: list[float], reference: list[float]) -> dict[str, float]:
+    """mean(values - reference) over pairs (the same seed in both arms: same initial weights, same data) with its
+    95% Student-t interval on n - 1 degrees of freedom, as scipy.stats.ttest_rel; NaN interval for one pair."""
+    if len(values) != len(reference) or not values:
+        raise ValueError(f"paired_difference needs two equally long, non-empty lists; got {len(values)} and "
+                         f"{len(reference)} values")
+    differences = np.asarray(values, dtype=float) - np.asarray(reference, dtype=float)
+    stats = summarize_seeds(list(differences))
+    return {"difference": stats["mean"], "ci95_low": stats["ci95_low"], "ci95_high": stats["ci95_high"],
+            "df": float(len(differences) - 1) if len(differences) > 1 else math.nan}
+
+
+def _paired_seeds(arm: pd.DataFrame, baseline: pd.DataFrame) -> list[Any] | None:
+    """The seeds both arms ran, in order, when they ran the same seeds once each (then runs pair); else None."""
+    seeds, reference = list(arm["seed"]), list(baseline["seed"])
+    if len(set(seeds)) != len(seeds) or len(set(reference)) != len(reference) or set(seeds) != set(reference):
+        return None
+    return sorted(seeds)
+
+
+def gains_over(per_seed: pd.DataFrame, baseline: str, scale: float = 1.0, *, paired: bool = False) -> pd.DataFrame:
     """Every other arm of `per_seed` (rows with ``arm`` and ``test_accuracy``, times `scale` for %) against
-    `baseline`: its mean minus the baseline's, in points, with the 95% Welch interval over seeds (NaN until both
-    arms have two seeds); indexed by arm in order of appearance, empty while the baseline has no rows."""
-    reference = list(scale * per_seed.loc[per_seed["arm"] == baseline, "test_accuracy"])
+    `baseline`: its mean minus the baseline's, in points, with a 95% interval over seeds; indexed by arm in order
+    of appearance, empty while the baseline has no rows.
+
+    With `paired` (rows also carry ``seed``; use it when the same seed gives both arms the same initial weights and
+    data) an arm that ran exactly the baseline's seeds gets the paired interval (`paired_difference`, NaN until two
+    seeds); any other arm, and every arm without `paired`, the Welch interval (`welch_difference`, NaN until both
+    arms have two seeds). Column ``test`` says which (PAIRED or WELCH)."""
+    base = per_seed.loc[per_seed["arm"] == baseline]
+    reference = list(scale * base["test_accuracy"])
     rows = {}
     for arm, group in per_seed.groupby("arm", sort=False):
-        if arm != baseline and reference:
-            gain = welch_difference(list(scale * group["test_accuracy"]), reference)
-            rows[arm] = {"over": baseline, "seeds": len(group), "baseline seeds": len(reference),
-                         "gain (points)": gain["difference"], "ci95_low": gain["ci95_low"], "ci95_high": gain["ci95_high"]}
+        if arm == baseline or not reference:
+            continue
+        seeds = _paired_seeds(group, base) if paired else None
+        if seeds is None:
+            test, gain = WELCH, welch_difference(list(scale * group["test_accuracy"]), reference)
+        else:
+            values = [scale * group.set_index("seed").loc[seed, "test_accuracy"] for seed in seeds]
+            test, gain = PAIRED, paired_difference(values, [scale * base.set_index("seed").loc[seed, "test_accuracy"]
+                                                            for seed in seeds])
+        rows[arm] = {"over": baseline, "seeds": len(group), "baseline seeds": len(reference), "test": test,
+                     "gain (points)": gain["difference"], "ci95_low": gain["ci95_low"], "ci95_high": gain["ci95_high"]}
     table = pd.DataFrame.from_dict(rows, orient="index", columns=GAIN_COLUMNS)
     table.index.name = "arm"
     return table
@@ -165,26 +199,31 @@ class GlueText:
         return self.text
 
 
-def gain_text(gain: float, low: float, high: float) -> str:
-    """'+4.3 points (95% Welch interval +3.1 to +5.5)', or with '(one seed per arm: no interval)'."""
+def gain_text(gain: float, low: float, high: float, test: str = WELCH) -> str:
+    """'+4.3 points (95% paired interval +3.1 to +5.5)' (`test`: PAIRED or WELCH), or with '(one seed per arm:
+    no interval)'."""
     interval = ("one seed per arm: no interval" if math.isnan(low) else
-                f"95% Welch interval {low:+.1f} to {high:+.1f}")
+                f"95% {test} interval {low:+.1f} to {high:+.1f}")
     return f"{gain:+.1f} points ({interval})"
 
 
-def largest_gain(gains: pd.DataFrame) -> str:
-    """The row of a low-data gains table (k, arm, gain, interval) with the largest gain, as a sentence part."""
-    if gains.empty:
+def planned_gain(gains: pd.DataFrame, k: int, arm: str) -> str:
+    """The row (k, arm) of a low-data gains table, the comparison fixed before the run, as a sentence part
+    ('real+di at k = 10 real images per class, +4.3 points (95% paired interval ...) over real'); MISSING when
+    that row was not trained."""
+    rows = gains.loc[(gains["k"] == k) & (gains["arm"] == arm)] if not gains.empty else gains
+    if rows.empty:
         return MISSING
-    row = gains.loc[gains["gain (points)"].idxmax()]
-    return (f"{row['arm']} at k = {int(row['k'])} real images per class, "
-            f"{gain_text(row['gain (points)'], row['ci95_low'], row['ci95_high'])} over {row['over']}")
+    row = rows.iloc[0]
+    return (f"{arm} at k = {k} real images per class, "
+            f"{gain_text(row['gain (points)'], row['ci95_low'], row['ci95_high'], row['test'])} over {row['over']}")
 
 
 def story_numbers(cfg: Any, headline: Any, sweep: Any = None, finetuned: Any = None) -> dict[str, GlueText]:
     """The numbers the book's introduction quotes, by glue key: the profile, what its numbers mean, the
     size of the real test set, each arm's test accuracy as "mean ± std % (n seeds)", each trained arm's
-    gain over real, and (given the low-data and fine-tuning summaries) where each helps most."""
+    gain over real, and (given the low-data and fine-tuning summaries) the comparison of each fixed in advance
+    (their `planned`: the DI arm against its baseline at the smallest k)."""
     texts = {"profile": cfg.profile, "profile_meaning": config.profile_meaning(cfg.profile),
              "test_images": f"{headline.test_images:,}"}
     for arm, row in headline.values.iterrows():
@@ -199,10 +238,10 @@ def story_numbers(cfg: Any, headline: Any, sweep: Any = None, finetuned: Any = N
     for arm in headline.values.index.drop("real", errors="ignore"):
         row = headline.gains.loc[arm] if arm in headline.gains.index else None
         texts[f"gain_{arm}"] = MISSING if row is None else \
-            gain_text(row["gain (points)"], row["ci95_low"], row["ci95_high"])
-    for key, curves in (("lowdata_largest_gain", sweep), ("finetune_largest_gain", finetuned)):
+            gain_text(row["gain (points)"], row["ci95_low"], row["ci95_high"], row["test"])
+    for key, curves in (("lowdata_planned_gain", sweep), ("finetune_planned_gain", finetuned)):
         if curves is not None:
-            texts[key] = largest_gain(curves.gains())
+            texts[key] = planned_gain(curves.gains(), *curves.planned) if curves.planned else MISSING
     return {key: GlueText(text) for key, text in texts.items()}
 
 
@@ -218,5 +257,6 @@ def glue_story(cfg: Any, headline: Any, sweep: Any = None, finetuned: Any = None
                         index=pd.Index(list(texts), name="glue key"))
 
 
-__all__ = ["GAIN_COLUMNS", "MISSING", "CorruptResults", "GlueText", "frame_records", "gain_text", "gains_over", "glue_story", "json_safe",
-           "largest_gain", "read_records", "record", "story_numbers", "summarize_seeds", "welch_difference"]
+__all__ = ["GAIN_COLUMNS", "MISSING", "PAIRED", "WELCH", "CorruptResults", "GlueText", "frame_records", "gain_text",
+           "gains_over", "glue_story", "json_safe", "paired_difference", "planned_gain", "read_records", "record",
+           "story_numbers", "summarize_seeds", "welch_difference"]

@@ -71,8 +71,8 @@ def collect(run_dir: str | Path) -> dict[str, float]:
             key = f"{section}/k{point['k']}/{point['arm']}"
             values.update({f"{key}/test_accuracy": point["mean"], f"{key}/n_real": point["n_real"],
                            f"{key}/n_synthetic": point["n_synthetic"]})
-    for name, accuracy in results["finetune"]["before_finetuning"].items():
-        values[f"finetune/{name.split()[0]}/before_finetuning"] = accuracy
+            if point.get("before_finetuning") is not None:  # the synthetic-only model a fine-tuning arm starts from
+                values[f"{key}/before_finetuning"] = point["before_finetuning"]
     for row in results["gap"]["gap"]:
         values.update({f"gap/{row['set']}/{measure}": row[measure] for measure in ("fd", "kid", "precision", "recall")})
         values[f"gap/{row['set']}/n_images"] = row["n"]

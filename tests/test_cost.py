@@ -29,7 +29,7 @@ def test_work_counts_steps_images_and_guided_passes():
     assert work.loc["classifier training (04)", "amount"] == 6 * 3 * 10000 * 128  # the 5 arms and di@sd-size
     assert "6 arms" in work.loc["classifier training (04)", "what"]
     assert work.loc["low-data sweep (07)", "amount"] == 4 * 3 * 3 * 5000 * 128
-    assert work.loc["fine-tuning (07)", "amount"] == 4 * 2 * 3 * 5000 * 128
+    assert work.loc["fine-tuning (07)", "amount"] == 4 * 2 * 3 * (5000 + 5000) * 128  # synthetic-only model, then tuning
     assert work.loc["Grad-CAM maps (05)", "amount"] == 6 * 1000
     assert work.loc["real-vs-synthetic detectors (07)", "amount"] == 2 * 3 * 1000 * 128  # sd, di and the real floor
 

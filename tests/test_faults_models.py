@@ -25,7 +25,6 @@ from study_files import TINY_TRAINING, write_batches, write_synthetic
 from synthgap_helpers import cli, config, data
 from synthgap_helpers.gap import stage as gap_stage
 from synthgap_helpers.gradcam import stage as gradcam_stage
-from synthgap_helpers.lowdata import stage as lowdata_stage
 from synthgap_helpers.train import arms as train_arms
 from synthgap_helpers.train import stage as train_stage
 from synthgap_helpers.train import trainer
@@ -136,16 +135,6 @@ def test_a_truncated_model_is_refused_by_gap_and_skipped_by_gradcam_naming_the_f
     assert status.loc["real", "this call"].startswith("skipped: model file corrupt")
     err = capsys.readouterr().err
     assert f"Grad-CAM skips {model_file(run_dir)}: model file corrupt" in err
-
-
-def test_fine_tuning_refuses_a_truncated_start_model_naming_the_file(run_dir):
-    truncate(model_file(run_dir, "sd"))
-    cfg = load(run_dir, **{"lowdata.sources": ["sd"], "lowdata.seeds": 1, "lowdata.k_per_class": [1]})
-    with pytest.raises(lowdata_stage.MissingModelError) as error:
-        lowdata_stage.finetune(cfg)
-    message = str(error.value)
-    assert f"{model_file(run_dir, 'sd')}: model file corrupt" in message and re.search(FIX, message)
-    assert "\n" not in message and not (run_dir / "results" / "finetune.csv").exists()
 
 
 def test_loading_a_truncated_model_directly_names_the_file_not_a_safetensor_error(run_dir):

@@ -71,6 +71,18 @@ def test_groups_are_class_balanced_and_in_a_fixed_order():
     assert len(inversion.plan_groups(ids, labels, group_size=2, num_groups=1)) == 1
 
 
+def test_groups_follow_a_priority_order_so_each_k_subset_is_a_run_of_whole_groups():
+    labels = [0, 0, 0, 1, 1, 1]
+    ids = [f"i{n}" for n in range(6)]
+    groups = inversion.plan_groups(ids, labels, group_size=2, priority=[2, 0, 1, 5, 4, 3])
+    assert [g.ids for g in groups] == [("i2", "i5"), ("i0", "i4"), ("i1", "i3")]  # rank r of each class in group r
+    first = [i for order in data.nested_order(labels, seed=3) for i in order[:1]]  # the k=1 subset of seed 3
+    priority = [int(i) for order in data.nested_order(labels, seed=3) for i in order]
+    assert sorted(inversion.plan_groups(ids, labels, 2, priority=priority)[0].positions) == sorted(first)
+    with pytest.raises(ValueError, match="each of the 6 positions exactly once"):
+        inversion.plan_groups(ids, labels, 2, priority=[0, 1, 2])
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input: a clear error before any work
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,14 +13,11 @@ import torch
 from study_files import TINY_TRAINING, write_batches, write_synthetic
 
 from synthgap_helpers import config, data, results
+from synthgap_helpers.data import ImageFolderWriter
+from synthgap_helpers.lowdata import containment
 from synthgap_helpers.lowdata import stage as lowdata
-from synthgap_helpers.train import arms as train_arms
 from synthgap_helpers.train.models import build_model
-from synthgap_helpers.train.trainer import (
-    TrainParams,
-    save_checkpoint,
-    train_classifier,
-)
+from synthgap_helpers.train.trainer import TrainParams, train_classifier
 from synthgap_helpers.workload import Shard
 
 LOW = {"lowdata.k_per_class": [1, 2], "lowdata.seeds": 1, "lowdata.steps": 2}
@@ -35,18 +34,6 @@ def run_dir(tmp_path: Path) -> Path:
 def load(run_dir: Path, **overrides) -> config.Config:
     return config.load("smoke", run_dir=run_dir, record=False,
                        overrides={**TINY_TRAINING, "data.root": str(run_dir.parent / "cifar"), **LOW, **overrides})
-
-
-def write_synthetic_models(run_dir: Path) -> None:
-    """Random-weight narrow checkpoints saved as the training stage saves the synthetic-only arms' finished jobs
-    (metrics.json with the job key, test metrics and the file's SHA-256)."""
-    cfg = load(run_dir)
-    keys = train_arms.CurrentKeys(cfg, data.real_data(cfg))
-    for i, source in enumerate(("sd", "di")):
-        torch.manual_seed(10 + i)
-        save_checkpoint(build_model("resnet18_cifar_narrow"), run_dir / "models" / source / "seed0" / "model.safetensors",
-                        {"model": "resnet18_cifar_narrow", "num_classes": 10, "key": keys(source, 0),
-                         "version": train_arms.STAGE_VERSION, "test": {"accuracy": 0.1 * (i + 1)}})
 
 
 @pytest.fixture()
@@ -91,26 +78,26 @@ def test_sweep_writes_a_row_per_k_arm_seed_and_resumes_without_retraining(run_di
     assert len(lowdata.sweep(load(run_dir, **{"lowdata.steps": 3})).trained) == 6  # a new budget retrains all
 
 
-def test_finetune_starts_from_the_synthetic_models_and_reuses_the_sweeps_scratch_models(run_dir, trainings):
+def test_finetune_first_trains_on_the_contained_synthetic_set_and_reuses_the_sweeps_scratch_models(run_dir, trainings):
     cfg = load(run_dir)
-    with pytest.raises(lowdata.MissingModelError, match="notebook 04"):
-        lowdata.finetune(cfg)
-    write_synthetic_models(run_dir)
     lowdata.sweep(cfg)
     summary = lowdata.finetune(cfg)
     finetuned = [c for c in trainings if c["init"]]
-    assert len(trainings) == 6 + 4 and len(finetuned) == 4
+    assert len(trainings) == 6 + 2 * 4 and len(finetuned) == 4
     assert all(c["trainable"] == ("layer4", "fc") and not c["synthetic"] for c in finetuned)
+    pretrained = [c for c in trainings[6:] if not c["init"]]  # the synthetic-only model before each fine-tuning
+    assert len(pretrained) == 4 and all(np.bincount(c["labels"].numpy()).tolist() == [2] * 10 for c in pretrained)
     assert sorted(summary.reused) == [(1, "scratch", 0), (2, "scratch", 0)]
     assert list(summary.table().columns) == ["scratch", "finetune_sd", "finetune_di"]
+    values = summary.values().set_index(["k", "arm"])
+    assert values["before_finetuning"].notna().tolist() == [False, True, True] * 2
 
 
 def test_scratch_baseline_trains_on_exactly_k_real_images_per_class(run_dir, trainings):
-    write_synthetic_models(run_dir)
     lowdata.finetune(load(run_dir))
-    scratch = [c for c in trainings if not c["init"]]
+    scratch = [trainings[0], trainings[5]]  # per k: scratch, then (pretrain, fine-tune) for sd and di
     assert [np.bincount(c["labels"].numpy(), minlength=10).tolist() for c in scratch] == [[1] * 10, [2] * 10]
-    assert not any(c["synthetic"] for c in scratch)
+    assert not any(c["synthetic"] or c["init"] for c in scratch)
 
 
 def test_finetuning_moves_only_layer4_and_fc_and_leaves_every_other_tensor_bit_identical():
@@ -149,15 +136,96 @@ def test_two_shards_split_the_rows_and_a_final_unsharded_call_merges_them_withou
     assert len(trainings) == 6 and merged.trained == [] and len(pd.read_csv(run_dir / "results" / "lowdata.csv")) == 6
 
 
-def test_gains_compare_each_arm_with_the_first_at_the_same_k():
+def test_gains_compare_each_arm_with_the_first_at_the_same_k_paired_by_seed():
     arms = ["real", "real", "real+sd", "real+sd", "real+di", "real+di", "real", "real", "real+sd", "real+sd"]
     rows = pd.DataFrame({"k": [10] * 6 + [50] * 4, "seed": [0, 1] * 5, "arm": arms,
                          "test_accuracy": [0.30, 0.32, 0.40, 0.44, 0.31, 0.33, 0.60, 0.62, 0.61, 0.61]})
-    curves = lowdata.CurveSummary("t", rows, Path("x.csv"), ["real", "real+sd", "real+di"])
+    curves = lowdata.CurveSummary("t", rows, Path("x.csv"), ["real", "real+sd", "real+di"], planned=(10, "real+di"))
     gains = curves.gains().set_index(["k", "arm"])
     assert list(gains.index) == [(10, "real+sd"), (10, "real+di"), (50, "real+sd")]
     assert gains.loc[(10, "real+sd"), "gain (points)"] == pytest.approx(11.0)
     assert gains.loc[(50, "real+sd"), "gain (points)"] == pytest.approx(0.0) and set(gains["over"]) == {"real"}
-    assert gains.loc[(10, "real+sd"), "ci95_low"] < 11.0 < gains.loc[(10, "real+sd"), "ci95_high"]
-    assert results.largest_gain(curves.gains()).startswith("real+sd at k = 10 real images per class, +11.0 points")
-    assert results.largest_gain(curves.gains().iloc[:0]) == "not trained"
+    assert set(gains["test"]) == {"paired"}
+    # per-seed differences 10 and 12 points: half-width t(0.975, 1) x 1.414 / sqrt(2) = 12.706
+    assert gains.loc[(10, "real+sd"), "ci95_low"] == pytest.approx(11.0 - 12.706, abs=1e-3)
+    assert results.planned_gain(curves.gains(), 10, "real+di") == (
+        "real+di at k = 10 real images per class, +1.0 points (95% paired interval +1.0 to +1.0) over real")
+    assert results.planned_gain(curves.gains(), 5, "real+di") == "not trained"
+
+
+def test_lowdata_arms_train_only_on_synthetic_images_made_from_their_k_subset(run_dir, trainings):
+    """DI-like records (source_id, same-class partner, group-mean uncond) and img2img-like records, over the
+    run's real train set in the nested order: every arm's manifest draws only on its real_ids.json."""
+    cfg = load(run_dir, **{"lowdata.k_per_class": [1, 2]})
+    train = data.real_data(cfg).train
+    order = data.nested_order(train.labels, cfg.seed)  # 3 images per class
+    for source, uncond in (("di", "mean"), ("sd", None)):
+        records = []
+        for rank in range(3):  # group g holds rank g of every class: the k-subsets are whole groups
+            for c in range(10):
+                real_id = train.ids[order[c][rank]]
+                records.append({"id": f"{data.CLASSES[c]}/{source}_{rank}", "source_id": real_id, "uncond": uncond,
+                                "group": f"group_{rank}" if uncond else None})
+        folder = run_dir / "synthetic" / source
+        shutil.rmtree(folder)
+        ImageFolderWriter(folder).write(np.zeros((30, 3, 32, 32), dtype=np.uint8), records)
+    lowdata.sweep(cfg)
+    check_containment(run_dir, {(1, "di"): 10, (2, "di"): 20, (1, "sd"): 10, (2, "sd"): 20})
+    rows = pd.read_csv(run_dir / "results" / "lowdata.csv").set_index(["k", "arm"])
+    assert rows.loc[(1, "real+di"), "n_synthetic"] == 10 and rows.loc[(2, "real+sd"), "n_synthetic"] == 20
+
+
+def test_an_arm_whose_set_does_not_cover_its_k_subset_is_skipped_with_the_reason(run_dir, trainings):
+    cfg = load(run_dir, **{"lowdata.sources": ["sd"]})
+    train = data.real_data(cfg).train
+    order = data.nested_order(train.labels, cfg.seed)
+    records = [{"id": f"{name}/sd_0", "source_id": train.ids[order[c][0]]} for c, name in enumerate(data.CLASSES)]
+    shutil.rmtree(run_dir / "synthetic" / "sd")  # img2img from the first image of each class only
+    ImageFolderWriter(run_dir / "synthetic" / "sd").write(np.zeros((10, 3, 32, 32), dtype=np.uint8), records)
+    summary = lowdata.sweep(cfg)
+    assert sorted(summary.trained) == [(1, "real", 0), (1, "real+sd", 0), (2, "real", 0)]
+    assert list(summary.skipped) == ["real+sd at k=2"] and "only from 10 of the 20 real images" in repr(summary)
+    assert (run_dir / "lowdata" / "k2" / "sd" / "manifest.jsonl").read_text() == ""
+    assert results.read_records(run_dir)["lowdata"]["skipped"] == summary.skipped
+
+
+def check_containment(run_dir: Path, expected: dict[tuple[int, str], int] | None = None) -> None:
+    """Read lowdata/k<K>/real_ids.json and lowdata/k<K>/<source>/manifest.jsonl: every image an arm trains on
+    draws (source, partner, and its group when uncond is mean) only on the k-subset's real images."""
+    folders = sorted((run_dir / "lowdata").glob("k*"))
+    assert folders
+    for folder in folders:
+        k = int(folder.name[1:])
+        real_ids = set(json.loads((folder / "real_ids.json").read_text())["ids"])
+        assert len(real_ids) == 10 * k
+        for manifest in sorted(folder.glob("*/manifest.jsonl")):
+            records = [json.loads(line) for line in manifest.read_text().splitlines()]
+            source = manifest.parent.name
+            everything = data.listed_records(run_dir / "synthetic" / source)
+            drawn = containment.drawn_on(everything)  # group members from the whole set, not the arm's part
+            for record in records:
+                assert drawn[record["id"]] <= real_ids, f"{manifest}: {record['id']} draws on images outside k={k}"
+            if expected is not None:
+                assert len(records) == expected[(k, source)]
+
+
+def test_an_image_drawing_on_a_group_mean_outside_the_subset_is_left_out_and_the_arm_skipped():
+    records = [{"id": "a", "source_id": "r1", "group": "g0", "uncond": "mean"},
+               {"id": "b", "source_id": "r2", "group": "g0", "uncond": "mean"},
+               {"id": "c", "source_id": "r1", "partner": "r3", "group": "g1", "uncond": "empty_prompt"},
+               {"id": "d", "source_id": "r1", "group": "g1", "uncond": "empty_prompt"}]
+    assert containment.drawn_on(records)["a"] == {"r1", "r2"} and containment.drawn_on(records)["c"] == {"r1", "r3"}
+    kept = containment.contained(records, ["r1", "r2"], 1, "di")
+    assert kept.ids == ["a", "b", "d"] and kept.covered == 2 and kept.skipped is None
+    alone = containment.contained(records, ["r1", "r4"], 1, "di")
+    assert alone.ids == ["d"] and "only from 1 of the 2 real images of k=1" in alone.skipped
+    txt2img = containment.contained([{"id": "t", "prompt": "a cat"}], ["r1"], 1, "sd")
+    assert txt2img.ids == ["t"] and not txt2img.derived and txt2img.skipped is None
+
+
+@pytest.mark.slow
+def test_every_lowdata_arm_of_the_smoke_run_trains_only_on_images_of_its_k_subset():
+    run_dir = Path(__file__).resolve().parents[1] / "runs" / "smoke"
+    if not (run_dir / "lowdata").is_dir():
+        pytest.fail(f"{run_dir} holds no finished low-data stage: `make test` executes the notebooks into it first")
+    check_containment(run_dir)

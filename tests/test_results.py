@@ -107,6 +107,31 @@ def test_gains_over_real_match_scipys_welch_interval_and_need_two_seeds():
     assert results.gains_over(per_seed[per_seed["arm"] != "real"], "real").empty  # nothing to compare with
 
 
+def test_paired_gains_match_scipys_ttest_rel_interval_and_fall_back_to_welch_when_seeds_differ():
+    per_seed = pd.DataFrame({"arm": ["real"] * 3 + ["di"] * 3 + ["sd"] * 2,
+                             "seed": [0, 1, 2, 2, 0, 1, 0, 1],
+                             "test_accuracy": [80.0, 82.0, 81.0, 84.0, 83.0, 82.5, 50.0, 55.0]})
+    gains = results.gains_over(per_seed, "real", paired=True)
+    paired = scipy.stats.ttest_rel([83.0, 82.5, 84.0], [80.0, 82.0, 81.0])  # di by seed 0, 1, 2 against real
+    low, high = paired.confidence_interval(0.95)
+    assert gains.loc["di", "test"] == "paired" and gains.loc["di", "gain (points)"] == pytest.approx(2.1666667)
+    assert (gains.loc["di", "ci95_low"], gains.loc["di", "ci95_high"]) == (pytest.approx(low), pytest.approx(high))
+    welch = scipy.stats.ttest_ind([50.0, 55.0], [80.0, 82.0, 81.0], equal_var=False).confidence_interval(0.95)
+    assert gains.loc["sd", "test"] == "Welch"  # seeds 0 and 1 only: not the baseline's seeds
+    assert (gains.loc["sd", "ci95_low"], gains.loc["sd", "ci95_high"]) == (pytest.approx(welch[0]), pytest.approx(welch[1]))
+    unpaired = results.gains_over(per_seed, "real")  # the default, as before: Welch for every arm
+    assert set(unpaired["test"]) == {"Welch"} and unpaired.loc["di", "ci95_low"] != pytest.approx(low)
+
+
+def test_paired_difference_is_the_mean_of_per_seed_differences_with_n_minus_1_degrees_of_freedom():
+    gain = results.paired_difference([3.0, 5.0, 4.0], [1.0, 2.0, 3.0])  # differences 2, 3, 1: mean 2, std 1
+    half = 4.302653 / math.sqrt(3)  # t(0.975, df=2)
+    assert gain == pytest.approx({"difference": 2.0, "ci95_low": 2 - half, "ci95_high": 2 + half, "df": 2.0})
+    assert math.isnan(results.paired_difference([3.0], [1.0])["ci95_low"])
+    with pytest.raises(ValueError, match="equally long"):
+        results.paired_difference([1.0, 2.0], [1.0])
+
+
 def test_headline_figure_draws_a_bar_per_arm_and_the_reported_numbers(trained):
     figure = train_stage.headline_table(trained).figure()
     ax = figure.axes[0]

@@ -35,5 +35,5 @@ def test_accuracy_bars_draw_a_whisker_only_for_arms_with_several_seeds() -> None
 
 def test_lowdata_curves_of_one_seed_have_no_error_bars() -> None:
     values = pd.DataFrame({"arm": ["real", "real"], "k": [5, 20], "mean": [20.0, 30.0], "std": [np.nan, np.nan]})
-    lengths = _whisker_lengths(accuracy_curves(values, ["real"], {}, "one seed").axes[0])
+    lengths = _whisker_lengths(accuracy_curves(values, ["real"], "one seed").axes[0])
     assert all(np.isnan(v) for v in lengths)

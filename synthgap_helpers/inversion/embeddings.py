@@ -87,24 +87,31 @@ class Group:
         return len(self.positions)
 
 
-def class_balanced_order(labels: Sequence[int] | torch.Tensor) -> list[int]:
+def class_balanced_order(labels: Sequence[int] | torch.Tensor, priority: Sequence[int] | None = None) -> list[int]:
     """Positions ordered by rank within their class, then class: a0, b0, c0, ..., a1, b1, c1, ...
 
     Cut into consecutive groups, this gives every group the same number of images of each class
-    whenever the data are balanced and the group size is a multiple of the number of classes.
+    whenever the data are balanced and the group size is a multiple of the number of classes. The rank of an
+    image within its class is its place in `priority` (every position once; default: position order), so the
+    first groups hold the first images of `priority` (the low-data study's nested order, `data.nested_order`).
     """
     labels = [int(v) for v in (labels.tolist() if isinstance(labels, torch.Tensor) else labels)]
+    positions = list(range(len(labels))) if priority is None else [int(p) for p in priority]
+    if sorted(positions) != list(range(len(labels))):
+        raise ValueError(f"priority must list each of the {len(labels)} positions exactly once")
     rank: dict[int, int] = {}
     keyed = []
-    for position, label in enumerate(labels):
+    for position in positions:
+        label = labels[position]
         keyed.append((rank.get(label, 0), label, position))
         rank[label] = rank.get(label, 0) + 1
     return [position for _, _, position in sorted(keyed)]
 
 
 def plan_groups(ids: Sequence[str], labels: Sequence[int] | torch.Tensor, group_size: int,
-                num_groups: int | None = None) -> list[Group]:
-    """The fixed, class-balanced groups of a set of real images (the last group may be smaller)."""
+                num_groups: int | None = None, priority: Sequence[int] | None = None) -> list[Group]:
+    """The fixed, class-balanced groups of a set of real images (the last group may be smaller), filled in the
+    order of `priority` within each class (see class_balanced_order)."""
     if group_size < 1:
         raise ConfigError(f"inversion.group_size = {group_size}: must be at least 1")
     if group_size > len(ids):
@@ -113,7 +120,7 @@ def plan_groups(ids: Sequence[str], labels: Sequence[int] | torch.Tensor, group_
     if num_groups is not None and num_groups < 1:
         raise ConfigError(f"inversion.num_groups = {num_groups}: must be at least 1, or None for every group")
     label_list = [int(v) for v in (labels.tolist() if isinstance(labels, torch.Tensor) else labels)]
-    order = class_balanced_order(label_list)
+    order = class_balanced_order(label_list, priority)
     groups = []
     for index, start in enumerate(range(0, len(order), group_size)):
         if num_groups is not None and index >= num_groups:

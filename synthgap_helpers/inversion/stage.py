@@ -100,10 +100,12 @@ class TrainSummary:
 
 
 def run_groups(cfg: Any) -> tuple[Any, list[Group]]:
-    """The run's real train subset and its groups, as `embeddings.*` fixes them."""
+    """The run's real train subset and its groups, as `embeddings.*` fixes them, filled in the low-data study's
+    nested order (`data.nested_order` of the run seed): each k-subset's images are inverted first, in whole groups."""
     train = data.real_data(cfg).train
     params = cfg.inversion
-    groups = plan_groups(train.ids, train.labels, params.group_size, params.num_groups)
+    priority = np.concatenate(data.nested_order(train.labels, cfg.seed))
+    groups = plan_groups(train.ids, train.labels, params.group_size, params.num_groups, priority)
     if params.batch_size > params.group_size:
         raise ConfigError(f"inversion.batch_size = {params.batch_size} is larger than inversion.group_size = "
                          f"{params.group_size}; a step draws its batch from one group")

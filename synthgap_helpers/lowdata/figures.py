@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
 import pandas as pd
 from matplotlib.figure import Figure
 
 
-def accuracy_curves(values: pd.DataFrame, arms: Sequence[str], references: Mapping[str, float], title: str) -> Figure:
+def accuracy_curves(values: pd.DataFrame, arms: Sequence[str], title: str) -> Figure:
     """Test accuracy against k (log scale), one line per arm, error bars: std over seeds (none for one seed)."""
     figure, ax = plt.subplots(figsize=(6, 4), layout="constrained")
     for arm in arms:
         line = values[values["arm"] == arm]
         if len(line):
             ax.errorbar(line["k"], line["mean"], yerr=line["std"], marker="o", capsize=3, label=arm)  # one seed: NaN, no bar
-    for i, (label, accuracy) in enumerate(references.items()):
-        ax.axhline(accuracy, linestyle="--", linewidth=1, color=f"C{len(arms) + i}", label=label)
     ax.set_xscale("log")
     ks = sorted(values["k"].unique())
     ax.set_xticks(ks, [str(k) for k in ks])

@@ -1,18 +1,22 @@
 """The low-data regime: test accuracy against the number k of real training images per class.
 
-Two experiments on the same nested, seeded k-subsets of the run's real training set (`lowdata.k_per_class`):
+Every arm at k trains on one nested, seeded k-subset of the run's real training set (`lowdata.k_per_class`; the
+first k images of each class in `data.nested_order` of the run seed, the same subset for every seed and arm, so
+that runs of one seed pair across arms: same real images, same initial weights). Its synthetic images derive only
+from those k images per class (`containment`): the generation stages make each k-subset's images first, and an arm
+whose set does not cover its k-subset is skipped with the reason.
 
-* `sweep`: ResNet-18 from scratch on the k real images alone (arm ``real``) and with each whole synthetic
-  set added (``real+<set>``, mixed as `train.mix` says), for every k and seed; writes ``results/lowdata.csv``.
-* `finetune`: the models trained on a synthetic set alone by the training stage (``models/<set>/seed<s>``,
-  each usable by `train.arms.check_model`: finished, not diverged, current, its SHA-256 intact), fine-tuned on
-  the k real images with only `lowdata.finetune_layers` (default ``layer4`` and ``fc``)
-  trainable (arm ``finetune_<set>``), against the same k images trained from scratch (arm ``scratch``, the
-  sweep's ``real`` model: one is reused for the other); writes ``results/finetune.csv``.
+* `sweep`: ResNet-18 from scratch on the k real images alone (arm ``real``) and with the contained part of each
+  synthetic set added (``real+<set>``, mixed as `train.mix` says), for every k and seed; writes ``results/lowdata.csv``.
+* `finetune`: a model trained from scratch on the contained synthetic images alone, then fine-tuned on the k real
+  images with only `lowdata.finetune_layers` (default ``layer4`` and ``fc``) trainable (arm ``finetune_<set>``),
+  against the same k images trained from scratch (arm ``scratch``, the sweep's ``real`` model: one is reused for
+  the other); writes ``results/finetune.csv``.
 
-Every model is selected on the run's real validation split and scored on its real test set. Both entry
-points are resumable per (k, arm, seed): a row whose key (parameters, images, initial weights) is current is
-skipped, and the CSV is rewritten atomically after every model.
+No model is selected on held-out real images (a user with k images per class has no 5,000 more): every low-data
+model keeps its final weights after its fixed budget, and is scored on the run's real test set. Both entry points
+are resumable per (k, arm, seed): a row whose key (parameters, images, initial weights) is current is skipped, and
+the CSV is rewritten atomically after every model.
 """
 
 from __future__ import annotations
@@ -33,53 +37,57 @@ from tqdm.auto import tqdm
 from synthgap_helpers import config, data, results
 from synthgap_helpers.config import ConfigError
 from synthgap_helpers.data import CLASSES, ImageSet
+from synthgap_helpers.lowdata import containment
 from synthgap_helpers.lowdata import figures as lowdata_figures
 from synthgap_helpers.results import summarize_seeds
 from synthgap_helpers.storage import atomic_write
 from synthgap_helpers.train import arms as train_arms
-from synthgap_helpers.train.arms import Arm, CurrentKeys, MissingModelError, fingerprint
+from synthgap_helpers.train.arms import Arm, fingerprint
 from synthgap_helpers.train.trainer import (
     TrainParams,
     evaluate,
-    load_checkpoint,
     train_classifier,
 )
 from synthgap_helpers.workload import Shard
 
-STAGE_VERSION = 1
-"""Bump when what a job computes changes: rows of an older version are retrained."""
-COLUMNS = ["k", "arm", "seed", "n_real", "n_synthetic", "init", "test_accuracy", "val_accuracy", "best_step", "steps",
-           "seconds", "key"]
+STAGE_VERSION = 2
+"""Bump when what a job computes changes: rows of an older version are retrained (2: contained synthetic sets,
+one k-subset for every seed, final weights, fine-tuning from a model of the contained set)."""
+COLUMNS = ["k", "arm", "seed", "n_real", "n_synthetic", "init", "init_test_accuracy", "test_accuracy",
+           "subset_accuracy", "steps", "seconds", "key"]
+PLANNED_SOURCE = "di"
+"""The comparison fixed before any run, quoted by the introduction: the arm of this source against its baseline at
+the smallest k (the first source when di is not in lowdata.sources)."""
+FINAL_WEIGHTS = 2 ** 62
+"""eval_every for every low-data model: the one evaluation is the last step's, so the final weights are kept."""
 
 
 def nested_subset(labels: torch.Tensor | np.ndarray, k: int, seed: int) -> np.ndarray:
-    """Sorted indices of the first `k` images of every class in a seeded per-class permutation.
+    """Sorted indices of the first `k` images of every class in `data.nested_order(labels, seed)`.
 
-    The permutation depends on `seed` only, so the subsets of one seed are nested (k=10 lies inside
-    k=50) and every k holds exactly k images of each class.
+    The subsets of one seed are nested (k=10 lies inside k=50) and every k holds exactly k images of each class;
+    they are the images the generation stages take first (DI groups, img2img sources).
     """
     labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
     chosen = []
-    for class_index in range(len(CLASSES)):
-        pool = np.flatnonzero(labels == class_index)
-        order = rng.permutation(pool)
-        if len(pool) < k:
-            raise ConfigError(f"lowdata.k_per_class holds k={k}, but the run's real training set has only {len(pool)} "
-                              f"images of class {CLASSES[class_index]!r}; use k <= {len(pool)} or raise "
+    for class_index, order in enumerate(data.nested_order(labels, seed)):
+        if len(order) < k:
+            raise ConfigError(f"lowdata.k_per_class holds k={k}, but the run's real training set has only {len(order)} "
+                              f"images of class {CLASSES[class_index]!r}; use k <= {len(order)} or raise "
                               "data.train_per_class")
         chosen.append(order[:k])
     return np.sort(np.concatenate(chosen))
 
 
 def seeds_of(cfg: Any) -> list[int]:
-    """The seeds of every point: run seed + 0, ..., run seed + lowdata.seeds - 1."""
+    """The seeds of every point (initial weights, batch order): run seed + 0, ..., run seed + lowdata.seeds - 1."""
     return [cfg.seed + i for i in range(cfg.lowdata.seeds)]
 
 
 def scratch_params(cfg: Any, arm: Arm) -> TrainParams:
-    """The train section's recipe for an arm, with the budget of lowdata.steps when set; no progress bar."""
-    params = train_arms.trainer_params(cfg, arm, progress=False)
+    """The train section's recipe for an arm, with the budget of lowdata.steps when set, keeping the final weights
+    (no selection on held-out real images); no progress bar."""
+    params = dataclasses.replace(train_arms.trainer_params(cfg, arm, progress=False), eval_every=FINAL_WEIGHTS)
     if cfg.lowdata.steps is not None:
         params = dataclasses.replace(params, steps=cfg.lowdata.steps, epochs=None)
     return params
@@ -123,25 +131,37 @@ class _Job:
     params: TrainParams
     real: ImageSet
     synthetic: ImageSet | None = None
-    init: Path | None = None  # checkpoint fine-tuning starts from
+    pretrain: ImageSet | None = None  # fine-tuning: the synthetic images its model is first trained on, alone
+    pretrain_params: TrainParams | None = None
     trainable: tuple[str, ...] | None = None
 
 
 def _train(job: _Job, real: data.RealData, device: str) -> dict[str, Any]:
-    """Train one row's model and score it on the real test set."""
-    init_model = load_checkpoint(job.init, job.params.model)[0] if job.init is not None else None
-    result = train_classifier(
-        job.real.images, job.real.labels, real.val.images, real.val.labels, job.params,
-        synthetic_images=None if job.synthetic is None else job.synthetic.images,
-        synthetic_labels=None if job.synthetic is None else job.synthetic.labels,
-        seed=job.seed, device=device, init_model=init_model, trainable=job.trainable)
-    test = evaluate(result.model, real.test.images, real.test.labels, device=device, amp=job.params.amp,
-                    channels_last=job.params.channels_last)
+    """Train one row's model (after its synthetic-only model, when fine-tuning) and score it on the real test set.
+    The only real images it sees are its k-subset: the one evaluation during training (final weights) is on them."""
+    def fit(images: ImageSet, params: TrainParams, **kwargs: Any) -> Any:
+        return train_classifier(images.images, images.labels, job.real.images, job.real.labels, params,
+                                seed=job.seed, device=device, **kwargs)
+
+    def test_accuracy(model: torch.nn.Module) -> float:
+        return evaluate(model, real.test.images, real.test.labels, device=device, amp=job.params.amp,
+                        channels_last=job.params.channels_last)["accuracy"]
+
+    init_model, init_accuracy, init_seconds = None, float("nan"), 0.0
+    if job.pretrain is not None:
+        pretrained = fit(job.pretrain, job.pretrain_params)
+        init_model, init_seconds = pretrained.model, pretrained.seconds
+        init_accuracy = test_accuracy(init_model)
+    result = fit(job.real, job.params, synthetic_images=None if job.synthetic is None else job.synthetic.images,
+                 synthetic_labels=None if job.synthetic is None else job.synthetic.labels, init_model=init_model,
+                 trainable=job.trainable)
+    synthetic = job.synthetic if job.pretrain is None else job.pretrain
     return {"k": job.k, "arm": job.arm, "seed": job.seed, "n_real": len(job.real),
-            "n_synthetic": 0 if job.synthetic is None else len(job.synthetic),
-            "init": "" if job.init is None else str(job.init.parent.relative_to(job.init.parents[3])),
-            "test_accuracy": test["accuracy"], "val_accuracy": result.val_metrics["accuracy"],
-            "best_step": result.best_step, "steps": result.steps, "seconds": result.seconds, "key": job.key}
+            "n_synthetic": 0 if synthetic is None else len(synthetic),
+            "init": "" if job.pretrain is None else f"trained on its {len(job.pretrain)} synthetic images alone",
+            "init_test_accuracy": init_accuracy, "test_accuracy": test_accuracy(result.model),
+            "subset_accuracy": result.val_metrics["accuracy"], "steps": result.steps, "seconds": init_seconds + result.seconds,
+            "key": job.key}
 
 
 def _row_files(path: Path) -> list[Path]:
@@ -191,28 +211,32 @@ class CurveSummary:
     trained: list[tuple[int, str, int]] = field(default_factory=list)
     reused: list[tuple[int, str, int]] = field(default_factory=list)
     pending: list[tuple[int, str, int]] = field(default_factory=list)  # rows other shards have not finished yet
-    references: dict[str, float] = field(default_factory=dict)  # label -> test accuracy (%) drawn as a dashed line
+    skipped: dict[str, str] = field(default_factory=dict)  # "<arm> at k=<K>" -> why it was not trained
+    planned: tuple[int, str] | None = None  # (k, arm): the comparison with the baseline fixed before the run
 
     def values(self) -> pd.DataFrame:
-        """Per (k, arm): test accuracy in % as mean, sample std, n seeds and 95% t-interval; real images used."""
+        """Per (k, arm): test accuracy in % as mean, sample std, n seeds and 95% t-interval; real and synthetic images
+        used; for fine-tuning, the mean test accuracy of its synthetic-only model before fine-tuning (else NaN)."""
         records = []
         for (k, arm), group in self.rows.groupby(["k", "arm"], sort=False):
             stats = summarize_seeds(list(100 * group["test_accuracy"]))
             records.append({"k": int(k), "arm": arm, "n_real": int(group["n_real"].iloc[0]),
                             "n_synthetic": int(group["n_synthetic"].iloc[0]), "n_seeds": stats["n"],
                             "mean": stats["mean"], "std": stats["std"], "ci95_low": stats["ci95_low"],
-                            "ci95_high": stats["ci95_high"]})
+                            "ci95_high": stats["ci95_high"],
+                            "before_finetuning": float(100 * group["init_test_accuracy"].astype(float).mean())})
         frame = pd.DataFrame(records, columns=["k", "arm", "n_real", "n_synthetic", "n_seeds", "mean", "std",
-                                               "ci95_low", "ci95_high"])
+                                               "ci95_low", "ci95_high", "before_finetuning"])
         order = {arm: i for i, arm in enumerate(self.arms)}
         return frame.sort_values(["k", "arm"], key=lambda c: c.map(order) if c.name == "arm" else c,
                                  kind="stable").reset_index(drop=True)
 
     def gains(self) -> pd.DataFrame:
         """Per (k, arm) after the first arm (the baseline: ``real`` or ``scratch``): mean test accuracy minus the
-        baseline's at the same k, in points, with the 95% Welch interval over seeds (`results.gains_over`)."""
+        baseline's at the same k, in points, with the 95% paired interval over seeds (one seed gives both arms the
+        same k-subset and initial weights; Welch when the arms ran different seeds; `results.gains_over`)."""
         order = {arm: i for i, arm in enumerate(self.arms)}
-        frames = [results.gains_over(at_k, self.arms[0], scale=100).reset_index().assign(k=int(k))
+        frames = [results.gains_over(at_k, self.arms[0], scale=100, paired=True).reset_index().assign(k=int(k))
                   .sort_values("arm", key=lambda arms: arms.map(order), kind="stable")
                   for k, at_k in self.rows.groupby("k", sort=True)]
         columns = ["k", "arm", *results.GAIN_COLUMNS]
@@ -232,30 +256,64 @@ class CurveSummary:
 
     def figure(self) -> Figure:
         """Test accuracy against k (log scale), one line per arm, error bars: std over seeds."""
-        return lowdata_figures.accuracy_curves(self.values(), self.arms, self.references, self.title)
+        return lowdata_figures.accuracy_curves(self.values(), self.arms, self.title)
 
     def __repr__(self) -> str:
+        skipped = "".join(f"\n  skipped {name}: {reason}" for name, reason in self.skipped.items())
         return (f"{self.title}: {len(self.rows)} rows in {self.path} ({len(self.trained)} trained now, "
-                f"{len(self.reused)} reused, {len(self.pending)} pending)\n{self.table().to_string()}")
+                f"{len(self.reused)} reused, {len(self.pending)} pending){skipped}\n{self.table().to_string()}")
 
 
-def _setup(cfg: Any) -> tuple[data.RealData, dict[int, dict[int, ImageSet]], dict[str, str | None]]:
-    """The real data, the k-subsets per seed and k (checked before any training), and fingerprints."""
+@dataclass
+class _Setup:
+    """What every low-data job reads: the real data, the k-subsets, the fingerprints of validation and test, and
+    per (k, source) the contained synthetic images (None when the arm is skipped) with the reasons for skips."""
+
+    real: data.RealData
+    subsets: dict[int, ImageSet]
+    prints: dict[str, str | None]
+    synthetic: dict[tuple[int, str], ImageSet | None]
+    skipped: dict[str, str]
+
+
+def _setup(cfg: Any, prefix: str) -> _Setup:
+    """Check every k and source before any training, and write each arm's files (`containment`): the k-subset's
+    real ids and the manifest of the synthetic images an arm ``<prefix><source>`` at k trains on."""
     real = data.real_data(cfg)
-    subsets = {seed: {k: real.train.subset(nested_subset(real.train.labels, k, seed)) for k in cfg.lowdata.k_per_class}
-               for seed in seeds_of(cfg)}
-    return real, subsets, {"val": fingerprint(real.val), "test": fingerprint(real.test)}
+    subsets = {k: real.train.subset(nested_subset(real.train.labels, k, cfg.seed)) for k in cfg.lowdata.k_per_class}
+    sets = _synthetic(cfg)
+    synthetic, skipped = {}, {}
+    for k, subset in subsets.items():
+        containment.write_real_ids(cfg.run_dir, k, cfg.seed, subset.ids)
+        for name, (images, records) in sets.items():
+            allowed = containment.contained(records, subset.ids, k, name)
+            containment.write_manifest(cfg.run_dir, k, name, records, [] if allowed.skipped else allowed.ids)
+            if allowed.skipped is not None:
+                synthetic[(k, name)] = None
+                skipped[f"{prefix}{name} at k={k}"] = allowed.skipped
+            else:
+                position = {image_id: i for i, image_id in enumerate(images.ids)}
+                synthetic[(k, name)] = images.subset([position[image_id] for image_id in allowed.ids])
+    return _Setup(real, subsets, {"val": fingerprint(real.val), "test": fingerprint(real.test)}, synthetic, skipped)
 
 
-def _synthetic(cfg: Any) -> dict[str, ImageSet]:
-    """Each set of lowdata.sources, loaded and checked (every class present)."""
+def _synthetic(cfg: Any) -> dict[str, tuple[ImageSet, list[dict[str, Any]]]]:
+    """Each set of lowdata.sources, loaded and checked (every class present), with its manifest records."""
     sets = train_arms.synthetic_folders(cfg)
     missing = [name for name in cfg.lowdata.sources if name not in sets]
     if missing:
         raise ConfigError(f"lowdata.sources={cfg.lowdata.sources}: no synthetic set {missing} in this run (sets: "
                           f"{', '.join(sets) or 'none'}); generate it first or leave it out of lowdata.sources")
-    return {name: train_arms.load_synthetic(Arm(f"real+{name}", True, name, sets[name]), cfg.data.on_bad_image)
-            for name in cfg.lowdata.sources}
+    loaded = {}
+    for name in cfg.lowdata.sources:
+        folders = sets[name]
+        if len(folders) != 1 or not data.has_manifest(folders[0]):
+            raise ConfigError(f"lowdata.sources holds {name!r}, a folder set without a manifest ({', '.join(map(str, folders))}): "
+                              "the low-data study needs each image's manifest record to know which real images it was "
+                              "made from; leave it out of lowdata.sources")
+        images = train_arms.load_synthetic(Arm(f"real+{name}", True, name, folders), cfg.data.on_bad_image)
+        loaded[name] = (images, data.listed_records(folders[0]))
+    return loaded
 
 
 def _scratch_job(cfg: Any, k: int, seed: int, subset: ImageSet, prints: dict[str, str | None], arm: str = "real",
@@ -266,71 +324,79 @@ def _scratch_job(cfg: Any, k: int, seed: int, subset: ImageSet, prints: dict[str
     return _Job(k, arm, seed, key, params, subset, synthetic)
 
 
+def _planned(arms: list[str], sources: list[str], ks: list[int]) -> tuple[int, str] | None:
+    """(smallest k, the arm of PLANNED_SOURCE or else of the first source): the comparison fixed in advance."""
+    if not sources or not ks:
+        return None
+    source = PLANNED_SOURCE if PLANNED_SOURCE in sources else sources[0]
+    return min(ks), next(arm for arm in arms[1:] if arm.endswith(source))
+
+
 def sweep(cfg: Any, shard: Shard = Shard()) -> CurveSummary:
-    """Train every (k, arm, seed) of the low-data sweep not finished yet; arms real and real+<set> per lowdata.sources.
+    """Train every (k, arm, seed) of the low-data sweep not finished yet; arms real and real+<set> per lowdata.sources,
+    each set reduced to the images made from the k-subset alone (an arm whose set does not cover it is skipped).
 
     With several shards each trains the rows it owns into ``results/lowdata.shard-i-of-n.csv``; a later
     single-shard call (the notebook) reuses them all and writes ``results/lowdata.csv``."""
-    real, subsets, prints = _setup(cfg)
-    synthetic = _synthetic(cfg)
+    setup = _setup(cfg, "real+")
     arms = ["real"] + [f"real+{name}" for name in cfg.lowdata.sources]
     jobs = []
-    for k in cfg.lowdata.k_per_class:
+    for k, subset in setup.subsets.items():
         for seed in seeds_of(cfg):
-            subset = subsets[seed][k]
-            jobs.append(_scratch_job(cfg, k, seed, subset, prints))
-            jobs += [_scratch_job(cfg, k, seed, subset, prints, f"real+{name}", name, synthetic[name])
-                     for name in cfg.lowdata.sources]
+            jobs.append(_scratch_job(cfg, k, seed, subset, setup.prints))
+            jobs += [_scratch_job(cfg, k, seed, subset, setup.prints, f"real+{name}", name, setup.synthetic[(k, name)])
+                     for name in cfg.lowdata.sources if setup.synthetic[(k, name)] is not None]
     path = cfg.run_dir / "results" / "lowdata.csv"
-    rows, trained, reused, pending = _run_jobs(jobs, path, real, config.resolve_device(cfg.device), "low-data models",
-                                               shard, also_finished=_row_files(cfg.run_dir / "results" / "finetune.csv"))
-    summary = CurveSummary("Low-data regime: k real images per class, ± synthetic", rows, path, arms,
-                           trained, reused, pending)
-    results.record(cfg.run_dir, "lowdata", {"unit": "test accuracy, %", "arms": arms,
-                                            "points": results.frame_records(summary.values()),
-                                            "gains": results.frame_records(summary.gains())})
+    rows, trained, reused, pending = _run_jobs(jobs, path, setup.real, config.resolve_device(cfg.device),
+                                               "low-data models", shard,
+                                               also_finished=_row_files(cfg.run_dir / "results" / "finetune.csv"))
+    summary = CurveSummary("Low-data regime: k real images per class, ± synthetic made from them", rows, path, arms,
+                           trained, reused, pending, setup.skipped,
+                           _planned(arms, list(cfg.lowdata.sources), list(cfg.lowdata.k_per_class)))
+    _record(cfg, "lowdata", summary)
     return summary
 
 
 def finetune(cfg: Any, shard: Shard = Shard()) -> CurveSummary:
-    """Fine-tune each synthetic-only model (lowdata.finetune_layers trainable) on k real images per class, and
-    train the same k images from scratch (reusing the sweep's ``real`` rows), for every k and seed; shards as `sweep`."""
-    real, subsets, prints = _setup(cfg)
+    """For every k and seed: train a model on the images of each synthetic set made from the k-subset alone, then
+    fine-tune it (lowdata.finetune_layers trainable) on the k real images; and train the same k images from
+    scratch (reusing the sweep's ``real`` rows); shards as `sweep`."""
+    setup = _setup(cfg, "finetune_")
     params = finetune_params(cfg)
     trainable = tuple(cfg.lowdata.finetune_layers)
-    inits, references = {}, {}
-    current = CurrentKeys(cfg, real)
-    for name in cfg.lowdata.sources:
-        accuracies = []
-        for seed in seeds_of(cfg):
-            check = current.check(name, seed).require(
-                f"fine-tuning starts from the model trained on {name!r} alone",
-                "run notebook 04 (the training stage) first, or lower lowdata.seeds to the seeds trained there")
-            inits[(name, seed)] = (check.path, check.sha256)
-            accuracies.append(100 * check.record["test"]["accuracy"])
-        references[f"{name} only (before fine-tuning)"] = float(np.mean(accuracies))
     arms = ["scratch"] + [f"finetune_{name}" for name in cfg.lowdata.sources]
     jobs = []
-    for k in cfg.lowdata.k_per_class:
+    for k, subset in setup.subsets.items():
         for seed in seeds_of(cfg):
-            subset = subsets[seed][k]
-            jobs.append(_scratch_job(cfg, k, seed, subset, prints, arm="scratch"))
+            jobs.append(_scratch_job(cfg, k, seed, subset, setup.prints, arm="scratch"))
             for name in cfg.lowdata.sources:
-                init, init_sha256 = inits[(name, seed)]
-                key = job_key(f"finetune_{name}", k, seed, params, {**prints, "train": fingerprint(subset)},
-                              {"init": init_sha256[:16], "trainable": list(trainable)})
-                jobs.append(_Job(k, f"finetune_{name}", seed, key, params, subset, init=init, trainable=trainable))
+                pretrain = setup.synthetic[(k, name)]
+                if pretrain is None:
+                    continue
+                pretrain_params = scratch_params(cfg, Arm(name, False, name))
+                key = job_key(f"finetune_{name}", k, seed, params, {**setup.prints, "train": fingerprint(subset)},
+                              {"pretrain": fingerprint(pretrain), "pretrain_params": job_key(name, k, seed, pretrain_params, {}),
+                               "trainable": list(trainable)})
+                jobs.append(_Job(k, f"finetune_{name}", seed, key, params, subset, pretrain=pretrain,
+                                 pretrain_params=pretrain_params, trainable=trainable))
     path = cfg.run_dir / "results" / "finetune.csv"
-    rows, trained, reused, pending = _run_jobs(jobs, path, real, config.resolve_device(cfg.device), "fine-tuning",
+    rows, trained, reused, pending = _run_jobs(jobs, path, setup.real, config.resolve_device(cfg.device), "fine-tuning",
                                                shard, also_finished=_row_files(cfg.run_dir / "results" / "lowdata.csv"))
-    summary = CurveSummary(f"Fine-tuning {' + '.join(trainable)} vs from scratch",
-                           rows, path, arms, trained, reused, pending, references)
-    results.record(cfg.run_dir, "finetune", {"unit": "test accuracy, %", "arms": arms, "trainable": list(trainable),
-                                             "before_finetuning": references,
-                                             "points": results.frame_records(summary.values()),
-                                             "gains": results.frame_records(summary.gains())})
+    summary = CurveSummary(f"Fine-tuning {' + '.join(trainable)} vs from scratch", rows, path, arms, trained, reused,
+                           pending, setup.skipped, _planned(arms, list(cfg.lowdata.sources), list(cfg.lowdata.k_per_class)))
+    _record(cfg, "finetune", summary, {"trainable": list(trainable)})
     return summary
 
 
-__all__ = ["CurveSummary", "MissingModelError", "finetune", "finetune_params", "job_key", "nested_subset",
+def _record(cfg: Any, section: str, summary: CurveSummary, extra: dict[str, Any] | None = None) -> None:
+    """The summary's points, gains, skipped arms and planned comparison as a section of results.json."""
+    planned = None if summary.planned is None else {"k": summary.planned[0], "arm": summary.planned[1]}
+    results.record(cfg.run_dir, section, {"unit": "test accuracy, %", "arms": summary.arms, **(extra or {}),
+                                          "selection": "final weights (no held-out real images)",
+                                          "points": results.frame_records(summary.values()),
+                                          "gains": results.frame_records(summary.gains()),
+                                          "planned_comparison": planned, "skipped": summary.skipped})
+
+
+__all__ = ["FINAL_WEIGHTS", "PLANNED_SOURCE", "CurveSummary", "finetune", "finetune_params", "job_key", "nested_subset",
            "scratch_params", "seeds_of", "sweep"]

@@ -6,7 +6,8 @@ through one `torch.Generator` per image, its initial noise. Pixels therefore do 
 size, on sharding, or on how often the run was interrupted and resumed.
 
 txt2img: a class prompt at the model's resolution. img2img (what the original study did): the k-th image
-of a class starts from the (k mod n)-th real training image of that class, bicubically upsampled to the
+of a class starts from the (k mod n)-th real training image of that class in the low-data study's nested order
+(`data.nested_order`, so each k-subset's images come first), bicubically upsampled to the
 model's resolution, with a class prompt or its caption, noised to `strength` and denoised. Either way the
 result is resized to 32x32 with an antialiased bicubic filter and written to `synthetic/sd/<class>/<id>.png`.
 """
@@ -116,8 +117,9 @@ def plan_images(cfg: Any, real_train: data.ImageSet | None = None) -> list[Image
     if params.mode == "img2img":
         if real_train is None:
             raise ValueError("img2img planning needs the run's real training images")
+        order = data.nested_order(real_train.labels, cfg.seed)  # the low-data study's k-subsets come first
         for name in classes:
-            pool = torch.nonzero(real_train.labels == data.CLASSES.index(name)).flatten().tolist()
+            pool = order[data.CLASSES.index(name)].tolist()
             if not pool:
                 raise ValueError(f"img2img: the run's real training set has no image of class {name!r}")
             pools[name] = pool

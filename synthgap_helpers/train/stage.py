@@ -425,7 +425,7 @@ class Headline:
     table: pd.DataFrame  # formatted: seeds, mean ± std, 95% t-interval, validation mean, original study's number
     values: pd.DataFrame  # the same numbers unformatted (NaN where an arm was not trained)
     per_seed: pd.DataFrame  # one row per finished (arm, seed)
-    gains: pd.DataFrame  # per arm: test accuracy minus the real arm's, points, with the 95% Welch interval
+    gains: pd.DataFrame  # per arm: test accuracy minus the real arm's, points, 95% paired interval (Welch if seeds differ)
     note: str
     test_images: int  # size of the real test set every arm was scored on
     path: Path  # results.json
@@ -449,7 +449,7 @@ def headline_table(cfg: Any) -> Headline:
     per_seed = per_seed.sort_values(["arm", "seed"], key=lambda c: c.map(_arm_rank) if c.name == "arm" else c)
     note = f"{REPORTED_CITATION} ({REPORTED_NOTE.split('; ', 1)[-1]}); accuracy in % on the run's real test set"
     per_seed = per_seed.reset_index(drop=True)
-    gains = gains_over(per_seed, "real")
+    gains = gains_over(per_seed, "real", paired=True)  # one seed gives every arm the same initial weights
     path = record(cfg.run_dir, "headline", {
         "unit": "test accuracy, %", "test_images": summary.real_sizes["test"], "test_fingerprint": summary.test_fingerprint,
         "original_study_note": REPORTED_CITATION, "arms": frame_records(values), "per_seed": frame_records(per_seed),
