@@ -351,6 +351,7 @@ class CurationParams(_Section):
     reference_per_class: int | None = Field(default=None, ge=2)  # real training images per class scores compare with; None: all but the held-out
     heldout_per_class: int = Field(default=100, ge=1)  # real training images per class scored like a synthetic set (the distributions' real line)
     k: int = Field(default=3, ge=1, le=100)  # k-th neighbour radius of the realism score (Kynkaanniemi et al.: 3)
+    geometry_upscale: int | None = Field(default=None, ge=1, le=16)  # line-segment detector's upscale for the geometry score; None: geometry.upscale
     arms: list[Literal["synthetic", "real+synthetic"]] = Field(default=["synthetic", "real+synthetic"], min_length=1)  # the selection alone, and mixed with the real set as train.mix says
     seeds: int = Field(default=3, ge=1, le=100)  # training seeds per selection: run seed + 0 ... + seeds - 1
     steps: int | None = Field(default=None, ge=1)  # optimizer steps per model; None: the train section's budget

@@ -104,7 +104,7 @@ def test_k_center_starts_near_the_mean_then_takes_the_farthest_point_each_time()
 
 CURATION = {"curation.reference_per_class": 2, "curation.heldout_per_class": 1, "curation.seeds": 1,
             "curation.steps": 1, "curation.arms": ["synthetic"], "curation.scaling_fractions": [0.5],
-            "geometry.upscale": 1}
+            "curation.geometry_upscale": 1}
 
 
 @pytest.fixture()

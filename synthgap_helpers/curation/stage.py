@@ -138,6 +138,11 @@ class Measures:
     geometry: pd.DataFrame  # geometry.metrics.image_metrics
 
 
+def geometry_upscale(cfg: Any) -> int:
+    """The line-segment detector's upscale for the geometry score: curation.geometry_upscale, or geometry.upscale."""
+    return cfg.curation.geometry_upscale or cfg.geometry.upscale
+
+
 def measure(model: torch.nn.Module, image_set: ImageSet, name: str, cfg: Any, device: str) -> Measures:
     """Logits, penultimate features, attention metrics of the label-class Grad-CAM map, geometry metrics."""
     features = classifier_features(model, image_set.images, device=device)  # moves the model to `device`
@@ -147,7 +152,7 @@ def measure(model: torch.nn.Module, image_set: ImageSet, name: str, cfg: Any, de
     maps = gradcam_maps(model, image_set.images, image_set.labels, layer,
                         normalize=lambda x: normalize(x * 255, channels_last=False), progress=False)
     geometry = cfg.geometry
-    rows = [image_metrics(image.numpy(), upscale=geometry.upscale, min_length=geometry.min_length,
+    rows = [image_metrics(image.numpy(), upscale=geometry_upscale(cfg), min_length=geometry.min_length,
                           focal_length=geometry.focal_length, seed=image_seed(cfg.seed, f"geometry/{name}/{image_id}"))
             for image, image_id in tqdm(zip(image_set.images, image_set.ids), total=len(image_set),
                                         desc=f"geometry of {name}", unit="img", disable=len(image_set) < 1000)]
@@ -218,7 +223,8 @@ def scores_key(cfg: Any, checkpoint_sha256: str, prints: dict[str, str | None]) 
     """Hash of what the scores depend on: version, parameters, the classifier's bytes and the images scored."""
     params = cfg.curation
     record = {"version": STAGE_VERSION, "seed": cfg.seed, "k": params.k, "checkpoint": checkpoint_sha256,
-              "geometry": {name: getattr(cfg.geometry, name) for name in ("upscale", "min_length", "focal_length")},
+              "geometry": {"upscale": geometry_upscale(cfg), "min_length": cfg.geometry.min_length,
+                           "focal_length": cfg.geometry.focal_length},
               "layer": cfg.gradcam.layer, "images": prints}
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
