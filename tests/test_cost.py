@@ -40,8 +40,8 @@ def test_curation_counts_every_selection_arm_and_scaling_share_once():
     # 7 selections x 2 arms x 2 sources, plus the scaling shares 0.1, 0.25 and 1.0 (0.5 is the random selection)
     assert work.loc["curation selections and scaling (08)", "amount"] == 3 * (7 * 2 * 2 + 3 * 2) * 5000 * 128
     assert work.loc["curation scores (08)", "amount"] == 5000 + 5000 * 5 + 10 * 400 + 10 * 100
-    disk = cost.disk_table(config.resolve("smoke"))  # 200 SD + 80 DI + 400 reference + 100 held-out images
-    assert disk.loc["curation scores and rows", "bytes"] == cost.CSV_ROW_BYTES * 780
+    disk = cost.disk_table(config.resolve("smoke"))  # 200 SD + 80 DI + 200 reference + 50 held-out images
+    assert disk.loc["curation scores and rows", "bytes"] == cost.CSV_ROW_BYTES * 530
 
 
 def test_an_epoch_budget_counts_whole_batches_over_the_pool():

@@ -105,12 +105,15 @@ def reference_split(train: ImageSet, cfg: Any) -> tuple[ImageSet, ImageSet]:
 
 
 def check_training_only(used: dict[str, ImageSet], real: data.RealData) -> None:
-    """DataError unless every real image in `used` is one of the run's real training images and none is a test image."""
-    train_ids, test_ids = set(real.train.ids), set(real.test.ids)
+    """DataError unless every image of `used` is one of the run's real training images: its id is a training id and
+    its pixels are that training image's (ids alone do not tell: class folders reuse names across train and test)."""
+    position = {image_id: i for i, image_id in enumerate(real.train.ids)}
     for name, image_set in used.items():
-        outside = [i for i in image_set.ids if i not in train_ids or i in test_ids]
-        if outside:
-            raise DataError(f"curation: {len(outside)} images of {name!r} (e.g. {outside[0]!r}) are not real training "
+        index = torch.tensor([position.get(image_id, -1) for image_id in image_set.ids], dtype=torch.long)
+        same = (index >= 0) & (real.train.images[index.clamp_min(0)] == image_set.images).flatten(1).all(1)
+        if not bool(same.all()):
+            first = image_set.ids[int((~same).nonzero()[0])]
+            raise DataError(f"curation: {int((~same).sum())} images of {name!r} (e.g. {first!r}) are not real training "
                             "images; scores may use training data only, never the test set")
 
 
@@ -146,7 +149,7 @@ def geometry_upscale(cfg: Any) -> int:
 def measure(model: torch.nn.Module, image_set: ImageSet, name: str, cfg: Any, device: str) -> Measures:
     """Logits, penultimate features, attention metrics of the label-class Grad-CAM map, geometry metrics."""
     features = classifier_features(model, image_set.images, device=device)  # moves the model to `device`
-    logits = predict_logits(model, image_set.images, device=device).float().cpu()
+    logits = predict_logits(model, image_set.images, device=device, channels_last=False).float().cpu()
     names = dict(model.named_modules())
     layer = cfg.gradcam.layer if cfg.gradcam.layer in names else f"net.{cfg.gradcam.layer}"
     maps = gradcam_maps(model, image_set.images, image_set.labels, layer,
