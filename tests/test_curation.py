@@ -111,7 +111,7 @@ CURATION = {"curation.reference_per_class": 2, "curation.heldout_per_class": 1, 
 def run_dir(tmp_path: Path) -> Path:
     write_batches(tmp_path / "cifar" / "cifar-10-batches-py")
     for seed, source in enumerate(("sd", "di")):
-        write_synthetic(tmp_path / "run" / "synthetic" / source, per_class=4, seed=seed)
+        write_synthetic(tmp_path / "run" / "synthetic" / source, per_class=4, seed=10 + seed)  # not the batches' seed
     return tmp_path / "run"
 
 
