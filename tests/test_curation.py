@@ -198,3 +198,17 @@ def test_two_shards_split_the_jobs_and_the_unsharded_call_merges_them(run_dir):
     assert merged.trained == [] and len(merged.rows) == len(curation.SELECTIONS) + 1
     mixed = merged.rows[merged.rows["arm"] == "real+synthetic"]
     assert set(mixed["n_real"]) == {30} and set(mixed["n_synthetic"]) == {20}
+
+
+def test_bad_curation_parameters_name_the_parameter_and_the_fix(run_dir):
+    with pytest.raises(config.ConfigError, match="scaling_fractions"):
+        load(run_dir, **{"curation.scaling_fractions": [0.5, 0.25]})
+    cfg = load(run_dir, **{"curation.sources": ["sd", "xl"]})
+    with pytest.raises(config.ConfigError, match=r"curation.sources=\['sd', 'xl'\]: no synthetic set \['xl'\]"):
+        train_arms.load_named_sets(cfg, cfg.curation.sources, "curation.sources")
+    too_many = load(run_dir, **{"curation.heldout_per_class": 2, "curation.reference_per_class": 2})
+    with pytest.raises(config.ConfigError, match="at most 3"):  # 3 real training images per class in the fixture
+        curation.reference_split(data.real_data(too_many).train, too_many)
+    reference, heldout = curation.reference_split(data.real_data(cfg).train, cfg)
+    assert reference.class_counts().tolist() == [2] * 10 and heldout.class_counts().tolist() == [1] * 10
+    assert not set(reference.ids) & set(heldout.ids)

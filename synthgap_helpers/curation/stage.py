@@ -117,17 +117,6 @@ def check_training_only(used: dict[str, ImageSet], real: data.RealData) -> None:
                             "images; scores may use training data only, never the test set")
 
 
-def _synthetic(cfg: Any) -> dict[str, ImageSet]:
-    """Each set of curation.sources, loaded and checked (every class present)."""
-    sets = train_arms.synthetic_folders(cfg)
-    missing = [name for name in cfg.curation.sources if name not in sets]
-    if missing:
-        raise ConfigError(f"curation.sources={cfg.curation.sources}: no synthetic set {missing} in this run (sets: "
-                          f"{', '.join(sets) or 'none'}); generate it first or leave it out of curation.sources")
-    return {name: train_arms.load_synthetic(Arm(name, False, name, sets[name]), cfg.data.on_bad_image)
-            for name in cfg.curation.sources}
-
-
 # --------------------------------------------------------------------------------------------- scores
 
 
@@ -243,7 +232,7 @@ def score(cfg: Any) -> ScoresSummary:
         "to a trained seed")
     reference, heldout = reference_split(real.train, cfg)
     check_training_only({"reference": reference, HELDOUT: heldout}, real)
-    sets = {**_synthetic(cfg), HELDOUT: heldout}
+    sets = {**train_arms.load_named_sets(cfg, cfg.curation.sources, "curation.sources"), HELDOUT: heldout}
     prints = {"reference": fingerprint(reference), **{name: fingerprint(s) for name, s in sets.items()}}
     key = scores_key(cfg, check.sha256, prints)
     folder = cfg.run_dir / "analysis" / "curation"

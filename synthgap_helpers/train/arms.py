@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from synthgap_helpers import data
+from synthgap_helpers.config import ConfigError
 from synthgap_helpers.data import CLASSES, ImageSet
 from synthgap_helpers.errors import UserError
 from synthgap_helpers.train.trainer import (
@@ -145,6 +146,17 @@ def load_synthetic(arm: Arm, on_bad_image: str = "error") -> ImageSet:
         return parts[0]
     report = data.LoadReport(source=folders, loaded=total)
     return ImageSet(torch.cat([p.images for p in parts]), labels, [i for p in parts for i in p.ids], report)
+
+
+def load_named_sets(cfg: Any, names: list[str], parameter: str) -> dict[str, ImageSet]:
+    """The synthetic sets `names` of the run (`synthetic_folders`), each loaded and checked by `load_synthetic`;
+    ConfigError naming `parameter` (e.g. ``curation.sources``) when one is not in the run."""
+    sets = synthetic_folders(cfg)
+    missing = [name for name in names if name not in sets]
+    if missing:
+        raise ConfigError(f"{parameter}={names}: no synthetic set {missing} in this run (sets: {', '.join(sets) or 'none'}); "
+                          f"generate it first or leave it out of {parameter}")
+    return {name: load_synthetic(Arm(name, False, name, sets[name]), cfg.data.on_bad_image) for name in names}
 
 
 # --------------------------------------------------------------------------------------------- jobs
@@ -341,5 +353,5 @@ class CurrentKeys:
 
 __all__ = ["CORRUPT", "METRICS_FILE", "MODEL_FILE", "NOT_TRAINED", "ORIGINAL_ORDER", "ORIGINAL_STUDY", "REPORTED_NOTE",
            "Arm", "ArmData", "ArmError", "CurrentKeys", "ModelCheck", "check_model", "fingerprint", "job_dir",
-           "job_fingerprints", "job_key", "load_synthetic", "make_arm", "plan_arms", "read_finished",
+           "job_fingerprints", "job_key", "load_named_sets", "load_synthetic", "make_arm", "plan_arms", "read_finished",
            "real_fingerprints", "seeds_of", "synthetic_folders", "trainer_params"]
