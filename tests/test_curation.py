@@ -168,7 +168,8 @@ def test_the_stage_trains_each_selection_at_equal_size_against_random_and_record
     jobs = curation.plan_jobs(cfg, curation.score(cfg), data.real_data(cfg))
     chosen = [job for job in jobs if job.experiment == "selection"]
     assert len(chosen) == 2 * len(curation.SELECTIONS)
-    assert {tuple(job.synthetic.class_counts()) for job in chosen} == {(2,) * 10}  # 4 per class, q = 0.5
+    sets = data.synthetic_sets(cfg)
+    assert {tuple(sets[job.source].subset(job.indices).class_counts()) for job in chosen} == {(2,) * 10}  # q = 0.5 of 4
     summary = curation.run(cfg)
     # 14 selections + 2 scaling points, each the random part at q = 0.5 of its source (one model): 14 models
     assert len(summary.rows) == 16 and len(set(summary.trained)) == 14

@@ -288,7 +288,7 @@ class _Job:
     arm: str  # synthetic | real+synthetic
     fraction: float
     seed: int
-    synthetic: ImageSet
+    indices: np.ndarray  # the selection: positions in the source's set (kept instead of pixels: the paper's sets are large)
     params: TrainParams
     key: str
 
@@ -310,15 +310,16 @@ def selection_indices(scores: pd.DataFrame, selection: str, fraction: float, see
 def plan_jobs(cfg: Any, scores: ScoresSummary, real: data.RealData) -> list[_Job]:
     """Every (selection, source, arm, seed) at curation.fraction, then every scaling share (synthetic arm)."""
     params = cfg.curation
-    prints = {"val": fingerprint(real.val), "test": fingerprint(real.test)}
+    prints = {"val": fingerprint(real.val), "test": fingerprint(real.test), "train": fingerprint(real.train)}
+    frames = {source: scores.of(source) for source in params.sources}
     jobs = []
 
     def add(experiment: str, source: str, selection: str, arm: str, fraction: float, seed: int) -> None:
-        chosen = scores.sets[source].subset(selection_indices(scores.of(source), selection, fraction, seed, source))
+        indices = selection_indices(frames[source], selection, fraction, seed, source)
         trainer = trainer_params(cfg, source, arm)
-        key = job_key(arm, seed, trainer, {**prints, "synthetic": fingerprint(chosen),
-                                           "train": fingerprint(real.train) if arm == "real+synthetic" else None})
-        jobs.append(_Job(experiment, source, selection, arm, fraction, seed, chosen, trainer, key))
+        key = job_key(arm, seed, trainer, {**prints, "synthetic": fingerprint(scores.sets[source].subset(indices)),
+                                           "train": prints["train"] if arm == "real+synthetic" else None})
+        jobs.append(_Job(experiment, source, selection, arm, fraction, seed, indices, trainer, key))
 
     for source in params.sources:
         for selection in SELECTIONS:
@@ -331,16 +332,17 @@ def plan_jobs(cfg: Any, scores: ScoresSummary, real: data.RealData) -> list[_Job
     return jobs
 
 
-def _train(job: _Job, real: data.RealData, device: str) -> dict[str, Any]:
-    """Train one row's model (validation: real split) and score it on the real test set."""
+def _train(job: _Job, synthetic: ImageSet, real: data.RealData, device: str) -> dict[str, Any]:
+    """Train one row's model on its selection of `synthetic` (validation: real split), score it on the real test set."""
     mixed = job.arm == "real+synthetic"
-    train_set = real.train if mixed else job.synthetic
+    chosen = synthetic.subset(job.indices)
+    train_set = real.train if mixed else chosen
     result = train_classifier(train_set.images, train_set.labels, real.val.images, real.val.labels, job.params,
-                              synthetic_images=job.synthetic.images if mixed else None,
-                              synthetic_labels=job.synthetic.labels if mixed else None, seed=job.seed, device=device)
+                              synthetic_images=chosen.images if mixed else None,
+                              synthetic_labels=chosen.labels if mixed else None, seed=job.seed, device=device)
     test = evaluate(result.model, real.test.images, real.test.labels, device=device, amp=job.params.amp,
                     channels_last=job.params.channels_last)
-    return {"n_synthetic": len(job.synthetic), "n_real": len(real.train) if mixed else 0,
+    return {"n_synthetic": len(chosen), "n_real": len(real.train) if mixed else 0,
             "test_accuracy": test["accuracy"], "val_accuracy": result.val_metrics["accuracy"],
             "best_step": result.best_step, "steps": result.steps, "seconds": result.seconds, "key": job.key}
 
@@ -496,7 +498,7 @@ def run(cfg: Any, shard: Shard = Shard()) -> CurationSummary:
     device = config.resolve_device(cfg.device)
     for job in tqdm(todo, desc="curation models", unit="model", disable=not todo):
         if job.key not in finished:  # the random part at share q is also the scaling point at q
-            finished[job.key] = _train(job, real, device)
+            finished[job.key] = _train(job, scores.sets[job.source], real, device)
             trained.append(job.owner_id)
         rows.append(_row(job, finished[job.key]))
         _write_rows(out, rows)
