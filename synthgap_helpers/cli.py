@@ -7,6 +7,7 @@
     python -m synthgap_helpers gradcam --profile paper
     python -m synthgap_helpers gap --profile paper
     python -m synthgap_helpers lowdata sweep|finetune --profile paper [--shard i/n]
+    python -m synthgap_helpers curate --profile paper [--shard i/n]
     python -m synthgap_helpers merge runs/paper/synthetic/sd
     python -m synthgap_helpers cost --profile paper [--rate sd=<images/s> --rate train=<images/s> ...]
     python -m synthgap_helpers publish [--remote origin] [--html _build/html]
@@ -52,6 +53,7 @@ STAGES: dict[tuple[str, str | None], tuple[str, str]] = {
     ("gap", None): ("synthgap_helpers.gap.stage", "run"),
     ("lowdata", "sweep"): ("synthgap_helpers.lowdata.stage", "sweep"),
     ("lowdata", "finetune"): ("synthgap_helpers.lowdata.stage", "finetune"),
+    ("curate", None): ("synthgap_helpers.curation.stage", "run"),
 }
 
 

@@ -366,6 +366,29 @@ class LowdataParams(_Section):
         return value
 
 
+class CurationParams(_Section):
+    """Curating the synthetic sets: score every image, keep the top fraction per class, train on it against random."""
+
+    sources: list[str] = Field(default=["sd", "di"], min_length=1)  # synthetic sets scored, curated and scaled
+    model_seed: int | None = Field(default=None, ge=0)  # scores from models/real/seed<k>; None: the run seed
+    fraction: float = Field(default=0.5, gt=0.0, le=1.0)  # q: share of each class kept by every selection
+    reference_per_class: int | None = Field(default=None, ge=2)  # real training images per class scores compare with; None: all but the held-out
+    heldout_per_class: int = Field(default=100, ge=1)  # real training images per class scored like a synthetic set (the distributions' real line)
+    k: int = Field(default=3, ge=1, le=100)  # k-th neighbour radius of the realism score (Kynkaanniemi et al.: 3)
+    geometry_upscale: int | None = Field(default=None, ge=1, le=16)  # line-segment detector's upscale for the geometry score; None: geometry.upscale
+    arms: list[Literal["synthetic", "real+synthetic"]] = Field(default=["synthetic", "real+synthetic"], min_length=1)  # the selection alone, and mixed with the real set as train.mix says
+    seeds: int = Field(default=3, ge=1, le=100)  # training seeds per selection: run seed + 0 ... + seeds - 1
+    steps: int | None = Field(default=None, ge=1)  # optimizer steps per model; None: the train section's budget
+    scaling_fractions: list[float] = Field(default=[0.1, 0.25, 0.5, 1.0], min_length=1)  # random shares of each set for the scaling curve (synthetic-only arm)
+
+    @field_validator("scaling_fractions")
+    @classmethod
+    def _shares(cls, value: list[float]) -> list[float]:
+        if any(not 0 < share <= 1 for share in value) or sorted(set(value)) != value:
+            raise ValueError(f"must be distinct shares in (0, 1] in increasing order, got {value}")
+        return value
+
+
 class Config(_Section):
     """Every parameter of a run, validated; `run_dir` is where each stage reads and writes."""
 
@@ -381,6 +404,7 @@ class Config(_Section):
     gradcam: GradcamParams = GradcamParams()
     gap: GapParams = GapParams()
     lowdata: LowdataParams = LowdataParams()
+    curation: CurationParams = CurationParams()
 
     @field_validator("device")
     @classmethod

@@ -32,6 +32,8 @@ TINY_WIDTH = 32  # the tiny offline pipeline's text width (sd.pipelines.TINY_WID
 CLASSIFIER_PARAMETERS = {"resnet18_cifar": 11_173_962, "resnet18_imagenet": 11_181_642,
                          "resnet18_imagenet_224": 11_181_642, "resnet18_cifar_narrow": 701_466}
 ARMS = ("real", "sd", "di", "real+sd", "real+di")  # the original study's arms, trained when both generators ran
+CURATION_SELECTIONS = 7  # curation.stage.SELECTIONS: four scores, diversity, combined, random (a test keeps them equal)
+CSV_ROW_BYTES = 200  # an upper bound of one row of the curation scores or results CSV
 
 # stage rate key -> (unit of the rate, the benchmark that measures it on your machine)
 RATES: dict[str, tuple[str, str]] = {
@@ -169,8 +171,46 @@ def work_table(cfg: Any) -> pd.DataFrame:
         ("real-vs-synthetic detectors (07)", 2 * (len(synthetic) + 1) * gap.detector_steps * gap.detector_batch_size,
          "training images", "train", (f"probe and CNN x {len(synthetic) + 1} sets (the real floor too) x "
          f"{gap.detector_steps} steps (an upper bound at ResNet-18's rate: both detectors are far smaller)")),
+        *curation_work(cfg, synthetic, real["train"]),
     ]
     return pd.DataFrame(rows, columns=["stage", "amount", "unit", "rate", "what"]).set_index("stage")
+
+
+def curation_images(cfg: Any, synthetic: dict[str, int], real_train: int) -> int:
+    """Images the curation stage scores: every image of its sources, the real reference and the held-out real images."""
+    params = cfg.curation
+    held = CLASSES * params.heldout_per_class
+    reference = real_train - held if params.reference_per_class is None else CLASSES * params.reference_per_class
+    return sum(synthetic.get(source, 0) for source in params.sources) + reference + held
+
+
+def curation_work(cfg: Any, synthetic: dict[str, int], real_train: int) -> list[tuple[str, int, str, str, str]]:
+    """The work rows of the curation stage: scoring, and training the selections and the scaling curve (the random
+    part at curation.fraction is also the scaling point at that share, trained once)."""
+    params, train = cfg.curation, cfg.train
+    steps = params.steps if params.steps is not None else train.steps
+    mixed = train.mix == "concat"
+
+    def passes(n_synthetic: int, arm: str) -> int:
+        with_real = arm == "real+synthetic"
+        pool = real_train + mixed * n_synthetic if with_real else n_synthetic
+        return _passes(steps, train.epochs, max(1, pool), train.batch_size)
+
+    selections = sum(passes(round(params.fraction * synthetic.get(source, 0)), arm)
+                     for source in params.sources for arm in params.arms) * CURATION_SELECTIONS
+    scaling = sum(passes(round(share * synthetic.get(source, 0)), "synthetic")
+                  for source in params.sources for share in params.scaling_fractions
+                  if not (share == params.fraction and "synthetic" in params.arms))
+    models = len(params.sources) * (CURATION_SELECTIONS * len(params.arms) + len(params.scaling_fractions)
+                                    - (params.fraction in params.scaling_fractions and "synthetic" in params.arms))
+    return [
+        ("curation scores (08)", curation_images(cfg, synthetic, real_train), "images", "gradcam",
+         "features, Grad-CAM and geometry metrics of every image of the sources, the real reference and the held-out "
+         "real images (the geometry metrics, ~0.1 s an image on one CPU core, are not in the rate)"),
+        ("curation selections and scaling (08)", params.seeds * (selections + scaling), "training images", "train",
+         f"{models} models x {params.seeds} seeds: {CURATION_SELECTIONS} selections x {len(params.arms)} arms x "
+         f"{len(params.sources)} sources, {len(params.scaling_fractions)} scaling shares"),
+    ]
 
 
 def download_bytes(model: str) -> int | None:
@@ -214,6 +254,9 @@ def disk_table(cfg: Any) -> pd.DataFrame:
         ("classifier checkpoints", jobs * 4 * CLASSIFIER_PARAMETERS[cfg.train.model],
          f"{jobs} models of {CLASSIFIER_PARAMETERS[cfg.train.model]:,} fp32 parameters"),
     ]
+    scored = curation_images(cfg, synthetic, real_sizes(cfg)["train"])
+    rows.append(("curation scores and rows", CSV_ROW_BYTES * scored,
+                 f"at most: {scored:,} scored images in CSV, the models' rows (no model is kept)"))
     return pd.DataFrame(rows, columns=["item", "bytes", "what"]).set_index("item")
 
 

@@ -34,6 +34,18 @@ def test_work_counts_steps_images_and_guided_passes():
     assert work.loc["real-vs-synthetic detectors (07)", "amount"] == 2 * 3 * 1000 * 128  # sd, di and the real floor
 
 
+def test_curation_counts_every_selection_arm_and_scaling_share_once():
+    from synthgap_helpers.curation.stage import SELECTIONS
+
+    assert cost.CURATION_SELECTIONS == len(SELECTIONS)
+    work = cost.work_table(config.resolve("gpu-small"))  # 2 sources, 2 arms, 3 seeds, 5000 steps at batch 128
+    # 7 selections x 2 arms x 2 sources, plus the scaling shares 0.1, 0.25 and 1.0 (0.5 is the random selection)
+    assert work.loc["curation selections and scaling (08)", "amount"] == 3 * (7 * 2 * 2 + 3 * 2) * 5000 * 128
+    assert work.loc["curation scores (08)", "amount"] == 5000 + 5000 * 5 + 10 * 400 + 10 * 100
+    disk = cost.disk_table(config.resolve("smoke"))  # 200 SD + 80 DI + 200 reference + 50 held-out images
+    assert disk.loc["curation scores and rows", "bytes"] == cost.CSV_ROW_BYTES * 530
+
+
 def test_an_epoch_budget_counts_whole_batches_over_the_pool():
     cfg = config.resolve("smoke", overrides={"train.steps": None, "train.epochs": 1.5, "train.batch_size": 64,
                                              "train.mix": "concat", "train.seeds": 1})
@@ -52,7 +64,7 @@ def test_hours_are_amount_over_rate_and_bad_rates_are_named():
     estimate = cost.profile_cost(config.resolve("gpu-small"))
     hours = estimate.with_hours({"train": 1000.0})
     assert hours.loc["classifier training (04)", "hours"] == pytest.approx(6 * 3 * 10000 * 128 / 1000 / 3600)
-    assert hours["hours"].isna().sum() == 5  # the stages without a rate
+    assert hours["hours"].isna().sum() == 6  # the stages without a rate
     with pytest.raises(ValueError, match="rate keys \\['gpu'\\] are not known"):
         estimate.with_hours({"gpu": 1.0})
     with pytest.raises(ValueError, match="sd=0.0 must be a positive"):

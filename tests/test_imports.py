@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "synthgap_helpers"
-STAGES = ("sd", "inversion", "train", "lowdata", "gradcam", "geometry", "gap")  # pipeline order
+STAGES = ("sd", "inversion", "train", "lowdata", "gradcam", "geometry", "gap", "curation")  # pipeline order
 NOT_CORE = ("stage", "figures")  # what another stage may never import
 
 

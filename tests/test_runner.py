@@ -92,7 +92,7 @@ def test_smoke_suite_runs_and_the_book_builds_with_every_page_and_figure():
     assert "NBVAL" not in (html / "book" / "executed" / "07_results.html").read_text()
     intro = (html / "book" / "intro.html").read_text()
     glued = re.findall(r'<img[^>]+src="data:image/png;base64,', intro)
-    assert len(glued) == 6, "the introduction shows the six figures glued by notebooks 05, 06 and 07"
+    assert len(glued) == 7, "the introduction shows the seven figures glued by notebooks 05, 06, 07 and 08"
     assert re.search(r'Fig\. \d+', intro) and 'class="pasted-text">smoke<' in intro
     assert "not trained" not in intro and "% (1 seed)" in intro  # every arm's glued accuracy
     reproducing = (html / "book" / "reproducing.html").read_text()

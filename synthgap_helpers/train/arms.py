@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from synthgap_helpers import data
+from synthgap_helpers.config import ConfigError
 from synthgap_helpers.data import CLASSES, ImageSet
 from synthgap_helpers.errors import UserError
 from synthgap_helpers.train.trainer import (
@@ -218,6 +219,17 @@ def load_synthetic(arm: Arm, on_bad_image: str = "error") -> ImageSet:
     return ImageSet(torch.cat([p.images for p in parts]), labels, [i for p in parts for i in p.ids], report)
 
 
+def load_named_sets(cfg: Any, names: list[str], parameter: str) -> dict[str, ImageSet]:
+    """The synthetic sets `names` of the run (`synthetic_folders`), each loaded and checked by `load_synthetic`;
+    ConfigError naming `parameter` (e.g. ``curation.sources``) when one is not in the run."""
+    sets = synthetic_folders(cfg)
+    missing = [name for name in names if name not in sets]
+    if missing:
+        raise ConfigError(f"{parameter}={names}: no synthetic set {missing} in this run (sets: {', '.join(sets) or 'none'}); "
+                          f"generate it first or leave it out of {parameter}")
+    return {name: load_synthetic(Arm(name, False, name, sets[name]), cfg.data.on_bad_image) for name in names}
+
+
 # --------------------------------------------------------------------------------------------- jobs
 
 
@@ -412,8 +424,9 @@ class CurrentKeys:
         return check_model(folder, key)
 
 
-__all__ = ["CORRUPT", "EQUAL_SIZE_MARK", "METRICS_FILE", "MODEL_FILE", "NOT_TRAINED", "ORIGINAL_ORDER", "ORIGINAL_STUDY",
-           "ORIGINAL_STUDY_CITATION", "ORIGINAL_STUDY_NAME", "ORIGINAL_STUDY_PROTOCOL",
-           "REPORTED_NOTE", "Arm", "ArmData", "ArmError", "CurrentKeys", "ModelCheck", "arm_synthetic", "check_model",
-           "equal_size_arms", "equal_size_subset", "fingerprint", "job_dir", "job_fingerprints", "job_key", "load_synthetic", "make_arm", "plan_arms", "read_finished",
-           "real_fingerprints", "seeds_of", "synthetic_folders", "trainer_params"]
+__all__ = ["CORRUPT", "EQUAL_SIZE_MARK", "METRICS_FILE", "MODEL_FILE", "NOT_TRAINED", "ORIGINAL_ORDER",
+           "ORIGINAL_STUDY", "ORIGINAL_STUDY_CITATION", "ORIGINAL_STUDY_NAME", "ORIGINAL_STUDY_PROTOCOL",
+           "REPORTED_NOTE", "Arm", "ArmData", "ArmError", "CurrentKeys", "ModelCheck", "arm_synthetic",
+           "check_model", "equal_size_arms", "equal_size_subset", "fingerprint", "job_dir",
+           "job_fingerprints", "job_key", "load_named_sets", "load_synthetic", "make_arm", "plan_arms",
+           "read_finished", "real_fingerprints", "seeds_of", "synthetic_folders", "trainer_params"]
