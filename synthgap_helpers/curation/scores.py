@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-import torch
 from torch import Tensor
 
-from synthgap_helpers.gap.measures import PAIRWISE_CHUNK, _knn_manifold
+from synthgap_helpers.gap.measures import knn_balls, pairwise_distances
 
 MAD_TO_SD = 1.4826  # scales the median absolute deviation to the standard deviation of a normal distribution
 WINSOR = 3.0  # robust z-scores of the reference are clipped to +-WINSOR before their correlation is estimated
@@ -39,13 +38,11 @@ def realism(real_feats: Tensor, fake_feats: Tensor, k: int = 3, prune: bool = Tr
     the largest radii, which lie in sparse, outlying regions). R >= 1 means x lies inside at least one ball.
     """
     real_feats, fake_feats = real_feats.double(), fake_feats.double()
-    centres, radii = _knn_manifold(real_feats, k)
+    centres, radii = knn_balls(real_feats, k)
     if prune:
         keep = radii <= radii.median()
         centres, radii = centres[keep], radii[keep]
-    scores = [(radii / torch.cdist(block, centres).clamp_min(1e-12)).max(dim=1).values
-              for block in fake_feats.split(PAIRWISE_CHUNK)]
-    return torch.cat(scores).numpy()
+    return (radii / pairwise_distances(fake_feats, centres).clamp_min(1e-12)).max(dim=1).values.numpy()
 
 
 def robust_scale(reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

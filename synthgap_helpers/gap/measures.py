@@ -166,6 +166,22 @@ def kernel_inception_distance(
     return float(mean), float(std)
 
 
+def pairwise_distances(a: Tensor, b: Tensor) -> Tensor:
+    """Exact Euclidean distances of every row of `a` to every row of `b` (no matrix-product shortcut), in blocks of
+    PAIRWISE_CHUNK rows of `a`."""
+    return torch.cat([torch.cdist(block, b, compute_mode="donot_use_mm_for_euclid_dist")
+                      for block in a.split(PAIRWISE_CHUNK)])
+
+
+def knn_balls(feats: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """One set's k-NN manifold: its distinct rows (the centres) and each one's distance to its k-th nearest other
+    centre (the radius)."""
+    centres = feats.unique(dim=0)
+    if not 1 <= k < len(centres):
+        raise ValueError(f"k={k} must be in [1, {len(centres) - 1}]: below the number of distinct rows of the set")
+    return centres, pairwise_distances(centres, centres).kthvalue(k + 1, dim=1).values
+
+
 class KnnManifolds:
     """Both sets' k-NN manifolds from distances computed once, for the full sets and for any bootstrap resample.
 
@@ -183,15 +199,9 @@ class KnnManifolds:
         if not 1 <= k < smallest:
             raise ValueError(f"k={k} must be in [1, {smallest - 1}]: below the number of distinct rows of each set")
         self.k = k
-        self.real_real = self._distances(real_distinct, real_distinct)
-        self.fake_fake = self._distances(fake_distinct, fake_distinct)
-        self.fake_real = self._distances(fake_distinct, real_distinct)
-
-    @staticmethod
-    def _distances(a: Tensor, b: Tensor) -> Tensor:
-        """Euclidean distances of every row of `a` to every row of `b`, in blocks of PAIRWISE_CHUNK rows."""
-        return torch.cat([torch.cdist(block, b, compute_mode="donot_use_mm_for_euclid_dist")
-                          for block in a.split(PAIRWISE_CHUNK)])
+        self.real_real = pairwise_distances(real_distinct, real_distinct)
+        self.fake_fake = pairwise_distances(fake_distinct, fake_distinct)
+        self.fake_real = pairwise_distances(fake_distinct, real_distinct)
 
     def _covered(self, own: Tensor, centres: Tensor, cross: Tensor) -> Tensor:
         """Per distinct row of the other set: inside a ball around `centres` (distinct ids) with k-NN radii."""
