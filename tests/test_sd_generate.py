@@ -149,11 +149,13 @@ def test_img2img_prompts_come_from_a_captions_file_when_given(tmp_path, monkeypa
     cfg = make_cfg(tmp_path / "run", **{"sd.mode": "img2img", "sd.steps": 2, "sd.strength": 0.5,
                                          "sd.captions": str(captions), "sd.images_per_class": 1})
     plans = sd_generate.plan_images(cfg, real.train)
-    assert [p.prompt for p in plans] == ["caption of cat/0006", "caption of dog/0010"]
+    order = data.nested_order(real.train.labels, cfg.seed)
+    cat, dog = (real.train.ids[order[data.CLASSES.index(name)][0]] for name in ("cat", "dog"))
+    assert [p.prompt for p in plans] == [f"caption of {cat}", f"caption of {dog}"]  # each class's first source image
     captions = captions.with_suffix(".json")
-    captions.write_text(json.dumps({"cat/0006": "only one"}))
+    captions.write_text(json.dumps({cat: "only one"}))
     cfg = cfg.model_copy(update={"sd": cfg.sd.model_copy(update={"captions": str(captions)})})
-    with pytest.raises(ValueError, match=r"1 source image\(s\) have no caption, e\.g\. \['dog/0010'\]"):
+    with pytest.raises(ValueError, match=rf"1 source image\(s\) have no caption, e\.g\. \['{dog}'\]"):
         sd_generate.plan_images(cfg, real.train)
 
 
