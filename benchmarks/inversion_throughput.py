@@ -30,6 +30,7 @@ from synthgap_helpers.inversion import embeddings as inversion
 from synthgap_helpers.inversion import sampling as inversion_sampling
 from synthgap_helpers.sd import pipelines as diffusion
 
+
 def build(args: argparse.Namespace, dtype: str):
     """The pipeline under test on the device, in `dtype`."""
     if args.tiny:
