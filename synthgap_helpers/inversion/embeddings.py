@@ -10,7 +10,8 @@ ordinary denoising loss on the VAE latents of the (upsampled) real image:
 target = noise (epsilon-prediction models) or the velocity (v-prediction models). Images are handled in
 groups (`inversion.group_size`, the authors: 100); a group is one optimisation problem with one
 `G x num_tokens x hidden` parameter tensor and one AdamW state, exactly as the authors' one-hot
-`nn.Linear` embedding table.
+`nn.Linear` embedding table. `inversion.groups_per_step` groups share each U-Net call (`invert_groups`): the
+loss is the sum of the per-group mean losses, so every group gets the update of a run of its own.
 
 Groups are class-balanced and fixed: the run's real train subset (`data.real_data(cfg).train`), each class's
 images in split order, interleaved class by class (airplane 0, automobile 0, ..., truck 0, airplane 1, ...),
