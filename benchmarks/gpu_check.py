@@ -126,9 +126,11 @@ def reset_peak(device: str) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def save_model(folder: Path, tiny: bool) -> Path:
-    """The random-weight model saved in the diffusers layout (safetensors), for the stages to load as a folder."""
-    pipe = diffusion.tiny_pipeline() if tiny else diffusion.sd15_random_pipeline()
+def save_model(folder: Path, tiny: bool, device: str) -> Path:
+    """The random-weight model saved in the diffusers layout (safetensors), for the stages to load as a folder.
+
+    SD 1.5's architecture is built on the GPU in fp16 (2 GB of weights; the stages load it in their own dtype)."""
+    pipe = diffusion.tiny_pipeline() if tiny else diffusion.sd15_random_pipeline(device=device, dtype=torch.float16)
     pipe.save_pretrained(folder, safe_serialization=True)
     if not list(folder.rglob("*.safetensors")) or list(folder.rglob("*.bin")):
         raise RuntimeError(f"{folder}: expected safetensors weights only")
@@ -180,7 +182,7 @@ def run_checks(args: argparse.Namespace, work: Path) -> Report:
     sizes = TINY if args.tiny else GPU
     device, exact = args.device, not args.device.startswith("cuda")
     report = Report()
-    model = save_model(work / "model", args.tiny)
+    model = save_model(work / "model", args.tiny, device)
     paper = config.resolve("paper")
 
     def sd_cfg(name: str, mode: str, dtype: str) -> Any:
