@@ -82,9 +82,9 @@ TINY = Sizes(sd_images_per_class=2, sd_steps=4, di_group_size=10, di_groups=2, d
                  "sd_throughput.py": ["--tiny", "--batch", "2", "--steps", "2", "--images", "2"],
                  "inversion_throughput.py": ["--tiny", "--group", "4", "--batch", "2", "--steps", "2", "--warmup", "1",
                                              "--rounds", "1", "--groups", "2", "--sample-images", "1",
-                                             "--sample-steps", "1", "--resolution", "16"],
+                                             "--sample-steps", "1", "--resolution", "16", "--threads", "1"],
                  "train_throughput.py": ["--model", "resnet18_cifar_narrow", "--images", "64", "--batch-size", "16",
-                                         "--steps", "1", "--rounds", "1"]})
+                                         "--steps", "1", "--rounds", "1", "--threads", "1"]})
 GPU = Sizes(sd_images_per_class=16, sd_steps=25, di_group_size=50, di_groups=4, di_resolution=128, di_batch=50,
             di_steps=40, train_model="resnet18_cifar", train_images=50_000, train_batch=128, train_steps=400,
             benchmark_args={
@@ -328,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-benchmarks", action="store_true", help="skip the three throughput benchmarks")
     args = parser.parse_args(argv)
     args.compile_backend = args.compile_backend or ("eager" if args.tiny else "inductor")
+    if args.tiny:  # tiny tensors: a second thread only waits (with bf16 autocast on a busy 2-core CPU, 5x slower)
+        torch.set_num_threads(1)
     started = time.perf_counter()
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(f"gpu_check on {args.device} ({name}), {'tiny pipeline' if args.tiny else 'SD 1.5 architecture'}, "
