@@ -4,7 +4,7 @@ Both optimise the same group of embeddings on the same architecture at the same 
 
 * this implementation: VAE latent distribution encoded once per group and cached (a latent is drawn from it
   each step), U-Net in fp16 (bf16 with --dtype bf16) under autocast with fp32 embeddings, channels-last,
-  optionally torch.compile;
+  optionally torch.compile, and `--groups K` groups sharing each U-Net call (rates count group steps);
 * the authors' recipe: fp32 U-Net and VAE, the VAE re-encoding the batch at every step.
 
 Rounds alternate between the two so that a busy machine slows both alike (on CPU both run in fp32 by default:
@@ -30,50 +30,13 @@ from synthgap_helpers.inversion import embeddings as inversion
 from synthgap_helpers.inversion import sampling as inversion_sampling
 from synthgap_helpers.sd import pipelines as diffusion
 
-# Stable Diffusion 1.5's U-Net and VAE (diffusers configs of stable-diffusion-v1-5); the text encoder is cut to
-# one layer (only its width matters here: sampling gets prompt_embeds and never calls it).
-SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-                 block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
-                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-                 norm_num_groups=32)
-SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
-                block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, scaling_factor=0.18215)
-SD15_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                      steps_offset=1, clip_sample=False, set_alpha_to_one=False, prediction_type="epsilon")
-
-
-def random_sd15(seed: int = 0):
-    """A StableDiffusionPipeline with SD 1.5's U-Net and VAE architecture and random weights (no download)."""
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(seed)
-    tokenizer = diffusion.tiny_tokenizer()
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072,
-                                        num_hidden_layers=1, num_attention_heads=12, max_position_embeddings=77,
-                                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                        pad_token_id=tokenizer.pad_token_id))
-    pipe = StableDiffusionPipeline(vae=AutoencoderKL(**SD15_VAE).eval(), text_encoder=text.eval(), tokenizer=tokenizer,
-                                   unet=UNet2DConditionModel(**SD15_UNET).eval(),
-                                   scheduler=DDIMScheduler(**SD15_SCHEDULER), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
 
 def build(args: argparse.Namespace, dtype: str):
     """The pipeline under test on the device, in `dtype`."""
     if args.tiny:
         pipe = diffusion.tiny_pipeline()
     elif args.random_weights:
-        pipe = random_sd15()
+        pipe = diffusion.sd15_random_pipeline()
     else:
         return diffusion.load_pipeline(args.model, "txt2img", args.device, dtype)
     pipe = pipe.to(device=args.device, dtype=diffusion.resolve_dtype(args.device, dtype))
@@ -82,19 +45,23 @@ def build(args: argparse.Namespace, dtype: str):
 
 
 def timed_steps(pipe, images, *, recipe: str, args: argparse.Namespace) -> float:
-    """Steps per second of `args.steps` optimisation steps (after `args.warmup` untimed ones)."""
+    """Group optimisation steps per second over `args.steps` steps (after `args.warmup` untimed ones): ours stacks
+    `args.groups` groups in each U-Net call (`invert_groups`), the authors' recipe runs one group."""
     width = inversion.embedding_width(pipe.unet)
     start = inversion.init_embeddings("random", [0] * len(images), args.num_tokens, width,
                                       torch.Generator().manual_seed(0))
     ours = recipe == "ours"
-    options = dict(batch_size=args.batch, lr=0.03, weight_decay=0.01, resolution=args.resolution, seed=0,
+    groups = args.groups if ours else 1
+    options = dict(batch_size=args.batch, lr=0.03, weight_decay=0.01, resolution=args.resolution,
                    encode_every_step=not ours, channels_last=ours, compile=ours and args.compile, progress=False)
-    state = inversion.invert_group(pipe, images, inversion.InversionState(start), steps=args.warmup, **options)
+    states = inversion.invert_groups(pipe, [images] * groups, [inversion.InversionState(start)] * groups,
+                                     seeds=list(range(groups)), steps=args.warmup, **options)
     sync(args.device)
     began = time.perf_counter()
-    inversion.invert_group(pipe, images, state, steps=args.warmup + args.steps, **options)
+    inversion.invert_groups(pipe, [images] * groups, states, seeds=list(range(groups)),
+                            steps=args.warmup + args.steps, **options)
     sync(args.device)
-    return args.steps / (time.perf_counter() - began)
+    return groups * args.steps / (time.perf_counter() - began)
 
 
 def sync(device: str) -> None:
@@ -118,6 +85,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="torch.compile the U-Net (this implementation)")
+    parser.add_argument("--groups", type=int, default=1, help="groups per U-Net call (this implementation)")
     parser.add_argument("--sample-images", type=int, default=20)
     parser.add_argument("--sample-steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -142,7 +110,7 @@ def main() -> None:
         print(f"round {round_index + 1}: ours {rates['ours'][-1]:.2f} steps/s, authors' recipe "
               f"{rates['authors'][-1]:.2f} steps/s")
     ours, authors = statistics.median(rates["ours"]), statistics.median(rates["authors"])
-    print(f"this implementation: {ours:.2f} steps/s ({ours * args.batch:.1f} img/s)")
+    print(f"this implementation: {ours:.2f} group steps/s ({ours * args.batch:.1f} img/s, {args.groups} groups per call)")
     print(f"authors' recipe (fp32, VAE every step): {authors:.2f} steps/s ({authors * args.batch:.1f} img/s)")
     print(f"ratio: {ours / authors:.2f}")
 

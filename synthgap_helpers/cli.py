@@ -101,11 +101,15 @@ def _print_cost(args: argparse.Namespace) -> str:
 
     estimate = cost.profile_cost(config.resolve(args.profile, run_dir=args.run_dir, overrides=args.overrides))
     try:
-        work = estimate.with_hours(cost.parse_rates(args.rates))
-    except ValueError as exc:  # both check only the user's --rate values
+        rates = cost.parse_rates(args.rates)
+        work = estimate.with_hours(rates)
+        hours, missing = estimate.total_hours(rates)
+    except ValueError as exc:  # all three check only the user's --rate values
         raise config.ConfigError(str(exc)) from None
+    total = f"\nhours at the given rates: {hours:.1f} (without a rate, not counted: {', '.join(missing) or 'none'})"
     with pd.option_context("display.width", 200, "display.max_colwidth", 90):
-        return f"{work.to_string()}\n\n{estimate.disk.assign(size=estimate.disk['bytes'].map(cost.human_bytes)).to_string()}" \
+        return f"{work.to_string()}{total if rates else ''}\n\n" \
+               f"{estimate.disk.assign(size=estimate.disk['bytes'].map(cost.human_bytes)).to_string()}" \
                f"\ntotal of the known items: {cost.human_bytes(estimate.disk_bytes)}"
 
 

@@ -165,6 +165,7 @@ class InversionParams(_Section):
     weight_decay: float = Field(default=0.01, ge=0.0, le=1.0)  # AdamW decoupled weight decay
     init: Literal["random", "class_prompt", "class_prompt_mean"] = "random"  # random: U(+-1/sqrt(group_size)) as the authors
     checkpoint_every: int = Field(default=500, ge=1)  # steps between resumable checkpoints (embeddings + optimizer)
+    groups_per_step: int = Field(default=1, ge=1, le=1024)  # groups sharing each U-Net call (equal to separate runs up to float rounding)
     compile: bool = False  # torch.compile the U-Net for training (CUDA; the first steps pay the compilation)
     guidance: float = Field(default=2.0, le=50.0)  # classifier-free guidance scale of sampling (>= 1, see check_guidance)
     uncond: Literal["mean", "empty_prompt"] = "mean"  # unconditional input: the group's mean embedding, or the empty prompt
@@ -300,7 +301,7 @@ class TrainStageParams(_Section):
     mix: Literal["concat", "fixed_share"] = "fixed_share"  # real+X arms: one shuffled pool, or a fixed real share per batch
     real_share: float = Field(default=0.5, gt=0.0, lt=1.0)  # fixed_share: real images per batch (0.5 at batch 128: 64 real + 64 synthetic)
     compile: bool = False  # torch.compile the model (CUDA; the first steps pay the compilation)
-    amp: Literal["auto", "bf16", "off"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    amp: Literal["auto", "bf16", "off"] = "auto"  # auto: bf16 autocast on CUDA and CPUs with native bf16, else fp32
     seeds: int = Field(default=5, ge=1, le=100)  # seeds per arm: run seed + 0 ... run seed + seeds - 1
     arms: Literal["auto"] | list[str] = "auto"  # auto: every arm whose data is in the run; or names such as real, sd, real+di
     folders: dict[str, FolderArmParams] = Field(default_factory=dict)  # extra arms by name: {name: {paths: [...], with_real: bool}}

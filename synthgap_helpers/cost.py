@@ -38,7 +38,8 @@ CSV_ROW_BYTES = 200  # an upper bound of one row of the curation scores or resul
 # stage rate key -> (unit of the rate, the benchmark that measures it on your machine)
 RATES: dict[str, tuple[str, str]] = {
     "sd": ("images/s", "benchmarks/sd_throughput.py (the profile's resolution, steps and batch)"),
-    "di_train": ("optimisation steps/s", "benchmarks/inversion_throughput.py (training steps/s)"),
+    "di_train": ("optimisation steps/s", "benchmarks/inversion_throughput.py (group steps/s; --groups as "
+                 "inversion.groups_per_step)"),
     "di_sample": ("images/s", "benchmarks/inversion_throughput.py (sampling images/s)"),
     "train": ("training images/s", "benchmarks/train_throughput.py (the trainer's images/s)"),
     "gradcam": ("images/s", "benchmarks/gradcam_speed.py (maps and metrics per second)"),
@@ -70,6 +71,12 @@ class ProfileCost:
         work["hours"] = [amount / rates[key] / 3600 if key in rates else math.nan
                          for amount, key in zip(work["amount"], work["rate"])]
         return work
+
+    def total_hours(self, rates: dict[str, float]) -> tuple[float, list[str]]:
+        """The hours of the profile (GPU hours for rates measured on one GPU) summed over the stages with a rate,
+        and the stages without one (not counted)."""
+        hours = self.with_hours(rates)["hours"]
+        return float(hours.sum()), list(hours.index[hours.isna()])
 
     def __repr__(self) -> str:
         return (f"profile {self.profile}\n{self.work.to_string()}\n\n{self.disk.to_string()}\n"

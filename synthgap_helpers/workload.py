@@ -1,7 +1,9 @@
 """Splitting per-image work across processes, GPUs and nodes: shards, per-image seeds, manifest merges.
 
-An image's shard and seed depend only on its id, so the pixels of every image are the same whatever
-the batch size, the number of shards or how often a stage was interrupted and resumed.
+A shard owns a contiguous, balanced range of a stage's full work list (the same list, in the same order, in
+every shard), so the largest shard holds at most ceil(n / shards) items. An image's seed depends only on its
+id, so its pixels are the same whatever the batch size, the number of shards or how often a stage was
+interrupted and resumed; stages skip finished items, so rerunning with another shard count is safe.
 """
 
 from __future__ import annotations
@@ -11,9 +13,12 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from synthgap_helpers.errors import DataError, UserError
 from synthgap_helpers.storage import Manifest, atomic_write_bytes
+
+T = TypeVar("T")
 
 
 class ShardError(ValueError, UserError):
@@ -36,13 +41,18 @@ class Shard:
         """The manifest this shard appends to; a single shard writes the final `manifest.jsonl`."""
         return "manifest.jsonl" if self.count == 1 else f"manifest.shard-{self.index}-of-{self.count}.jsonl"
 
-    def owns(self, item_id: str) -> bool:
-        """Whether this shard does the item: a stable hash of the id, independent of list order."""
-        return stable_hash(item_id) % self.count == self.index
+    def positions(self, n: int) -> range:
+        """This shard's positions in a list of n items: [i*n//k, (i+1)*n//k), sizes differing by at most one."""
+        return range(self.index * n // self.count, (self.index + 1) * n // self.count)
 
-    def select(self, item_ids: Sequence[str]) -> list[str]:
-        """The ids this shard does, in their given order."""
-        return [item for item in item_ids if self.owns(item)]
+    def select(self, items: Sequence[T]) -> list[T]:
+        """The items this shard does: its contiguous range of the stage's full, ordered work list.
+
+        Every shard must pass the same list in the same order (finished items included), so that the
+        shards partition it; balanced ranges keep the slowest shard within one item of the ideal.
+        """
+        positions = self.positions(len(items))
+        return list(items[positions.start:positions.stop])
 
 
 def _env_int(name: str, launcher: str, minimum: int = 0, default: int | None = None) -> int:

@@ -65,6 +65,8 @@ def test_hours_are_amount_over_rate_and_bad_rates_are_named():
     hours = estimate.with_hours({"train": 1000.0})
     assert hours.loc["classifier training (04)", "hours"] == pytest.approx(6 * 3 * 10000 * 128 / 1000 / 3600)
     assert hours["hours"].isna().sum() == 6  # the stages without a rate
+    total, missing = estimate.total_hours({"train": 1000.0})
+    assert total == pytest.approx(hours["hours"].sum()) and missing == list(hours.index[hours["hours"].isna()])
     with pytest.raises(ValueError, match="rate keys \\['gpu'\\] are not known"):
         estimate.with_hours({"gpu": 1.0})
     with pytest.raises(ValueError, match="sd=0.0 must be a positive"):

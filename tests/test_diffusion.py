@@ -105,3 +105,25 @@ def test_per_image_guidance_scales_each_row_and_acts_as_its_largest_scale():
     assert torch.equal(scaled[0], torch.full((4, 3, 3), 2.0)) and torch.equal(scaled[1], torch.full((4, 3, 3), 7.5))
     with pytest.raises(ValueError, match="2 scales for a batch of 3"):
         guidance * torch.ones(3, 1)
+
+
+def test_img2img_sources_encoded_in_one_call_equal_diffusers_encoding_them_one_by_one():
+    pipe = diffusion.load_pipeline("tiny", "img2img", "cpu")
+    sources = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    options = dict(prompt=["a cat"] * 3, num_inference_steps=4, strength=0.75, output_type="pt", guidance_scale=3.0)
+
+    def seeded() -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(seed) for seed in (5, 6, 7)]
+
+    stock = pipe(image=diffusion.upsample_sources(sources, 32), generator=seeded(), **options).images
+    generators = seeded()
+    latents = diffusion.encode_sources(pipe, sources, 32, generators)
+    assert latents.shape == (3, 4, 16, 16)  # the tiny VAE halves the side
+    ours = pipe(image=latents, generator=generators, **options).images
+    assert torch.allclose(ours, stock, rtol=0, atol=1e-5)  # one VAE call for three images: float rounding only
+    first = seeded()[:1]
+    alone = pipe(image=diffusion.encode_sources(pipe, sources[:1], 32, first), generator=first,
+                 **{**options, "prompt": ["a cat"]}).images
+    stock_alone = pipe(image=diffusion.upsample_sources(sources[:1], 32), generator=seeded()[:1],
+                       **{**options, "prompt": ["a cat"]}).images
+    assert torch.equal(alone, stock_alone)  # one image per call, as CPU generation runs: the same bits

@@ -211,7 +211,7 @@ def test_a_diverged_run_from_the_cli_is_one_line_with_arm_seed_step_and_fix_and_
                                                                                                 capsys):
     nan_on_call(monkeypatch, 2)
     overrides = {**SETTINGS, "data.root": str(run_dir.parent / "cifar"), "train.arms": ["real"], "train.steps": 3,
-                 "train.eval_every": 10}
+                 "train.eval_every": 10, "train.amp": "auto"}  # autocast on: the fix then names train.amp=off too
     argv = ["train", "--profile", "smoke", "--run-dir", str(run_dir)]
     for key, value in overrides.items():
         argv += ["--set", f"{key}={json.dumps(value)}"]

@@ -188,6 +188,59 @@ def test_resume_mid_group_gives_the_same_embeddings_as_an_uninterrupted_run(tmp_
     assert again.skipped == ["group_00000"] and again.trained == []
 
 
+def test_stacked_groups_train_the_same_embeddings_as_separate_runs(pipe):
+    """Groups sharing each U-Net call (sum of per-group mean losses) equal one run per group, to float rounding:
+    each keeps its own draws, its own AdamW moments, and its own batch (2 of 5 images, 2 of 3)."""
+    real = fake_real_data(per_class=1)
+    images = [real.train.images[:5], real.train.images[5:8]]
+    starts = [inversion.init_embeddings("random", [0] * len(group), 5, 32, torch.Generator().manual_seed(k))
+              for k, group in enumerate(images)]
+    options = dict(steps=4, batch_size=2, lr=0.5, weight_decay=0.01, resolution=RES, progress=False)
+    separate = [inversion.invert_group(pipe, group, inversion.InversionState(start.clone()), seed=seed, **options)
+                for group, start, seed in zip(images, starts, (11, 12))]
+    stacked = inversion.invert_groups(pipe, images, [inversion.InversionState(s.clone()) for s in starts],
+                                      seeds=[11, 12], **options)
+    for alone, together, start in zip(separate, stacked, starts):
+        assert together.step == 4 and len(together.losses) == 4
+        assert (together.embeddings - start).abs().max() > 1.0  # it trained: lr 0.5 moves entries by about 1.8
+        # batched kernels round differently, and Adam's step m / sqrt(v) lifts ~1e-10 gradient differences
+        # to ~2e-5 in entries whose gradient is near zero: 1e-4 is rounding, 5 orders below the training's change
+        assert torch.allclose(together.embeddings, alone.embeddings, rtol=0, atol=1e-4)
+        assert torch.allclose(together.exp_avg, alone.exp_avg, rtol=0, atol=1e-8)  # first moments ~1e-4
+        assert np.allclose(together.losses, alone.losses, rtol=1e-4)
+    assert not np.allclose(stacked[0].losses, stacked[1].losses)  # each group its own draws
+
+
+def test_two_groups_per_step_resume_together_and_match_one_group_per_step(tmp_path, fake_data, pipe, monkeypatch):
+    single = make_cfg(tmp_path / "single")
+    inversion_stage.train_embeddings(single, pipe=pipe, progress=False)
+    stacked = make_cfg(tmp_path / "stacked", groups_per_step=2)
+    real_write = inversion.write_checkpoint
+
+    def write_then_die(path, state, identity):
+        real_write(path, state, identity)
+        if state.step == 4 and identity["group"] == "group_00001":
+            raise KeyboardInterrupt("killed after both groups' step-4 checkpoints")
+
+    monkeypatch.setattr(inversion_stage, "write_checkpoint", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        inversion_stage.train_embeddings(stacked, pipe=pipe, progress=False)
+    monkeypatch.setattr(inversion_stage, "write_checkpoint", real_write)
+    summary = inversion_stage.train_embeddings(stacked, pipe=pipe, progress=False)
+    assert summary.resumed == ["group_00000", "group_00001"] and summary.steps_run == 2 * 2
+    for group in ("group_00000", "group_00001"):
+        a, _, _ = inversion.load_group_embeddings(single.run_dir, group)
+        b, _, _ = inversion.load_group_embeddings(stacked.run_dir, group)
+        assert torch.allclose(a, b, rtol=0, atol=1e-4)  # float rounding of batched kernels (see above)
+
+
+def test_stacks_hold_consecutive_groups_that_start_at_the_same_step():
+    groups = inversion.plan_groups([f"i{k}" for k in range(10)], list(range(10)), 2)
+    starts = {g.name: None for g in groups} | {"group_00002": inversion.InversionState(torch.zeros(2, 1, 1), step=4)}
+    stacks = inversion_stage.stacked_groups(groups, starts, 2)
+    assert [[g.index for g in stack] for stack in stacks] == [[0, 1], [2], [3, 4]]
+
+
 def test_class_prompt_init_uses_the_text_encoder_states(pipe):
     classes = ("cat", "dog")
     window = inversion_stage.class_embeddings(pipe, classes, 3, "class_prompt")

@@ -84,14 +84,17 @@ def test_resume_after_a_crash_keeps_every_image_once_and_no_partial_file(tmp_pat
     assert not list(sd_generate.output_folder(cfg).rglob("*.tmp"))
 
 
-def test_three_shards_together_equal_a_single_run(tmp_path):
+def test_shards_resumed_with_another_shard_count_together_equal_a_single_run(tmp_path):
     single = make_cfg(tmp_path / "single")
     sharded = make_cfg(tmp_path / "sharded")
     sd_generate.run(single)
-    planned = [sd_generate.run(sharded, Shard(i, 3)).planned for i in range(3)]
-    assert sum(planned) == 6
+    assert sd_generate.run(sharded, Shard(0, 2)).written == 3  # first half; shard 1/2 never ran
+    runs = [sd_generate.run(sharded, Shard(i, 3)) for i in range(3)]  # resumed on three shards
+    assert [r.planned for r in runs] == [2, 2, 2]  # balanced: at most ceil(6 / 3) each
+    assert [r.written for r in runs] == [0, 1, 2]  # the first half is not done again
     folder = sd_generate.output_folder(sharded)
-    assert len(list(folder.glob("manifest.shard-*-of-3.jsonl"))) == 3
+    assert sorted(p.name for p in folder.glob("manifest.shard-*.jsonl")) == [
+        "manifest.shard-0-of-2.jsonl", "manifest.shard-1-of-3.jsonl", "manifest.shard-2-of-3.jsonl"]  # 0/3 wrote none
     summary = sd_generate.run(sharded)  # one shard: nothing left to do, merges the shard manifests
     assert (summary.written, summary.merged) == (0, 6) and not list(folder.glob("manifest.shard-*"))
     assert folder_bytes(sharded) == folder_bytes(single)

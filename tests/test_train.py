@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -25,6 +26,7 @@ from synthgap_helpers.train.trainer import (
     load_checkpoint,
     lr_at,
     make_optimizer,
+    precision,
     predict_logits,
     save_checkpoint,
     train_classifier,
@@ -211,6 +213,21 @@ def test_two_cpu_runs_with_one_seed_give_identical_weights_and_metrics():
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
+def test_auto_precision_is_bf16_where_the_device_computes_it_natively_and_metrics_json_records_it(tmp_path,
+                                                                                                 monkeypatch):
+    assert [precision("cpu", amp) for amp in ("bf16", "off")] == ["bf16", "fp32"]
+    assert precision("cuda", "auto") == "bf16"
+    images, labels = blocky_images(20), labels_for(20)
+    for native, expected in ((False, "fp32"), (True, "bf16")):
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda native=native: native)
+        assert precision("cpu", "auto") == expected
+        path = tmp_path / expected / "m.safetensors"
+        result = train_classifier(images, labels, images[:10], labels[:10], dataclasses.replace(TINY, steps=1),
+                                  checkpoint_path=path)
+        assert result.precision == expected
+        assert json.loads((path.parent / "metrics.json").read_text())["precision"] == expected
+
+
 def test_trainer_keeps_the_weights_of_the_best_validation_step(tmp_path):
     images, labels = blocky_images(20), labels_for(20)
     result = train_classifier(images, labels, images[:10], labels[:10], TINY, checkpoint_path=tmp_path / "m.safetensors")
@@ -218,7 +235,7 @@ def test_trainer_keeps_the_weights_of_the_best_validation_step(tmp_path):
     assert [h["step"] for h in evaluated] == [3, 6]
     best = max(evaluated, key=lambda h: h["val_accuracy"])  # max returns the first of equal values
     assert result.best_step == best["step"] and result.val_metrics["accuracy"] == best["val_accuracy"]
-    assert evaluate(result.model, images[:10], labels[:10]) == result.val_metrics
+    assert evaluate(result.model, images[:10], labels[:10], amp=TINY.amp) == result.val_metrics  # same precision
     assert json.loads((tmp_path / "metrics.json").read_text())["best_step"] == result.best_step
 
 

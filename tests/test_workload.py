@@ -10,11 +10,13 @@ from synthgap_helpers.workload import Shard, image_seed, merge_shards, parse_sha
 IDS = [f"{c}/{i:05d}" for c in ("cat", "dog", "ship") for i in range(40)]
 
 
-def test_shards_partition_the_ids_whatever_their_order():
-    shards = [parse_shard(f"{i}/3") for i in range(3)]
-    parts = [shard.select(IDS) for shard in shards]
-    assert sorted(sum(parts, [])) == sorted(IDS) and all(parts)
-    assert shards[1].select(list(reversed(IDS))) == list(reversed(parts[1]))
+def test_shards_split_the_ordered_list_into_contiguous_balanced_ranges():
+    parts = [parse_shard(f"{i}/3").select(IDS) for i in range(3)]
+    assert sum(parts, []) == IDS  # contiguous, in order, each id once
+    assert [len(Shard(i, 4).select(range(50))) for i in range(4)] == [12, 13, 12, 13]  # hashing gave 10, 10, 17, 13
+    assert max(len(Shard(i, 8).select(range(450))) for i in range(8)) == 57  # ceil(450 / 8)
+    assert Shard(2, 4).select(range(50)) == list(range(25, 37))
+    assert [Shard(i, 4).select(range(2)) for i in range(4)] == [[], [0], [], [1]]  # fewer items than shards
 
 
 @pytest.mark.parametrize("text", ["3/3", "1", "a/b", "-1/2", "0/0"])

@@ -497,12 +497,13 @@ def run(cfg: Any, shard: Shard = Shard()) -> CurationSummary:
         for row in read_rows(source).to_dict(orient="records"):
             finished[row["key"]] = row
     out = path if shard.count == 1 else path.with_name(f"{path.stem}.shard-{shard.index}-of-{shard.count}.csv")
+    owned = set(shard.select(list(dict.fromkeys(job.owner_id for job in jobs))))  # balanced contiguous ranges
     rows, trained, reused, pending, todo = [], [], [], [], []
     for job in jobs:
         if job.key in finished:
             rows.append(_row(job, finished[job.key]))
             reused.append(job.owner_id)
-        elif shard.owns(job.owner_id):
+        elif job.owner_id in owned:
             todo.append(job)
         else:
             pending.append(job.owner_id)

@@ -10,12 +10,13 @@ ordinary denoising loss on the VAE latents of the (upsampled) real image:
 target = noise (epsilon-prediction models) or the velocity (v-prediction models). Images are handled in
 groups (`inversion.group_size`, the authors: 100); a group is one optimisation problem with one
 `G x num_tokens x hidden` parameter tensor and one AdamW state, exactly as the authors' one-hot
-`nn.Linear` embedding table.
+`nn.Linear` embedding table. `inversion.groups_per_step` groups share each U-Net call (`invert_groups`): the
+loss is the sum of the per-group mean losses, so every group gets the update of a run of its own.
 
 Groups are class-balanced and fixed: the run's real train subset (`data.real_data(cfg).train`), each class's
 images in split order, interleaved class by class (airplane 0, automobile 0, ..., truck 0, airplane 1, ...),
 then cut into consecutive groups. A group's id is `group_NNNNN`; shards split groups by
-`workload.Shard.owns(group id)`.
+`workload.Shard.select(groups)`.
 
 Files under `<run_dir>/inversion/`:
 
@@ -271,12 +272,12 @@ def training_scheduler(pipe: Any) -> Any:
     return DDPMScheduler.from_config(pipe.scheduler.config, clip_sample=False)  # never clip latents to +-1
 
 
-def step_generators(seed: int, step: int, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
-    """The CPU and device generators of one optimisation step: a function of (group seed, step) only."""
-    value = stable_hash(f"{seed}/step{step}")
-    cpu = torch.Generator().manual_seed(value)
-    dev = cpu if device.type == "cpu" else torch.Generator(device=device).manual_seed(value)
-    return cpu, dev
+def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    """The generator of one group's optimisation step, on the device: a function of (group seed, step) only.
+
+    Seeding it is host-side only, so drawing the step's batch, timesteps and noise from it never waits for the device.
+    """
+    return torch.Generator(device=device).manual_seed(stable_hash(f"{seed}/step{step}"))
 
 
 @dataclass
@@ -327,99 +328,127 @@ def freeze(*modules: Any) -> None:
         module.requires_grad_(False)
 
 
-def invert_group(pipe: Any, images: torch.Tensor, state: InversionState, *, steps: int, batch_size: int, lr: float,
-                 weight_decay: float, resolution: int, seed: int, checkpoint_every: int | None = None,
-                 on_checkpoint: Callable[[InversionState], None] | None = None, compile: bool = False,
-                 encode_every_step: bool = False, channels_last: bool = True, progress: bool = True,
-                 desc: str = "invert") -> InversionState:
-    """Optimise a group's embeddings (`state`, possibly resumed) on the frozen U-Net until `steps`.
+def invert_group(pipe: Any, images: torch.Tensor, state: InversionState, *, seed: int,
+                 on_checkpoint: Callable[[InversionState], None] | None = None, **options: Any) -> InversionState:
+    """Optimise one group's embeddings (`state`, possibly resumed) on the frozen U-Net: `invert_groups` of one."""
+    def save(states: list[InversionState]) -> None:
+        on_checkpoint(states[0])
 
-    Per step: `batch_size` images of the group (without replacement), a latent drawn from each image's cached
-    VAE latent distribution (or, with `encode_every_step`, re-encoded as in the authors' code), a timestep
-    uniform over the scheduler's training timesteps, and the MSE to the noise or velocity target. AdamW
-    (constant lr) on the fp32 embeddings; a half-precision U-Net (fp16, bf16) runs under autocast on any device
-    (CPU included), fp16 with a loss scaler; on CUDA channels-last. Calls `on_checkpoint(state)` every
-    `checkpoint_every` steps (not after the last one); the state it gets resumes exactly, in every precision.
+    return invert_groups(pipe, [images], [state], seeds=[seed], on_checkpoint=save if on_checkpoint else None,
+                         **options)[0]
+
+
+def invert_groups(pipe: Any, images: Sequence[torch.Tensor], states: Sequence[InversionState], *, seeds: Sequence[int],
+                  steps: int, batch_size: int, lr: float, weight_decay: float, resolution: int,
+                  checkpoint_every: int | None = None,
+                  on_checkpoint: Callable[[list[InversionState]], None] | None = None, compile: bool = False,
+                  encode_every_step: bool = False, channels_last: bool = True, progress: bool = True,
+                  desc: str = "invert") -> list[InversionState]:
+    """Optimise several groups' embeddings (`states`, all at the same step) on the frozen U-Net until `steps`.
+
+    Per step and group: `batch_size` images of the group (without replacement), a latent drawn from each image's
+    cached VAE latent distribution (or, with `encode_every_step`, re-encoded as in the authors' code), a timestep
+    uniform over the scheduler's training timesteps, and the MSE to the noise or velocity target. The groups'
+    batches share one U-Net call and the loss is the sum of the per-group mean losses: groups are independent
+    and AdamW (constant lr, on the fp32 embeddings) is element-wise, so each group gets the gradient and update
+    of a run of its own, and keeps its own random draws (a function of its seed and the step only), drawn on
+    the device (no host synchronisation in the step loop). A half-precision U-Net (fp16, bf16) runs under
+    autocast on any device (CPU included), fp16 with one loss scaler for all groups; on CUDA channels-last.
+    Calls `on_checkpoint(states)` every `checkpoint_every` steps (not after the last one); the states it gets
+    resume exactly, in every precision.
     """
+    if not (len(images) == len(states) == len(seeds) >= 1):
+        raise ValueError(f"{len(images)} image groups, {len(states)} states and {len(seeds)} seeds: need one of each "
+                         "per group, at least one group")
+    first = states[0].step
+    if any(state.step != first for state in states):
+        raise ValueError(f"groups stacked in one run must start at the same step, got {[s.step for s in states]}")
     unet, vae = pipe.unet, pipe.vae
     freeze(unet, vae)
     device = unet.device
-    count = len(images)
-    batch = min(batch_size, count)
-    width = check_model(pipe, state.embeddings.shape[1], resolution)
-    if state.embeddings.shape != (count, state.embeddings.shape[1], width):
-        raise ValueError(f"embeddings of shape {tuple(state.embeddings.shape)} do not fit {count} images and a model "
-                         f"with cross-attention width {width}")
+    counts = [len(group) for group in images]
+    batches = [min(batch_size, count) for count in counts]
+    for state, count in zip(states, counts):
+        width = check_model(pipe, state.embeddings.shape[1], resolution)
+        if state.embeddings.shape != (count, state.embeddings.shape[1], width):
+            raise ValueError(f"embeddings of shape {tuple(state.embeddings.shape)} do not fit {count} images and a "
+                             f"model with cross-attention width {width}")
     scheduler = training_scheduler(pipe)
     train_steps = scheduler.config.num_train_timesteps
     half = amp_dtype(device, unet)
     if encode_every_step:
-        pixels_all = upsample(images, resolution).to(device=device, dtype=vae.dtype)
+        pixels = [upsample(group, resolution).to(device=device, dtype=vae.dtype) for group in images]
     else:
-        mean, std = latent_stats(vae, images, resolution, batch_size=max(batch, 1))
+        stats = [latent_stats(vae, group, resolution, batch_size=max(batch, 1)) for group, batch in zip(images, batches)]
 
-    embeddings = torch.nn.Parameter(state.embeddings.detach().to(device=device, dtype=torch.float32).clone())
-    fused = device.type == "cuda"
-    optimizer = torch.optim.AdamW([embeddings], lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), eps=1e-8,
-                                  fused=fused)
-    if state.exp_avg is not None:
+    params = [torch.nn.Parameter(state.embeddings.detach().to(device=device, dtype=torch.float32).clone())
+              for state in states]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), eps=1e-8,
+                                  fused=device.type == "cuda")
+    if states[0].exp_avg is not None:
         # AdamW's own step count (bias correction): the loop counter overcounts it by every step the loss
         # scaler skipped; states saved before it was stored fall back to the loop counter
-        adam_step = state.optimizer_step if state.optimizer_step is not None else state.step
         template = optimizer.state_dict()
-        template["state"] = {0: {"step": torch.tensor(float(adam_step)),
-                                 "exp_avg": state.exp_avg.to(device=device, dtype=torch.float32),
-                                 "exp_avg_sq": state.exp_avg_sq.to(device=device, dtype=torch.float32)}}
+        template["state"] = {
+            k: {"step": torch.tensor(float(state.optimizer_step if state.optimizer_step is not None else state.step)),
+                "exp_avg": state.exp_avg.to(device=device, dtype=torch.float32),
+                "exp_avg_sq": state.exp_avg_sq.to(device=device, dtype=torch.float32)}
+            for k, state in enumerate(states)}
         optimizer.load_state_dict(template)
     scaler = torch.amp.GradScaler(device.type, enabled=half == torch.float16)
-    if scaler.is_enabled() and state.scaler:
-        load_scaler_state(scaler, state.scaler)
+    if scaler.is_enabled() and states[0].scaler:
+        load_scaler_state(scaler, states[0].scaler)
     forward = torch.compile(unet) if compile else unet
     channels_last = channels_last and device.type == "cuda"
     if channels_last:
         unet.to(memory_format=torch.channels_last)
 
-    losses = torch.empty(steps, device=device)
-    first = state.step
+    losses = torch.empty(len(states), steps, device=device)
 
-    def snapshot(step: int) -> InversionState:
-        opt_state = optimizer.state.get(embeddings, {})
-        done = losses[first:step].float().cpu().tolist()
-        return InversionState(embeddings.detach().float().cpu().clone(), step,
-                              opt_state["exp_avg"].detach().cpu().clone() if opt_state else None,
-                              opt_state["exp_avg_sq"].detach().cpu().clone() if opt_state else None,
-                              state.losses[:first] + done,
-                              scaler_state(scaler) if scaler.is_enabled() else None,
-                              float(opt_state["step"]) if opt_state else state.optimizer_step)
+    def snapshot(step: int) -> list[InversionState]:
+        done = losses[:, first:step].float().cpu().tolist()
+        out = []
+        for k, (state, param) in enumerate(zip(states, params)):
+            opt_state = optimizer.state.get(param, {})
+            out.append(InversionState(param.detach().float().cpu().clone(), step,
+                                      opt_state["exp_avg"].detach().cpu().clone() if opt_state else None,
+                                      opt_state["exp_avg_sq"].detach().cpu().clone() if opt_state else None,
+                                      state.losses[:first] + done[k],
+                                      scaler_state(scaler) if scaler.is_enabled() else None,
+                                      float(opt_state["step"]) if opt_state else state.optimizer_step))
+        return out
 
     bar = tqdm(range(first, steps), desc=desc, unit="step", leave=False, mininterval=1.0,
                disable=not progress or steps - first < 20)
     for step in bar:
-        cpu_gen, dev_gen = step_generators(seed, step, device)
-        index = torch.randperm(count, generator=cpu_gen)[:batch].to(device)
-        timesteps = torch.randint(0, train_steps, (batch,), generator=cpu_gen).to(device)
-        if encode_every_step:
-            with torch.no_grad():
-                dist = vae.encode(pixels_all[index]).latent_dist
-                sample = dist.mean.float() + dist.std.float() * torch.randn(
-                    dist.mean.shape, generator=dev_gen, device=device)
-        else:
-            sample = mean[index] + std[index] * torch.randn(mean[index].shape, generator=dev_gen, device=device)
-        latents = scale_latents(vae, sample)
-        noise = torch.randn(latents.shape, generator=dev_gen, device=device)
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        target = diffusion_target(scheduler, latents, noise, timesteps)
+        samples, noises, timesteps, contexts = [], [], [], []
+        for k, (count, batch) in enumerate(zip(counts, batches)):
+            generator = step_generator(seeds[k], step, device)
+            index = torch.randperm(count, generator=generator, device=device)[:batch]
+            timesteps.append(torch.randint(0, train_steps, (batch,), generator=generator, device=device))
+            if encode_every_step:
+                with torch.no_grad():
+                    dist = vae.encode(pixels[k][index]).latent_dist
+                mean, std = dist.mean.float(), dist.std.float()
+            else:
+                mean, std = stats[k][0][index], stats[k][1][index]
+            samples.append(mean + std * torch.randn(mean.shape, generator=generator, device=device))
+            noises.append(torch.randn(mean.shape, generator=generator, device=device))
+            contexts.append(params[k][index])
+        latents = scale_latents(vae, torch.cat(samples))
+        noise, times = torch.cat(noises), torch.cat(timesteps)
+        noisy = scheduler.add_noise(latents, noise, times)
+        target = diffusion_target(scheduler, latents, noise, times).float()
         if channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=half or torch.float32, enabled=half is not None):
-            prediction = forward(noisy.to(unet.dtype), timesteps,
-                                 encoder_hidden_states=embeddings[index]).sample
-        loss = F.mse_loss(prediction.float(), target.float())
+            prediction = forward(noisy.to(unet.dtype), times, encoder_hidden_states=torch.cat(contexts)).sample.float()
+        group_losses = torch.stack([F.mse_loss(p, t) for p, t in zip(prediction.split(batches), target.split(batches))])
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        scaler.scale(group_losses.sum()).backward()
         scaler.step(optimizer)
         scaler.update()
-        losses[step] = loss.detach()
+        losses[:, step] = group_losses.detach()
         done = step + 1
         if on_checkpoint is not None and checkpoint_every and done % checkpoint_every == 0 and done < steps:
             on_checkpoint(snapshot(done))

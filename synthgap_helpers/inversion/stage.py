@@ -42,7 +42,7 @@ from synthgap_helpers.inversion.embeddings import (
     embeddings_path,
     group_identity,
     init_embeddings,
-    invert_group,
+    invert_groups,
     loss_path,
     plan_groups,
     previous_checkpoint_path,
@@ -151,7 +151,7 @@ def _shard_setup(cfg: Any, shard: Shard, pipe: Any | None) -> tuple[Any, list[Gr
     train, groups = run_groups(cfg)
     pipe = stage_pipeline(cfg, pipe)
     width = check_model(pipe, cfg.inversion.num_tokens, cfg.inversion.resolution)
-    return train, groups, [group for group in groups if shard.owns(group.name)], pipe, width
+    return train, groups, shard.select(groups), pipe, width
 
 
 def run_training_parameters(cfg: Any, pipe: Any) -> dict[str, Any]:
@@ -187,6 +187,24 @@ def _resume_point(cfg: Any, group: Group, width: int, training: dict[str, Any],
                        checkpoint=True)
         return state
     return None
+
+
+def stacked_groups(todo: list[Group], starts: dict[str, InversionState | None], size: int) -> list[list[Group]]:
+    """`todo` in consecutive runs of at most `size` groups that start at the same step (stacked groups share each
+    U-Net call, so they step together; groups checkpointed together resume together)."""
+    stacks: list[list[Group]] = []
+    for group in todo:
+        step = _start_step(starts[group.name])
+        if stacks and len(stacks[-1]) < size and _start_step(starts[stacks[-1][0].name]) == step:
+            stacks[-1].append(group)
+        else:
+            stacks.append([group])
+    return stacks
+
+
+def _start_step(state: InversionState | None) -> int:
+    """The step a group's training starts from: its checkpoint's, or 0."""
+    return 0 if state is None else state.step
 
 
 def _train_embeddings(cfg: Any, shard: Shard, pipe: Any | None, progress: bool) -> TrainSummary:
@@ -225,40 +243,49 @@ def _train_embeddings(cfg: Any, shard: Shard, pipe: Any | None, progress: bool) 
 
     trained, resumed, final_loss, steps_run = [], [], {}, 0
     start = time.perf_counter()
-    for group in tqdm(todo, desc="groups", unit="group", disable=not progress or len(todo) < 2):
-        seed = image_seed(cfg.seed, f"inversion/{group.name}")
-        state = starts[group.name]
-        if state is not None:
-            resumed.append(group.name)
-        else:
-            generator = torch.Generator().manual_seed(seed)
-            state = InversionState(init_embeddings(params.init, group.labels, params.num_tokens, width, generator,
-                                                   classes_embeds))
-        identity = group_identity(group, model, params.num_tokens, training)
-        labels = torch.tensor(group.labels, dtype=torch.int64)
+    bar = tqdm(total=len(todo), desc="groups", unit="group", disable=not progress or len(todo) < 2)
+    for stack in stacked_groups(todo, starts, params.groups_per_step):
+        seeds = [image_seed(cfg.seed, f"inversion/{group.name}") for group in stack]
+        states = []
+        for group, seed in zip(stack, seeds):
+            state = starts[group.name]
+            if state is not None:
+                resumed.append(group.name)
+            else:
+                generator = torch.Generator().manual_seed(seed)
+                state = InversionState(init_embeddings(params.init, group.labels, params.num_tokens, width, generator,
+                                                       classes_embeds))
+            states.append(state)
+        identities = [group_identity(group, model, params.num_tokens, training) for group in stack]
 
-        def save_checkpoint(snapshot: InversionState, group: Group = group, identity: dict = identity) -> None:
-            latest, previous = checkpoint_path(cfg.run_dir, group), previous_checkpoint_path(cfg.run_dir, group)
-            if latest.is_file():  # keep one good state behind: a corrupt latest checkpoint costs checkpoint_every steps
-                os.replace(latest, previous)
-            write_checkpoint(latest, snapshot, identity)
+        def save_checkpoints(snapshots: list[InversionState], stack: list[Group] = stack,
+                             identities: list[dict] = identities) -> None:
+            for group, snapshot, identity in zip(stack, snapshots, identities):
+                latest, previous = checkpoint_path(cfg.run_dir, group), previous_checkpoint_path(cfg.run_dir, group)
+                if latest.is_file():  # keep one good state behind: a corrupt latest checkpoint costs checkpoint_every steps
+                    os.replace(latest, previous)
+                write_checkpoint(latest, snapshot, identity)
 
-        first = state.step
-        images = train.images[list(group.positions)]
-        state = invert_group(pipe, images, state, steps=params.steps, batch_size=params.batch_size, lr=params.lr,
-                             weight_decay=params.weight_decay, resolution=params.resolution, seed=seed,
-                             checkpoint_every=params.checkpoint_every, on_checkpoint=save_checkpoint,
-                             compile=params.compile, progress=progress, desc=group.name)
-        steps_run += params.steps - first
-        atomic_write_json(loss_path(cfg.run_dir, group), {"group": group.name, "image_ids": list(group.ids),
-                                                          "loss": state.losses})
-        save_safetensors(embeddings_path(cfg.run_dir, group), {"embeddings": state.embeddings.contiguous(),
-                                                                "labels": labels},
-                          {**identity, "step": state.step, "width": width})
-        checkpoint_path(cfg.run_dir, group).unlink(missing_ok=True)
-        previous_checkpoint_path(cfg.run_dir, group).unlink(missing_ok=True)
-        trained.append(group.name)
-        final_loss[group.name] = float(np.mean(state.losses[-max(1, len(state.losses) // 10):]))
+        first = states[0].step
+        states = invert_groups(pipe, [train.images[list(group.positions)] for group in stack], states, seeds=seeds,
+                               steps=params.steps, batch_size=params.batch_size, lr=params.lr,
+                               weight_decay=params.weight_decay, resolution=params.resolution,
+                               checkpoint_every=params.checkpoint_every, on_checkpoint=save_checkpoints,
+                               compile=params.compile, progress=progress, desc="+".join(g.name for g in stack))
+        for group, state, identity in zip(stack, states, identities):
+            steps_run += params.steps - first
+            atomic_write_json(loss_path(cfg.run_dir, group), {"group": group.name, "image_ids": list(group.ids),
+                                                              "loss": state.losses})
+            save_safetensors(embeddings_path(cfg.run_dir, group),
+                             {"embeddings": state.embeddings.contiguous(),
+                              "labels": torch.tensor(group.labels, dtype=torch.int64)},
+                             {**identity, "step": state.step, "width": width})
+            checkpoint_path(cfg.run_dir, group).unlink(missing_ok=True)
+            previous_checkpoint_path(cfg.run_dir, group).unlink(missing_ok=True)
+            trained.append(group.name)
+            final_loss[group.name] = float(np.mean(state.losses[-max(1, len(state.losses) // 10):]))
+        bar.update(len(stack))
+    bar.close()
     return TrainSummary(len(groups), len(owned), trained, resumed, skipped, steps_run, time.perf_counter() - start,
                         final_loss, discarded)
 
@@ -339,33 +366,40 @@ def _sample(cfg: Any, shard: Shard, pipe: Any | None, progress: bool) -> SampleS
     done = check.done
     sampler = sampling_pipeline(pipe, params.scheduler)
     effective = params.perturbation
-    jobs, planned = [], 0
+    unconds = {group.name: unconditional(pipe, loaded[group.name][0], params.uncond, params.num_tokens)
+               for group in owned}
+
+    def sample_job(group: Group, index: int, k: int) -> tuple[torch.Tensor, torch.Tensor, int, dict[str, Any]]:
+        """One sample's perturbed embedding, unconditional input, seed and manifest record, built when its batch runs
+        (all of a shard's perturbed embeddings at once would take GBs: 3.5 GB for the paper DI set on one shard)."""
+        name = sample_id(train.classes[group.labels[index]], group.ids[index], k)
+        generator = torch.Generator().manual_seed(image_seed(cfg.seed, f"{name}#perturbation"))
+        embedding, partner = perturb(loaded[group.name][0], group.labels, index, effective, params.noise_std,
+                                     params.interpolation_strength, generator)
+        seed = image_seed(cfg.seed, name)
+        record = {"id": name, "class": train.classes[group.labels[index]], "source_id": group.ids[index],
+                  "group": group.name, "perturbation": effective,
+                  "partner": group.ids[partner] if partner is not None else None,
+                  "sample": k, "seed": seed, "guidance": params.guidance, "steps": params.sample_steps,
+                  "scheduler": params.scheduler, "eta": params.eta, "uncond": params.uncond,
+                  "noise_std": params.noise_std, "interpolation_strength": params.interpolation_strength,
+                  "resolution": params.resolution, "size": params.save_size, "model": params.model,
+                  "embedding": f"{EMBEDDINGS_DIR.as_posix()}/{group.name}.safetensors#{index}"}
+        return embedding, unconds[group.name], seed, record
+
+    todo, planned = [], 0
     for group in owned:
-        embeddings, labels = loaded[group.name]
-        uncond = unconditional(pipe, embeddings, params.uncond, params.num_tokens)
         for index, source in enumerate(group.ids):
-            class_name = train.classes[group.labels[index]]
             for k in range(params.samples_per_image):
                 planned += 1
-                name = sample_id(class_name, source, k)
-                if name in done:
-                    continue
-                generator = torch.Generator().manual_seed(image_seed(cfg.seed, f"{name}#perturbation"))
-                embedding, partner = perturb(embeddings, group.labels, index, effective, params.noise_std,
-                                             params.interpolation_strength, generator)
-                seed = image_seed(cfg.seed, name)
-                record = {"id": name, "class": class_name, "source_id": source, "group": group.name,
-                          "perturbation": effective, "partner": group.ids[partner] if partner is not None else None,
-                          "sample": k, "seed": seed, "guidance": params.guidance, "steps": params.sample_steps,
-                          "scheduler": params.scheduler, "eta": params.eta, "uncond": params.uncond,
-                          "noise_std": params.noise_std, "interpolation_strength": params.interpolation_strength,
-                          "resolution": params.resolution, "size": params.save_size, "model": params.model,
-                          "embedding": f"{EMBEDDINGS_DIR.as_posix()}/{group.name}.safetensors#{index}"}
-                jobs.append((embedding, uncond, seed, record))
+                if sample_id(train.classes[group.labels[index]], source, k) not in done:
+                    todo.append((group, index, k))
     start = time.perf_counter()
-    batches = range(0, len(jobs), params.sample_batch_size)
+    batches = range(0, len(todo), params.sample_batch_size)
+    repaired = 0
     for offset in tqdm(batches, desc="sample di", unit="batch", disable=not progress or len(batches) < 2):
-        chunk = jobs[offset:offset + params.sample_batch_size]
+        chunk = [sample_job(*item) for item in todo[offset:offset + params.sample_batch_size]]
+        repaired += sum(item[3]["id"] in check.damaged for item in chunk)
         images = sample_from_embeddings(sampler, torch.stack([job[0] for job in chunk]),
                                         torch.stack([job[1] for job in chunk]), [job[2] for job in chunk],
                                         guidance=params.guidance, steps=params.sample_steps,
@@ -373,8 +407,7 @@ def _sample(cfg: Any, shard: Shard, pipe: Any | None, progress: bool) -> SampleS
         writer.write(downsample(images, params.save_size), [job[3] for job in chunk])
     notes = check.notes(folder, sample_ids(train, owned, params.samples_per_image),
                         sample_ids(train, groups, params.samples_per_image))
-    return SampleSummary(folder, planned, len(jobs), planned - len(jobs), time.perf_counter() - start,
-                         sum(job[3]["id"] in check.damaged for job in jobs), notes)
+    return SampleSummary(folder, planned, len(todo), planned - len(todo), time.perf_counter() - start, repaired, notes)
 
 
 def reconstructions(cfg: Any, per_class: int = 1, pipe: Any | None = None) -> tuple[Any, Any]:

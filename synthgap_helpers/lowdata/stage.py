@@ -180,11 +180,12 @@ def _run_jobs(jobs: list[_Job], path: Path, real: data.RealData, device: str, de
         for row in read_rows(source).to_dict(orient="records"):
             finished[row["key"]] = row
     rows, todo, reused, pending = [], [], [], []
+    owned = {(job.k, job.arm, job.seed) for job in shard.select(jobs)}
     for job in jobs:
         if job.key in finished:
             rows.append({**finished[job.key], "k": job.k, "arm": job.arm, "seed": job.seed})
             reused.append((job.k, job.arm, job.seed))
-        elif shard.owns(f"{job.arm}/k{job.k}/seed{job.seed}"):
+        elif (job.k, job.arm, job.seed) in owned:
             todo.append(job)
         else:
             pending.append((job.k, job.arm, job.seed))

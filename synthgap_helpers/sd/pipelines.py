@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 
 from synthgap_helpers.errors import UserError
 
@@ -229,6 +230,41 @@ class PerImageGuidance(float):
 
     def __reduce__(self) -> Any:
         return (PerImageGuidance, (self.scales,))
+
+
+# ---------------------------------------------------------------------------------------------
+# img2img sources
+
+
+def upsample_sources(images: torch.Tensor, resolution: int) -> torch.Tensor:
+    """uint8 N x 3 x h x w real images -> float N x 3 x R x R in [0, 1], bicubic, on the images' device."""
+    pixels = images.float().div(255)
+    if pixels.shape[-1] != resolution or pixels.shape[-2] != resolution:
+        pixels = F.interpolate(pixels, size=(resolution, resolution), mode="bicubic", align_corners=False)
+    return pixels.clamp_(0, 1)
+
+
+@torch.inference_mode()
+def encode_sources(pipe: Any, images: torch.Tensor, resolution: int,
+                   generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """img2img start latents (scaled, N x 4 x R/f x R/f) of uint8 real images, to pass as the pipeline's `image`.
+
+    The images move to the VAE's device as uint8, are upsampled there and encoded in one VAE call; image i's
+    latent is then drawn from its distribution with `generators[i]`, the draw diffusers makes when it encodes
+    the images itself (one VAE call per image when given a generator per image), so each generator is left
+    where diffusers leaves it and the pipeline's later draws are unchanged.
+    """
+    from diffusers.utils.torch_utils import randn_tensor
+
+    if len(generators) != len(images):
+        raise ValueError(f"{len(images)} source images but {len(generators)} generators: one generator per image")
+    vae = pipe.vae
+    pixels = upsample_sources(images.to(vae.device), resolution)
+    dist = vae.encode((2.0 * pixels - 1.0).to(vae.dtype)).latent_dist
+    latents = [dist.mean[i:i + 1] + dist.std[i:i + 1] * randn_tensor(
+        dist.mean[i:i + 1].shape, generator=generator, device=vae.device, dtype=dist.mean.dtype)
+        for i, generator in enumerate(generators)]
+    return vae.config.scaling_factor * torch.cat(latents)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -163,14 +163,6 @@ def record(plan: ImagePlan, cfg: Any, resolution: int) -> dict[str, Any]:
 # Tensor steps
 
 
-def upsample_sources(images: torch.Tensor, resolution: int) -> torch.Tensor:
-    """uint8 N x 3 x 32 x 32 real images -> float N x 3 x R x R in [0, 1], bicubic."""
-    pixels = images.float().div(255)
-    if pixels.shape[-1] != resolution or pixels.shape[-2] != resolution:
-        pixels = F.interpolate(pixels, size=(resolution, resolution), mode="bicubic", align_corners=False)
-    return pixels.clamp_(0, 1)
-
-
 def to_cifar(images: torch.Tensor, size: int = OUTPUT_SIZE) -> torch.Tensor:
     """float N x 3 x H x W in [0, 1] -> uint8 N x 3 x size x size (antialiased bicubic resize, rounded)."""
     pixels = images.float()
@@ -209,12 +201,13 @@ def _pipeline_call(pipe: Any, plans: Sequence[ImagePlan], cfg: Any, resolution: 
                    sources: torch.Tensor | None) -> torch.Tensor:
     """One pipeline call: a prompt, a generator and a guidance scale per image."""
     params = cfg.sd
+    seeded = generators(plans, device)
     kwargs = dict(prompt=[p.prompt for p in plans], num_inference_steps=params.steps,
                   guidance_scale=diffusion.PerImageGuidance([p.guidance for p in plans]),
                   negative_prompt=[params.negative_prompt] * len(plans) if params.negative_prompt else None,
-                  generator=generators(plans, device), output_type="pt")
+                  generator=seeded, output_type="pt")
     if params.mode == "img2img":
-        kwargs.update(image=upsample_sources(sources, resolution).to(device), strength=params.strength)
+        kwargs.update(image=diffusion.encode_sources(pipe, sources, resolution, seeded), strength=params.strength)
     else:
         kwargs.update(height=resolution, width=resolution)
     with torch.inference_mode():
@@ -287,7 +280,7 @@ def run(cfg: Any, shard: Shard = Shard()) -> GenerationSummary:
 
     folder = output_folder(cfg)
     writer = data.ImageFolderWriter(folder, shard.manifest_name)
-    mine = [plan for plan in plans if shard.owns(plan.id)]
+    mine = shard.select(plans)
     check = writer.check()
     todo = [plan for plan in mine if plan.id not in check.done]
     notes = check.notes(folder, {plan.id for plan in mine}, {plan.id for plan in plans})

@@ -24,7 +24,7 @@ A rerun skips a job whose model is usable (`train.arms.check_model`: finished, n
 with the current key, the test metrics and the SHA-256 of model.safetensors, which the file matches) and
 retrains any other, saying why in the jobs table (e.g. "retrained: model file corrupt"). A job killed
 mid-way resumes from its last resume checkpoint (written at each validation pass, see
-`trainer.ResumeCheckpoints`). Jobs shard over ``<arm>/seed<k>`` (``Shard.owns``), and every shard's summary
+`trainer.ResumeCheckpoints`). Jobs shard over the ordered (arm, seed) list (``Shard.select``), and every shard's summary
 shows the jobs finished so far.
 """
 
@@ -363,6 +363,7 @@ def run(cfg: Any, shard: Shard = Shard(), train: bool = True) -> TrainingSummary
     seeds = seeds_of(cfg)
 
     keys, todo, reused, pending, problems, messages = {}, [], [], [], {}, {}
+    owned = set(shard.select([(arm.name, seed) for arm in arms for seed in seeds]))
     for arm in arms:
         params = trainer_params(cfg, arm)
         fingerprints = job_fingerprints(arm, prints, synthetic_prints.get(arm.synthetic_key))
@@ -374,7 +375,7 @@ def run(cfg: Any, shard: Shard = Shard(), train: bool = True) -> TrainingSummary
                 continue
             if check.found:
                 problems[(arm.name, seed)], messages[(arm.name, seed)] = check.problem, check.message()
-            if train and shard.owns(f"{arm.name}/seed{seed}"):
+            if train and (arm.name, seed) in owned:
                 todo.append((arm, seed, params, key))
             else:
                 pending.append((arm.name, seed))

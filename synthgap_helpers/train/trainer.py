@@ -41,7 +41,7 @@ from synthgap_helpers.train.batches import (
 )
 from synthgap_helpers.train.models import INPUT_SIZE, MODELS, build_model
 
-AMP_MODES = ("auto", "bf16", "off")  # auto: bf16 on CUDA, fp32 on CPU (bf16 was 2.5x slower on the AVX-512 test CPU)
+AMP_MODES = ("auto", "bf16", "off")  # auto: bf16 on CUDA and on CPUs with native bf16 (see `precision`)
 CPU_CALL_SIZE = 64
 """Images per model call when scoring on CPU, whatever the batch size (the last call is padded with copies of its
 last image). CPU convolutions pick their algorithm, hence their float rounding, by the number of images in a call
@@ -113,6 +113,7 @@ class TrainResult:
     steps_per_epoch: float
     images_per_second: float  # training throughput, validation passes excluded
     seconds: float
+    precision: str  # 'bf16' (autocast) or 'fp32': what `params.amp` meant on the device
     resumed_at: int | None = None  # the step a resume checkpoint continued from (None: trained from step 0)
     discarded: list[str] = dataclasses.field(default_factory=list)  # resume checkpoints found damaged, and why
 
@@ -194,10 +195,26 @@ def make_optimizer(model: nn.Module, params: TrainParams) -> torch.optim.SGD:
     return torch.optim.SGD(groups, lr=params.peak_lr, momentum=params.momentum, nesterov=params.nesterov)
 
 
+def native_bf16(device: str | torch.device) -> bool:
+    """Whether `device` computes in bf16 natively: CUDA, or a CPU with AVX-512 BF16 / AMX (oneDNN's own check)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def precision(device: str | torch.device, amp: str) -> str:
+    """What `amp` means on `device`: 'bf16' (autocast) or 'fp32'.
+
+    'auto' is bf16 where the device has it natively: on the AVX-512 BF16 / AMX test CPU (2 quiet cores) the trainer
+    ran ResNet-18 at 127 img/s in bf16 against 50 in fp32 (benchmarks/train_throughput.py); emulated bf16 is slower.
+    """
+    return "bf16" if amp == "bf16" or (amp == "auto" and native_bf16(device)) else "fp32"
+
+
 def _autocast(device: torch.device, amp: str) -> torch.autocast:
-    """bf16 autocast where `amp` asks for it ('auto' means CUDA only)."""
-    enabled = amp == "bf16" or (amp == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+    """bf16 autocast where `precision` says so."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision(device, amp) == "bf16")
 
 
 def _copy_state(live: dict[str, torch.Tensor], into: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
@@ -385,7 +402,8 @@ def train_classifier(
     model.load_state_dict(best)
     model.eval()
     if checkpoint_path is not None:
-        save_checkpoint(model, checkpoint_path, _metadata(params, seed, best_step, val_metrics=best_metrics))
+        save_checkpoint(model, checkpoint_path, _metadata(params, seed, best_step, val_metrics=best_metrics,
+                                                          precision=precision(device, params.amp)))
         resume.clear()
     return TrainResult(
         model=model,
@@ -396,6 +414,7 @@ def train_classifier(
         steps_per_epoch=batches.steps_per_epoch,
         images_per_second=total * params.batch_size / train_seconds,
         seconds=train_seconds,
+        precision=precision(device, params.amp),
         resumed_at=start or None,
         discarded=[] if resume is None else resume.discarded,
     )
