@@ -38,6 +38,7 @@ TOLERANCES: list[tuple[str, float, float, str]] = [
     (r"^(?!geometry|york).*/n_[a-z_]+$", 0.0, 0.0, "image, map and seed counts follow from the parameters"),
     (r"/val_accuracy$", 12.0, 0.0, "validation accuracy in %, 200 images (spread 8 points)"),
     (r"^(headline|lowdata|finetune)/", 9.0, 0.0, "test accuracy in %, 500 images, 15-30 SGD steps (spread 6.6)"),
+    (r"^curation/", 9.0, 0.0, "test accuracy in %, 500 images, 4 SGD steps (the band of the other accuracies)"),
     (r"^gap/.*/fd$", 0.0, 2.0, "Frechet distance in the features of a barely trained model (spread x2.3)"),
     (r"^gap/.*/kid$", 8.0, 0.0, "kernel inception distance in the same features (spread 4.3)"),
     (r"^gap/", 0.25, 0.0, "precision, recall and detector accuracy, shares (spread 0.21)"),
@@ -57,7 +58,8 @@ def _mean_columns(frame: pd.DataFrame, by: str, columns: list[str], prefix: str)
 
 
 def collect(run_dir: str | Path) -> dict[str, float]:
-    """The smoke run's numbers by key: accuracies, gap measures, Grad-CAM, geometry and York Urban metrics."""
+    """The smoke run's numbers by key: accuracies (curated selections too), gap measures, Grad-CAM, geometry and York
+    Urban metrics."""
     run_dir = Path(run_dir)
     results = json.loads((run_dir / "results.json").read_text())
     values: dict[str, float] = {}
@@ -73,6 +75,12 @@ def collect(run_dir: str | Path) -> dict[str, float]:
                            f"{key}/n_synthetic": point["n_synthetic"]})
             if point.get("before_finetuning") is not None:  # the synthetic-only model a fine-tuning arm starts from
                 values[f"{key}/before_finetuning"] = point["before_finetuning"]
+    for row in results["curation"]["selections"]:
+        key = f"curation/{row['source']}/{row['arm']}/{row['selection']}"
+        values.update({f"{key}/test_accuracy": row["mean"], f"{key}/n_images": row["images"]})
+    for row in results["curation"]["scaling"]:
+        key = f"curation/{row['source']}/scaling{row['fraction']:g}"
+        values.update({f"{key}/test_accuracy": row["mean"], f"{key}/n_images": row["images"]})
     for row in results["gap"]["gap"]:
         values.update({f"gap/{row['set']}/{measure}": row[measure] for measure in ("fd", "kid", "precision", "recall")})
         values[f"gap/{row['set']}/n_images"] = row["n"]
