@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from synthgap_helpers import config, cost, data
+from synthgap_helpers import config, cost, imagesets
 from synthgap_helpers.inversion import embeddings as inversion
 from synthgap_helpers.inversion import stage as inversion_stage
 from synthgap_helpers.sd import pipelines as diffusion
@@ -151,7 +151,7 @@ def compile_backend(backend: str) -> Iterator[None]:
 def read_folder(folder: Path) -> tuple[dict[str, dict], dict[str, torch.Tensor]]:
     """A generated image folder's manifest records and pixels, by id."""
     records = {r["id"]: r for r in Manifest(folder / "manifest.jsonl").records()}
-    images = data.load_image_folder(folder)
+    images = imagesets.load_image_folder(folder)
     return records, dict(zip(images.ids, images.images))
 
 

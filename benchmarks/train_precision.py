@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from synthgap_helpers.data import balanced_indices, load_cifar10
+from synthgap_helpers.data import balanced_indices
+from synthgap_helpers.datasets import load_dataset as load_cifar10
 from synthgap_helpers.train.trainer import TrainParams, evaluate, train_classifier
 
 

@@ -10,7 +10,7 @@ import sys
 
 import cv2
 
-from synthgap_helpers.data import default_cache_dir
+from synthgap_helpers.datasets import default_cache_dir
 from synthgap_helpers.geometry.validation import (
     YORK_URBAN_FULL,
     evaluate_york_urban,

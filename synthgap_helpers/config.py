@@ -98,8 +98,7 @@ class ConfigError(ValueError, UserError):
 # Parameters that name a file or folder, and what null means for each. A relative path is made absolute when the
 # configuration is resolved, so that config.json records where the data really was: in `--set` and other
 # overrides against the folder the command was started in (the current directory), in a profile file against
-# the folder of that file. `train.folders.<name>.paths` are relative to the run directory in profiles and in
-# Python overrides (as documented there); on the command line they too are taken from the current directory.
+# the folder of that file. The same holds for every entry of `synthetic.<name>.paths`.
 PATH_PARAMETERS: dict[str, str] = {
     "data.root": "$SYNTHGAP_DATA_DIR, then the download cache",
     "data.cache_dir": "$SYNTHGAP_CACHE_DIR or ~/.cache/synthgap",
@@ -114,28 +113,40 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+NAME_PATTERN = r"[A-Za-z0-9_.-]+"  # names of classes, synthetic sets and arms: letters, digits, _ . -
+
+
 class DataParams(_Section):
-    """Where CIFAR-10 comes from and which part of it a run uses."""
+    """Which real dataset a run uses (CIFAR-10 by default, or any image-folder dataset) and which part of it."""
 
     sample: bool = False  # the CIFAR-10 and York Urban sample embedded in the package (smoke): no folder, no download
-    root: str | None = None  # CIFAR-10 folder; None: $SYNTHGAP_DATA_DIR, then the download cache
+    root: str | None = None  # dataset folder (train/<class>/, test/<class>/, or CIFAR-10's batches); None: $SYNTHGAP_DATA_DIR, then the CIFAR-10 download cache
+    name: str | None = None  # the dataset's name in the book; None: CIFAR-10 for its ten classes, else the folder's name
+    classes: list[str] | None = None  # class names in label order; None: CIFAR-10's, or the sorted folders of train/
+    image_size: int = Field(default=32, ge=8, le=1024)  # side in pixels every real and synthetic image is brought to (central square, bicubic)
     download: bool = True  # let torchvision download CIFAR-10 when no local copy is found
     cache_dir: str | None = None  # decoded-array cache; None: $SYNTHGAP_CACHE_DIR or ~/.cache/synthgap
-    train_per_class: int | None = Field(default=None, ge=1, le=5000)  # None: all that the split leaves
-    val_per_class: int = Field(default=500, ge=1, le=2500)  # validation images carved from train
-    test_per_class: int | None = Field(default=None, ge=1, le=1000)  # None: the full official test set
+    train_per_class: int | None = Field(default=None, ge=1, le=1000000)  # balanced train subset; None: all that the split leaves (class sizes kept)
+    val_per_class: int = Field(default=500, ge=1, le=1000000)  # validation images carved from train, balanced
+    test_per_class: int | None = Field(default=None, ge=1, le=1000000)  # balanced test subset; None: the full test set
     on_bad_image: Literal["error", "skip"] = "error"
 
     @model_validator(mode="after")
-    def _fits_in_train(self) -> DataParams:
+    def _one_source(self) -> DataParams:
         if self.sample and self.root is not None:
             raise ValueError(f"sample=true reads the embedded sample, so root ({self.root!r}) must be null; "
                              "set sample=false to read a folder")
-        if self.train_per_class is not None and self.train_per_class + self.val_per_class > 5000:
-            raise ValueError(
-                f"train_per_class ({self.train_per_class}) + val_per_class ({self.val_per_class}) "
-                "must be at most 5000, the CIFAR-10 training images per class")
         return self
+
+    @field_validator("classes")
+    @classmethod
+    def _class_names(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            bad = [name for name in value if not re.fullmatch(NAME_PATTERN, name)]
+            if bad or len(value) < 2 or len(set(value)) != len(value):
+                raise ValueError(f"must list 2 or more distinct class names (letters, digits, _ . -, as the class "
+                                 f"folders are named); got {value}")
+        return value
 
 
 class GeometryParams(_Section):
@@ -199,7 +210,7 @@ class SDParams(_Section):
     model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # hub id, local diffusers folder, or tiny (random weights, no download)
     mode: Literal["txt2img", "img2img"] = "img2img"  # img2img: start from the real training images (the original study)
     images_per_class: int = Field(default=5000, ge=1, le=1000000)  # synthetic images generated per class
-    classes: list[str] | None = None  # CIFAR-10 classes to generate; None: all ten
+    classes: list[str] | None = None  # classes of the dataset to generate; None: all
     resolution: int | None = Field(default=None, ge=8, le=2048)  # generation side in pixels; None: the model's own (512 for SD 1.5)
     steps: int = Field(default=25, ge=1, le=1000)  # denoising steps (img2img runs int(steps x strength) of them)
     scheduler: Literal["dpm++", "dpm++_karras", "ddim", "ddpm", "euler", "euler_a", "heun", "lms", "pndm", "unipc"] = "dpm++"  # sampler by name
@@ -207,7 +218,7 @@ class SDParams(_Section):
     guidance_range: list[float] | None = None  # [low, high]: a scale drawn uniformly per image with its seed
     strength: float = Field(default=0.75, gt=0.0, le=1.0)  # img2img: how far the real image is noised (1: pure noise)
     templates: list[str] = Field(default_factory=lambda: list(CLIP_TEMPLATES))  # prompt templates, '{}' is the class name
-    synonyms: dict[str, list[str]] = Field(default_factory=lambda: {k: list(v) for k, v in CLASS_SYNONYMS.items()})  # names per class
+    synonyms: dict[str, list[str]] = Field(default_factory=lambda: {k: list(v) for k, v in CLASS_SYNONYMS.items()})  # names per class (CIFAR-10's); a class not listed is called by its folder name
     captions: str | None = None  # img2img: JSON/JSONL file real image id -> caption; None: class templates
     negative_prompt: str = ""  # the same negative prompt for every image; empty: none
     batch_size: int = Field(default=16, ge=1, le=1024)  # images per pipeline call (pixels do not depend on it)
@@ -215,13 +226,9 @@ class SDParams(_Section):
 
     @field_validator("classes")
     @classmethod
-    def _known_classes(cls, value: list[str] | None) -> list[str] | None:
-        from synthgap_helpers.data import CLASSES
-
-        if value is not None:
-            unknown = [name for name in value if name not in CLASSES]
-            if unknown or not value or len(set(value)) != len(value):
-                raise ValueError(f"unknown, repeated or no class(es) {unknown or value}; allowed: {', '.join(CLASSES)}")
+    def _distinct_classes(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and (not value or len(set(value)) != len(value)):
+            raise ValueError(f"must list one or more distinct classes of the dataset, got {value}")
         return value
 
     @field_validator("guidance")
@@ -245,14 +252,10 @@ class SDParams(_Section):
 
     @field_validator("synonyms")
     @classmethod
-    def _synonyms_of_classes(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
-        from synthgap_helpers.data import CLASSES
-
-        unknown = [name for name in value if name not in CLASSES]
+    def _nonempty_synonyms(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
         empty = [name for name, names in value.items() if not names or not all(n.strip() for n in names)]
-        if unknown or empty:
-            raise ValueError(f"keys must be CIFAR-10 classes ({', '.join(CLASSES)}) with a non-empty list of names; "
-                             f"unknown: {unknown}, empty: {empty}")
+        if empty:
+            raise ValueError(f"every class listed needs a non-empty list of non-blank names; empty: {empty}")
         return value
 
     @field_validator("resolution")
@@ -277,11 +280,10 @@ class GradcamParams(_Section):
     batch_size: int = Field(default=256, ge=1, le=65536)  # images per forward pass (maps and faithfulness); results do not depend on it beyond float rounding
 
 
-class FolderArmParams(_Section):
-    """An extra training arm: image folders (`<folder>/<class>/*.png|jpg`) used alone or mixed with the real images."""
+class ExternalSetParams(_Section):
+    """A synthetic set made elsewhere: class folders (`<folder>/<class>/*.png|jpg`), one or more joined."""
 
-    paths: list[str] = Field(min_length=1)  # class-folder image sets, joined; relative paths are relative to the run directory
-    with_real: bool = False  # true: the arm is real+<name>, mixed like real+sd; false: the arm <name> trains on the folders alone
+    paths: list[str] = Field(min_length=1)  # class-folder image sets, joined; relative paths as for data.root
 
 
 class TrainStageParams(_Section):
@@ -304,7 +306,6 @@ class TrainStageParams(_Section):
     amp: Literal["auto", "bf16", "off"] = "auto"  # auto: bf16 autocast on CUDA and CPUs with native bf16, else fp32
     seeds: int = Field(default=5, ge=1, le=100)  # seeds per arm: run seed + 0 ... run seed + seeds - 1
     arms: Literal["auto"] | list[str] = "auto"  # auto: every arm whose data is in the run; or names such as real, sd, real+di
-    folders: dict[str, FolderArmParams] = Field(default_factory=dict)  # extra arms by name: {name: {paths: [...], with_real: bool}}
 
     @model_validator(mode="after")
     def _one_budget(self) -> TrainStageParams:
@@ -321,14 +322,6 @@ class TrainStageParams(_Section):
             if bad or not value or len(set(value)) != len(value):
                 raise ValueError(f"arm names must be real, <set> or real+<set> (<set>: letters, digits, _ . -), none "
                                  f"repeated; got {bad or value}")
-        return value
-
-    @field_validator("folders")
-    @classmethod
-    def _folder_names(cls, value: dict[str, FolderArmParams]) -> dict[str, FolderArmParams]:
-        bad = [name for name in value if name == "real" or not re.fullmatch(r"[A-Za-z0-9_.-]+", name)]
-        if bad:
-            raise ValueError(f"folder arm names must be letters, digits, _ . - and not 'real'; got {bad}")
         return value
 
 
@@ -352,7 +345,7 @@ class LowdataParams(_Section):
     """Low-data regime: k real images per class with and without synthetic sets; fine-tuning synthetic-trained models."""
 
     k_per_class: list[int] = Field(default=[10, 50, 100, 500, 1000, 4500], min_length=1)  # real images per class of each point
-    sources: list[str] = Field(default=["sd", "di"], min_length=1)  # synthetic sets added (real_k+<set>) and fine-tuned from
+    sources: Literal["auto"] | list[str] = "auto"  # synthetic sets added (real_k+<set>) and fine-tuned from; auto: every set of the run with provenance
     seeds: int = Field(default=3, ge=1, le=100)  # seeds per point: run seed + 0 ... + seeds - 1 (each draws its own k-subset)
     steps: int | None = Field(default=None, ge=1)  # optimizer steps per model; None: the budget of the train section
     finetune_steps: int | None = Field(default=None, ge=1)  # fine-tuning steps; None: the same budget as from scratch
@@ -370,7 +363,7 @@ class LowdataParams(_Section):
 class CurationParams(_Section):
     """Curating the synthetic sets: score every image, keep the top fraction per class, train on it against random."""
 
-    sources: list[str] = Field(default=["sd", "di"], min_length=1)  # synthetic sets scored, curated and scaled
+    sources: Literal["auto"] | list[str] = "auto"  # synthetic sets scored, curated and scaled; auto: every set of the run
     model_seed: int | None = Field(default=None, ge=0)  # scores from models/real/seed<k>; None: the run seed
     fraction: float = Field(default=0.5, gt=0.0, le=1.0)  # q: share of each class kept by every selection
     reference_per_class: int | None = Field(default=None, ge=2)  # real training images per class scores compare with; None: all but the held-out
@@ -397,6 +390,8 @@ class Config(_Section):
     run_dir: Path
     seed: int = Field(default=0, ge=0)
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    generators: list[Literal["sd", "di"]] = ["sd", "di"]  # synthetic sets the run makes (Stable Diffusion, Diffusion Inversion); []: none, no diffusion model is loaded
+    synthetic: dict[str, ExternalSetParams] = Field(default_factory=dict)  # synthetic sets made elsewhere, by name: {name: {paths: [...]}}
     data: DataParams = DataParams()
     sd: SDParams = SDParams()
     geometry: GeometryParams = GeometryParams()
@@ -412,6 +407,23 @@ class Config(_Section):
     def _known_device(cls, value: str) -> str:
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
             raise ValueError(f"device must be one of auto, cpu, cuda, cuda:N, mps; got {value!r}")
+        return value
+
+    @field_validator("generators")
+    @classmethod
+    def _distinct_generators(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"lists a generator twice: {value}")
+        return value
+
+    @field_validator("synthetic")
+    @classmethod
+    def _external_names(cls, value: dict[str, ExternalSetParams]) -> dict[str, ExternalSetParams]:
+        bad = [name for name in value if name in ("real", "sd", "di") or not re.fullmatch(NAME_PATTERN, name)
+               or "@" in name]
+        if bad:
+            raise ValueError(f"synthetic set names must be letters, digits, _ . - and not real, sd or di (the "
+                             f"generated sets); got {bad}")
         return value
 
     @model_validator(mode="after")
@@ -476,7 +488,7 @@ def read_profile(profile: str, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"{where} must hold a mapping of parameters (key: value), got {type(data).__name__}")
     if profile in PROFILES:
         return data
-    data = _absolute_paths(data, path.parent, folders=False)
+    data = _absolute_paths(data, path.parent)
     base = data.pop("base", None)
     if base is None:
         return data
@@ -496,22 +508,21 @@ def _absolute(value: str, base: Path, key: str) -> str:
     return os.path.normpath(path if path.is_absolute() else base / path)
 
 
-def _absolute_paths(raw: dict[str, Any], base: Path, folders: bool) -> dict[str, Any]:
-    """A copy of nested raw parameters with the path parameters made absolute against `base`
-    (with `folders`, also `train.folders.<name>.paths`)."""
+def _absolute_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    """A copy of nested raw parameters with the path parameters and `synthetic.<name>.paths` made absolute
+    against `base`."""
     raw = copy.deepcopy(raw)
     for key in PATH_PARAMETERS:
         section, name = key.split(".")
         node = raw.get(section)
         if isinstance(node, dict) and isinstance(node.get(name), str):
             node[name] = _absolute(node[name], base, key)
-    train = raw.get("train")
-    arms = train.get("folders") if folders and isinstance(train, dict) else None
-    if isinstance(arms, dict):
-        for name, arm in arms.items():
-            if isinstance(arm, dict) and isinstance(arm.get("paths"), list):
-                arm["paths"] = [_absolute(p, base, f"train.folders.{name}.paths") if isinstance(p, str) else p
-                                for p in arm["paths"]]
+    sets = raw.get("synthetic")
+    if isinstance(sets, dict):
+        for name, spec in sets.items():
+            if isinstance(spec, dict) and isinstance(spec.get("paths"), list):
+                spec["paths"] = [_absolute(p, base, f"synthetic.{name}.paths") if isinstance(p, str) else p
+                                 for p in spec["paths"]]
     return raw
 
 
@@ -524,7 +535,7 @@ def absolute_overrides(overrides: str | list[str] | None, base: str | Path | Non
     result = []
     for pair in pairs:
         nested = parse_overrides([pair])
-        fixed = _absolute_paths(nested, base, folders=True)
+        fixed = _absolute_paths(nested, base)
         if fixed == nested:
             result.append(pair)
             continue
@@ -596,7 +607,7 @@ def _model_of(annotation: Any) -> Any:
 
 
 def _owner_of(model: type[BaseModel], loc: Sequence[Any]) -> type[BaseModel] | None:
-    """The parameter group that holds the key at `loc`, following groups, dicts of groups (train.folders.<name>)
+    """The parameter group that holds the key at `loc`, following groups, dicts of groups (synthetic.<name>)
     and lists; None where the path leads elsewhere."""
     owner: Any = model
     for part in loc:
@@ -637,7 +648,7 @@ def resolve(profile: str = "smoke", run_dir: str | Path | None = None,
     if isinstance(run_dir, str) and not run_dir.strip():
         raise ConfigError("the run directory is an empty string (--run-dir \"\"); give a folder, or leave the "
                           "option out for runs/<profile>")
-    raw = _merge(read_profile(profile), _absolute_paths(parse_overrides(overrides), Path.cwd(), folders=False))
+    raw = _merge(read_profile(profile), _absolute_paths(parse_overrides(overrides), Path.cwd()))
     name = Path(profile).stem if Path(profile).suffix in (".yaml", ".yml") else profile
     raw["profile"] = name
     raw["run_dir"] = Path(run_dir if run_dir is not None else Path("runs") / name).expanduser().resolve()

@@ -147,11 +147,11 @@ def work_table(cfg: Any) -> pd.DataFrame:
 
     sweep = low.seeds * sum(
         _passes(low_steps, train.epochs, CLASSES * k + mixed * extra, train.batch_size)
-        for k in low.k_per_class for extra in [0] + [contained(s, k) for s in low.sources])
+        for k in low.k_per_class for extra in [0] + [contained(s, k) for s in _sources(cfg, low.sources, provenance=True)])
     tune_steps = low.finetune_steps if low.finetune_steps is not None else low_steps
     finetune = low.seeds * sum(
         _passes(low_steps, train.epochs, contained(s, k), train.batch_size)
-        + _passes(tune_steps, train.epochs, CLASSES * k, train.batch_size) for k in low.k_per_class for s in low.sources)
+        + _passes(tune_steps, train.epochs, CLASSES * k, train.batch_size) for k in low.k_per_class for s in _sources(cfg, low.sources, provenance=True))
     cam_images = CLASSES * cam.images_per_class
     faithful = min(cam.faithfulness_images or cam_images, cam_images)
     sd_guidance = sd.guidance if sd.guidance_range is None else max(sd.guidance_range)
@@ -165,9 +165,9 @@ def work_table(cfg: Any) -> pd.DataFrame:
         ("classifier training (04)", trained, "training images", "train",
          f"{len(arms)} arms x {train.seeds} seeds, {train.model}"),
         ("low-data sweep (07)", sweep, "training images", "train",
-         f"{len(low.k_per_class)} values of k x {1 + len(low.sources)} arms x {low.seeds} seeds"),
+         f"{len(low.k_per_class)} values of k x {1 + len(_sources(cfg, low.sources, provenance=True))} arms x {low.seeds} seeds"),
         ("fine-tuning (07)", finetune, "training images", "train",
-         (f"{len(low.k_per_class)} values of k x {len(low.sources)} sources x {low.seeds} seeds, each a model of the "
+         (f"{len(low.k_per_class)} values of k x {len(_sources(cfg, low.sources, provenance=True))} sources x {low.seeds} seeds, each a model of the "
          "synthetic images made from the k-subset, then its fine-tuning (an upper bound: frozen layers need no "
          "gradients)")),
         ("Grad-CAM maps (05)", len(arms) * cam_images, "images", "gradcam",
@@ -188,7 +188,7 @@ def curation_images(cfg: Any, synthetic: dict[str, int], real_train: int) -> int
     params = cfg.curation
     held = CLASSES * params.heldout_per_class
     reference = real_train - held if params.reference_per_class is None else CLASSES * params.reference_per_class
-    return sum(synthetic.get(source, 0) for source in params.sources) + reference + held
+    return sum(synthetic.get(source, 0) for source in _sources(cfg, params.sources)) + reference + held
 
 
 def curation_work(cfg: Any, synthetic: dict[str, int], real_train: int) -> list[tuple[str, int, str, str, str]]:
@@ -204,11 +204,11 @@ def curation_work(cfg: Any, synthetic: dict[str, int], real_train: int) -> list[
         return _passes(steps, train.epochs, max(1, pool), train.batch_size)
 
     selections = sum(passes(round(params.fraction * synthetic.get(source, 0)), arm)
-                     for source in params.sources for arm in params.arms) * CURATION_SELECTIONS
+                     for source in _sources(cfg, params.sources) for arm in params.arms) * CURATION_SELECTIONS
     scaling = sum(passes(round(share * synthetic.get(source, 0)), "synthetic")
-                  for source in params.sources for share in params.scaling_fractions
+                  for source in _sources(cfg, params.sources) for share in params.scaling_fractions
                   if not (share == params.fraction and "synthetic" in params.arms))
-    models = len(params.sources) * (CURATION_SELECTIONS * len(params.arms) + len(params.scaling_fractions)
+    models = len(_sources(cfg, params.sources)) * (CURATION_SELECTIONS * len(params.arms) + len(params.scaling_fractions)
                                     - (params.fraction in params.scaling_fractions and "synthetic" in params.arms))
     return [
         ("curation scores (08)", curation_images(cfg, synthetic, real_train), "images", "gradcam",
@@ -216,7 +216,7 @@ def curation_work(cfg: Any, synthetic: dict[str, int], real_train: int) -> list[
          "real images (the geometry metrics, ~0.1 s an image on one CPU core, are not in the rate)"),
         ("curation selections and scaling (08)", params.seeds * (selections + scaling), "training images", "train",
          f"{models} models x {params.seeds} seeds: {CURATION_SELECTIONS} selections x {len(params.arms)} arms x "
-         f"{len(params.sources)} sources, {len(params.scaling_fractions)} scaling shares"),
+         f"{len(_sources(cfg, params.sources))} sources, {len(params.scaling_fractions)} scaling shares"),
     ]
 
 
@@ -235,6 +235,14 @@ def embedding_width(model: str) -> int | None:
     if model == "tiny":
         return TINY_WIDTH
     return SD1_WIDTH if any(marker in model for marker in SD1_DOWNLOADS) else None
+
+
+def _sources(cfg: Any, sources: Any, provenance: bool = False) -> list[str]:
+    """The synthetic sets a stage's `sources` parameter names; for auto, the run's generators then (unless only sets
+    with provenance count, as in the low-data sweep) the sets made elsewhere."""
+    if sources != "auto":
+        return list(sources)
+    return list(cfg.generators) + ([] if provenance else list(cfg.synthetic))
 
 
 def _png_bound(images: int, side: int) -> int:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from synthgap_helpers.data import CLASSES, ImageSet
+from synthgap_helpers.imagesets import ImageSet
 
 
 def mosaic(images: torch.Tensor, rows: int, cols: int, pad: int = 1) -> np.ndarray:
@@ -26,7 +26,7 @@ def class_sample_indices(image_set: ImageSet, per_class: int, seed: int = 0) -> 
     """`per_class` random indices of each class (fewer where a class has fewer images; gaps stay blank)."""
     generator = torch.Generator().manual_seed(seed)
     picks = []
-    for class_index in range(len(CLASSES)):
+    for class_index in range(len(image_set.classes)):
         pool = torch.nonzero(image_set.labels == class_index).flatten()
         chosen = pool[torch.randperm(len(pool), generator=generator)[:per_class]]
         picks.append(torch.cat([chosen, torch.full((per_class - len(chosen),), -1, dtype=torch.long)]))
@@ -35,15 +35,18 @@ def class_sample_indices(image_set: ImageSet, per_class: int, seed: int = 0) -> 
 
 def sample_grid(sets: Mapping[str, ImageSet], per_class: int = 8, seed: int = 0) -> Figure:
     """Side-by-side panels, one per set: a row per class, `per_class` random images each."""
-    fig, axes = plt.subplots(1, len(sets), figsize=(2.2 + 1.1 * per_class * len(sets), 9), squeeze=False)
+    classes = next(iter(sets.values())).classes
+    fig, axes = plt.subplots(1, len(sets), figsize=(2.2 + 1.1 * per_class * len(sets), 0.9 * len(classes)),
+                             squeeze=False)
     for ax, (name, image_set) in zip(axes[0], sets.items()):
         index = class_sample_indices(image_set, per_class, seed)
-        blank = torch.full((1, 3, 32, 32), 255, dtype=torch.uint8)
+        side = image_set.images.shape[-1]
+        blank = torch.full((1, 3, side, side), 255, dtype=torch.uint8)
         images = torch.cat([image_set.images, blank])[index]  # index -1 picks the blank tile
-        ax.imshow(mosaic(images, len(CLASSES), per_class), interpolation="nearest")
+        ax.imshow(mosaic(images, len(classes), per_class), interpolation="nearest")
         ax.set_title(name)
         ax.set_xticks([])
-        ax.set_yticks(np.arange(len(CLASSES)) * 33 + 16, CLASSES)
+        ax.set_yticks(np.arange(len(classes)) * (side + 1) + side / 2, classes)
     fig.tight_layout()
     return fig
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from synthgap_helpers.data import CLASSES, ImageFolderWriter
+from synthgap_helpers.imagesets import CIFAR10_CLASSES as CLASSES
+from synthgap_helpers.imagesets import ImageFolderWriter
 
 # Two steps of the narrow ResNet on 3 train / 1 val / 2 test images per class: the machinery, not accuracy.
 TINY_TRAINING = {"train.model": "resnet18_cifar_narrow", "train.steps": 2, "train.batch_size": 10,

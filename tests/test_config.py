@@ -45,11 +45,6 @@ def test_literal_value_lists_the_choices(tmp_path):
         config.resolve("smoke", tmp_path, ["data.on_bad_image=ignore"])
 
 
-def test_train_and_val_must_fit_in_a_class(tmp_path):
-    with pytest.raises(config.ConfigError, match=r"train_per_class \(4900\) \+ val_per_class \(200\)"):
-        config.resolve("smoke", tmp_path, ["data.train_per_class=4900", "data.val_per_class=200"])
-
-
 def test_bad_device_is_refused(tmp_path):
     with pytest.raises(config.ConfigError, match="device = 'gpu'"):
         config.resolve("smoke", tmp_path, ["device=gpu"])

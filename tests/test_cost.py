@@ -55,9 +55,9 @@ def test_an_epoch_budget_counts_whole_batches_over_the_pool():
     shared = config.resolve("smoke", overrides={"train.steps": None, "train.epochs": 2.0, "train.batch_size": 50,
                                                 "train.mix": "fixed_share", "lowdata.steps": None,
                                                 "lowdata.k_per_class": [5, 20], "lowdata.seeds": 1})
-    sweep = shared.lowdata  # fixed_share: an epoch is a pass over the k real images, whatever is added
+    # fixed_share: an epoch is a pass over the k real images, whatever is added; lowdata.sources auto: the generators
     per_k = {5: -(-100 // 50) * 50, 20: -(-400 // 50) * 50}
-    assert cost.work_table(shared).loc["low-data sweep (07)", "amount"] == (1 + len(sweep.sources)) * sum(per_k.values())
+    assert cost.work_table(shared).loc["low-data sweep (07)", "amount"] == (1 + len(shared.generators)) * sum(per_k.values())
 
 
 def test_hours_are_amount_over_rate_and_bad_rates_are_named():

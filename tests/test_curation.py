@@ -14,6 +14,7 @@ import torch
 from study_files import TINY_TRAINING, write_batches, write_synthetic
 
 from synthgap_helpers import config, data, results
+from synthgap_helpers import sets as run_sets
 from synthgap_helpers.curation import scores, selection
 from synthgap_helpers.curation import stage as curation
 from synthgap_helpers.train import arms as train_arms
@@ -148,7 +149,7 @@ def test_scores_see_only_training_images_and_record_the_test_fingerprint(run_dir
     real = data.real_data(cfg)
     looked_at = set().union(*map(_hashes, seen))
     assert looked_at and not looked_at & _hashes(real.test.images) and not looked_at & _hashes(real.val.images)
-    assert looked_at <= _hashes(real.train.images) | set().union(*(_hashes(s.images) for s in data.synthetic_sets(cfg).values()))
+    assert looked_at <= _hashes(real.train.images) | set().union(*(_hashes(s.images) for s in run_sets.loaded_sets(cfg).values()))
     assert summary.record["test_fingerprint"] == train_arms.fingerprint(real.test) and summary.record["training_only"]
     assert summary.frame.groupby("set").size().to_dict() == {"sd": 40, "di": 40, curation.HELDOUT: 10}
     assert summary.frame[list(curation.CRITERIA)].notna().all().all()
@@ -168,8 +169,8 @@ def test_the_stage_trains_each_selection_at_equal_size_against_random_and_record
     jobs = curation.plan_jobs(cfg, curation.score(cfg), data.real_data(cfg))
     chosen = [job for job in jobs if job.experiment == "selection"]
     assert len(chosen) == 2 * len(curation.SELECTIONS)
-    sets = data.synthetic_sets(cfg)
-    assert {tuple(sets[job.source].subset(job.indices).class_counts()) for job in chosen} == {(2,) * 10}  # q = 0.5 of 4
+    loaded = run_sets.loaded_sets(cfg)
+    assert {tuple(loaded[job.source].subset(job.indices).class_counts()) for job in chosen} == {(2,) * 10}  # q = 0.5 of 4
     summary = curation.run(cfg)
     # 14 selections + 2 scaling points, each the random part at q = 0.5 of its source (one model): 14 models
     assert len(summary.rows) == 16 and len(set(summary.trained)) == 14

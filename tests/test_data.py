@@ -10,14 +10,11 @@ import torch
 from PIL import Image
 from study_files import write_batches
 
-from synthgap_helpers import config, data
-from synthgap_helpers.data import (
-    CLASSES,
-    DataError,
-    ImageFolderWriter,
-    load_cifar10,
-    load_image_folder,
-)
+from synthgap_helpers import config, data, datasets, imagesets
+from synthgap_helpers.data import DataError
+from synthgap_helpers.datasets import load_dataset as load_cifar10
+from synthgap_helpers.imagesets import CIFAR10_CLASSES as CLASSES
+from synthgap_helpers.imagesets import ImageFolderWriter, load_image_folder
 
 
 def write_folder(root: Path, per_class: int = 3, size: int = 32, mode: str = "RGB", suffix: str = ".png") -> None:
@@ -77,7 +74,7 @@ def test_changed_folder_is_not_served_from_a_stale_cache(tmp_path):
 def test_download_path_reads_what_torchvision_fetched(tmp_path, monkeypatch):
     fetched = tmp_path / "fetched" / "cifar-10-batches-py"
     write_batches(fetched)
-    monkeypatch.setattr(data, "_download", lambda cache: fetched)
+    monkeypatch.setattr(datasets, "_download", lambda cache: fetched)
     monkeypatch.delenv("SYNTHGAP_DATA_DIR", raising=False)
     assert len(load_cifar10("test", download=True, cache_dir=tmp_path / "cache")) == 20
 
@@ -88,12 +85,12 @@ def test_nothing_found_lists_every_attempt_and_the_fix(tmp_path, monkeypatch):
     def offline(cache):
         raise OSError("no network")
 
-    monkeypatch.setattr(data, "_download", offline)
+    monkeypatch.setattr(datasets, "_download", offline)
     with pytest.raises(DataError) as info:
         load_cifar10("train", download=True, cache_dir=tmp_path / "cache")
     message = str(info.value)
     assert "data.root: not set" in message and "$SYNTHGAP_DATA_DIR: not set" in message
-    assert "no network" in message and "Fix: set SYNTHGAP_DATA_DIR" in message
+    assert "no network" in message and "Fix: set data.root (or SYNTHGAP_DATA_DIR)" in message
 
 
 def test_corrupt_image_is_named_or_skipped_and_counted(tmp_path):
@@ -235,24 +232,24 @@ def test_embedded_sample_is_balanced_canonical_and_its_split_fills_the_smoke_pro
 
 def test_a_changed_sample_file_is_refused_naming_it(tmp_path, monkeypatch):
     copy = tmp_path / "sample_data"
-    shutil.copytree(data.SAMPLE_DIR, copy)
+    shutil.copytree(datasets.SAMPLE_DIR, copy)
     victim = next((copy / "cifar10" / "test" / "cat").iterdir())
     victim.write_bytes(victim.read_bytes()[:100])  # truncated
-    monkeypatch.setattr(data, "SAMPLE_DIR", copy)
-    data.sample_dir.cache_clear()
+    monkeypatch.setattr(datasets, "SAMPLE_DIR", copy)
+    datasets.sample_dir.cache_clear()
     try:
         with pytest.raises(DataError, match=f"{victim.name} is missing or differs from its checksum"):
             load_cifar10("test", sample=True)
     finally:
-        data.sample_dir.cache_clear()
+        datasets.sample_dir.cache_clear()
 
 
 def test_loaders_hand_out_contiguous_images_whatever_the_strides_of_the_input():
     channels_last = torch.zeros(4, 32, 32, 3, dtype=torch.uint8).permute(0, 3, 1, 2)
-    image_set = data.ImageSet(channels_last, torch.zeros(4, dtype=torch.int32), ["a/0"] * 4, data.LoadReport("x"))
+    image_set = imagesets.ImageSet(channels_last, torch.zeros(4, dtype=torch.int32), ["a/0"] * 4, imagesets.LoadReport("x"))
     assert image_set.images.is_contiguous() and image_set.labels.dtype == torch.int64
     with pytest.raises(ValueError, match="uint8 N x 3 x H x W"):
-        data.ImageSet(torch.zeros(4, 3, 32, 32), torch.zeros(4), ["a/0"] * 4, data.LoadReport("x"))
+        imagesets.ImageSet(torch.zeros(4, 3, 32, 32), torch.zeros(4), ["a/0"] * 4, imagesets.LoadReport("x"))
 
 
 def test_a_run_refuses_other_data_than_its_split_was_drawn_from(tmp_path):
@@ -260,5 +257,5 @@ def test_a_run_refuses_other_data_than_its_split_was_drawn_from(tmp_path):
     write_batches(tmp_path / "b" / "cifar-10-batches-py", per_file=400, seed=1)
     overrides = ["data.sample=false", "data.train_per_class=10", "data.val_per_class=5", "data.test_per_class=3"]
     data.real_data(config.resolve("smoke", tmp_path / "run", [*overrides, f"data.root={tmp_path / 'a'}"]))
-    with pytest.raises(DataError, match="was drawn from other CIFAR-10 data"):
+    with pytest.raises(DataError, match="was drawn from other data"):
         data.real_data(config.resolve("smoke", tmp_path / "run", [*overrides, f"data.root={tmp_path / 'b'}"]))

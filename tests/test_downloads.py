@@ -22,8 +22,9 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from synthgap_helpers import data
-from synthgap_helpers.data import CLASSES, DataError, load_cifar10
+from synthgap_helpers import datasets
+from synthgap_helpers.data import DataError
+from synthgap_helpers.datasets import load_dataset as load_cifar10
 from synthgap_helpers.downloads import fetch
 from synthgap_helpers.errors import ChecksumError, DownloadError
 from synthgap_helpers.geometry.validation import load_york_urban
@@ -32,6 +33,7 @@ from synthgap_helpers.geometry.york_urban import (
     resolve_york_urban,
     york_urban_from_archive,
 )
+from synthgap_helpers.imagesets import CIFAR10_CLASSES as CLASSES
 
 PIXEL_SIZE_MM = 0.00896875  # cameraParameters.mat of the published archive (pixelSize)
 
@@ -250,13 +252,13 @@ def test_cifar_download_lands_in_the_cache_and_is_not_fetched_again(server, tmp_
     body = cifar_archive()
     url = server.serve("/cifar-10-python.tar.gz", body)
     cache = tmp_path / "cache"
-    batches = data._download(cache, url=url, md5=hashlib.md5(body).hexdigest())
+    batches = datasets._download(cache, url=url, md5=hashlib.md5(body).hexdigest())
     assert batches == cache / "download" / "cifar-10-batches-py" and (batches / "batches.meta").is_file()
     requests = server.gets["/cifar-10-python.tar.gz"]  # torchvision's redirect probe is a GET too
     test = load_cifar10("test", download=True, cache_dir=cache)
     assert len(test) == 4 and test.report.source == str(batches)
     assert len(load_cifar10("train", download=True, cache_dir=cache)) == 20
-    assert data._download(cache, url=url, md5=hashlib.md5(body).hexdigest()) == batches  # the archive is reused
+    assert datasets._download(cache, url=url, md5=hashlib.md5(body).hexdigest()) == batches  # the archive is reused
     assert server.gets["/cifar-10-python.tar.gz"] == requests and leftovers(cache) == []
 
 
@@ -264,14 +266,14 @@ def test_cifar_md5_mismatch_says_expected_and_got_and_deletes_the_archive(server
     body = cifar_archive()
     url = server.serve("/cifar-10-python.tar.gz", body)
     with pytest.raises(DownloadError) as error:
-        data._download(tmp_path, url=url, md5="0" * 32)
+        datasets._download(tmp_path, url=url, md5="0" * 32)
     assert f"expected {'0' * 32}, got {hashlib.md5(body).hexdigest()}" in str(error.value)
     assert files_in(tmp_path) == []
 
 
 def test_cifar_offline_names_the_url_the_cache_folder_and_the_overrides(refused_url, tmp_path):
     with pytest.raises(DownloadError) as error:
-        data._download(tmp_path, url=refused_url, md5="0" * 32)
+        datasets._download(tmp_path, url=refused_url, md5="0" * 32)
     message = str(error.value)
     assert refused_url in message and str(tmp_path / "download") in message
     assert "data.root" in message and "$SYNTHGAP_DATA_DIR" in message and "refused" in message
@@ -281,7 +283,7 @@ def test_cifar_truncated_download_leaves_no_archive_and_no_batches(server, tmp_p
     body = cifar_archive()
     url = server.serve("/cifar-10-python.tar.gz", body, truncated=True)
     with pytest.raises(DownloadError, match="MD5 mismatch"):
-        data._download(tmp_path, url=url, md5=hashlib.md5(body).hexdigest())
+        datasets._download(tmp_path, url=url, md5=hashlib.md5(body).hexdigest())
     assert files_in(tmp_path) == []
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from synthgap_helpers import config, data, storage
+from synthgap_helpers import config, data, imagesets, storage
 from synthgap_helpers.inversion import embeddings as inversion
 from synthgap_helpers.inversion import stage as inversion_stage
 from synthgap_helpers.sd import stage as sd_generate
@@ -48,12 +48,12 @@ def pipe():
 def fake_real_data(per_class: int = 1) -> data.RealData:
     """Ten smooth random 32x32 images, one per class (as tests/test_inversion.py)."""
     generator = torch.Generator().manual_seed(0)
-    count = per_class * len(data.CLASSES)
+    count = per_class * len(imagesets.CIFAR10_CLASSES)
     coarse = torch.rand(count, 3, 4, 4, generator=generator)
     images = torch.nn.functional.interpolate(coarse, size=(32, 32), mode="bilinear").mul(255).round().to(torch.uint8)
-    labels = torch.arange(count) % len(data.CLASSES)
-    image_set = data.ImageSet(images, labels, [f"train/{i:05d}" for i in range(count)],
-                              data.LoadReport(source="fake", loaded=count))
+    labels = torch.arange(count) % len(imagesets.CIFAR10_CLASSES)
+    image_set = imagesets.ImageSet(images, labels, [f"train/{i:05d}" for i in range(count)],
+                              imagesets.LoadReport(source="fake", loaded=count))
     return data.RealData(image_set, image_set.subset([0]), image_set.subset([0]))
 
 
@@ -77,7 +77,7 @@ def png_bytes(folder: Path) -> dict[str, bytes]:
 
 
 def manifest_lines(folder: Path) -> list[dict]:
-    return [r for m in data.folder_manifests(folder) for r in m.records()]
+    return [r for m in imagesets.folder_manifests(folder) for r in m.records()]
 
 
 def truncate(path: Path, keep: float = 0.5) -> None:
@@ -98,7 +98,7 @@ def test_generate_sd_regenerates_truncated_and_deleted_pngs_byte_identically(tmp
     (folder / "dog" / "sd_000002.png").unlink()
 
     with pytest.raises(data.DataError) as refused:  # what training would read: refused, not decoded as given
-        data.load_image_folder(folder)
+        imagesets.load_image_folder(folder)
     message = str(refused.value)
     assert str(folder / "cat" / "sd_000001.png") in message and str(folder / "dog" / "sd_000002.png") in message
     assert "lists 2 image(s) missing from disk or corrupt (of 6 listed)" in message
@@ -110,7 +110,7 @@ def test_generate_sd_regenerates_truncated_and_deleted_pngs_byte_identically(tmp
     assert "2 repaired" in str(summary) and str(folder / "cat" / "sd_000001.png") in str(summary)
     assert png_bytes(folder) == original  # per-image seeds: the very same bytes
     assert manifest_lines(folder) == records  # one record per id, unchanged, in the same order
-    assert len(data.load_image_folder(folder)) == 6
+    assert len(imagesets.load_image_folder(folder)) == 6
     assert sd_generate.run(cfg).written == 0
 
 
@@ -125,11 +125,11 @@ def test_records_without_a_checksum_are_trusted_only_if_their_png_decodes(tmp_pa
     manifest.write_bytes(b"".join(storage.Manifest.encode({k: v for k, v in r.items() if k != "sha256"})
                                   for r in records))
     truncate(folder / "dog" / "sd_000000.png", keep=0.6)
-    writer = data.ImageFolderWriter(folder)
+    writer = imagesets.ImageFolderWriter(folder)
     check = writer.check()
     assert set(check.damaged) == {"dog/sd_000000"} and "unreadable" in check.damaged["dog/sd_000000"]
     with pytest.raises(data.DataError, match="sd_000000.png"):
-        data.load_image_folder(folder)  # no checksum to compare: the decoder names the file
+        imagesets.load_image_folder(folder)  # no checksum to compare: the decoder names the file
 
     summary = sd_generate.run(cfg)
     assert (summary.written, summary.repaired) == (1, 1) and png_bytes(folder) == original
@@ -145,7 +145,7 @@ def test_a_repair_in_a_sharded_folder_keeps_one_record_per_id_and_merges(tmp_pat
         sd_generate.run(cfg, Shard(index, 2))
     folder = sd_generate.output_folder(cfg)
     original = png_bytes(folder)
-    victim = data.listed_records(folder)[0]["id"]
+    victim = imagesets.listed_records(folder)[0]["id"]
     (folder / f"{victim}.png").write_bytes(b"not a png")
     owner = next(i for i in range(2) if victim in (folder / Shard(i, 2).manifest_name).read_text())
     other = sd_generate.run(cfg, Shard(1 - owner, 2))
@@ -168,7 +168,7 @@ def test_invert_sample_regenerates_truncated_and_deleted_pngs_byte_identically(t
     damaged[1].unlink()
 
     with pytest.raises(data.DataError) as refused:
-        data.load_image_folder(folder)
+        imagesets.load_image_folder(folder)
     assert all(str(path) in str(refused.value) for path in damaged)
     assert "python -m synthgap_helpers invert sample" in str(refused.value)
 
@@ -322,7 +322,7 @@ def test_half_precision_inversion_runs_on_cpu_with_fp32_embeddings(tmp_path, fak
     losses = json.loads(inversion.loss_path(cfg.run_dir, "group_00000").read_text())["loss"]
     assert len(losses) == 4 and all(map(lambda v: v == v, losses))
     sampled = inversion_stage.sample(cfg, progress=False)
-    assert sampled.written == 5 and len(data.load_image_folder(cfg.run_dir / "synthetic" / "di")) == 5
+    assert sampled.written == 5 and len(imagesets.load_image_folder(cfg.run_dir / "synthetic" / "di")) == 5
     with pytest.raises(ValueError, match="inversion.dtype"):  # fp32 embeddings are not reused as half ones
         inversion_stage.train_embeddings(inversion_cfg(tmp_path, dtype="fp32", steps=4), progress=False)
 

@@ -28,7 +28,10 @@ from synthgap_helpers import (
     storage,
     workload,
 )
-from synthgap_helpers.data import CLASSES, DataError, load_cifar10, load_image_folder
+from synthgap_helpers.data import DataError
+from synthgap_helpers.datasets import load_dataset as load_cifar10
+from synthgap_helpers.imagesets import CIFAR10_CLASSES as CLASSES
+from synthgap_helpers.imagesets import load_image_folder
 
 SMALL = ["data.sample=false", "data.train_per_class=3", "data.val_per_class=1", "data.test_per_class=2"]
 
@@ -78,11 +81,11 @@ def test_relative_set_paths_resolve_against_the_start_folder_and_are_recorded_ab
     monkeypatch.setattr(runner, "execute_notebooks", execute)
     monkeypatch.setattr(runner, "write_build_record", lambda *args: None)
     assert cli.main(["run", "--profile", "smoke", "--run-dir", "run", "--only", "01", "--no-book", *sum(
-        (["--set", pair] for pair in [*SMALL, "data.root=mine", "train.folders.extra.paths=[other, /abs/x]"]),
+        (["--set", pair] for pair in [*SMALL, "data.root=mine", "synthetic.extra.paths=[other, /abs/x]"]),
         [])]) == 0
     mine = str(tmp_path / "start" / "mine")
     assert f"data.root={json.dumps(mine)}" in seen["overrides"]
-    assert f"train.folders.extra.paths={json.dumps([str(tmp_path / 'start' / 'other'), '/abs/x'])}" in seen["overrides"]
+    assert f"synthetic.extra.paths={json.dumps([str(tmp_path / 'start' / 'other'), '/abs/x'])}" in seen["overrides"]
     record = json.loads((tmp_path / "start" / "run" / "config.json").read_text())
     assert record["params"]["data"]["root"] == mine and os.environ["SYNTHGAP_CACHE_DIR"] == str(tmp_path / "start" / "cache")
     # a notebook's kernel starts in notebooks/: with the overrides it is given, it finds the same configuration
@@ -118,7 +121,7 @@ def test_an_explicit_root_without_cifar_is_an_error_not_a_fallback(tmp_path, mon
     monkeypatch.setenv("SYNTHGAP_DATA_DIR", str(tmp_path / "elsewhere"))
     (tmp_path / "empty").mkdir()
     for root in (tmp_path / "empty", tmp_path / "missing"):
-        with pytest.raises(DataError, match=f"data.root = {root} .*CIFAR-10 is read from there or not at all"):
+        with pytest.raises(DataError, match=f"data.root = {root} .*the real dataset is read from there or not at all"):
             load_cifar10("train", root=root)
     assert len(load_cifar10("train")) == 100  # no root: the environment variable
     monkeypatch.setenv("SYNTHGAP_DATA_DIR", str(tmp_path / "empty"))
@@ -391,10 +394,10 @@ def test_a_slurm_array_with_a_step_maps_its_tasks_onto_shards(monkeypatch):
 
 
 def test_a_typo_inside_a_folder_arm_names_the_key_and_the_allowed_ones(tmp_path):
-    with pytest.raises(config.ConfigError, match=r"unknown key 'train.folders.mine.pathz'.*allowed here: paths, with_real"):
-        config.resolve("smoke", tmp_path, {"train.folders": {"mine": {"pathz": ["a"]}}})
-    with pytest.raises(config.ConfigError, match=r"train.folders.mine.paths"):
-        config.resolve("smoke", tmp_path, {"train.folders": {"mine": {"paths": "a"}}})
+    with pytest.raises(config.ConfigError, match=r"unknown key 'synthetic.mine.pathz'.*allowed here: paths"):
+        config.resolve("smoke", tmp_path, {"synthetic": {"mine": {"pathz": ["a"]}}})
+    with pytest.raises(config.ConfigError, match=r"synthetic.mine.paths"):
+        config.resolve("smoke", tmp_path, {"synthetic": {"mine": {"paths": "a"}}})
 
 
 def test_an_empty_override_value_is_an_error_saying_how_to_write_null(capsys, tmp_path):

@@ -12,11 +12,12 @@ import pytest
 import torch
 from study_files import write_batches, write_synthetic
 
-from synthgap_helpers import config, data
-from synthgap_helpers.data import DataError, ImageSet, LoadReport
+from synthgap_helpers import config, datasets, imagesets
+from synthgap_helpers.data import DataError
 from synthgap_helpers.geometry import figures as geometry_figures
 from synthgap_helpers.geometry import stage as geometry_stage
 from synthgap_helpers.geometry.metrics import metric_names
+from synthgap_helpers.imagesets import ImageSet, LoadReport
 
 
 def box_image(rng: np.random.Generator) -> np.ndarray:
@@ -58,7 +59,7 @@ def tiny_config(root: Path, run_dir: Path, **geometry: object) -> config.Config:
 @pytest.fixture
 def tiny_run(tmp_path: Path) -> tuple[Path, Path]:
     """(CIFAR root, run dir): tiny official batches, a synthetic set in the run, York Urban from the embedded sample."""
-    (tmp_path / "york-urban").symlink_to(data.sample_dir("york-urban"))
+    (tmp_path / "york-urban").symlink_to(datasets.sample_dir("york-urban"))
     root = tmp_path / "cifar"
     write_box_batches(root / "cifar-10-batches-py")
     run_dir = tmp_path / "run"
@@ -101,7 +102,7 @@ def test_rerun_reuses_both_files_and_analyses_only_a_changed_image(tiny_run):
     changed_id = again.images["sd"].ids[0]  # regenerated pixels under the same id are analysed anew
     folder = run_dir / "synthetic" / "sd"
     (folder / f"{changed_id}.png").unlink()  # lost, then regenerated (other pixels) as the stage repairs it
-    writer = data.ImageFolderWriter(folder)
+    writer = imagesets.ImageFolderWriter(folder)
     assert changed_id not in writer.done()
     writer.write(255 - again.images["sd"].images[:1], [{"id": changed_id}])
     assert geometry_stage.run(cfg).computed == {"real/test": 0, "sd": 1}

@@ -184,6 +184,6 @@ def test_model_input_matches_the_training_normalisation():
 
 def test_faithfulness_part_is_balanced_and_taken_in_sample_order():
     labels = torch.tensor([0, 1, 0, 2, 1, 0, 2, 2, 1] + list(range(3, 10)) * 3)
-    positions = gradcam_stage.faithfulness_positions(labels, 20)
+    positions = gradcam_stage.faithfulness_positions(labels, 20, 10)
     assert np.bincount(labels[positions].numpy(), minlength=10).tolist() == [2] * 10
     assert positions[:5].tolist() == [0, 1, 2, 3, 4]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from synthgap_helpers import config, data
+from synthgap_helpers import config, data, imagesets
 from synthgap_helpers.inversion import embeddings as inversion
 from synthgap_helpers.inversion import sampling as inversion_sampling
 from synthgap_helpers.inversion import stage as inversion_stage
@@ -33,12 +33,12 @@ def pipe():
 def fake_real_data(per_class: int = 1, seed: int = 0) -> data.RealData:
     """A small balanced 'train subset' of smooth random images (no CIFAR-10 needed)."""
     generator = torch.Generator().manual_seed(seed)
-    count = per_class * len(data.CLASSES)
+    count = per_class * len(imagesets.CIFAR10_CLASSES)
     coarse = torch.rand(count, 3, 4, 4, generator=generator)
     images = torch.nn.functional.interpolate(coarse, size=(32, 32), mode="bilinear").mul(255).round().to(torch.uint8)
-    labels = torch.arange(count) % len(data.CLASSES)
+    labels = torch.arange(count) % len(imagesets.CIFAR10_CLASSES)
     ids = [f"train/{i:05d}" for i in range(count)]
-    image_set = data.ImageSet(images, labels, ids, data.LoadReport(source="fake", loaded=count))
+    image_set = imagesets.ImageSet(images, labels, ids, imagesets.LoadReport(source="fake", loaded=count))
     return data.RealData(image_set, image_set.subset([0]), image_set.subset([0]))
 
 
@@ -76,8 +76,8 @@ def test_groups_follow_a_priority_order_so_each_k_subset_is_a_run_of_whole_group
     ids = [f"i{n}" for n in range(6)]
     groups = inversion.plan_groups(ids, labels, group_size=2, priority=[2, 0, 1, 5, 4, 3])
     assert [g.ids for g in groups] == [("i2", "i5"), ("i0", "i4"), ("i1", "i3")]  # rank r of each class in group r
-    first = [i for order in data.nested_order(labels, seed=3) for i in order[:1]]  # the k=1 subset of seed 3
-    priority = [int(i) for order in data.nested_order(labels, seed=3) for i in order]
+    first = [i for order in data.nested_order(labels, seed=3, n_classes=2) for i in order[:1]]  # the k=1 subset of seed 3
+    priority = [int(i) for order in data.nested_order(labels, seed=3, n_classes=2) for i in order]
     assert sorted(inversion.plan_groups(ids, labels, 2, priority=priority)[0].positions) == sorted(first)
     with pytest.raises(ValueError, match="each of the 6 positions exactly once"):
         inversion.plan_groups(ids, labels, 2, priority=[0, 1, 2])
@@ -319,7 +319,7 @@ def test_perturbation_moves_towards_a_same_class_partner():
 
 
 def read_folder(folder):
-    loaded = data.load_image_folder(folder)
+    loaded = imagesets.load_image_folder(folder)
     return dict(zip(loaded.ids, loaded.images))
 
 
@@ -328,7 +328,7 @@ def test_sharded_training_and_sampling_equal_a_single_run(tmp_path, fake_data, p
     inversion_stage.train_embeddings(single, pipe=pipe, progress=False)
     summary = inversion_stage.sample(single, pipe=pipe, progress=False)
     assert summary.written == summary.planned == 2 * 5 * 2
-    records = data.listed_records(single.run_dir / "synthetic" / "di")
+    records = imagesets.listed_records(single.run_dir / "synthetic" / "di")
     first = records[0]
     assert first["id"].startswith(f"{first['class']}/di_train-") and first["group"] == "group_00000"
     assert {"source_id", "perturbation", "partner", "sample", "seed", "guidance", "steps", "model"} <= set(first)
@@ -343,7 +343,7 @@ def test_sharded_training_and_sampling_equal_a_single_run(tmp_path, fake_data, p
         b = inversion.load_group_embeddings(sharded.run_dir, group)
         assert torch.equal(a[0], b[0]) and a[2] == b[2]
     assert merge_shards(sharded.run_dir / "synthetic" / "di") == 20
-    merged = {r["id"]: r for r in data.listed_records(sharded.run_dir / "synthetic" / "di")}
+    merged = {r["id"]: r for r in imagesets.listed_records(sharded.run_dir / "synthetic" / "di")}
     assert merged == {r["id"]: r for r in records}
     single_images, sharded_images = read_folder(single.run_dir / "synthetic" / "di"), read_folder(
         sharded.run_dir / "synthetic" / "di")
@@ -378,7 +378,7 @@ def test_embeddings_and_samples_do_not_depend_on_cache_sample_batch_size_or_shar
         assert sum(map(len, trained)) == 2 and max(map(len, trained)) == 2 // shards  # the shards shared the groups
         if shards > 1:
             assert merge_shards(cfg.run_dir / "synthetic" / "di") == 20
-        records = {r["id"]: r for r in data.listed_records(cfg.run_dir / "synthetic" / "di")}
+        records = {r["id"]: r for r in imagesets.listed_records(cfg.run_dir / "synthetic" / "di")}
         return run_outputs(cfg.run_dir), records
 
     cache = tmp_path / "cache"

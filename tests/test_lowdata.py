@@ -12,8 +12,8 @@ import pytest
 import torch
 from study_files import TINY_TRAINING, write_batches, write_synthetic
 
-from synthgap_helpers import config, data, results
-from synthgap_helpers.data import ImageFolderWriter
+from synthgap_helpers import config, data, imagesets, results
+from synthgap_helpers.imagesets import ImageFolderWriter
 from synthgap_helpers.lowdata import containment
 from synthgap_helpers.lowdata import stage as lowdata
 from synthgap_helpers.train.models import build_model
@@ -52,12 +52,13 @@ def trainings(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
 
 def test_subsets_hold_exactly_k_per_class_and_are_nested_within_a_seed():
     labels = np.arange(200) % 10
-    small, large = lowdata.nested_subset(labels, 3, seed=5), lowdata.nested_subset(labels, 8, seed=5)
+    small = lowdata.nested_subset(labels, 3, seed=5, classes=imagesets.CIFAR10_CLASSES)
+    large = lowdata.nested_subset(labels, 8, seed=5, classes=imagesets.CIFAR10_CLASSES)
     assert np.bincount(labels[small]).tolist() == [3] * 10 and np.bincount(labels[large]).tolist() == [8] * 10
     assert set(small) <= set(large)
-    assert not np.array_equal(small, lowdata.nested_subset(labels, 3, seed=6))
+    assert not np.array_equal(small, lowdata.nested_subset(labels, 3, seed=6, classes=imagesets.CIFAR10_CLASSES))
     with pytest.raises(ValueError, match="lowdata.k_per_class holds k=21"):
-        lowdata.nested_subset(labels, 21, seed=0)
+        lowdata.nested_subset(labels, 21, seed=0, classes=imagesets.CIFAR10_CLASSES)
 
 
 def test_sweep_writes_a_row_per_k_arm_seed_and_resumes_without_retraining(run_dir, trainings):
@@ -158,13 +159,13 @@ def test_lowdata_arms_train_only_on_synthetic_images_made_from_their_k_subset(ru
     run's real train set in the nested order: every arm's manifest draws only on its real_ids.json."""
     cfg = load(run_dir, **{"lowdata.k_per_class": [1, 2]})
     train = data.real_data(cfg).train
-    order = data.nested_order(train.labels, cfg.seed)  # 3 images per class
+    order = data.nested_order(train.labels, cfg.seed, len(train.classes))  # 3 images per class
     for source, uncond in (("di", "mean"), ("sd", None)):
         records = []
         for rank in range(3):  # group g holds rank g of every class: the k-subsets are whole groups
             for c in range(10):
                 real_id = train.ids[order[c][rank]]
-                records.append({"id": f"{data.CLASSES[c]}/{source}_{rank}", "source_id": real_id, "uncond": uncond,
+                records.append({"id": f"{imagesets.CIFAR10_CLASSES[c]}/{source}_{rank}", "source_id": real_id, "uncond": uncond,
                                 "group": f"group_{rank}" if uncond else None})
         folder = run_dir / "synthetic" / source
         shutil.rmtree(folder)
@@ -178,8 +179,8 @@ def test_lowdata_arms_train_only_on_synthetic_images_made_from_their_k_subset(ru
 def test_an_arm_whose_set_does_not_cover_its_k_subset_is_skipped_with_the_reason(run_dir, trainings):
     cfg = load(run_dir, **{"lowdata.sources": ["sd"]})
     train = data.real_data(cfg).train
-    order = data.nested_order(train.labels, cfg.seed)
-    records = [{"id": f"{name}/sd_0", "source_id": train.ids[order[c][0]]} for c, name in enumerate(data.CLASSES)]
+    order = data.nested_order(train.labels, cfg.seed, len(train.classes))
+    records = [{"id": f"{name}/sd_0", "source_id": train.ids[order[c][0]]} for c, name in enumerate(imagesets.CIFAR10_CLASSES)]
     shutil.rmtree(run_dir / "synthetic" / "sd")  # img2img from the first image of each class only
     ImageFolderWriter(run_dir / "synthetic" / "sd").write(np.zeros((10, 3, 32, 32), dtype=np.uint8), records)
     summary = lowdata.sweep(cfg)
@@ -201,7 +202,7 @@ def check_containment(run_dir: Path, expected: dict[tuple[int, str], int] | None
         for manifest in sorted(folder.glob("*/manifest.jsonl")):
             records = [json.loads(line) for line in manifest.read_text().splitlines()]
             source = manifest.parent.name
-            everything = data.listed_records(run_dir / "synthetic" / source)
+            everything = imagesets.listed_records(run_dir / "synthetic" / source)
             drawn = containment.drawn_on(everything)  # group members from the whole set, not the arm's part
             for record in records:
                 assert drawn[record["id"]] <= real_ids, f"{manifest}: {record['id']} draws on images outside k={k}"

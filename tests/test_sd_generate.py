@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from synthgap_helpers import config, data, storage
+from synthgap_helpers import config, data, imagesets, storage
 from synthgap_helpers.config import CLIP_TEMPLATES
 from synthgap_helpers.sd import stage as sd_generate
 from synthgap_helpers.sd.prompts import class_prompt, draw_guidance
@@ -27,9 +27,9 @@ def fake_real_data(per_class: int = 2) -> data.RealData:
     """Random 32x32 'real' images, `per_class` of each class, ids like the class-folder layout."""
     generator = torch.Generator().manual_seed(0)
     labels = torch.arange(10).repeat_interleave(per_class)
-    ids = [f"{data.CLASSES[int(label)]}/{k:04d}" for k, label in zip(range(len(labels)), labels)]
+    ids = [f"{imagesets.CIFAR10_CLASSES[int(label)]}/{k:04d}" for k, label in zip(range(len(labels)), labels)]
     images = torch.randint(0, 256, (len(labels), 3, 32, 32), generator=generator, dtype=torch.uint8)
-    train = data.ImageSet(images, labels, ids, data.LoadReport("fake"))
+    train = imagesets.ImageSet(images, labels, ids, imagesets.LoadReport("fake"))
     return data.RealData(train, train.subset([0]), train.subset([0]))
 
 
@@ -63,7 +63,7 @@ def test_resume_after_a_crash_keeps_every_image_once_and_no_partial_file(tmp_pat
     sd_generate.run(reference)
     cfg = make_cfg(tmp_path / "crashed")
     written = []
-    original = data.atomic_write_bytes
+    original = imagesets.atomic_write_bytes
 
     def crash_after_five(path, payload):
         if len(written) == 5:  # mid-way through the second batch: one PNG of it on disk, no manifest line
@@ -71,10 +71,10 @@ def test_resume_after_a_crash_keeps_every_image_once_and_no_partial_file(tmp_pat
         written.append(path)
         return original(path, payload)
 
-    monkeypatch.setattr(data, "atomic_write_bytes", crash_after_five)
+    monkeypatch.setattr(imagesets, "atomic_write_bytes", crash_after_five)
     with pytest.raises(KeyboardInterrupt):
         sd_generate.run(cfg)
-    monkeypatch.setattr(data, "atomic_write_bytes", original)
+    monkeypatch.setattr(imagesets, "atomic_write_bytes", original)
     assert len(storage.Manifest(sd_generate.output_folder(cfg) / "manifest.jsonl").records()) == 4
     summary = sd_generate.run(cfg)
     assert (summary.skipped, summary.written) == (4, 2)
@@ -117,7 +117,7 @@ def test_manifest_records_everything_that_decides_an_image(tmp_path):
     assert (first["class"], first["negative_prompt"], first["guidance"], first["steps"]) == ("cat", "blurry", 7.5, 2)
     assert (first["scheduler"], first["model"], first["mode"], first["resolution"]) == ("dpm++", "tiny", "txt2img", 32)
     assert first["source_id"] is None and first["strength"] is None
-    loaded = data.load_image_folder(sd_generate.output_folder(cfg))
+    loaded = imagesets.load_image_folder(sd_generate.output_folder(cfg))
     assert loaded.images.shape == (6, 3, 32, 32) and loaded.labels.tolist() == [3, 3, 3, 5, 5, 5]
 
 
@@ -130,7 +130,7 @@ def test_img2img_starts_from_each_class_s_real_images_in_turn_and_is_determinist
     sd_generate.run(runs[1])
     assert summary.resolution == 64 and folder_bytes(runs[0]) == folder_bytes(runs[1])
     records = records_by_id(runs[0])
-    cats = [real.train.ids[i] for i in data.nested_order(real.train.labels, runs[0].seed)[3]]  # the low-data order
+    cats = [real.train.ids[i] for i in data.nested_order(real.train.labels, runs[0].seed, 10)[3]]  # the low-data order
     assert sorted(cats) == ["cat/0006", "cat/0007"]
     assert [records[f"cat/sd_00000{k}"]["source_id"] for k in range(3)] == [cats[0], cats[1], cats[0]]
     assert {r["strength"] for r in records.values()} == {0.75} and {r["mode"] for r in records.values()} == {"img2img"}
@@ -152,8 +152,8 @@ def test_img2img_prompts_come_from_a_captions_file_when_given(tmp_path, monkeypa
     cfg = make_cfg(tmp_path / "run", **{"sd.mode": "img2img", "sd.steps": 2, "sd.strength": 0.5,
                                          "sd.captions": str(captions), "sd.images_per_class": 1})
     plans = sd_generate.plan_images(cfg, real.train)
-    order = data.nested_order(real.train.labels, cfg.seed)
-    cat, dog = (real.train.ids[order[data.CLASSES.index(name)][0]] for name in ("cat", "dog"))
+    order = data.nested_order(real.train.labels, cfg.seed, 10)
+    cat, dog = (real.train.ids[order[imagesets.CIFAR10_CLASSES.index(name)][0]] for name in ("cat", "dog"))
     assert [p.prompt for p in plans] == [f"caption of {cat}", f"caption of {dog}"]  # each class's first source image
     captions = captions.with_suffix(".json")
     captions.write_text(json.dumps({cat: "only one"}))
@@ -168,13 +168,23 @@ def test_img2img_prompts_come_from_a_captions_file_when_given(tmp_path, monkeypa
     ({"sd.guidance_range": [9, 2]}, "sd.guidance_range = \\[9, 2\\]: must be \\[low, high\\]"),
     ({"sd.templates": []}, "sd.templates is empty; give at least one prompt template"),
     ({"sd.templates": ["a photo"]}, "'a photo' must hold exactly one '\\{\\}'"),
-    ({"sd.classes": ["cat", "kat"]}, "class\\(es\\) \\['kat'\\]; allowed: airplane, automobile, bird"),
+    ({"sd.classes": ["cat", "cat"]}, "must list one or more distinct classes of the dataset"),
     ({"sd.resolution": 30}, "sd.resolution = 30: must be a multiple of 4"),
-    ({"sd.synonyms": {"car": ["sedan"]}}, "unknown: \\['car'\\]"),
+    ({"sd.synonyms": {"car": [" "]}}, "non-empty list of non-blank names; empty: \\['car'\\]"),
 ])
 def test_bad_parameters_are_refused_naming_the_value_and_what_is_allowed(tmp_path, override, message):
     with pytest.raises(config.ConfigError, match=message):
         make_cfg(tmp_path, **override)
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"sd.classes": ["cat", "kat"]}, "sd.classes lists kat, not classes of the run's dataset \\(airplane, automobile"),
+    ({"sd.synonyms": {"car": ["sedan"]}}, "sd.synonyms names car, not classes of the run's dataset"),
+])
+def test_classes_and_synonyms_must_be_classes_of_the_run_s_dataset(tmp_path, override, message):
+    cfg = make_cfg(tmp_path, **override)
+    with pytest.raises(config.ConfigError, match=message):
+        sd_generate.plan_images(cfg, data.real_data(cfg).train)
 
 
 def test_checks_that_need_the_model_fail_before_any_image_is_written(tmp_path, monkeypatch):
@@ -215,7 +225,7 @@ def test_generated_pixels_do_not_depend_on_cache_batch_size_or_shards(tmp_path, 
     sources (what a cold cache used to hand out) change 3 of the 10 images, and one pipeline call per batch
     of 3 (instead of one per image) changes 2."""
     by_mode = {"sd.mode": mode, "sd.resolution": 64} if mode == "img2img" else {"sd.mode": mode}
-    images = len(data.CLASSES)
+    images = len(imagesets.CIFAR10_CLASSES)
 
     def generate(name: str, cache: Path, batch_size: int, shards: int = 1) -> tuple[dict, dict]:
         cfg = make_cfg(tmp_path / name, **SAMPLE, **by_mode, **{"sd.classes": None, "sd.images_per_class": 1,

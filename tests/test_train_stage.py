@@ -11,8 +11,8 @@ import pytest
 import torch
 from study_files import TINY_TRAINING, write_batches, write_synthetic
 
-from synthgap_helpers import config, data, results
-from synthgap_helpers.data import CLASSES
+from synthgap_helpers import config, data, imagesets, results, sets
+from synthgap_helpers.imagesets import CIFAR10_CLASSES as CLASSES
 from synthgap_helpers.train import arms as train_arms
 from synthgap_helpers.train import stage as train_stage
 from synthgap_helpers.train.models import MODELS
@@ -81,7 +81,7 @@ def test_auto_trains_only_the_arms_whose_data_is_present(run_dir):
 def test_an_explicit_arm_without_its_folder_is_an_error_naming_arm_and_folder(run_dir):
     with pytest.raises(train_arms.ArmError, match=r"arm 'real\+gan'.*synthetic/gan"):
         train_stage.run(load(run_dir, **{"train.arms": ["real", "real+gan"]}))
-    cfg = load(run_dir, **{"train.arms": ["mine"], "train.folders": {"mine": {"paths": ["nowhere"]}}})
+    cfg = load(run_dir, **{"train.arms": ["mine"], "synthetic": {"mine": {"paths": [str(run_dir / "nowhere")]}}})
     with pytest.raises(train_arms.ArmError, match=r"arm 'mine'.*nowhere.*do not exist"):
         train_stage.run(cfg)
     assert not (run_dir / "models").exists()
@@ -94,15 +94,14 @@ def test_a_synthetic_set_lacking_a_class_is_an_error_before_any_training(run_dir
     assert not (run_dir / "models").exists()
 
 
-def test_folder_sets_train_alone_or_with_real(run_dir, tmp_path):
+def test_external_sets_train_alone_and_with_real_with_their_folders_joined(run_dir, tmp_path):
     write_synthetic(tmp_path / "extra_a", per_class=1)
     write_synthetic(tmp_path / "extra_b", per_class=1)
-    folders = {"mine": {"paths": [str(tmp_path / "extra_a"), "../extra_b"], "with_real": True}}
-    summary = train_stage.run(load(run_dir, **{"train.arms": "auto", "train.folders": folders,
-                                               "train.steps": 1}))
-    assert "real+mine" in [arm.name for arm in summary.arms] and "mine" not in summary.data_table().index
+    external = {"mine": {"paths": [str(tmp_path / "extra_a"), str(tmp_path / "extra_b")]}}
+    summary = train_stage.run(load(run_dir, **{"train.arms": "auto", "synthetic": external, "train.steps": 1}))
+    assert {"mine", "real+mine"} <= {arm.name for arm in summary.arms}
     assert summary.data_table().loc["real+mine", "synthetic images"] == 20
-    assert "real+mine" in summary.accuracy_table().index
+    assert {"mine", "real+mine"} <= set(summary.accuracy_table().index)
 
 
 def test_rerun_skips_finished_jobs_and_changed_params_retrain(run_dir, monkeypatch):
@@ -214,8 +213,8 @@ def test_generators_are_compared_also_at_equal_size_beside_their_native_sizes(tm
     assert [arm.name for arm in arms] == ["real", "di", "sd", "real+di", "real+sd", "sd@di-size"]
     equal = arms[-1]
     assert (equal.synthetic, equal.size_of, equal.real) == ("sd", "di", False)
-    images = train_arms.arm_synthetic(equal, cfg.seed, "error", {})
-    whole = data.load_image_folder(tmp_path / "run" / "synthetic" / "sd")
+    images = train_arms.arm_synthetic(equal, cfg.seed, sets.reading(cfg), {})
+    whole = imagesets.load_image_folder(tmp_path / "run" / "synthetic" / "sd")
     assert images.class_counts().tolist() == [1] * 10 and set(images.ids) <= set(whole.ids)
     summary = train_stage.run(cfg)
     comparison = summary.generator_comparison()

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from synthgap_helpers.data import ImageFolderWriter, load_image_folder
+from synthgap_helpers.imagesets import ImageFolderWriter, load_image_folder
 from synthgap_helpers.storage import Manifest
 from synthgap_helpers.workload import Shard, image_seed, merge_shards, parse_shard
 

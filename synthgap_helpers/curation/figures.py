@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from synthgap_helpers.data import CLASSES, ImageSet
+from synthgap_helpers.imagesets import ImageSet
 from synthgap_helpers.plots import mosaic
 
 
@@ -45,21 +45,22 @@ def correlation_heatmap(correlations: pd.DataFrame) -> Figure:
 
 def extremes(images: ImageSet, scores: pd.DataFrame, criteria: Sequence[str], per_side: int, source: str) -> Figure:
     """Per class (rows) and criterion (panels): the `per_side` top-scored images, then the `per_side` bottom-scored."""
-    figure, axes = plt.subplots(1, len(criteria), figsize=(1.3 * 2 * per_side * len(criteria), 7), layout="constrained")
+    figure, axes = plt.subplots(1, len(criteria), figsize=(1.3 * 2 * per_side * len(criteria), 0.7 * len(images.classes)), layout="constrained")
     blank = torch.full((1, 3, *images.images.shape[2:]), 255, dtype=torch.uint8)
     pool = torch.cat([images.images, blank])  # index -1 picks the blank tile
     labels = scores["label"].to_numpy()
+    classes = images.classes
     for ax, criterion in zip(np.atleast_1d(axes), criteria):
         picks = []
-        for class_index in range(len(CLASSES)):
+        for class_index in range(len(classes)):
             members = np.flatnonzero(labels == class_index)
             order = members[np.argsort(-scores[criterion].to_numpy()[members], kind="stable")]
             top, bottom = list(order[:per_side]), list(order[::-1][:per_side][::-1])
             picks += [*top, *[-1] * (per_side - len(top)), *[-1] * (per_side - len(bottom)), *bottom]
-        ax.imshow(mosaic(pool[torch.as_tensor(picks)], len(CLASSES), 2 * per_side), interpolation="nearest")
+        ax.imshow(mosaic(pool[torch.as_tensor(picks)], len(classes), 2 * per_side), interpolation="nearest")
         ax.set_title(f"{criterion.replace('_', ' ')}\ntop {per_side} | bottom {per_side}", fontsize="small")
         ax.set_xticks([])
-        ax.set_yticks(np.arange(len(CLASSES)) * (images.images.shape[2] + 1) + images.images.shape[2] / 2, CLASSES)
+        ax.set_yticks(np.arange(len(classes)) * (images.images.shape[2] + 1) + images.images.shape[2] / 2, classes)
     figure.suptitle(f"{source}: best and worst images of each class by each score")
     return figure
 

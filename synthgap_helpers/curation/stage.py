@@ -37,6 +37,7 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from synthgap_helpers import config, data, results
+from synthgap_helpers import sets as run_sets
 from synthgap_helpers.config import ConfigError
 from synthgap_helpers.curation import figures as curation_figures
 from synthgap_helpers.curation.scores import (
@@ -50,7 +51,7 @@ from synthgap_helpers.curation.selection import (
     random_per_class,
     top_per_class,
 )
-from synthgap_helpers.data import CLASSES, ImageSet
+from synthgap_helpers.imagesets import ImageSet
 from synthgap_helpers.errors import DataError
 from synthgap_helpers.gap.measures import classifier_features
 from synthgap_helpers.geometry.metrics import image_metrics
@@ -91,14 +92,15 @@ def reference_split(train: ImageSet, cfg: Any) -> tuple[ImageSet, ImageSet]:
     (run seed + 1; None: all the rest)."""
     params = cfg.curation
     try:
-        held = data.balanced_indices(train.labels, params.heldout_per_class, cfg.seed)
+        held = data.balanced_indices(train.labels, params.heldout_per_class, cfg.seed, classes=train.classes)
         reference = (np.setdiff1d(np.arange(len(train)), held) if params.reference_per_class is None else
-                     data.balanced_indices(train.labels, params.reference_per_class, cfg.seed + 1, exclude=held))
+                     data.balanced_indices(train.labels, params.reference_per_class, cfg.seed + 1, exclude=held,
+                                           classes=train.classes))
     except DataError as exc:
         raise ConfigError(f"curation.heldout_per_class={params.heldout_per_class} and curation.reference_per_class="
                           f"{params.reference_per_class} ask for more real training images than the run has ({exc}); "
                           f"lower them (their sum per class at most {int(train.class_counts().min())})") from None
-    if len(reference) < 2 * len(CLASSES):
+    if len(reference) < 2 * len(train.classes):
         raise ConfigError(f"curation: only {len(reference)} real training images are left for the reference; lower "
                           "curation.heldout_per_class or raise data.train_per_class")
     return train.subset(reference), train.subset(held)
@@ -156,7 +158,7 @@ def score_frame(measures: Measures, image_set: ImageSet, name: str, reference: M
     """One row of SCORE_COLUMNS per image of `image_set`, scored against the real reference's measures."""
     frame = pd.DataFrame({
         "set": name, "id": image_set.ids, "label": image_set.labels.numpy(),
-        "class": [CLASSES[i] for i in image_set.labels.tolist()],
+        "class": [image_set.classes[i] for i in image_set.labels.tolist()],
         "label_fidelity": label_fidelity(measures.logits, image_set.labels),
         "realism": realism(reference.features, measures.features, k=k),
         "geometry": typicality(reference.geometry, measures.geometry),
@@ -232,7 +234,7 @@ def score(cfg: Any) -> ScoresSummary:
         "to a trained seed")
     reference, heldout = reference_split(real.train, cfg)
     check_training_only({"reference": reference, HELDOUT: heldout}, real)
-    sets = {**train_arms.load_named_sets(cfg, cfg.curation.sources, "curation.sources"), HELDOUT: heldout}
+    sets = {**train_arms.load_named_sets(cfg, sources_of(cfg), "curation.sources"), HELDOUT: heldout}
     prints = {"reference": fingerprint(reference), **{name: fingerprint(s) for name, s in sets.items()}}
     key = scores_key(cfg, check.sha256, prints)
     folder = cfg.run_dir / "analysis" / "curation"
@@ -307,11 +309,18 @@ def selection_indices(scores: pd.DataFrame, selection: str, fraction: float, see
     return top_per_class(scores[selection].to_numpy(), labels, fraction)
 
 
+def sources_of(cfg: Any) -> list[str]:
+    """The synthetic sets curated: curation.sources, or with auto every set of the run (`sets.auto_names`)."""
+    if cfg.curation.sources != "auto":
+        return list(cfg.curation.sources)
+    return run_sets.auto_names(cfg, run_sets.synthetic_sets(cfg))
+
+
 def plan_jobs(cfg: Any, scores: ScoresSummary, real: data.RealData) -> list[_Job]:
     """Every (selection, source, arm, seed) at curation.fraction, then every scaling share (synthetic arm)."""
     params = cfg.curation
     prints = {"val": fingerprint(real.val), "test": fingerprint(real.test), "train": fingerprint(real.train)}
-    frames = {source: scores.of(source) for source in params.sources}
+    frames = {source: scores.of(source) for source in sources_of(cfg)}
     jobs = []
 
     def add(experiment: str, source: str, selection: str, arm: str, fraction: float, seed: int) -> None:
@@ -321,7 +330,7 @@ def plan_jobs(cfg: Any, scores: ScoresSummary, real: data.RealData) -> list[_Job
                                            "train": prints["train"] if arm == "real+synthetic" else None})
         jobs.append(_Job(experiment, source, selection, arm, fraction, seed, indices, trainer, key))
 
-    for source in params.sources:
+    for source in sources_of(cfg):
         for selection in SELECTIONS:
             for seed in seeds_of(cfg):
                 for arm in params.arms:

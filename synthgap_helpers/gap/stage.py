@@ -32,8 +32,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from synthgap_helpers import config, data, results
+from synthgap_helpers import sets as run_sets
 from synthgap_helpers.config import ConfigError
-from synthgap_helpers.data import ImageSet
+from synthgap_helpers.imagesets import ImageSet
 from synthgap_helpers.errors import DataError
 from synthgap_helpers.gap import figures as gap_figures
 from synthgap_helpers.gap.detection import detectability
@@ -180,10 +181,11 @@ def run(cfg: Any, shard: Shard = Shard()) -> GapSummary | None:
         "the domain-gap stage needs the classifier trained on real data",
         "run notebook 04 (the training stage: python -m synthgap_helpers train) first, or set gap.model_seed to a "
         "trained seed")
-    synthetic = data.synthetic_sets(cfg)
+    synthetic = run_sets.loaded_sets(cfg)
     if not synthetic:
-        raise DataError(f"no synthetic set in {cfg.run_dir / 'synthetic'}: run the generation stages "
-                        "(notebooks 02 and 03) before the domain-gap stage")
+        raise DataError(f"no synthetic set in {cfg.run_dir / 'synthetic'} and none named by the parameter synthetic: "
+                        "run the generation stages (notebooks 02 and 03) or name a set made elsewhere before the "
+                        "domain-gap stage")
     params = cfg.gap
     per_class = params.images_per_class
     sets = {REFERENCE: balanced_sample(real.test, per_class, cfg.seed, "real test"),

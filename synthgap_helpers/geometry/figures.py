@@ -10,7 +10,6 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from synthgap_helpers.data import CLASSES
 from synthgap_helpers.geometry.validation import load_york_urban
 from synthgap_helpers.geometry.vanishing import (
     VanishingPoints,
@@ -160,7 +159,8 @@ def cifar_example_figure(result: GeometryResult, class_name: str = "truck") -> F
     params = result.params
     panels = []
     for name, image_set in result.images.items():
-        matches = np.flatnonzero(image_set.labels.numpy() == CLASSES.index(class_name))
+        wanted = image_set.classes.index(class_name) if class_name in image_set.classes else -1
+        matches = np.flatnonzero(image_set.labels.numpy() == wanted)
         index = int(matches[0]) if len(matches) else 0
         image = image_set.images[index].numpy()
         upscale = params["upscale"]

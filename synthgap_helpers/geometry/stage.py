@@ -28,9 +28,10 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from synthgap_helpers import data
+from synthgap_helpers import data, datasets
+from synthgap_helpers import sets as run_sets
 from synthgap_helpers.config import ConfigError
-from synthgap_helpers.data import CLASSES, ImageSet
+from synthgap_helpers.imagesets import ImageSet
 from synthgap_helpers.geometry.metrics import (
     compare_datasets,
     dataset_means,
@@ -108,8 +109,8 @@ def york_urban_root(cfg: Any) -> Path:
     Raises DataError naming the URL, the cache folder and ``geometry.york_urban_root`` when none works.
     """
     if cfg.data.sample:
-        return data.sample_dir("york-urban")
-    cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else data.default_cache_dir()
+        return datasets.sample_dir("york-urban")
+    cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else datasets.default_cache_dir()
     return resolve_york_urban(cfg.geometry.york_urban_root, cache, cfg.data.download)
 
 
@@ -125,15 +126,15 @@ def york_urban_subset(root: Path, count: int | None) -> list[str]:
 
 
 def select_images(image_set: ImageSet, per_set: int | None, seed: int, name: str) -> ImageSet:
-    """``per_set`` images balanced over the classes (per_set / 10 each, fewer where a class has fewer), seeded
+    """``per_set`` images balanced over the classes (per_set / classes each, fewer where a class has fewer), seeded
     by the run's seed and the dataset name; the whole set when ``per_set`` is None. Kept in set order."""
     if per_set is None:
         return image_set
-    per_class = per_set // len(CLASSES)
+    per_class = per_set // len(image_set.classes)
     rng = np.random.default_rng([seed, stable_hash(f"geometry/{name}") % 2**32])
     labels = image_set.labels.numpy()
     chosen = []
-    for class_index in range(len(CLASSES)):
+    for class_index in range(len(image_set.classes)):
         pool = np.flatnonzero(labels == class_index)
         chosen.append(rng.choice(pool, size=min(per_class, len(pool)), replace=False))
     return image_set.subset(np.sort(np.concatenate(chosen)).astype(np.int64))
@@ -141,7 +142,7 @@ def select_images(image_set: ImageSet, per_set: int | None, seed: int, name: str
 
 def analysed_sets(cfg: Any) -> dict[str, ImageSet]:
     """The real test images and every synthetic set of the run, each cut to ``geometry.images_per_set``."""
-    sets = {REFERENCE: data.real_data(cfg).test, **data.synthetic_sets(cfg)}
+    sets = {REFERENCE: data.real_data(cfg).test, **run_sets.loaded_sets(cfg)}
     return {name: select_images(image_set, cfg.geometry.images_per_set, cfg.seed, name)
             for name, image_set in sets.items() if len(image_set)}
 
@@ -264,7 +265,7 @@ def measure_sets(cfg: Any, sets: dict[str, ImageSet], path: Path) -> tuple[pd.Da
                 metrics = image_metrics(image.numpy(), upscale=params.upscale, min_length=params.min_length,
                                         focal_length=params.focal_length,
                                         seed=image_seed(cfg.seed, f"geometry/{name}/{image_id}"))
-                rows.append({"dataset": name, "id": image_id, "label": label, "class": CLASSES[label],
+                rows.append({"dataset": name, "id": image_id, "label": label, "class": image_set.classes[label],
                              "image_sha": sha, "params_key": key, **metrics})
                 computed[name] += 1
                 if computed[name] % SAVE_EVERY == 0:

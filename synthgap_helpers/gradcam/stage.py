@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from synthgap_helpers import data
 from synthgap_helpers.config import ConfigError, resolve_device
-from synthgap_helpers.data import CLASSES, ImageSet
+from synthgap_helpers.imagesets import ImageSet
 from synthgap_helpers.gradcam.figures import (
     faithfulness_curves,
     metric_distributions,
@@ -180,7 +180,7 @@ class GradcamResult:
 
     def overlay_figure(self) -> Figure:
         """The sample's first image of each class (columns) with every arm's map over it (rows)."""
-        titles = [CLASSES[label] for label in self._overlay_labels()]
+        titles = [self.sample.classes[label] for label in self._overlay_labels()]
         return overlay_grid(self.overlay_images, self.overlay_maps, titles=titles)
 
     def distributions_figure(self) -> Figure:
@@ -193,7 +193,7 @@ class GradcamResult:
         return faithfulness_curves(by_arm, score=score)
 
     def _overlay_labels(self) -> list[int]:
-        return [int(label) for label in overlay_positions(self.sample.labels)[1]]
+        return [int(label) for label in overlay_positions(self.sample.labels, len(self.sample.classes))[1]]
 
     def __repr__(self) -> str:
         state = ", ".join(f"{arm}: {'computed' if done else 'reused'}" for arm, done in self.computed.items())
@@ -278,26 +278,27 @@ def fixed_sample(test: ImageSet, per_class: int, seed: int) -> ImageSet:
     if per_class > counts.min():
         worst = int(np.argmin(counts))
         raise ConfigError(f"gradcam.images_per_class = {per_class}, but the run's test set has only {counts.min()} "
-                          f"images of class {CLASSES[worst]!r}; choose at most {counts.min()}, or raise "
+                          f"images of class {test.classes[worst]!r}; choose at most {counts.min()}, or raise "
                           "data.test_per_class")
-    indices = data.balanced_indices(test.labels.numpy(), per_class, image_seed(seed, "gradcam/sample"))
+    indices = data.balanced_indices(test.labels.numpy(), per_class, image_seed(seed, "gradcam/sample"),
+                                    classes=test.classes)
     return test.subset(indices)
 
 
-def faithfulness_positions(labels: Tensor, total: int | None) -> np.ndarray:
-    """Positions in the sample of its balanced faithfulness part: the first ``total / 10`` images of each
+def faithfulness_positions(labels: Tensor, total: int | None, n_classes: int) -> np.ndarray:
+    """Positions in the sample of its balanced faithfulness part: the first ``total / n_classes`` images of each
     class in sample order (all images when ``total`` is None)."""
     labels = np.asarray(labels)
     if total is None:
         return np.arange(len(labels))
-    per_class = total // len(CLASSES)
-    return np.sort(np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in range(len(CLASSES))]))
+    per_class = max(1, total // n_classes)
+    return np.sort(np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in range(n_classes)]))
 
 
-def overlay_positions(labels: Tensor) -> tuple[np.ndarray, np.ndarray]:
+def overlay_positions(labels: Tensor, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """Positions and labels of the sample's first image of each class, in class order."""
     labels = np.asarray(labels)
-    positions = np.array([np.flatnonzero(labels == c)[0] for c in range(len(CLASSES)) if (labels == c).any()])
+    positions = np.array([np.flatnonzero(labels == c)[0] for c in range(n_classes) if (labels == c).any()])
     return positions, labels[positions]
 
 
@@ -443,8 +444,8 @@ def run(cfg: Any, shard: Shard = Shard()) -> GradcamResult:
     rows_path, curves_path = analysis / CSV_NAME, analysis / FAITHFULNESS_NAME
     on_disk_rows, on_disk_curves = _read_csv(rows_path, ROW_COLUMNS), _read_csv(curves_path, CURVE_COLUMNS)
     base_key = params_key(cfg, sample)
-    faithfulness = faithfulness_positions(sample.labels, params.faithfulness_images)
-    overlay_at, _ = overlay_positions(sample.labels)
+    faithfulness = faithfulness_positions(sample.labels, params.faithfulness_images, len(sample.classes))
+    overlay_at, _ = overlay_positions(sample.labels, len(sample.classes))
     points = params.deletion_steps + 1
     new_rows: dict[str, pd.DataFrame] = {}
     new_curves: dict[str, pd.DataFrame] = {}
@@ -474,7 +475,7 @@ def run(cfg: Any, shard: Shard = Shard()) -> GradcamResult:
                                        faithfulness=faithfulness, batch_size=params.batch_size, progress=inner_progress)
             identity = pd.DataFrame({"arm": checkpoint.arm, "model_seed": checkpoint.seed, "id": sample.ids,
                                      "label": sample.labels.numpy(),
-                                     "class": [CLASSES[i] for i in sample.labels.tolist()], "key": key})
+                                     "class": [sample.classes[i] for i in sample.labels.tolist()], "key": key})
             new_rows[checkpoint.arm] = pd.concat([identity, rows], axis=1)[ROW_COLUMNS]
             new_curves[checkpoint.arm] = curves.assign(arm=checkpoint.arm, key=key)[CURVE_COLUMNS]
             computed[checkpoint.arm] = True

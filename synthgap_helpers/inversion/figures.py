@@ -86,13 +86,14 @@ def real_vs_inverted(real: Any, inverted: Any) -> Figure:
 
 def inverted_sets(cfg: Any) -> dict[str, Any]:
     """The real images that were inverted, and the synthetic set sampled from them, for `plots.sample_grid`."""
-    from synthgap_helpers import data
+    from synthgap_helpers.imagesets import has_manifest
+    from synthgap_helpers.sets import reading
 
     train, groups = stage.run_groups(cfg)
     finished = [g for g in groups if embeddings.embeddings_path(cfg.run_dir, g).is_file()]
     positions = [p for g in finished for p in g.positions]
     sets = {"real (inverted)": train.subset(positions)}
     folder = cfg.run_dir / "synthetic" / "di"
-    if data.has_manifest(folder):
-        sets["di (sampled)"] = data.load_image_folder(folder, cfg.data.on_bad_image)
+    if has_manifest(folder):
+        sets["di (sampled)"] = reading(cfg).folder(folder)
     return sets

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from synthgap_helpers import config, data
+from synthgap_helpers import config, data, imagesets
 from synthgap_helpers.config import ConfigError
 from synthgap_helpers.inversion.embeddings import (
     CLASS_PROMPT,
@@ -102,9 +102,12 @@ class TrainSummary:
 def run_groups(cfg: Any) -> tuple[Any, list[Group]]:
     """The run's real train subset and its groups, as `embeddings.*` fixes them, filled in the low-data study's
     nested order (`data.nested_order` of the run seed): each k-subset's images are inverted first, in whole groups."""
+    if SOURCE not in cfg.generators:
+        raise ConfigError(f"this run's generators ({cfg.generators}) leave Diffusion Inversion out, so it inverts "
+                          "and samples nothing; add di to generators (e.g. --set 'generators=[sd,di]') to run it")
     train = data.real_data(cfg).train
     params = cfg.inversion
-    priority = np.concatenate(data.nested_order(train.labels, cfg.seed))
+    priority = np.concatenate(data.nested_order(train.labels, cfg.seed, len(train.classes)))
     groups = plan_groups(train.ids, train.labels, params.group_size, params.num_groups, priority)
     if params.batch_size > params.group_size:
         raise ConfigError(f"inversion.batch_size = {params.batch_size} is larger than inversion.group_size = "
@@ -316,7 +319,7 @@ class SampleSummary:
     def __str__(self) -> str:
         return (f"inversion sampling: {self.written} image(s) written, {self.skipped} already there, of "
                 f"{self.planned} on this shard, in {self.folder} ({self.seconds:.1f} s, "
-                f"{self.images_per_second:.2f} img/s){data.repairs_text(self.repaired, self.notes)}")
+                f"{self.images_per_second:.2f} img/s){imagesets.repairs_text(self.repaired, self.notes)}")
 
 
 def _load_groups(cfg: Any, groups: list[Group], width: int, pipe: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -361,7 +364,7 @@ def _sample(cfg: Any, shard: Shard, pipe: Any | None, progress: bool) -> SampleS
     train, groups, owned, pipe, width = _shard_setup(cfg, shard, pipe)
     loaded = _load_groups(cfg, owned, width, pipe)
     folder = cfg.run_dir / "synthetic" / SOURCE
-    writer = data.ImageFolderWriter(folder, shard.manifest_name)
+    writer = imagesets.ImageFolderWriter(folder, shard.manifest_name, train.classes)
     check = writer.check()
     done = check.done
     sampler = sampling_pipeline(pipe, params.scheduler)
@@ -421,7 +424,7 @@ def reconstructions(cfg: Any, per_class: int = 1, pipe: Any | None = None) -> tu
 
 
 def _reconstructions(cfg: Any, per_class: int, pipe: Any | None) -> tuple[Any, Any]:
-    from synthgap_helpers.data import ImageSet, LoadReport
+    from synthgap_helpers.imagesets import ImageSet, LoadReport
 
     params = cfg.inversion
     train, groups = run_groups(cfg)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,9 +35,9 @@ import torch
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from synthgap_helpers import config, data, results
+from synthgap_helpers import config, data, imagesets, results, sets
 from synthgap_helpers.config import ConfigError
-from synthgap_helpers.data import CLASSES, ImageSet
+from synthgap_helpers.imagesets import ImageSet
 from synthgap_helpers.lowdata import containment
 from synthgap_helpers.lowdata import figures as lowdata_figures
 from synthgap_helpers.results import summarize_seeds
@@ -62,7 +63,7 @@ FINAL_WEIGHTS = 2 ** 62
 """eval_every for every low-data model: the one evaluation is the last step's, so the final weights are kept."""
 
 
-def nested_subset(labels: torch.Tensor | np.ndarray, k: int, seed: int) -> np.ndarray:
+def nested_subset(labels: torch.Tensor | np.ndarray, k: int, seed: int, classes: Sequence[str]) -> np.ndarray:
     """Sorted indices of the first `k` images of every class in `data.nested_order(labels, seed)`.
 
     The subsets of one seed are nested (k=10 lies inside k=50) and every k holds exactly k images of each class;
@@ -70,10 +71,10 @@ def nested_subset(labels: torch.Tensor | np.ndarray, k: int, seed: int) -> np.nd
     """
     labels = np.asarray(labels)
     chosen = []
-    for class_index, order in enumerate(data.nested_order(labels, seed)):
+    for class_name, order in zip(classes, data.nested_order(labels, seed, len(classes))):
         if len(order) < k:
             raise ConfigError(f"lowdata.k_per_class holds k={k}, but the run's real training set has only {len(order)} "
-                              f"images of class {CLASSES[class_index]!r}; use k <= {len(order)} or raise "
+                              f"images of class {class_name!r}; use k <= {len(order)} or raise "
                               "data.train_per_class")
         chosen.append(order[:k])
     return np.sort(np.concatenate(chosen))
@@ -275,18 +276,21 @@ class _Setup:
     prints: dict[str, str | None]
     synthetic: dict[tuple[int, str], ImageSet | None]
     skipped: dict[str, str]
+    sources: list[str]  # the synthetic sets the sweep uses (`sources_of`)
 
 
 def _setup(cfg: Any, prefix: str) -> _Setup:
     """Check every k and source before any training, and write each arm's files (`containment`): the k-subset's
     real ids and the manifest of the synthetic images an arm ``<prefix><source>`` at k trains on."""
     real = data.real_data(cfg)
-    subsets = {k: real.train.subset(nested_subset(real.train.labels, k, cfg.seed)) for k in cfg.lowdata.k_per_class}
-    sets = _synthetic(cfg)
-    synthetic, skipped = {}, {}
+    subsets = {k: real.train.subset(nested_subset(real.train.labels, k, cfg.seed, real.train.classes))
+               for k in cfg.lowdata.k_per_class}
+    sources, left_out = sources_of(cfg)
+    loaded = _synthetic(cfg, sources)
+    synthetic, skipped = {}, {f"{prefix}{name}": reason for name, reason in left_out.items()}
     for k, subset in subsets.items():
         containment.write_real_ids(cfg.run_dir, k, cfg.seed, subset.ids)
-        for name, (images, records) in sets.items():
+        for name, (images, records) in loaded.items():
             allowed = containment.contained(records, subset.ids, k, name)
             containment.write_manifest(cfg.run_dir, k, name, records, [] if allowed.skipped else allowed.ids)
             if allowed.skipped is not None:
@@ -295,25 +299,39 @@ def _setup(cfg: Any, prefix: str) -> _Setup:
             else:
                 position = {image_id: i for i, image_id in enumerate(images.ids)}
                 synthetic[(k, name)] = images.subset([position[image_id] for image_id in allowed.ids])
-    return _Setup(real, subsets, {"val": fingerprint(real.val), "test": fingerprint(real.test)}, synthetic, skipped)
+    return _Setup(real, subsets, {"val": fingerprint(real.val), "test": fingerprint(real.test)}, synthetic, skipped,
+                  sources)
 
 
-def _synthetic(cfg: Any) -> dict[str, tuple[ImageSet, list[dict[str, Any]]]]:
-    """Each set of lowdata.sources, loaded and checked (every class present), with its manifest records."""
-    sets = train_arms.synthetic_folders(cfg)
-    missing = [name for name in cfg.lowdata.sources if name not in sets]
+def sources_of(cfg: Any) -> tuple[list[str], dict[str, str]]:
+    """The synthetic sets the low-data sweep uses (lowdata.sources, or with auto every set of the run), and those it
+    leaves out with the reason: a set that does not say which real image each of its images came from
+    (`sets.provenance_problem`) could draw on real images outside a k-subset, so it is never mixed in."""
+    found = sets.synthetic_sets(cfg)
+    names = sets.auto_names(cfg, found) if cfg.lowdata.sources == "auto" else list(cfg.lowdata.sources)
+    missing = [name for name in names if name not in found]
     if missing:
         raise ConfigError(f"lowdata.sources={cfg.lowdata.sources}: no synthetic set {missing} in this run (sets: "
-                          f"{', '.join(sets) or 'none'}); generate it first or leave it out of lowdata.sources")
+                          f"{', '.join(found) or 'none'}); generate it first or leave it out of lowdata.sources")
+    left_out = {}
+    for name in names:
+        problem = sets.provenance_problem(found[name])
+        if problem is None and len(found[name].folders) != 1:
+            problem = "its images lie in several folders, and containment reads one manifest"
+        if problem is not None:
+            left_out[name] = f"left out of the low-data sweep: {problem}"
+    return [name for name in names if name not in left_out], left_out
+
+
+def _synthetic(cfg: Any, sources: list[str]) -> dict[str, tuple[ImageSet, list[dict[str, Any]]]]:
+    """Each of `sources`, loaded and checked (every class present), with its manifest records."""
+    found = sets.synthetic_sets(cfg)
+    reader = sets.reading(cfg)
     loaded = {}
-    for name in cfg.lowdata.sources:
-        folders = sets[name]
-        if len(folders) != 1 or not data.has_manifest(folders[0]):
-            raise ConfigError(f"lowdata.sources holds {name!r}, a folder set without a manifest ({', '.join(map(str, folders))}): "
-                              "the low-data study needs each image's manifest record to know which real images it was "
-                              "made from; leave it out of lowdata.sources")
-        images = train_arms.load_synthetic(Arm(f"real+{name}", True, name, folders), cfg.data.on_bad_image)
-        loaded[name] = (images, data.listed_records(folders[0]))
+    for name in sources:
+        folders = found[name].folders
+        images = train_arms.load_synthetic(Arm(f"real+{name}", True, name, folders), reader)
+        loaded[name] = (images, imagesets.listed_records(folders[0]))
     return loaded
 
 
@@ -340,20 +358,20 @@ def sweep(cfg: Any, shard: Shard = Shard()) -> CurveSummary:
     With several shards each trains the rows it owns into ``results/lowdata.shard-i-of-n.csv``; a later
     single-shard call (the notebook) reuses them all and writes ``results/lowdata.csv``."""
     setup = _setup(cfg, "real+")
-    arms = ["real"] + [f"real+{name}" for name in cfg.lowdata.sources]
+    arms = ["real"] + [f"real+{name}" for name in setup.sources]
     jobs = []
     for k, subset in setup.subsets.items():
         for seed in seeds_of(cfg):
             jobs.append(_scratch_job(cfg, k, seed, subset, setup.prints))
             jobs += [_scratch_job(cfg, k, seed, subset, setup.prints, f"real+{name}", name, setup.synthetic[(k, name)])
-                     for name in cfg.lowdata.sources if setup.synthetic[(k, name)] is not None]
+                     for name in setup.sources if setup.synthetic[(k, name)] is not None]
     path = cfg.run_dir / "results" / "lowdata.csv"
     rows, trained, reused, pending = _run_jobs(jobs, path, setup.real, config.resolve_device(cfg.device),
                                                "low-data models", shard,
                                                also_finished=_row_files(cfg.run_dir / "results" / "finetune.csv"))
     summary = CurveSummary("Low-data regime: k real images per class, ± synthetic made from them", rows, path, arms,
                            trained, reused, pending, setup.skipped,
-                           _planned(arms, list(cfg.lowdata.sources), list(cfg.lowdata.k_per_class)))
+                           _planned(arms, setup.sources, list(cfg.lowdata.k_per_class)))
     _record(cfg, "lowdata", summary)
     return summary
 
@@ -365,12 +383,12 @@ def finetune(cfg: Any, shard: Shard = Shard()) -> CurveSummary:
     setup = _setup(cfg, "finetune_")
     params = finetune_params(cfg)
     trainable = tuple(cfg.lowdata.finetune_layers)
-    arms = ["scratch"] + [f"finetune_{name}" for name in cfg.lowdata.sources]
+    arms = ["scratch"] + [f"finetune_{name}" for name in setup.sources]
     jobs = []
     for k, subset in setup.subsets.items():
         for seed in seeds_of(cfg):
             jobs.append(_scratch_job(cfg, k, seed, subset, setup.prints, arm="scratch"))
-            for name in cfg.lowdata.sources:
+            for name in setup.sources:
                 pretrain = setup.synthetic[(k, name)]
                 if pretrain is None:
                     continue
@@ -384,7 +402,7 @@ def finetune(cfg: Any, shard: Shard = Shard()) -> CurveSummary:
     rows, trained, reused, pending = _run_jobs(jobs, path, setup.real, config.resolve_device(cfg.device), "fine-tuning",
                                                shard, also_finished=_row_files(cfg.run_dir / "results" / "lowdata.csv"))
     summary = CurveSummary(f"Fine-tuning {' + '.join(trainable)} vs from scratch", rows, path, arms, trained, reused,
-                           pending, setup.skipped, _planned(arms, list(cfg.lowdata.sources), list(cfg.lowdata.k_per_class)))
+                           pending, setup.skipped, _planned(arms, setup.sources, list(cfg.lowdata.k_per_class)))
     _record(cfg, "finetune", summary, {"trainable": list(trainable)})
     return summary
 
@@ -400,4 +418,4 @@ def _record(cfg: Any, section: str, summary: CurveSummary, extra: dict[str, Any]
 
 
 __all__ = ["FINAL_WEIGHTS", "PLANNED_SOURCE", "CurveSummary", "finetune", "finetune_params", "job_key", "nested_subset",
-           "scratch_params", "seeds_of", "sweep"]
+           "scratch_params", "seeds_of", "sources_of", "sweep"]

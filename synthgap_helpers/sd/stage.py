@@ -25,14 +25,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from synthgap_helpers import config, data
+from synthgap_helpers import config, data, imagesets
 from synthgap_helpers.config import CLASS_SYNONYMS, ConfigError, check_templates
+from synthgap_helpers.imagesets import DEFAULT_IMAGE_SIZE
 from synthgap_helpers.sd import pipelines as diffusion
 from synthgap_helpers.sd.prompts import class_prompt, draw_guidance, read_captions
+from synthgap_helpers.sets import reading
 from synthgap_helpers.workload import Shard, image_seed, merge_shards
 
 SOURCE = "sd"
-OUTPUT_SIZE = data.IMAGE_SIZE
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ class GenerationSummary:
     def __str__(self) -> str:
         return (f"sd {self.mode} ({self.model}), shard {self.shard}: {self.written} written, {self.skipped} "
                 f"already done of {self.planned}, {self.seconds:.1f} s ({self.images_per_second:.2f} images/s) "
-                f"-> {self.folder}{data.repairs_text(self.repaired, self.notes)}")
+                f"-> {self.folder}{imagesets.repairs_text(self.repaired, self.notes)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,20 +107,29 @@ def image_ids(classes: Sequence[str], per_class: int) -> list[str]:
     return [f"{name}/sd_{k:06d}" for name in classes for k in range(per_class)]
 
 
-def plan_images(cfg: Any, real_train: data.ImageSet | None = None) -> list[ImagePlan]:
+def plan_images(cfg: Any, real_train: imagesets.ImageSet | None = None) -> list[ImagePlan]:
     """The plan of every image of the run (all shards), from the config (and the real train set for img2img)."""
     params = cfg.sd
-    classes = list(params.classes or data.CLASSES)
+    dataset = data.dataset_info(cfg).classes
+    classes = list(params.classes or dataset)
+    unknown = [name for name in classes if name not in dataset]
+    if unknown:
+        raise ConfigError(f"sd.classes lists {', '.join(unknown)}, not classes of the run's dataset "
+                          f"({', '.join(dataset)}); list some of those, or set sd.classes=null for all")
     templates = check_templates(params.templates)
     synonyms = params.synonyms if params.synonyms is not None else CLASS_SYNONYMS
+    strangers = [name for name in synonyms if name not in dataset]
+    if strangers and synonyms != {k: list(v) for k, v in CLASS_SYNONYMS.items()}:
+        raise ConfigError(f"sd.synonyms names {', '.join(strangers)}, not classes of the run's dataset "
+                          f"({', '.join(dataset)}); key the synonyms by those class names")
     captions = read_captions(params.captions) if params.captions else None
     pools: dict[str, list[int]] = {}
     if params.mode == "img2img":
         if real_train is None:
             raise ValueError("img2img planning needs the run's real training images")
-        order = data.nested_order(real_train.labels, cfg.seed)  # the low-data study's k-subsets come first
+        order = data.nested_order(real_train.labels, cfg.seed, len(dataset))  # the low-data k-subsets come first
         for name in classes:
-            pool = order[data.CLASSES.index(name)].tolist()
+            pool = order[dataset.index(name)].tolist()
             if not pool:
                 raise ValueError(f"img2img: the run's real training set has no image of class {name!r}")
             pools[name] = pool
@@ -163,7 +173,7 @@ def record(plan: ImagePlan, cfg: Any, resolution: int) -> dict[str, Any]:
 # Tensor steps
 
 
-def to_cifar(images: torch.Tensor, size: int = OUTPUT_SIZE) -> torch.Tensor:
+def to_cifar(images: torch.Tensor, size: int = DEFAULT_IMAGE_SIZE) -> torch.Tensor:
     """float N x 3 x H x W in [0, 1] -> uint8 N x 3 x size x size (antialiased bicubic resize, rounded)."""
     pixels = images.float()
     if pixels.shape[-1] != size or pixels.shape[-2] != size:
@@ -212,7 +222,7 @@ def _pipeline_call(pipe: Any, plans: Sequence[ImagePlan], cfg: Any, resolution: 
         kwargs.update(height=resolution, width=resolution)
     with torch.inference_mode():
         images = pipe(**kwargs).images
-    return to_cifar(images)
+    return to_cifar(images, cfg.data.image_size)
 
 
 @contextlib.contextmanager
@@ -244,8 +254,12 @@ def check_resolution(pipe: Any, resolution: int) -> None:
 
 
 def check_steps(cfg: Any) -> None:
-    """img2img runs int(steps x strength) denoising steps: at least one."""
+    """The run generates SD images (`generators`), and img2img runs int(steps x strength) denoising steps: at
+    least one."""
     params = cfg.sd
+    if SOURCE not in cfg.generators:
+        raise ConfigError(f"this run's generators ({cfg.generators}) leave Stable Diffusion out, so it makes no SD "
+                          "images; add sd to generators (e.g. --set 'generators=[sd,di]') to generate them")
     if params.mode == "img2img" and int(params.steps * params.strength) < 1:
         raise ConfigError(f"sd.steps = {params.steps} with sd.strength = {params.strength} gives no denoising step "
                          "(img2img runs int(steps x strength)); raise sd.steps or sd.strength")
@@ -279,7 +293,7 @@ def run(cfg: Any, shard: Shard = Shard()) -> GenerationSummary:
     check_resolution(pipe, resolution)
 
     folder = output_folder(cfg)
-    writer = data.ImageFolderWriter(folder, shard.manifest_name)
+    writer = imagesets.ImageFolderWriter(folder, shard.manifest_name, data.dataset_info(cfg).classes)
     mine = shard.select(plans)
     check = writer.check()
     todo = [plan for plan in mine if plan.id not in check.done]
@@ -316,9 +330,9 @@ def prompt_table(cfg: Any, per_class: int = 3) -> Any:
     """The prompts used: per class, the number of images, distinct prompts, and the first few prompts."""
     import pandas as pd
 
-    records = data.listed_records(output_folder(cfg))
+    records = imagesets.listed_records(output_folder(cfg))
     rows = {}
-    for name in cfg.sd.classes or data.CLASSES:
+    for name in cfg.sd.classes or data.dataset_info(cfg).classes:
         mine = [r for r in records if r["class"] == name]
         mine.sort(key=lambda r: r["id"])
         rows[name] = {"images": len(mine), "distinct prompts": len({r["prompt"] for r in mine}),
@@ -327,6 +341,6 @@ def prompt_table(cfg: Any, per_class: int = 3) -> Any:
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
-def load_set(cfg: Any) -> dict[str, data.ImageSet]:
+def load_set(cfg: Any) -> dict[str, imagesets.ImageSet]:
     """The generated set (and the real train set beside it) for `plots.sample_grid`."""
-    return {"real/train": data.real_data(cfg).train, "sd": data.load_image_folder(output_folder(cfg))}
+    return {"real/train": data.real_data(cfg).train, "sd": reading(cfg).folder(output_folder(cfg))}

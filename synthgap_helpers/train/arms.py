@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from synthgap_helpers import data
+from synthgap_helpers import data, imagesets, sets
 from synthgap_helpers.config import ConfigError
-from synthgap_helpers.data import CLASSES, ImageSet
 from synthgap_helpers.errors import UserError
+from synthgap_helpers.imagesets import IMAGE_SUFFIXES, ImageSet
+from synthgap_helpers.sets import Reading
 from synthgap_helpers.train.trainer import (
     RETRAIN_HINT,
     TrainParams,
@@ -82,50 +82,36 @@ class ArmData:
 
 
 def synthetic_folders(cfg: Any) -> dict[str, tuple[Path, ...]]:
-    """Every synthetic set a run can train on, by name: ``synthetic/<source>`` with a manifest, then the
-    folder sets of ``train.folders`` (relative paths are resolved against the run directory)."""
-    sets: dict[str, tuple[Path, ...]] = {}
-    root = cfg.run_dir / "synthetic"
-    if root.is_dir():
-        for folder in sorted(root.iterdir()):
-            if folder.is_dir() and data.has_manifest(folder):
-                sets[folder.name] = (folder,)
-    for name, folder_arm in cfg.train.folders.items():
-        if name in sets:
-            raise ArmError(f"train.folders.{name}: the name {name!r} is already the synthetic source "
-                           f"{sets[name][0]}; choose another name for the folder set")
-        sets[name] = tuple(cfg.run_dir / Path(p).expanduser() for p in folder_arm.paths)
-    return sets
+    """Every synthetic set a run can train on, by name, with its folders (`sets.synthetic_sets`)."""
+    return {name: found.folders for name, found in sets.synthetic_sets(cfg).items()}
 
 
 def _present(folders: tuple[Path, ...]) -> bool:
     """Whether every folder exists and at least one holds an image file."""
     return all(f.is_dir() for f in folders) and any(
-        file.suffix.lower() in data.IMAGE_SUFFIXES for f in folders for file in f.glob("*/*"))
+        file.suffix.lower() in IMAGE_SUFFIXES for f in folders for file in f.glob("*/*"))
 
 
 def plan_arms(cfg: Any) -> tuple[list[Arm], dict[str, str]]:
     """The arms to train (original-study order first) and, for ``auto``, the arms left out with the reason."""
-    sets = synthetic_folders(cfg)
+    folders_of = synthetic_folders(cfg)
     skipped: dict[str, str] = {}
     if cfg.train.arms == "auto":
         names = ["real"]
-        for name, folders in sets.items():
-            folder_arm = cfg.train.folders.get(name)
-            wanted = [f"real+{name}"] if folder_arm is not None and folder_arm.with_real else \
-                [name] if folder_arm is not None else [name, f"real+{name}"]
+        for name, folders in folders_of.items():
+            wanted = [name, f"real+{name}"]
             if _present(folders):
                 names += wanted
             else:
                 skipped.update({arm: f"no images in {', '.join(map(str, folders))}" for arm in wanted})
-        names += equal_size_arms(sets, names)
+        names += equal_size_arms(folders_of, names)
         for arm in ORIGINAL_ORDER:
-            if arm not in names and arm not in skipped:
-                source = arm.removeprefix("real+")
+            source = arm.removeprefix("real+")
+            if arm not in names and arm not in skipped and source in cfg.generators:
                 skipped[arm] = f"no synthetic set {cfg.run_dir / 'synthetic' / source}"
     else:
         names = list(cfg.train.arms)
-    arms = [make_arm(cfg, name, sets) for name in names]
+    arms = [make_arm(cfg, name, folders_of) for name in names]
     order = {name: i for i, name in enumerate(ORIGINAL_ORDER)}
     arms.sort(key=lambda arm: order.get(arm.name, len(order)))
     return arms, skipped
@@ -133,25 +119,25 @@ def plan_arms(cfg: Any) -> tuple[list[Arm], dict[str, str]]:
 
 def _image_count(folders: tuple[Path, ...]) -> int:
     """Image files in the class sub-folders of `folders`."""
-    return sum(1 for f in folders for file in f.glob("*/*") if file.suffix.lower() in data.IMAGE_SUFFIXES)
+    return sum(1 for f in folders for file in f.glob("*/*") if file.suffix.lower() in imagesets.IMAGE_SUFFIXES)
 
 
-def equal_size_arms(sets: dict[str, tuple[Path, ...]], names: list[str]) -> list[str]:
-    """The generator comparison at equal size: when the planned synthetic-only arms of the sources ``sd`` and ``di``
-    hold different numbers of images, the larger one again, subsampled per class to the smaller's size."""
-    if not {"sd", "di"} <= set(names):
+def equal_size_arms(folders_of: dict[str, tuple[Path, ...]], names: list[str]) -> list[str]:
+    """The comparison of synthetic sets at equal size: when the planned synthetic-only arms hold different numbers
+    of images, each larger set again, subsampled per class to the smallest set's size (with only sd and di: the
+    larger of the two at the smaller's size)."""
+    counts = {name: _image_count(folders) for name, folders in folders_of.items() if name in names}
+    if len(counts) < 2 or len(set(counts.values())) == 1:
         return []
-    counts = {name: _image_count(sets[name]) for name in ("sd", "di")}
-    if counts["sd"] == counts["di"]:
-        return []
-    larger, smaller = sorted(counts, key=counts.get, reverse=True)
-    return [f"{larger}{EQUAL_SIZE_MARK}{smaller}-size"]
+    smallest = min(counts, key=lambda name: (counts[name], name))
+    return [f"{name}{EQUAL_SIZE_MARK}{smallest}-size" for name in sorted(counts, key=lambda n: (-counts[n], n))
+            if counts[name] > counts[smallest]]
 
 
-def make_arm(cfg: Any, name: str, sets: dict[str, tuple[Path, ...]] | None = None) -> Arm:
+def make_arm(cfg: Any, name: str, folders_of: dict[str, tuple[Path, ...]] | None = None) -> Arm:
     """The arm of this name (``real``, ``<set>``, ``real+<set>``, either with ``@<other>-size``) over the run's
     synthetic sets (`synthetic_folders`); ArmError when a set it names is not one of them."""
-    sets = synthetic_folders(cfg) if sets is None else sets
+    folders_of = synthetic_folders(cfg) if folders_of is None else folders_of
     base, _, size = name.partition(EQUAL_SIZE_MARK)
     set_name = None if base == "real" else base.removeprefix("real+")
     size_of = size.removesuffix("-size") if size else None
@@ -159,75 +145,61 @@ def make_arm(cfg: Any, name: str, sets: dict[str, tuple[Path, ...]] | None = Non
         raise ArmError(f"arm {name!r}: an equal-size arm is <set>@<other>-size or real+<set>@<other>-size, "
                        "e.g. di@sd-size")
     for wanted in (set_name, size_of):
-        if wanted is not None and wanted not in sets:
-            known = ", ".join(sets) or "none"
+        if wanted is not None and wanted not in folders_of:
+            known = ", ".join(folders_of) or "none"
             raise ArmError(f"arm {name!r}: no synthetic set {wanted!r}: {cfg.run_dir / 'synthetic' / wanted} has no "
-                           f"manifest and train.folders names no such set (sets of this run: {known}); run the "
-                           f"generation stage first, add it to train.folders, or leave the arm out of train.arms")
+                           f"manifest and the parameter synthetic names no such set (sets of this run: {known}); run the "
+                           f"generation stage first, add it to synthetic, or leave the arm out of train.arms")
     return Arm(name, real=base == "real" or base.startswith("real+"), synthetic=set_name,
-               folders=sets.get(set_name, ()) if set_name else (), size_of=size_of,
-               size_folders=sets.get(size_of, ()) if size_of else ())
+               folders=folders_of.get(set_name, ()) if set_name else (), size_of=size_of,
+               size_folders=folders_of.get(size_of, ()) if size_of else ())
 
 
 def equal_size_subset(larger: ImageSet, smaller: ImageSet, seed: int, arm: str) -> ImageSet:
     """`larger` subsampled without replacement (seeded), per class, to as many images as `smaller` holds of it."""
     wanted, available = smaller.class_counts(), larger.class_counts()
-    short = {CLASSES[c]: (int(available[c]), int(wanted[c])) for c in range(len(CLASSES)) if available[c] < wanted[c]}
+    classes = larger.classes
+    short = {classes[c]: (int(available[c]), int(wanted[c])) for c in range(len(classes)) if available[c] < wanted[c]}
     if short:
         raise ArmError(f"arm {arm!r}: its set holds fewer images than the set it is matched to in class(es) "
                        f"{short} (held, wanted); leave the arm out of train.arms")
     rng = np.random.default_rng(seed)
     labels = larger.labels.numpy()
-    chosen = [rng.choice(np.flatnonzero(labels == c), size=int(wanted[c]), replace=False) for c in range(len(CLASSES))]
+    chosen = [rng.choice(np.flatnonzero(labels == c), size=int(wanted[c]), replace=False) for c in range(len(classes))]
     return larger.subset(np.sort(np.concatenate(chosen)))
 
 
-def arm_synthetic(arm: Arm, seed: int, on_bad_image: str, cache: dict[str, ImageSet]) -> ImageSet:
+def arm_synthetic(arm: Arm, seed: int, reader: Reading, cache: dict[str, ImageSet]) -> ImageSet:
     """The synthetic images an arm trains on (its set, or the equal-size subsample), loaded once per `cache`."""
     if arm.synthetic_key not in cache:
         if arm.size_of is None:
-            cache[arm.synthetic_key] = load_synthetic(arm, on_bad_image)
+            cache[arm.synthetic_key] = load_synthetic(arm, reader)
         else:
-            whole = arm_synthetic(Arm(arm.synthetic, False, arm.synthetic, arm.folders), seed, on_bad_image, cache)
-            other = arm_synthetic(Arm(arm.size_of, False, arm.size_of, arm.size_folders), seed, on_bad_image, cache)
+            whole = arm_synthetic(Arm(arm.synthetic, False, arm.synthetic, arm.folders), seed, reader, cache)
+            other = arm_synthetic(Arm(arm.size_of, False, arm.size_of, arm.size_folders), seed, reader, cache)
             cache[arm.synthetic_key] = equal_size_subset(whole, other, seed, arm.name)
     return cache[arm.synthetic_key]
 
 
-def load_synthetic(arm: Arm, on_bad_image: str = "error") -> ImageSet:
-    """The synthetic images of an arm (its folders joined), checked to be non-empty and to cover every class."""
-    missing = [f for f in arm.folders if not f.is_dir()]
-    if missing:
-        raise ArmError(f"arm {arm.name!r}: folder(s) {', '.join(map(str, missing))} do not exist; generate the "
-                       f"set first, fix train.folders.{arm.synthetic}.paths, or leave the arm out of train.arms")
-    parts = [data.load_image_folder(folder, on_bad_image) for folder in arm.folders]
-    folders = ", ".join(map(str, arm.folders))
-    total = sum(len(p) for p in parts)
-    if total == 0:
-        raise ArmError(f"arm {arm.name!r}: folder(s) {folders} hold no images (class sub-folders "
-                       f"{'/'.join(CLASSES[:2])}/... with .png or .jpg files are expected)")
-    labels = torch.cat([p.labels for p in parts])
-    counts = np.bincount(labels.numpy(), minlength=len(CLASSES))
-    lacking = [CLASSES[i] for i in np.flatnonzero(counts == 0)]
-    if lacking:
-        raise ArmError(f"arm {arm.name!r}: synthetic set {folders} lacks class(es) {', '.join(lacking)} ({total} images "
-                       f"of {len(CLASSES) - len(lacking)} classes); every class is needed because the model is scored "
-                       f"on all ten real test classes. Generate the missing classes or leave the arm out of train.arms")
-    if len(parts) == 1:
-        return parts[0]
-    report = data.LoadReport(source=folders, loaded=total)
-    return ImageSet(torch.cat([p.images for p in parts]), labels, [i for p in parts for i in p.ids], report)
+def load_synthetic(arm: Arm, reader: Reading) -> ImageSet:
+    """The synthetic images of an arm (its folders joined), checked to be non-empty and to cover every class;
+    errors are ArmErrors naming the arm."""
+    try:
+        return sets.load_folders(f"arm {arm.name!r}", arm.folders, reader, "leave the arm out of train.arms")
+    except sets.SetError as exc:
+        raise ArmError(str(exc)) from None
 
 
 def load_named_sets(cfg: Any, names: list[str], parameter: str) -> dict[str, ImageSet]:
     """The synthetic sets `names` of the run (`synthetic_folders`), each loaded and checked by `load_synthetic`;
     ConfigError naming `parameter` (e.g. ``curation.sources``) when one is not in the run."""
-    sets = synthetic_folders(cfg)
-    missing = [name for name in names if name not in sets]
+    folders_of = synthetic_folders(cfg)
+    missing = [name for name in names if name not in folders_of]
     if missing:
-        raise ConfigError(f"{parameter}={names}: no synthetic set {missing} in this run (sets: {', '.join(sets) or 'none'}); "
-                          f"generate it first or leave it out of {parameter}")
-    return {name: load_synthetic(Arm(name, False, name, sets[name]), cfg.data.on_bad_image) for name in names}
+        raise ConfigError(f"{parameter}={names}: no synthetic set {missing} in this run (sets: "
+                          f"{', '.join(folders_of) or 'none'}); generate it first or leave it out of {parameter}")
+    reader = sets.reading(cfg)
+    return {name: load_synthetic(Arm(name, False, name, folders_of[name]), reader) for name in names}
 
 
 # --------------------------------------------------------------------------------------------- jobs
@@ -406,7 +378,7 @@ class CurrentKeys:
             self._sets = synthetic_folders(self.cfg)
         arm = make_arm(self.cfg, arm_name, self._sets)
         if arm.synthetic is not None and arm.synthetic_key not in self._synthetic:
-            images = arm_synthetic(arm, self.cfg.seed, self.cfg.data.on_bad_image, self._loaded)
+            images = arm_synthetic(arm, self.cfg.seed, sets.reading(self.cfg), self._loaded)
             self._synthetic[arm.synthetic_key] = fingerprint(images)
         prints = job_fingerprints(arm, self.real_prints, self._synthetic.get(arm.synthetic_key))
         return job_key(arm, seed, trainer_params(self.cfg, arm), prints)

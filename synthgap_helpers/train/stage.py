@@ -42,8 +42,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from synthgap_helpers import config, data
-from synthgap_helpers.data import CLASSES, ImageSet
+from synthgap_helpers import config, data, sets
+from synthgap_helpers.imagesets import ImageSet
 from synthgap_helpers.results import (
     MISSING,
     frame_records,
@@ -135,7 +135,7 @@ def train_job(arm: Arm, seed: int, arm_data: ArmData, real: data.RealData, param
         "arm": arm.name,
         "key": key,
         "version": STAGE_VERSION,
-        "classes": list(CLASSES),
+        "classes": list(real.test.classes),
         "test": {**test, "fingerprint": fingerprint(real.test)},
         "val": {k: result.val_metrics[k] for k in ("accuracy", "loss", "per_class_accuracy", "n")}
                | {"fingerprint": fingerprint(real.val)},
@@ -288,18 +288,23 @@ class TrainingSummary:
     def _trained_arms(self) -> list[str]:
         return [arm.name for arm in self.arms if self._arm_records(arm.name)]
 
+    def _classes(self) -> list[str]:
+        """The dataset's class names, as the trained models' records hold them."""
+        return next(r["classes"] for a in self._trained_arms() for r in self._arm_records(a))
+
     def per_class_figure(self) -> Figure:
         """Test accuracy per class (columns) and arm (rows), mean over seeds."""
         arms = self._trained_arms()
+        classes = self._classes()
         values = np.array([np.mean([r["test"]["per_class_accuracy"] for r in self._arm_records(a)], axis=0)
-                           for a in arms]).reshape(len(arms), len(CLASSES))
-        return train_figures.per_class_heatmap(100 * values, arms, list(CLASSES))
+                           for a in arms]).reshape(len(arms), len(classes))
+        return train_figures.per_class_heatmap(100 * values, arms, classes)
 
     def confusion_figure(self) -> Figure:
         """One confusion matrix per arm (rows: true class, normalised to 1; columns: predicted), summed over seeds."""
         arms = self._trained_arms()
         matrices = {a: np.sum([r["test"]["confusion_matrix"] for r in self._arm_records(a)], axis=0) for a in arms}
-        return train_figures.confusion_grid(matrices, list(CLASSES))
+        return train_figures.confusion_grid(matrices, self._classes())
 
     def curves_figure(self) -> Figure:
         """Training loss and validation accuracy against the step, one line per arm (mean over seeds)."""
@@ -355,7 +360,7 @@ def run(cfg: Any, shard: Shard = Shard(), train: bool = True) -> TrainingSummary
     for arm in arms:
         synthetic = None
         if arm.synthetic is not None:
-            synthetic = arm_synthetic(arm, cfg.seed, cfg.data.on_bad_image, synthetic_cache)
+            synthetic = arm_synthetic(arm, cfg.seed, sets.reading(cfg), synthetic_cache)
         arm_data[arm.name] = ArmData(real.train if arm.real else None, synthetic)
     prints = real_fingerprints(real)
     synthetic_prints = {name: fingerprint(s) for name, s in synthetic_cache.items()}
