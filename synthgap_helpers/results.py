@@ -199,6 +199,45 @@ class GlueText:
         return self.text
 
 
+@dataclass(frozen=True, repr=False)
+class GlueMarkdown(GlueText):
+    """MyST Markdown for the book's `{glued-markdown}` directive: glued as text/markdown (and as plain text)."""
+
+    def _repr_markdown_(self) -> str:
+        return self.text
+
+
+def headline_markdown(headline: Any) -> str:
+    """A Markdown table of every arm of the headline (whatever synthetic sets the run has): its training data, test
+    accuracy (as `accuracy_<arm>`) and change against `real` (as `gain_<arm>`), for the introduction."""
+    texts = _accuracy_texts(headline)
+    rows = ["| training data | test accuracy | change against `real` |", "| --- | --- | --- |"]
+    for arm, accuracy in texts.items():
+        if arm == "real":
+            gain = "(the baseline)"
+        elif arm in headline.gains.index:
+            row = headline.gains.loc[arm]
+            gain = gain_text(row["gain (points)"], row["ci95_low"], row["ci95_high"], row["test"])
+        else:
+            gain = MISSING
+        rows.append(f"| `{arm}` | {accuracy} | {gain} |")
+    return "\n".join(rows)
+
+
+def _accuracy_texts(headline: Any) -> dict[str, str]:
+    """Each arm's test accuracy as "mean ± std % (n seeds)", "mean % (1 seed)" or MISSING."""
+    texts = {}
+    for arm, row in headline.values.iterrows():
+        n = int(row["n_seeds"])
+        if n == 0:
+            texts[arm] = MISSING
+        elif n == 1:
+            texts[arm] = f"{row['mean']:.1f} % (1 seed)"
+        else:
+            texts[arm] = f"{row['mean']:.1f} ± {row['std']:.1f} % ({n} seeds)"
+    return texts
+
+
 def gain_text(gain: float, low: float, high: float, test: str = WELCH) -> str:
     """'+4.3 points (95% paired interval +3.1 to +5.5)' (`test`: PAIRED or WELCH), or with '(one seed per arm:
     no interval)'."""
@@ -221,20 +260,13 @@ def planned_gain(gains: pd.DataFrame, k: int, arm: str) -> str:
 
 def story_numbers(cfg: Any, headline: Any, sweep: Any = None, finetuned: Any = None) -> dict[str, GlueText]:
     """The numbers the book's introduction quotes, by glue key: the profile, what its numbers mean, the
-    size of the real test set, each arm's test accuracy as "mean ± std % (n seeds)", each trained arm's
-    gain over real, and (given the low-data and fine-tuning summaries) the comparison of each fixed in advance
-    (their `planned`: the DI arm against its baseline at the smallest k)."""
+    size of the real test set, each arm's test accuracy as "mean ± std % (n seeds)" (`accuracy_<arm>`), each trained
+    arm's gain over real (`gain_<arm>`), the Markdown table of them all (`headline_md`, a GlueMarkdown: the arms of
+    any run, whatever its sets are called), and (given the low-data and fine-tuning summaries) the comparison of
+    each fixed in advance (their `planned`: the DI arm against its baseline at the smallest k)."""
     texts = {"profile": cfg.profile, "profile_meaning": config.profile_meaning(cfg.profile),
              "test_images": f"{headline.test_images:,}"}
-    for arm, row in headline.values.iterrows():
-        n = int(row["n_seeds"])
-        if n == 0:
-            text = MISSING
-        elif n == 1:
-            text = f"{row['mean']:.1f} % (1 seed)"
-        else:
-            text = f"{row['mean']:.1f} ± {row['std']:.1f} % ({n} seeds)"
-        texts[f"accuracy_{arm}"] = text
+    texts.update({f"accuracy_{arm}": text for arm, text in _accuracy_texts(headline).items()})
     for arm in headline.values.index.drop("real", errors="ignore"):
         row = headline.gains.loc[arm] if arm in headline.gains.index else None
         texts[f"gain_{arm}"] = MISSING if row is None else \
@@ -242,7 +274,9 @@ def story_numbers(cfg: Any, headline: Any, sweep: Any = None, finetuned: Any = N
     for key, curves in (("lowdata_planned_gain", sweep), ("finetune_planned_gain", finetuned)):
         if curves is not None:
             texts[key] = planned_gain(curves.gains(), *curves.planned) if curves.planned else MISSING
-    return {key: GlueText(text) for key, text in texts.items()}
+    glued: dict[str, GlueText] = {key: GlueText(text) for key, text in texts.items()}
+    glued["headline_md"] = GlueMarkdown(headline_markdown(headline))
+    return glued
 
 
 def glue_story(cfg: Any, headline: Any, sweep: Any = None, finetuned: Any = None) -> pd.DataFrame:
@@ -257,6 +291,6 @@ def glue_story(cfg: Any, headline: Any, sweep: Any = None, finetuned: Any = None
                         index=pd.Index(list(texts), name="glue key"))
 
 
-__all__ = ["GAIN_COLUMNS", "MISSING", "PAIRED", "WELCH", "CorruptResults", "GlueText", "frame_records", "gain_text",
-           "gains_over", "glue_story", "json_safe", "paired_difference", "planned_gain", "read_records", "record",
-           "story_numbers", "summarize_seeds", "welch_difference"]
+__all__ = ["GAIN_COLUMNS", "MISSING", "PAIRED", "WELCH", "CorruptResults", "GlueMarkdown", "GlueText", "frame_records",
+           "gain_text", "gains_over", "glue_story", "headline_markdown", "json_safe", "paired_difference",
+           "planned_gain", "read_records", "record", "story_numbers", "summarize_seeds", "welch_difference"]

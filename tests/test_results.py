@@ -158,3 +158,25 @@ def test_welch_difference_with_equal_spreads_uses_the_pooled_degrees_of_freedom(
 
 
 # ---- training -----------------------------------------------------------------------------------
+
+
+def test_headline_markdown_lists_every_arm_whatever_the_sets_are_called():
+    """The introduction pastes this table (`headline_md`) for any run: external sets have their own arm names."""
+    from IPython.core.formatters import format_display_data
+
+    per_seed = pd.DataFrame({"arm": ["real"] * 2 + ["cifake"] * 2 + ["real+cifake"] * 2, "seed": [0, 1] * 3,
+                             "test_accuracy": [80.0, 82.0, 50.0, 54.0, 83.0, 85.0]})
+    values = pd.DataFrame({"n_seeds": [2, 2, 2, 0], "mean": [81.0, 52.0, 84.0, np.nan],
+                           "std": [1.414, 2.828, 1.414, np.nan]}, index=["real", "cifake", "real+cifake", "other"])
+    headline = train_stage.Headline(table=None, values=values, per_seed=per_seed, note="", test_images=100, path=None,
+                                    gains=results.gains_over(per_seed, "real", paired=True))
+    texts = results.story_numbers(config.resolve("smoke"), headline)
+    table = texts["headline_md"].text.splitlines()
+    assert table[0] == "| training data | test accuracy | change against `real` |"
+    assert table[2] == "| `real` | 81.0 ± 1.4 % (2 seeds) | (the baseline) |"
+    assert table[3].startswith("| `cifake` | 52.0 ± 2.8 % (2 seeds) | -29.0 points (95% paired interval")
+    assert table[4].startswith("| `real+cifake` | 84.0 ± 1.4 % (2 seeds) | +3.0 points")
+    assert table[5] == "| `other` | not trained | not trained |" and len(table) == 6
+    assert texts["accuracy_cifake"].text == "52.0 ± 2.8 % (2 seeds)" and "accuracy_sd" not in texts
+    bundle, _ = format_display_data(texts["headline_md"])  # what myst_nb.glue stores: Markdown for the book
+    assert bundle["text/markdown"] == texts["headline_md"].text and bundle["text/plain"] == texts["headline_md"].text

@@ -115,7 +115,9 @@ def test_every_figure_of_the_notebooks_has_a_caption_and_a_name():
                 assert figure.get("caption") and figure.get("name", "").startswith("fig-"), f"{path.name} cell {index}"
 
 
-def test_build_record_keeps_earlier_notebook_times_of_the_same_run(tmp_path):
+def test_build_record_keeps_earlier_notebook_times_of_the_same_run(tmp_path, monkeypatch):
+    described = {"dataset": "CIFAR-10", "generators": ["sd", "di"]}  # run_description has its own tests
+    monkeypatch.setattr(runner, "run_description", lambda cfg: described)
     (tmp_path / "notebooks").mkdir()
     cfg = config.resolve("smoke", run_dir=tmp_path / "runs" / "smoke")
     (cfg.run_dir / "real").mkdir(parents=True)
@@ -125,6 +127,7 @@ def test_build_record_keeps_earlier_notebook_times_of_the_same_run(tmp_path):
     record = json.loads(path.read_text())
     assert record["notebooks"] == [{"notebook": "01_data", "seconds": 15.0}, {"notebook": "02_stable_diffusion", "seconds": 3.0}]
     assert record["run_dir"] == "../runs/smoke" and record["run_dir_bytes"] == 100 and record["profile"] == "smoke"
+    assert record["run"] == described  # what the book names (book/_ext/synthgap_book.py reads it)
     other = config.resolve("smoke", run_dir=tmp_path / "runs" / "other")
     other.run_dir.mkdir(parents=True)
     record = json.loads(runner.write_build_record(tmp_path, other, [("03_diffusion_inversion", 1.0)]).read_text())
