@@ -107,6 +107,18 @@ PATH_PARAMETERS: dict[str, str] = {
     "sd.captions": "the class prompt templates",
 }
 
+# The classifiers by name (train.models.MODELS; a test keeps them equal): the study's ResNet-18 variants, then
+# torchvision's architectures adapted to small images (the rule of each family: train.models, book/methods.md).
+Classifier = Literal[
+    "resnet18_cifar", "resnet18_imagenet", "resnet18_imagenet_224", "resnet18_cifar_narrow",
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d",
+    "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2",
+    "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0", "efficientnet_b1",
+    "efficientnet_b2", "efficientnet_b3", "efficientnet_b4", "efficientnet_b5", "efficientnet_b6", "efficientnet_b7",
+    "efficientnet_v2_s", "efficientnet_v2_m", "efficientnet_v2_l",
+    "convnext_tiny", "convnext_small", "convnext_base", "convnext_large",
+]
+
 
 class _Section(BaseModel):
     """Strict, closed parameter group: unknown keys and wrong types are errors, not guesses."""
@@ -285,9 +297,9 @@ class FolderArmParams(_Section):
 
 
 class TrainStageParams(_Section):
-    """ResNet-18 training arms (real, synthetic, mixed), scored on the real test set; defaults: the DI authors' recipe."""
+    """Classifier training arms (real, synthetic, mixed), scored on the real test set; defaults: the DI authors' recipe."""
 
-    model: Literal["resnet18_cifar", "resnet18_imagenet", "resnet18_imagenet_224", "resnet18_cifar_narrow"] = "resnet18_cifar"  # architecture (narrow: smoke and tests only)
+    model: Classifier = "resnet18_cifar"  # architecture (narrow: smoke and tests only; torchvision names adapted to small images)
     epochs: float | None = Field(default=None, gt=0.0)  # budget in passes over the real set (fixed_share) or the arm's pool; set this or steps
     steps: int | None = Field(default=50000, ge=1)  # budget in optimizer steps, the same for every arm (the DI authors: 50,000)
     batch_size: int = Field(default=128, ge=2, le=65536)  # images per step (fixed_share: real_share of them real)
