@@ -105,6 +105,7 @@ PATH_PARAMETERS: dict[str, str] = {
     "data.cache_dir": "$SYNTHGAP_CACHE_DIR or ~/.cache/synthgap",
     "geometry.york_urban_root": "the converted copy in the cache, then a download",
     "sd.captions": "the class prompt templates",
+    "train.weights": "random initial weights",
 }
 
 # The classifiers by name (train.models.MODELS; a test keeps them equal): the study's ResNet-18 variants, then
@@ -300,6 +301,7 @@ class TrainStageParams(_Section):
     """Classifier training arms (real, synthetic, mixed), scored on the real test set; defaults: the DI authors' recipe."""
 
     model: Classifier = "resnet18_cifar"  # architecture (narrow: smoke and tests only; torchvision names adapted to small images)
+    weights: str | None = None  # local checkpoint (.safetensors or torch.save state dict) of the initial weights; None: random
     epochs: float | None = Field(default=None, gt=0.0)  # budget in passes over the real set (fixed_share) or the arm's pool; set this or steps
     steps: int | None = Field(default=50000, ge=1)  # budget in optimizer steps, the same for every arm (the DI authors: 50,000)
     batch_size: int = Field(default=128, ge=2, le=65536)  # images per step (fixed_share: real_share of them real)
@@ -753,7 +755,8 @@ def check_paths(cfg: Config) -> None:
     parameter and the path; no loader falls back to another source instead."""
     wanted = {"data.root": (cfg.data.root, Path.is_dir, "folder"),
               "geometry.york_urban_root": (cfg.geometry.york_urban_root, Path.exists, "file or folder"),
-              "sd.captions": (cfg.sd.captions, Path.is_file, "file")}
+              "sd.captions": (cfg.sd.captions, Path.is_file, "file"),
+              "train.weights": (cfg.train.weights, Path.is_file, "file")}
     for key, (value, check, kind) in wanted.items():
         if value is not None and not check(Path(value)):
             raise ConfigError(f"{key} = {value}: no such {kind}; fix the path (relative paths are taken from the folder "

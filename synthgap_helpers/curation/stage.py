@@ -275,8 +275,7 @@ def trainer_params(cfg: Any, source: str, arm: str) -> TrainParams:
 def job_key(arm: str, seed: int, params: TrainParams, prints: dict[str, str | None]) -> str:
     """Hash of everything a row depends on: version, arm, seed, trainer parameters and images (not the selection's
     name: the same images trained the same way are one model)."""
-    trainer = {name: value for name, value in dataclasses.asdict(params).items() if name != "progress"}
-    record = {"version": STAGE_VERSION, "arm": arm, "seed": seed, "params": trainer, **prints}
+    record = {"version": STAGE_VERSION, "arm": arm, "seed": seed, "params": params.recipe(), **prints}
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
 
