@@ -280,7 +280,7 @@ class SDParams(_Section):
 class GradcamParams(_Section):
     """Grad-CAM attention of the trained classifiers on one fixed sample of real test images."""
 
-    layer: Literal["layer4", "layer3"] = "layer4"  # stage whose output is explained: layer4 (4x4 maps on 32 px) or layer3 (8x8)
+    layer: str = "layer4"  # module explained: layer4 (4x4 maps on 32 px), layer3 (8x8), auto (last conv stage), any module name
     images_per_class: int = Field(default=200, ge=1, le=1000)  # real test images per class in the fixed, seeded sample
     targets: Literal["true", "predicted"] = "true"  # class explained: the label (same for every arm) or each model's top class
     model_seed: int | None = Field(default=None, ge=0)  # training seed whose models are explained; None: each arm's lowest
@@ -288,6 +288,14 @@ class GradcamParams(_Section):
     deletion_steps: int = Field(default=10, ge=1, le=1024)  # points of the deletion/insertion curves after 0 (10: 10% steps)
     faithfulness_images: int | None = Field(default=1000, ge=10, multiple_of=10)  # balanced part of the sample for deletion/insertion; None: all
     batch_size: int = Field(default=256, ge=1, le=65536)  # images per forward pass (maps and faithfulness); results do not depend on it beyond float rounding
+
+    @field_validator("layer")
+    @classmethod
+    def _module_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z_]\w*(\.\w+)*", value):
+            raise ValueError(f"must be auto or a module name of the model such as layer4 or features.12; got {value!r} "
+                             "(the Grad-CAM stage checks the name against the trained model)")
+        return value
 
 
 class FolderArmParams(_Section):
