@@ -104,7 +104,20 @@ PATH_PARAMETERS: dict[str, str] = {
     "data.cache_dir": "$SYNTHGAP_CACHE_DIR or ~/.cache/synthgap",
     "geometry.york_urban_root": "the converted copy in the cache, then a download",
     "sd.captions": "the class prompt templates",
+    "train.weights": "random initial weights",
 }
+
+# The classifiers by name (train.models.MODELS; a test keeps them equal): the study's ResNet-18 variants, then
+# torchvision's architectures adapted to small images (the rule of each family: train.models, book/methods.md).
+Classifier = Literal[
+    "resnet18_cifar", "resnet18_imagenet", "resnet18_imagenet_224", "resnet18_cifar_narrow",
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d",
+    "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2",
+    "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0", "efficientnet_b1",
+    "efficientnet_b2", "efficientnet_b3", "efficientnet_b4", "efficientnet_b5", "efficientnet_b6", "efficientnet_b7",
+    "efficientnet_v2_s", "efficientnet_v2_m", "efficientnet_v2_l",
+    "convnext_tiny", "convnext_small", "convnext_base", "convnext_large",
+]
 
 
 class _Section(BaseModel):
@@ -270,7 +283,7 @@ class SDParams(_Section):
 class GradcamParams(_Section):
     """Grad-CAM attention of the trained classifiers on one fixed sample of real test images."""
 
-    layer: Literal["layer4", "layer3"] = "layer4"  # stage whose output is explained: layer4 (4x4 maps on 32 px) or layer3 (8x8)
+    layer: str = "layer4"  # module explained: layer4 (4x4 maps on 32 px), layer3 (8x8), auto (last conv stage), any module name
     images_per_class: int = Field(default=200, ge=1, le=1000)  # real test images per class in the fixed, seeded sample
     targets: Literal["true", "predicted"] = "true"  # class explained: the label (same for every arm) or each model's top class
     model_seed: int | None = Field(default=None, ge=0)  # training seed whose models are explained; None: each arm's lowest
@@ -278,6 +291,14 @@ class GradcamParams(_Section):
     deletion_steps: int = Field(default=10, ge=1, le=1024)  # points of the deletion/insertion curves after 0 (10: 10% steps)
     faithfulness_images: int | None = Field(default=1000, ge=10, multiple_of=10)  # balanced part of the sample for deletion/insertion; None: all
     batch_size: int = Field(default=256, ge=1, le=65536)  # images per forward pass (maps and faithfulness); results do not depend on it beyond float rounding
+
+    @field_validator("layer")
+    @classmethod
+    def _module_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z_]\w*(\.\w+)*", value):
+            raise ValueError(f"must be auto or a module name of the model such as layer4 or features.12; got {value!r} "
+                             "(the Grad-CAM stage checks the name against the trained model)")
+        return value
 
 
 class ExternalSetParams(_Section):
@@ -287,9 +308,10 @@ class ExternalSetParams(_Section):
 
 
 class TrainStageParams(_Section):
-    """ResNet-18 training arms (real, synthetic, mixed), scored on the real test set; defaults: the DI authors' recipe."""
+    """Classifier training arms (real, synthetic, mixed), scored on the real test set; defaults: the DI authors' recipe."""
 
-    model: Literal["resnet18_cifar", "resnet18_imagenet", "resnet18_imagenet_224", "resnet18_cifar_narrow"] = "resnet18_cifar"  # architecture (narrow: smoke and tests only)
+    model: Classifier = "resnet18_cifar"  # architecture (narrow: smoke and tests only; torchvision names adapted to small images)
+    weights: str | None = None  # local checkpoint (.safetensors or torch.save state dict) of the initial weights; None: random
     epochs: float | None = Field(default=None, gt=0.0)  # budget in passes over the real set (fixed_share) or the arm's pool; set this or steps
     steps: int | None = Field(default=50000, ge=1)  # budget in optimizer steps, the same for every arm (the DI authors: 50,000)
     batch_size: int = Field(default=128, ge=2, le=65536)  # images per step (fixed_share: real_share of them real)
@@ -752,7 +774,8 @@ def check_paths(cfg: Config) -> None:
     parameter and the path; no loader falls back to another source instead."""
     wanted = {"data.root": (cfg.data.root, Path.is_dir, "folder"),
               "geometry.york_urban_root": (cfg.geometry.york_urban_root, Path.exists, "file or folder"),
-              "sd.captions": (cfg.sd.captions, Path.is_file, "file")}
+              "sd.captions": (cfg.sd.captions, Path.is_file, "file"),
+              "train.weights": (cfg.train.weights, Path.is_file, "file")}
     for key, (value, check, kind) in wanted.items():
         if value is not None and not check(Path(value)):
             raise ConfigError(f"{key} = {value}: no such {kind}; fix the path (relative paths are taken from the folder "

@@ -27,10 +27,20 @@ SD1_DOWNLOADS = ("stable-diffusion-v1",)  # hub ids with SD 1.x's architecture (
 SD1_PARAMETERS = 1_066_235_307
 SD1_WIDTH = 768  # SD 1.x's text width = its U-Net's cross_attention_dim
 TINY_WIDTH = 32  # the tiny offline pipeline's text width (sd.pipelines.TINY_WIDTH; a test keeps them equal)
-# Parameters of each classifier variant (train.models.MODELS), counted on the architectures by a test: cost is
-# plumbing and builds no stage's model.
-CLASSIFIER_PARAMETERS = {"resnet18_cifar": 11_173_962, "resnet18_imagenet": 11_181_642,
-                         "resnet18_imagenet_224": 11_181_642, "resnet18_cifar_narrow": 701_466}
+# Parameters of each classifier (train.models.MODELS) with 10 classes, counted on the architectures by a test: cost
+# is plumbing and builds no stage's model.
+CLASSIFIER_PARAMETERS = {
+    "resnet18_cifar": 11_173_962, "resnet18_imagenet": 11_181_642, "resnet18_imagenet_224": 11_181_642,
+    "resnet18_cifar_narrow": 701_466, "resnet18": 11_173_962, "resnet34": 21_282_122, "resnet50": 23_520_842,
+    "resnet101": 42_512_970, "resnet152": 58_156_618, "resnext50_32x4d": 22_992_714, "resnext101_32x8d": 86_755_146,
+    "resnext101_64x4d": 81_419_082, "wide_resnet50_2": 66_847_050, "wide_resnet101_2": 124_850_506,
+    "mobilenet_v2": 2_236_682, "mobilenet_v3_small": 1_528_106, "mobilenet_v3_large": 4_214_842,
+    "efficientnet_b0": 4_020_358, "efficientnet_b1": 6_525_994, "efficientnet_b2": 7_715_084,
+    "efficientnet_b3": 10_711_602, "efficientnet_b4": 17_566_546, "efficientnet_b5": 28_361_274,
+    "efficientnet_b6": 40_758_754, "efficientnet_b7": 63_812_570, "efficientnet_v2_s": 20_190_298,
+    "efficientnet_v2_m": 52_871_166, "efficientnet_v2_l": 117_247_082, "convnext_tiny": 27_825_802,
+    "convnext_small": 49_460_362, "convnext_base": 87_574_026, "convnext_large": 196_241_674,
+}
 ARMS = ("real", "sd", "di", "real+sd", "real+di")  # the original study's arms, trained when both generators ran
 CURATION_SELECTIONS = 7  # curation.stage.SELECTIONS: four scores, diversity, combined, random (a test keeps them equal)
 CSV_ROW_BYTES = 200  # an upper bound of one row of the curation scores or results CSV

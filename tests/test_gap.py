@@ -58,7 +58,7 @@ def test_features_are_the_penultimate_layer_of_a_manual_forward_pass() -> None:
 def test_features_of_another_layer_and_unknown_layer() -> None:
     model = build_model("resnet18_cifar_narrow")
     assert classifier_features(model, _images(3, 256, seed=2), layer="layer3").shape == (3, 64 * 8 * 8)
-    with pytest.raises(ValueError, match="layer='head'"):
+    with pytest.raises(ValueError, match="layer 'head' is not in the model; valid names: auto, conv1"):
         classifier_features(model, _images(3, 256, seed=2), layer="head")
 
 

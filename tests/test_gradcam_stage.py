@@ -146,8 +146,8 @@ def test_an_unknown_layer_lists_the_valid_names_before_any_work(tiny_run):
     with pytest.raises(ValueError, match=r"layer 'layer5' is not in the model; valid names: .*layer4"):
         gradcam_stage.run(cfg)
     assert not (run_dir / "analysis" / "gradcam.csv").exists()
-    with pytest.raises(config.ConfigError, match="gradcam.layer"):
-        tiny_config(root, run_dir, layer="layer5")
+    with pytest.raises(config.ConfigError, match="gradcam.layer"):  # not a module name at all
+        tiny_config(root, run_dir, layer="layer 5")
 
 
 def test_a_sample_larger_than_the_test_set_is_refused(tiny_run):

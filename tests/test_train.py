@@ -143,8 +143,8 @@ def test_cifar_stem_is_3x3_stride_1_without_max_pool():
 
 
 def test_unknown_model_name_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="resnet50.*resnet18_cifar, resnet18_cifar_narrow"):
-        build_model("resnet50")
+    with pytest.raises(ValueError, match="vgg11.*resnet18_cifar, resnet18_cifar_narrow"):
+        build_model("vgg11")
 
 
 # ---- evaluation ---------------------------------------------------------------------------------
@@ -325,7 +325,7 @@ def test_bad_training_input_is_refused_with_the_parameter_and_what_is_expected(k
 @pytest.mark.parametrize(
     ("field", "value", "allowed"),
     [
-        ("model", "vgg", "one of resnet18_cifar"),
+        ("model", "vgg", "one of convnext_base"),
         ("batch_size", 1, "an integer >= 2"),
         ("lr_per_128", 0.0, "a number > 0"),
         ("label_smoothing", 1.0, r"a number in \[0, 1\)"),

@@ -141,9 +141,7 @@ def measure(model: torch.nn.Module, image_set: ImageSet, name: str, cfg: Any, de
     """Logits, penultimate features, attention metrics of the label-class Grad-CAM map, geometry metrics."""
     features = classifier_features(model, image_set.images, device=device)  # moves the model to `device`
     logits = predict_logits(model, image_set.images, device=device, channels_last=False).float().cpu()
-    names = dict(model.named_modules())
-    layer = cfg.gradcam.layer if cfg.gradcam.layer in names else f"net.{cfg.gradcam.layer}"
-    maps = gradcam_maps(model, image_set.images, image_set.labels, layer,
+    maps = gradcam_maps(model, image_set.images, image_set.labels, cfg.gradcam.layer,
                         normalize=lambda x: normalize(x * 255, channels_last=False), progress=False)
     geometry = cfg.geometry
     rows = [image_metrics(image.numpy(), upscale=geometry_upscale(cfg), min_length=geometry.min_length,
@@ -277,8 +275,7 @@ def trainer_params(cfg: Any, source: str, arm: str) -> TrainParams:
 def job_key(arm: str, seed: int, params: TrainParams, prints: dict[str, str | None]) -> str:
     """Hash of everything a row depends on: version, arm, seed, trainer parameters and images (not the selection's
     name: the same images trained the same way are one model)."""
-    trainer = {name: value for name, value in dataclasses.asdict(params).items() if name != "progress"}
-    record = {"version": STAGE_VERSION, "arm": arm, "seed": seed, "params": trainer, **prints}
+    record = {"version": STAGE_VERSION, "arm": arm, "seed": seed, "params": params.recipe(), **prints}
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -1,10 +1,10 @@
 """Domain gap between real and synthetic images in the feature space of a classifier trained on real data.
 
 Tensors in, tensors out: `classifier_features` turns uint8 images into penultimate-layer features of
-a trained ResNet-18; the measures compare two feature sets (rows = images). KID comes from
-torchmetrics (fed the precomputed features through an identity feature module); the Fréchet distance
-(batched, equal to torchmetrics' FID on the same features) and k-NN precision/recall (Kynkäänniemi et
-al. 2019) are implemented here so that a bootstrap of 1,000 resamples reuses one set of distances;
+a trained classifier (the input of its final linear layer); the measures compare two feature sets (rows =
+images). KID comes from torchmetrics (fed the precomputed features through an identity feature module);
+the Fréchet distance (batched, equal to torchmetrics' FID on the same features) and k-NN precision/recall
+(Kynkäänniemi et al. 2019) are implemented here so that a bootstrap of 1,000 resamples reuses one set of distances;
 intervals come from a seeded bootstrap (scipy) or, for KID, from the spread over subsets.
 """
 
@@ -23,6 +23,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 from tqdm.auto import tqdm
 
 from synthgap_helpers.train.batches import normalize as cifar_normalize
+from synthgap_helpers.train.models import classifier_head, find_layer
 from synthgap_helpers.train.trainer import check_images
 
 PAIRWISE_CHUNK = 1024  # rows of a pairwise-distance block held at once (bounds memory at chunk x n floats)
@@ -33,27 +34,32 @@ def classifier_features(
     model: nn.Module,
     images_uint8: Tensor,
     *,
-    layer: str = "avgpool",
+    layer: str | None = None,
     batch_size: int = 512,
     device: str | torch.device = "cpu",
     normalize: Callable[[Tensor], Tensor] = cifar_normalize,
 ) -> Tensor:
-    """Output of `model`'s module `layer` (default: the global average pool, the penultimate layer) per image.
+    """Penultimate features per image: the input of the final classifier layer (`train.models.classifier_head`;
+    for a ResNet the global average pool's output), or with `layer` the output of that module (`find_layer`).
 
     Images go through `normalize` (by default the trainer's CIFAR-10 mean/std) and the model in eval
-    mode in batches; a forward hook reads the layer, flattened to N x D float64 on the CPU. The model
+    mode in batches; a hook reads the features, flattened to N x D float64 on the CPU. The model
     is moved to `device` and its train/eval mode restored afterwards.
     """
     check_images("images_uint8", images_uint8)
-    modules = dict(model.named_modules())
-    if layer not in modules:
-        named = ", ".join(name for name in modules if name)
-        raise ValueError(f"layer={layer!r} is not a module of the model; valid names: {named}")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be an integer >= 1")
     device = torch.device(device)
     captured: list[Tensor] = []
-    handle = modules[layer].register_forward_hook(lambda _m, _i, out: captured.append(out.flatten(1).double().cpu()))
+
+    def keep(features: Tensor) -> None:
+        captured.append(features.flatten(1).double().cpu())
+
+    if layer is None:
+        head = model.get_submodule(classifier_head(model))
+        handle = head.register_forward_pre_hook(lambda _m, inputs: keep(inputs[0]))
+    else:
+        handle = model.get_submodule(find_layer(model, layer)).register_forward_hook(lambda _m, _i, out: keep(out))
     was_training = model.training
     model.to(device).eval()
     try:

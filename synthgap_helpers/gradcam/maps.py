@@ -20,6 +20,8 @@ from captum.attr import LayerGradCam
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from synthgap_helpers.train.models import find_layer
+
 __all__ = ["FaithfulnessCurves", "deletion_insertion", "gradcam_maps", "prepare_images", "resolve_layer"]
 
 Normalize = Callable[[Tensor], Tensor] | tuple[Sequence[float], Sequence[float]] | None
@@ -27,16 +29,13 @@ Targets = Tensor | Sequence[int] | Literal["predicted"]
 
 
 def resolve_layer(model: nn.Module, layer: str) -> nn.Module:
-    """The submodule called `layer` (a `named_modules` name such as "layer4" or "layer3").
+    """The submodule `layer` stands for (`train.models.find_layer`): "auto" for the model's last convolutional
+    stage (layer4 of a ResNet, the last block of `features` otherwise), or a `named_modules` name such as "layer3".
 
     Target the output of a whole residual stage: an inner conv or BN output is modified in
     place later in the block (`out += identity; relu_(out)`), which corrupts its Grad-CAM.
     """
-    modules = dict(model.named_modules())
-    modules.pop("", None)
-    if layer not in modules:
-        raise ValueError(f"layer {layer!r} is not in the model; valid names: {', '.join(modules)}")
-    return modules[layer]
+    return model.get_submodule(find_layer(model, layer))
 
 
 def prepare_images(images: Tensor, normalize: Normalize = None) -> Tensor:
@@ -141,7 +140,7 @@ def gradcam_maps(
     """Grad-CAM map of each image for its target class: a float tensor (N, H, W) on the CPU.
 
     map = ReLU(sum_k w_k A_k) with w_k = mean over positions of d logit_target / d A_k, where
-    A is the output of `layer` (Captum `LayerGradCam`). With `upsample` the map is resized
+    A is the output of `layer` (Captum `LayerGradCam`; see `resolve_layer`). With `upsample` the map is resized
     bilinearly (align_corners=False) to the input's H x W, else it stays at the layer's
     resolution (ResNet-18 CIFAR: layer4 4x4, layer3 8x8). Raw magnitudes, never min-max
     scaled. `targets`: class indices (e.g. the true labels) or "predicted" (the model's top

@@ -307,14 +307,6 @@ def model_input(images: Tensor) -> Tensor:
     return normalize(images * 255, channels_last=False)
 
 
-def explained_layer(model: nn.Module, layer: str) -> str:
-    """The module name of stage ``layer`` in ``model``: itself, or ``net.<layer>`` in a model that upsamples
-    its input first (resnet18_imagenet_224). Unknown names are left for `resolve_layer` to reject (the
-    configuration already refuses them as `gradcam.layer`)."""
-    names = dict(model.named_modules())
-    return f"net.{layer}" if layer not in names and f"net.{layer}" in names else layer
-
-
 def params_key(cfg: Any, sample: ImageSet) -> str:
     """Hash of everything an arm's rows depend on besides its checkpoint."""
     params = cfg.gradcam
@@ -366,8 +358,7 @@ def explain_arm(
     logits = predict(model, images, batch_size)
     predicted = logits.argmax(1)
     target = labels.long() if targets == "true" else predicted
-    maps = gradcam_maps(model, images, target, explained_layer(model, layer), normalize=model_input,
-                        batch_size=batch_size, progress=progress)
+    maps = gradcam_maps(model, images, target, layer, normalize=model_input, batch_size=batch_size, progress=progress)
     rows = attention_metrics(maps)
     rows.insert(0, "target", target.numpy())
     rows.insert(1, "predicted", predicted.numpy())
@@ -437,7 +428,7 @@ def run(cfg: Any, shard: Shard = Shard()) -> GradcamResult:
     models = {}
     for checkpoint in checkpoints:
         model, _ = load_checkpoint(checkpoint.path)
-        resolve_layer(model, explained_layer(model, params.layer))  # an unknown layer fails before any work
+        resolve_layer(model, params.layer)  # an unknown layer fails before any work
         models[checkpoint.arm] = model
 
     analysis = cfg.run_dir / "analysis"
@@ -481,9 +472,8 @@ def run(cfg: Any, shard: Shard = Shard()) -> GradcamResult:
             computed[checkpoint.arm] = True
             save()
         target = sample.labels[overlay_at] if params.targets == "true" else "predicted"
-        overlay_maps[checkpoint.arm] = gradcam_maps(model, sample.images[overlay_at], target,
-                                                    explained_layer(model, params.layer), normalize=model_input,
-                                                    progress=False)
+        overlay_maps[checkpoint.arm] = gradcam_maps(model, sample.images[overlay_at], target, params.layer,
+                                                    normalize=model_input, progress=False)
         models[checkpoint.arm] = model.cpu()
 
     arms = [c.arm for c in checkpoints]

@@ -105,8 +105,8 @@ def finetune_params(cfg: Any) -> TrainParams:
 def job_key(arm: str, k: int, seed: int, params: TrainParams, prints: dict[str, str | None],
             extra: dict[str, Any] | None = None) -> str:
     """Hash of everything a row depends on: version, arm, k, seed, trainer parameters, images, initial weights."""
-    trainer = {name: value for name, value in dataclasses.asdict(params).items() if name != "progress"}
-    record = {"version": STAGE_VERSION, "arm": arm, "k": k, "seed": seed, "params": trainer, **prints, **(extra or {})}
+    record = {"version": STAGE_VERSION, "arm": arm, "k": k, "seed": seed, "params": params.recipe(), **prints,
+              **(extra or {})}
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
 

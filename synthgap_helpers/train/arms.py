@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -219,7 +219,8 @@ def trainer_params(cfg: Any, arm: Arm, progress: bool = True) -> TrainParams:
                        momentum=section.momentum, nesterov=section.nesterov, weight_decay=section.weight_decay,
                        label_smoothing=section.label_smoothing, epochs=section.epochs, steps=section.steps,
                        warmup_frac=section.warmup_frac, eval_every=section.eval_every, mix=mix,
-                       real_share=section.real_share, compile=section.compile, amp=section.amp, progress=progress)
+                       real_share=section.real_share, compile=section.compile, amp=section.amp, progress=progress,
+                       weights=section.weights)
 
 
 def real_fingerprints(real: data.RealData) -> dict[str, str | None]:
@@ -236,8 +237,7 @@ def job_fingerprints(arm: Arm, real_prints: dict[str, str | None], synthetic_pri
 
 def job_key(arm: Arm, seed: int, params: TrainParams, fingerprints: dict[str, str | None]) -> str:
     """Hash of everything a job's result depends on: version, arm, seed, trainer parameters, and the images."""
-    trainer = {k: v for k, v in asdict(params).items() if k != "progress"}
-    record = {"version": STAGE_VERSION, "arm": arm.name, "seed": seed, "params": trainer, **fingerprints}
+    record = {"version": STAGE_VERSION, "arm": arm.name, "seed": seed, "params": params.recipe(), **fingerprints}
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
 

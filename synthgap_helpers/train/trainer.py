@@ -1,4 +1,4 @@
-"""Train ResNet-18 on real, synthetic or mixed CIFAR-10 images, select on validation, and score.
+"""Train a classifier (`train.models`) on real, synthetic or mixed CIFAR-10 images, select on validation, and score.
 
 Tensors in, tensors out: the training set lives on the device as one uint8 tensor and every batch
 is gathered, augmented and normalised there (airbench style). Model selection only ever sees the
@@ -72,6 +72,7 @@ class TrainParams:
     channels_last: bool = True
     amp: str = "auto"  # auto | bf16 | off
     progress: bool = True
+    weights: str | None = None  # local checkpoint the initial weights come from (`models.load_weights`); None: random
 
     def __post_init__(self) -> None:
         _require(self.model in MODELS, "model", self.model, f"one of {', '.join(sorted(MODELS))}")
@@ -90,6 +91,19 @@ class TrainParams:
         _require(self.mix in MIX_MODES, "mix", self.mix, f"one of {', '.join(MIX_MODES)}")
         _require(0 < self.real_share < 1, "real_share", self.real_share, "a number in (0, 1)")
         _require(self.amp in AMP_MODES, "amp", self.amp, f"one of {', '.join(AMP_MODES)}")
+        _require(self.weights is None or isinstance(self.weights, str) and bool(self.weights), "weights", self.weights,
+                 "None or the path of a local checkpoint")
+
+    def fields(self) -> dict[str, Any]:
+        """The parameters as a dict, without `weights` when None: checkpoints and keys of runs without a weights
+        file stay byte for byte what they were before the field existed."""
+        return {k: v for k, v in asdict(self).items() if not (k == "weights" and v is None)}
+
+    def recipe(self) -> dict[str, Any]:
+        """What a trained model depends on (job keys, resume identities): `fields` without `progress`, with the
+        weights file's SHA-256 beside its path, so that new weights under the same path train again."""
+        recipe = {k: v for k, v in self.fields().items() if k != "progress"}
+        return recipe if self.weights is None else {**recipe, "weights_sha256": file_sha256(self.weights)}
 
     @property
     def peak_lr(self) -> float:
@@ -309,7 +323,8 @@ def train_classifier(
     init_model: nn.Module | None = None,
     trainable: tuple[str, ...] | None = None,
 ) -> TrainResult:
-    """Train `params.model` from scratch on real (+ synthetic) images and keep the best-validation weights.
+    """Train `params.model` from scratch (or from the local checkpoint `params.weights`) on real (+ synthetic)
+    images and keep the best-validation weights.
 
     Fine-tuning: `init_model` (a `params.model` network; a copy is trained, the original is left alone)
     replaces the random initial weights, and `trainable` (parameter-name prefixes such as ``("layer4", "fc")``)
@@ -338,7 +353,8 @@ def train_classifier(
     torch.manual_seed(seed)
     generator = torch.Generator(device).manual_seed(seed)
     memory_format = torch.channels_last if params.channels_last else torch.contiguous_format
-    model = build_model(params.model, params.num_classes) if init_model is None else _copy_model(init_model, params)
+    model = (build_model(params.model, params.num_classes, params.weights) if init_model is None
+             else _copy_model(init_model, params))
     frozen_norms = _freeze(model, trainable)
     model = model.to(device, memory_format=memory_format)
     forward = torch.compile(model) if params.compile else model
@@ -540,7 +556,7 @@ def _say(message: str) -> None:
 def _identity(params: TrainParams, seed: int, device: torch.device, init_model: nn.Module | None,
               trainable: tuple[str, ...] | None, inputs: list[torch.Tensor | None]) -> str:
     """Hash of everything a training run's course depends on: what a resume checkpoint must have been written under."""
-    setup = {"format": RESUME_FORMAT, "params": {k: v for k, v in asdict(params).items() if k != "progress"},
+    setup = {"format": RESUME_FORMAT, "params": params.recipe(),
              "seed": seed, "device": device.type, "trainable": None if trainable is None else list(trainable)}
     digest = hashlib.sha256(json.dumps(setup, sort_keys=True).encode())
     weights = [] if init_model is None else sorted(init_model.state_dict().items())
@@ -668,7 +684,7 @@ def _stop_diverged(
 
 def _metadata(params: TrainParams, seed: int, best_step: int, **extra: Any) -> dict[str, Any]:
     """Checkpoint metadata: the model name load_checkpoint needs, the parameters, the seed and what was kept."""
-    return {"model": params.model, "num_classes": params.num_classes, "params": asdict(params), "seed": seed,
+    return {"model": params.model, "num_classes": params.num_classes, "params": params.fields(), "seed": seed,
             "best_step": best_step, **extra}
 
 
