@@ -261,8 +261,7 @@ def _valid_record(record: Any, info: DatasetInfo) -> bool:
 def dataset_record(cfg: Any) -> dict[str, Any]:
     """What the run's real data is, written once to `real/dataset.json`: name, classes, image size, images per
     class in each split, the imbalance of the train subset (largest over smallest class), and the per-channel
-    mean/std of the train subset (`channel_moments`). The classifiers normalise with CIFAR-10's published
-    statistics (`CIFAR10_MEAN`, `CIFAR10_STD`) whatever the dataset; the record says so."""
+    mean/std of the train subset (`channel_moments`), and what the classifiers normalise with (`normalization`)."""
     info = dataset_info(cfg)
     path = cfg.run_dir / "real" / DATASET_RECORD
     if path.is_file():
@@ -276,14 +275,25 @@ def dataset_record(cfg: Any) -> dict[str, Any]:
     counts = {split: image_set.class_counts().tolist() for split, image_set in
               (("train", real.train), ("val", real.val), ("test", real.test))}
     mean, std = channel_moments(real.train.images)
+    used = (CIFAR10_MEAN, CIFAR10_STD, "CIFAR-10's published statistics") if info.is_cifar10 else \
+        (mean, std, f"the statistics of the run's train subset ({len(real.train):,} images)")
     record = {"name": info.name, "classes": list(info.classes), "image_size": info.image_size,
               "is_cifar10": info.is_cifar10, "images_per_class": counts,
               "train_imbalance": max(counts["train"]) / max(1, min(counts["train"])),
               "train_channel_stats": {"mean": list(mean), "std": list(std)},
-              "classifier_normalization": {"mean": list(CIFAR10_MEAN), "std": list(CIFAR10_STD),
-                                           "source": "CIFAR-10's published statistics"}}
+              "classifier_normalization": {"mean": list(used[0]), "std": list(used[1]), "source": used[2]}}
     atomic_write_json(path, record)
     return record
+
+
+def normalization(cfg: Any) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The per-channel (mean, std) every classifier of the run normalises its input with: None for CIFAR-10, whose
+    published statistics are the trainer's default (as the original study and the Diffusion Inversion authors
+    used them), else the statistics of the run's train subset (`dataset_record`)."""
+    if dataset_info(cfg).is_cifar10:
+        return None
+    stats = dataset_record(cfg)["classifier_normalization"]
+    return tuple(stats["mean"]), tuple(stats["std"])
 
 
 # ---------------------------------------------------------------------------------------------

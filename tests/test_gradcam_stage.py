@@ -179,7 +179,7 @@ def test_model_input_matches_the_training_normalisation():
     from synthgap_helpers.train.batches import normalize
 
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(prepare_images(images, gradcam_stage.model_input), normalize(images, channels_last=False))
+    torch.testing.assert_close(prepare_images(images, gradcam_stage.model_input()), normalize(images, channels_last=False))
 
 
 def test_faithfulness_part_is_balanced_and_taken_in_sample_order():

@@ -149,3 +149,16 @@ def test_reserved_or_malformed_set_names_and_generation_without_its_generator_ar
 
     with pytest.raises(config.ConfigError, match=r"leave Stable Diffusion out"):
         sd_stage.check_steps(load(own))
+
+
+def test_classifiers_of_another_dataset_get_its_class_count_and_its_own_normalisation(own):
+    cfg = load(own)
+    params = train_arms.trainer_params(cfg, train_arms.make_arm(cfg, "real"))
+    record = data.dataset_record(cfg)
+    assert params.num_classes == 4
+    assert params.normalization == (tuple(record["train_channel_stats"]["mean"]), tuple(record["train_channel_stats"]["std"]))
+    assert record["classifier_normalization"]["source"].startswith("the statistics of the run's train subset")
+    cifar = config.load("smoke", record=False)
+    cifar_params = train_arms.trainer_params(cifar, train_arms.make_arm(cifar, "real"))
+    assert cifar_params.num_classes == 10 and cifar_params.normalization is None  # keys of CIFAR-10 runs unchanged
+    assert "normalization" not in cifar_params.fields()

@@ -305,7 +305,8 @@ IMAGES, LABELS = blocky_images(10), labels_for(10)
     ("kwargs", "message"),
     [
         ({"train_images": IMAGES.float()}, r"train_images must be a uint8 tensor of shape N x 3 x 32 x 32; got torch.float32"),
-        ({"train_images": IMAGES[:, :, :28, :28]}, r"train_images .* got torch.uint8 tensor of shape \(10, 3, 28, 28\)"),
+        ({"train_images": IMAGES[:, :, :28, :28]}, r"val_images must be .* N x 3 x 28 x 28; got torch.uint8 tensor of shape \(10, 3, 32, 32\)"),
+        ({"train_images": IMAGES[:, :, :28, :30]}, r"train_images must be .* N x 3 x 30 x 30; got torch.uint8 tensor of shape \(10, 3, 28, 30\)"),
         ({"val_images": IMAGES.numpy()}, r"val_images must be .*; got ndarray"),
         ({"train_images": IMAGES[:0], "train_labels": LABELS[:0]}, r"train_images is empty"),
         ({"train_labels": LABELS + 5}, r"train_labels has labels in \[5, 14\]; expected labels in \[0, 9\]"),

@@ -51,12 +51,12 @@ from synthgap_helpers.curation.selection import (
     random_per_class,
     top_per_class,
 )
-from synthgap_helpers.imagesets import ImageSet
 from synthgap_helpers.errors import DataError
 from synthgap_helpers.gap.measures import classifier_features
 from synthgap_helpers.geometry.metrics import image_metrics
 from synthgap_helpers.gradcam.maps import gradcam_maps
 from synthgap_helpers.gradcam.metrics import attention_metrics
+from synthgap_helpers.imagesets import ImageSet
 from synthgap_helpers.storage import atomic_write, atomic_write_json
 from synthgap_helpers.train import arms as train_arms
 from synthgap_helpers.train.arms import Arm, CurrentKeys, MissingModelError, fingerprint
@@ -139,10 +139,12 @@ def geometry_upscale(cfg: Any) -> int:
 
 def measure(model: torch.nn.Module, image_set: ImageSet, name: str, cfg: Any, device: str) -> Measures:
     """Logits, penultimate features, attention metrics of the label-class Grad-CAM map, geometry metrics."""
-    features = classifier_features(model, image_set.images, device=device)  # moves the model to `device`
-    logits = predict_logits(model, image_set.images, device=device, channels_last=False).float().cpu()
+    stats = data.normalization(cfg)
+    features = classifier_features(model, image_set.images, device=device,  # moves the model to `device`
+                                   normalize=lambda x: normalize(x, stats=stats))
+    logits = predict_logits(model, image_set.images, device=device, channels_last=False, stats=stats).float().cpu()
     maps = gradcam_maps(model, image_set.images, image_set.labels, cfg.gradcam.layer,
-                        normalize=lambda x: normalize(x * 255, channels_last=False), progress=False)
+                        normalize=lambda x: normalize(x * 255, channels_last=False, stats=stats), progress=False)
     geometry = cfg.geometry
     rows = [image_metrics(image.numpy(), upscale=geometry_upscale(cfg), min_length=geometry.min_length,
                           focal_length=geometry.focal_length, seed=image_seed(cfg.seed, f"geometry/{name}/{image_id}"))
@@ -347,7 +349,7 @@ def _train(job: _Job, synthetic: ImageSet, real: data.RealData, device: str) -> 
                               synthetic_images=chosen.images if mixed else None,
                               synthetic_labels=chosen.labels if mixed else None, seed=job.seed, device=device)
     test = evaluate(result.model, real.test.images, real.test.labels, device=device, amp=job.params.amp,
-                    channels_last=job.params.channels_last)
+                    channels_last=job.params.channels_last, stats=job.params.normalization)
     return {"n_synthetic": len(chosen), "n_real": len(real.train) if mixed else 0,
             "test_accuracy": test["accuracy"], "val_accuracy": result.val_metrics["accuracy"],
             "best_step": result.best_step, "steps": result.steps, "seconds": result.seconds, "key": job.key}

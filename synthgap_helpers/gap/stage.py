@@ -34,7 +34,6 @@ from matplotlib.figure import Figure
 from synthgap_helpers import config, data, results
 from synthgap_helpers import sets as run_sets
 from synthgap_helpers.config import ConfigError
-from synthgap_helpers.imagesets import ImageSet
 from synthgap_helpers.errors import DataError
 from synthgap_helpers.gap import figures as gap_figures
 from synthgap_helpers.gap.detection import detectability
@@ -44,6 +43,7 @@ from synthgap_helpers.gap.measures import (
     gap_table,
     precision_recall,
 )
+from synthgap_helpers.imagesets import ImageSet
 from synthgap_helpers.storage import atomic_write_json
 from synthgap_helpers.train.arms import (
     CurrentKeys,
@@ -51,6 +51,7 @@ from synthgap_helpers.train.arms import (
     fingerprint,
     seeds_of,
 )
+from synthgap_helpers.train.batches import normalize
 from synthgap_helpers.train.trainer import load_checkpoint
 from synthgap_helpers.workload import Shard
 
@@ -204,9 +205,12 @@ def run(cfg: Any, shard: Shard = Shard()) -> GapSummary | None:
 
     device = config.resolve_device(cfg.device)
     extractor_rows = []
+    stats = data.normalization(cfg)
     for seed, seed_check in extractors.items():
         model, _ = load_checkpoint(seed_check.path)
-        seed_features = {name: classifier_features(model, s.images, device=device).to(device) for name, s in sets.items()}
+        seed_features = {name: classifier_features(model, s.images, device=device,
+                                                   normalize=lambda x: normalize(x, stats=stats)).to(device)
+                         for name, s in sets.items()}
         if seed == model_seed(cfg):
             features = seed_features
         for name in sets:

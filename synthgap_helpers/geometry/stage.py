@@ -31,7 +31,6 @@ from tqdm.auto import tqdm
 from synthgap_helpers import data, datasets
 from synthgap_helpers import sets as run_sets
 from synthgap_helpers.config import ConfigError
-from synthgap_helpers.imagesets import ImageSet
 from synthgap_helpers.geometry.metrics import (
     compare_datasets,
     dataset_means,
@@ -44,6 +43,7 @@ from synthgap_helpers.geometry.validation import (
     resolution_calibration,
 )
 from synthgap_helpers.geometry.york_urban import resolve_york_urban
+from synthgap_helpers.imagesets import ImageSet
 from synthgap_helpers.storage import atomic_write, atomic_write_json
 from synthgap_helpers.workload import image_seed, stable_hash
 

@@ -46,7 +46,6 @@ from tqdm.auto import tqdm
 
 from synthgap_helpers import data
 from synthgap_helpers.config import ConfigError, resolve_device
-from synthgap_helpers.imagesets import ImageSet
 from synthgap_helpers.gradcam.figures import (
     faithfulness_curves,
     metric_distributions,
@@ -59,6 +58,7 @@ from synthgap_helpers.gradcam.maps import (
     resolve_layer,
 )
 from synthgap_helpers.gradcam.metrics import attention_metrics, compare_arms
+from synthgap_helpers.imagesets import ImageSet
 from synthgap_helpers.storage import atomic_write
 from synthgap_helpers.train.arms import (
     CurrentKeys,
@@ -67,7 +67,7 @@ from synthgap_helpers.train.arms import (
     check_model,
     job_dir,
 )
-from synthgap_helpers.train.batches import CIFAR10_MEAN, normalize
+from synthgap_helpers.train.batches import CIFAR10_MEAN, Stats, normalize
 from synthgap_helpers.train.trainer import load_checkpoint
 from synthgap_helpers.workload import Shard, image_seed
 
@@ -83,7 +83,9 @@ IDENTITY_COLUMNS = ["arm", "model_seed", "id", "label", "class", "target", "pred
 ROW_COLUMNS = IDENTITY_COLUMNS + METRICS + AUC_COLUMNS
 CURVE_COLUMNS = ["arm", "key", "fraction", "deletion_prob", "insertion_prob", "deletion_acc", "insertion_acc"]
 PROGRESS_FROM = 1000  # samples at least this large get per-batch progress bars inside each arm
-BASELINE = torch.tensor(CIFAR10_MEAN).view(3, 1, 1)  # deleted pixels become the training mean (0 after normalisation)
+def deletion_baseline(stats: Stats | None = None) -> Tensor:
+    """What deleted pixels become: the training mean of each channel (0 after normalisation)."""
+    return torch.tensor(CIFAR10_MEAN if stats is None else stats[0]).view(3, 1, 1)
 
 
 @dataclass(frozen=True)
@@ -302,9 +304,10 @@ def overlay_positions(labels: Tensor, n_classes: int) -> tuple[np.ndarray, np.nd
     return positions, labels[positions]
 
 
-def model_input(images: Tensor) -> Tensor:
-    """Images in [0, 1] (N x 3 x H x W) as the classifiers saw them in training: `train_batches.normalize`."""
-    return normalize(images * 255, channels_last=False)
+def model_input(stats: Stats | None = None) -> Callable[[Tensor], Tensor]:
+    """The map from images in [0, 1] (N x 3 x H x W) to what the classifiers saw in training: `train_batches.normalize`
+    with the run's statistics `stats` (None: CIFAR-10's, `data.normalization`)."""
+    return lambda images: normalize(images * 255, channels_last=False, stats=stats)
 
 
 def params_key(cfg: Any, sample: ImageSet) -> str:
@@ -314,7 +317,7 @@ def params_key(cfg: Any, sample: ImageSet) -> str:
     key = {"version": METRICS_VERSION, "torch": torch.__version__, "seed": cfg.seed, "layer": params.layer,
            "targets": params.targets, "images_per_class": params.images_per_class,
            "deletion_steps": params.deletion_steps, "faithfulness_images": params.faithfulness_images,
-           "baseline": BASELINE.flatten().tolist(), "ids": sample.ids, "pixels": pixels}
+           "baseline": deletion_baseline(data.normalization(cfg)).flatten().tolist(), "ids": sample.ids, "pixels": pixels}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -327,10 +330,10 @@ def arm_key(base_key: str, checkpoint: Checkpoint) -> str:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: Tensor, batch_size: int) -> Tensor:
-    """Logits (float32, on the CPU) of uint8 images, in the training normalisation."""
+def predict(model: nn.Module, images: Tensor, batch_size: int, stats: Stats | None = None) -> Tensor:
+    """Logits (float32, on the CPU) of uint8 images, in the training normalisation (`model_input`)."""
     device = next(model.parameters()).device
-    return torch.cat([model(prepare_images(images[i:i + batch_size].to(device), model_input)).float().cpu()
+    return torch.cat([model(prepare_images(images[i:i + batch_size].to(device), model_input(stats))).float().cpu()
                       for i in range(0, len(images), batch_size)])
 
 
@@ -345,28 +348,32 @@ def explain_arm(
     faithfulness: np.ndarray | None = None,
     batch_size: int = 256,
     progress: bool = True,
+    stats: Stats | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Maps, metrics and faithfulness of one model on uint8 ``images`` with their ``labels``.
 
     Returns (rows, curves): rows has one row per image (target, predicted, target_prob, the attention
     metrics, deletion_auc / insertion_auc for the positions in ``faithfulness``, NaN elsewhere; all
     images when None); curves is `deletion_insertion(...).curves` with ``fraction`` as a column.
-    ``targets``: "true" explains the label, "predicted" the model's top class.
+    ``targets``: "true" explains the label, "predicted" the model's top class; ``stats``: the inputs'
+    normalisation (`model_input`).
     """
     if targets not in ("true", "predicted"):
         raise ValueError(f"targets must be 'true' or 'predicted', got {targets!r}")
-    logits = predict(model, images, batch_size)
+    logits = predict(model, images, batch_size, stats)
     predicted = logits.argmax(1)
     target = labels.long() if targets == "true" else predicted
-    maps = gradcam_maps(model, images, target, layer, normalize=model_input, batch_size=batch_size, progress=progress)
+    maps = gradcam_maps(model, images, target, layer, normalize=model_input(stats), batch_size=batch_size,
+                        progress=progress)
     rows = attention_metrics(maps)
     rows.insert(0, "target", target.numpy())
     rows.insert(1, "predicted", predicted.numpy())
     rows.insert(2, "target_prob", logits.softmax(1).gather(1, target[:, None]).squeeze(1).double().numpy())
     positions = np.arange(len(images)) if faithfulness is None else np.asarray(faithfulness)
     curves = deletion_insertion(
-        model, images[positions], target[positions], maps[positions], steps=deletion_steps, baseline=BASELINE,
-        normalize=model_input, batch_size=max(1, batch_size // (2 * (deletion_steps + 1))), progress=progress)
+        model, images[positions], target[positions], maps[positions], steps=deletion_steps,
+        baseline=deletion_baseline(stats), normalize=model_input(stats),
+        batch_size=max(1, batch_size // (2 * (deletion_steps + 1))), progress=progress)
     for column in AUC_COLUMNS:
         rows[column] = np.nan
         rows.loc[positions, column] = curves.per_image[column].to_numpy()
@@ -452,6 +459,7 @@ def run(cfg: Any, shard: Shard = Shard()) -> GradcamResult:
         _write_csv(rows_path, rows[ROW_COLUMNS])
         _write_csv(curves_path, curves[CURVE_COLUMNS])
 
+    stats = data.normalization(cfg)
     inner_progress = len(sample) >= PROGRESS_FROM  # per-batch bars of one arm only where an arm takes a while
     for checkpoint in tqdm(checkpoints, desc="Grad-CAM arms", unit="arm"):
         model = models[checkpoint.arm].to(device)
@@ -463,7 +471,8 @@ def run(cfg: Any, shard: Shard = Shard()) -> GradcamResult:
         else:
             rows, curves = explain_arm(model, sample.images, sample.labels, layer=params.layer,
                                        targets=params.targets, deletion_steps=params.deletion_steps,
-                                       faithfulness=faithfulness, batch_size=params.batch_size, progress=inner_progress)
+                                       faithfulness=faithfulness, batch_size=params.batch_size, progress=inner_progress,
+                                       stats=stats)
             identity = pd.DataFrame({"arm": checkpoint.arm, "model_seed": checkpoint.seed, "id": sample.ids,
                                      "label": sample.labels.numpy(),
                                      "class": [sample.classes[i] for i in sample.labels.tolist()], "key": key})
@@ -473,7 +482,7 @@ def run(cfg: Any, shard: Shard = Shard()) -> GradcamResult:
             save()
         target = sample.labels[overlay_at] if params.targets == "true" else "predicted"
         overlay_maps[checkpoint.arm] = gradcam_maps(model, sample.images[overlay_at], target, params.layer,
-                                                    normalize=model_input, progress=False)
+                                                    normalize=model_input(stats), progress=False)
         models[checkpoint.arm] = model.cpu()
 
     arms = [c.arm for c in checkpoints]

@@ -146,7 +146,7 @@ def _train(job: _Job, real: data.RealData, device: str) -> dict[str, Any]:
 
     def test_accuracy(model: torch.nn.Module) -> float:
         return evaluate(model, real.test.images, real.test.labels, device=device, amp=job.params.amp,
-                        channels_last=job.params.channels_last)["accuracy"]
+                        channels_last=job.params.channels_last, stats=job.params.normalization)["accuracy"]
 
     init_model, init_accuracy, init_seconds = None, float("nan"), 0.0
     if job.pretrain is not None:

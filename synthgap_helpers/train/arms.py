@@ -215,7 +215,9 @@ def trainer_params(cfg: Any, arm: Arm, progress: bool = True) -> TrainParams:
     needs no mixing, so it shuffles its one set)."""
     section = cfg.train
     mix = section.mix if arm.real and arm.synthetic is not None else "concat"
-    return TrainParams(model=section.model, batch_size=section.batch_size, lr_per_128=section.lr_per_128,
+    info = data.dataset_info(cfg)
+    return TrainParams(model=section.model, num_classes=len(info.classes), normalization=data.normalization(cfg),
+                       batch_size=section.batch_size, lr_per_128=section.lr_per_128,
                        momentum=section.momentum, nesterov=section.nesterov, weight_decay=section.weight_decay,
                        label_smoothing=section.label_smoothing, epochs=section.epochs, steps=section.steps,
                        warmup_frac=section.warmup_frac, eval_every=section.eval_every, mix=mix,

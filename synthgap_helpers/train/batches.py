@@ -9,8 +9,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+from synthgap_helpers.datasets import CIFAR10_MEAN, CIFAR10_STD
+
+Stats = tuple[tuple[float, ...], tuple[float, ...]]
+"""Per-channel (mean, std) on the 0-1 scale that model inputs are normalised with."""
 MIX_MODES = ("concat", "fixed_share")
 
 
@@ -125,9 +127,10 @@ def random_crop_flip(images: torch.Tensor, generator: torch.Generator, pad: int 
     return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
 
 
-def normalize(images: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
-    """uint8 images to float32 with CIFAR-10 mean/std per channel, as one multiply-add."""
-    mean = torch.tensor(CIFAR10_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR10_STD, device=images.device).view(1, 3, 1, 1)
+def normalize(images: torch.Tensor, channels_last: bool = True, stats: Stats | None = None) -> torch.Tensor:
+    """uint8 images to float32 normalised per channel with `stats` (None: CIFAR-10's mean/std), as one multiply-add."""
+    mean_values, std_values = stats if stats is not None else (CIFAR10_MEAN, CIFAR10_STD)
+    mean = torch.tensor(mean_values, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(std_values, device=images.device).view(1, 3, 1, 1)
     x = torch.addcmul(-mean / std, images.float(), 1.0 / (255.0 * std))
     return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)

@@ -40,8 +40,6 @@ from torchvision.models.resnet import BasicBlock, ResNet
 
 from synthgap_helpers.errors import UserError
 
-INPUT_SIZE = 32  # the trainer's image side; every model here also takes other sides (adaptive global pooling)
-
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d",
            "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2")
 MOBILE = ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", *(f"efficientnet_b{i}" for i in range(8)),

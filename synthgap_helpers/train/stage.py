@@ -128,7 +128,7 @@ def train_job(arm: Arm, seed: int, arm_data: ArmData, real: data.RealData, param
     except TrainingDiverged as exc:
         raise TrainingDiverged(diverged_message(arm.name, seed, folder, params, exc), exc.step) from None
     test = evaluate(result.model, real.test.images, real.test.labels, device=device, amp=params.amp,
-                    channels_last=params.channels_last)
+                    channels_last=params.channels_last, stats=params.normalization)
     metadata = json.loads((folder / "metrics.json").read_text())  # what the trainer saved beside the weights
     record = {
         **metadata,

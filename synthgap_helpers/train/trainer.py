@@ -36,10 +36,11 @@ from synthgap_helpers.storage import (
 from synthgap_helpers.train.batches import (
     MIX_MODES,
     BatchIndices,
+    Stats,
     normalize,
     random_crop_flip,
 )
-from synthgap_helpers.train.models import INPUT_SIZE, MODELS, build_model
+from synthgap_helpers.train.models import MODELS, build_model
 
 AMP_MODES = ("auto", "bf16", "off")  # auto: bf16 on CUDA and on CPUs with native bf16 (see `precision`)
 CPU_CALL_SIZE = 64
@@ -73,6 +74,7 @@ class TrainParams:
     amp: str = "auto"  # auto | bf16 | off
     progress: bool = True
     weights: str | None = None  # local checkpoint the initial weights come from (`models.load_weights`); None: random
+    normalization: Stats | None = None  # per-channel (mean, std) of the inputs; None: CIFAR-10's (`data.normalization`)
 
     def __post_init__(self) -> None:
         _require(self.model in MODELS, "model", self.model, f"one of {', '.join(sorted(MODELS))}")
@@ -95,9 +97,9 @@ class TrainParams:
                  "None or the path of a local checkpoint")
 
     def fields(self) -> dict[str, Any]:
-        """The parameters as a dict, without `weights` when None: checkpoints and keys of runs without a weights
-        file stay byte for byte what they were before the field existed."""
-        return {k: v for k, v in asdict(self).items() if not (k == "weights" and v is None)}
+        """The parameters as a dict, without `weights` and `normalization` when None: checkpoints and keys of runs
+        without a weights file, on CIFAR-10, stay byte for byte what they were before the fields existed."""
+        return {k: v for k, v in asdict(self).items() if not (k in ("weights", "normalization") and v is None)}
 
     def recipe(self) -> dict[str, Any]:
         """What a trained model depends on (job keys, resume identities): `fields` without `progress`, with the
@@ -157,11 +159,14 @@ def _describe(x: Any) -> str:
     return f"{x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
 
 
-def check_images(name: str, images: Any, size: int = INPUT_SIZE) -> None:
-    """Require a non-empty uint8 tensor of shape N x 3 x size x size, naming `name` otherwise."""
+def check_images(name: str, images: Any, size: int | None = None) -> None:
+    """Require a non-empty uint8 tensor of shape N x 3 x S x S (S = `size`, or any side when None), naming `name`
+    otherwise."""
     ok = isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.ndim == 4
-    if not ok or tuple(images.shape[1:]) != (3, size, size):
-        raise ValueError(f"{name} must be a uint8 tensor of shape N x 3 x {size} x {size}; got {_describe(images)}")
+    side = images.shape[-1] if ok and size is None else size
+    if not ok or tuple(images.shape[1:]) != (3, side, side):
+        wanted = "S x S (square)" if size is None else f"{size} x {size}"
+        raise ValueError(f"{name} must be a uint8 tensor of shape N x 3 x {wanted}; got {_describe(images)}")
     if len(images) == 0:
         raise ValueError(f"{name} is empty (shape {tuple(images.shape)}); it needs at least one image")
 
@@ -181,8 +186,9 @@ def _check_training_inputs(
 ) -> None:
     """Validate every image/label pair, and that a synthetic set, when given, covers every class."""
     pairs = {"train": train, "val": val} | ({"synthetic": synthetic} if synthetic is not None else {})
+    side = train[0].shape[-1] if isinstance(train[0], torch.Tensor) else None
     for prefix, (images, labels) in pairs.items():
-        check_images(f"{prefix}_images", images)
+        check_images(f"{prefix}_images", images, side)
         check_labels(f"{prefix}_labels", labels, len(images), params.num_classes)
     if synthetic is not None:
         missing = sorted(set(range(params.num_classes)) - set(synthetic[1].unique().tolist()))
@@ -240,23 +246,25 @@ def _copy_state(live: dict[str, torch.Tensor], into: dict[str, torch.Tensor] | N
     return into
 
 
-def _logits(model: nn.Module, images: torch.Tensor, device: torch.device, amp: str, channels_last: bool) -> torch.Tensor:
-    """float32 logits of a uint8 batch, normalised on `device`."""
+def _logits(model: nn.Module, images: torch.Tensor, device: torch.device, amp: str, channels_last: bool,
+            stats: Stats | None) -> torch.Tensor:
+    """float32 logits of a uint8 batch, normalised on `device` with `stats` (None: CIFAR-10's)."""
     with _autocast(device, amp):
-        return model(normalize(images.to(device), channels_last)).float()
+        return model(normalize(images.to(device), channels_last, stats)).float()
 
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: torch.Tensor, *, batch_size: int = 512, device: str | torch.device = "cpu",
-                   amp: str = "off", channels_last: bool = True) -> torch.Tensor:
-    """float32 logits (N x classes, on `device`) of uint8 images, `model` as it is (eval mode is the caller's).
+                   amp: str = "off", channels_last: bool = True, stats: Stats | None = None) -> torch.Tensor:
+    """float32 logits (N x classes, on `device`) of uint8 images normalised with `stats` (None: CIFAR-10's), `model`
+    as it is (eval mode is the caller's).
 
     On CPU the model always sees CPU_CALL_SIZE images per call, so each image's logits are the same bits
     whatever `batch_size`, the set's size or the other images are; elsewhere `batch_size` images per call.
     """
     device = torch.device(device)
     if device.type != "cpu":
-        return torch.cat([_logits(model, images[i : i + batch_size], device, amp, channels_last)
+        return torch.cat([_logits(model, images[i : i + batch_size], device, amp, channels_last, stats)
                           for i in range(0, len(images), batch_size)])
     parts = []
     for start in range(0, len(images), CPU_CALL_SIZE):
@@ -264,7 +272,7 @@ def predict_logits(model: nn.Module, images: torch.Tensor, *, batch_size: int = 
         count = len(chunk)
         if count < CPU_CALL_SIZE:
             chunk = torch.cat([chunk, chunk[-1:].expand(CPU_CALL_SIZE - count, *chunk.shape[1:])])
-        parts.append(_logits(model, chunk, device, amp, channels_last)[:count])
+        parts.append(_logits(model, chunk, device, amp, channels_last, stats)[:count])
     return torch.cat(parts)
 
 
@@ -278,6 +286,7 @@ def evaluate(
     device: str | torch.device = "cpu",
     amp: str = "off",
     channels_last: bool = True,
+    stats: Stats | None = None,
 ) -> dict[str, Any]:
     """Accuracy, mean cross-entropy, per-class accuracy and confusion matrix (rows true, columns predicted).
 
@@ -289,7 +298,8 @@ def evaluate(
     check_images("images", images)
     was_training = model.training
     model.to(device).eval()
-    logits = predict_logits(model, images, batch_size=batch_size, device=device, amp=amp, channels_last=channels_last)
+    logits = predict_logits(model, images, batch_size=batch_size, device=device, amp=amp, channels_last=channels_last,
+                            stats=stats)
     model.train(was_training)
     num_classes = logits.shape[1]
     check_labels("labels", labels, len(images), num_classes)
@@ -385,7 +395,7 @@ def train_classifier(
         lr = lr_at(step, total, params.peak_lr, warmup)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x, y = _next_batch(pool_images, pool_labels, batches, generator, params.channels_last)
+        x, y = _next_batch(pool_images, pool_labels, batches, generator, params.channels_last, params.normalization)
         for norm in frozen_norms:  # evaluate() puts the whole model back in train mode
             norm.eval()
         with _autocast(device, params.amp):
@@ -404,7 +414,7 @@ def train_classifier(
         val_accuracy = None
         if (step + 1) % eval_every == 0 or step + 1 == total:
             metrics = evaluate(model, val_images, val_labels, device=device, amp=params.amp,
-                               channels_last=params.channels_last)
+                               channels_last=params.channels_last, stats=params.normalization)
             val_accuracy = metrics["accuracy"]
             if val_accuracy > best_metrics["accuracy"]:
                 best, best_step, best_metrics = _copy_state(live, best), step + 1, metrics
@@ -655,11 +665,12 @@ def _under(name: str, prefix: str) -> bool:
 
 
 def _next_batch(
-    images: torch.Tensor, labels: torch.Tensor, batches: BatchIndices, generator: torch.Generator, channels_last: bool
+    images: torch.Tensor, labels: torch.Tensor, batches: BatchIndices, generator: torch.Generator, channels_last: bool,
+    stats: Stats | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The next training batch gathered from the on-device pool, augmented and normalised there."""
     idx = batches.next()
-    return normalize(random_crop_flip(images[idx], generator), channels_last), labels[idx]
+    return normalize(random_crop_flip(images[idx], generator), channels_last, stats), labels[idx]
 
 
 def _stop_diverged(
