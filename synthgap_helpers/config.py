@@ -815,6 +815,16 @@ def _differences(old: Any, new: Any, key: str = "") -> list[str]:
     return [] if old == new else [f"{key}: recorded {old!r}, now {new!r}"]
 
 
+def model_display_name(model: str) -> str:
+    """The classifier as the book names it: "ResNet-18 (CIFAR stem)" for resnet18_cifar*, "ResNet-18 (ImageNet
+    stem)" for resnet18_imagenet*, else the torchvision name as configured (e.g. mobilenet_v3_small)."""
+    if model.startswith("resnet18_cifar"):
+        return "ResNet-18 (CIFAR stem)"
+    if model.startswith("resnet18_imagenet"):
+        return "ResNet-18 (ImageNet stem)"
+    return model
+
+
 def profile_meaning(profile: str) -> str:
     """What the numbers of a run with this profile can mean, in one sentence (the banner and the book's intro)."""
     return {

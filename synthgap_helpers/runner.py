@@ -241,16 +241,6 @@ def folder_bytes(folder: Path) -> int:
     return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
 
 
-def model_display_name(model: str) -> str:
-    """The classifier as the book names it: "ResNet-18 (CIFAR stem)" for resnet18_cifar*, "ResNet-18 (ImageNet
-    stem)" for resnet18_imagenet*, else the torchvision name as configured (e.g. mobilenet_v3_small)."""
-    if model.startswith("resnet18_cifar"):
-        return "ResNet-18 (CIFAR stem)"
-    if model.startswith("resnet18_imagenet"):
-        return "ResNet-18 (ImageNet stem)"
-    return model
-
-
 def run_description(cfg: Any) -> dict[str, Any]:
     """What the book and the command line say about the run's data: the dataset (name, classes, image size,
     whether it is CIFAR-10), the classifier (display name, configured name, weights, the layer Grad-CAM explains and
@@ -259,14 +249,14 @@ def run_description(cfg: Any) -> dict[str, Any]:
     reads (book/_ext/synthgap_book.py: the `{run}` role, the only-/unless- directives, the HTML title).
 
     The one place that asks the data, sets and config modules about the run: keep it that way."""
-    from synthgap_helpers import data, sets
+    from synthgap_helpers import config, data, sets
 
     info = data.dataset_info(cfg)
     synthetic = sets.synthetic_sets(cfg)
     return {"dataset": info.name, "classes": list(info.classes), "n_classes": len(info.classes),
             "image_size": int(info.image_size), "is_cifar10": bool(info.is_cifar10),
-            "model": model_display_name(cfg.train.model), "model_id": cfg.train.model,
-            "weights": getattr(cfg.train, "weights", None), "gradcam_layer": cfg.gradcam.layer,
+            "model": config.model_display_name(cfg.train.model), "model_id": cfg.train.model,
+            "weights": cfg.train.weights, "gradcam_layer": cfg.gradcam.layer,
             "finetune_layers": list(cfg.lowdata.finetune_layers), "generators": list(cfg.generators),
             "sets": [{"name": s.name, "label": s.label, "generated": bool(s.generated)} for s in synthetic.values()]}
 

@@ -272,17 +272,14 @@ def test_a_book_root_elsewhere_gets_the_sources_but_not_the_executed_notebooks(t
 
 
 def _fake_run_interfaces(monkeypatch) -> types.SimpleNamespace:
-    """dataset_info / synthetic_sets as the data and sets modules will provide them, and a config with their keys."""
-    from synthgap_helpers import data
+    """dataset_info / synthetic_sets of a run on another dataset, and a config with the keys the runner reads."""
+    from synthgap_helpers import data, sets
 
-    info = types.SimpleNamespace(name="MyDataset", classes=("cat", "dog", "eel"), image_size=64, is_cifar10=False)
-    monkeypatch.setattr(data, "dataset_info", lambda cfg: info, raising=False)
-    sets = types.ModuleType("synthgap_helpers.sets")
-    sets.synthetic_sets = lambda cfg: {
-        "sd": types.SimpleNamespace(name="sd", generated=True, label="Stable Diffusion (SD)"),
-        "mysynth": types.SimpleNamespace(name="mysynth", generated=False, label="mysynth")}
-    monkeypatch.setitem(sys.modules, "synthgap_helpers.sets", sets)
-    return types.SimpleNamespace(generators=["sd"], train=types.SimpleNamespace(model="mobilenet_v3_small"),
+    info = data.DatasetInfo(name="MyDataset", classes=("cat", "dog", "eel"), image_size=64, is_cifar10=False)
+    monkeypatch.setattr(data, "dataset_info", lambda cfg: info)
+    monkeypatch.setattr(sets, "synthetic_sets", lambda cfg: {
+        "sd": sets.SyntheticSet("sd", (), generated=True), "mysynth": sets.SyntheticSet("mysynth", (), generated=False)})
+    return types.SimpleNamespace(generators=["sd"], train=types.SimpleNamespace(model="mobilenet_v3_small", weights=None),
                                  gradcam=types.SimpleNamespace(layer="features"),
                                  lowdata=types.SimpleNamespace(finetune_layers=["classifier"]))
 
@@ -303,10 +300,10 @@ def test_run_description_names_dataset_classifier_generators_and_sets(monkeypatc
 
 
 def test_model_display_names():
-    assert runner.model_display_name("resnet18_cifar") == "ResNet-18 (CIFAR stem)"
-    assert runner.model_display_name("resnet18_cifar_narrow") == "ResNet-18 (CIFAR stem)"
-    assert runner.model_display_name("resnet18_imagenet_224") == "ResNet-18 (ImageNet stem)"
-    assert runner.model_display_name("mobilenet_v3_small") == "mobilenet_v3_small"
+    assert config.model_display_name("resnet18_cifar") == "ResNet-18 (CIFAR stem)"
+    assert config.model_display_name("resnet18_cifar_narrow") == "ResNet-18 (CIFAR stem)"
+    assert config.model_display_name("resnet18_imagenet_224") == "ResNet-18 (ImageNet stem)"
+    assert config.model_display_name("mobilenet_v3_small") == "mobilenet_v3_small"
 
 
 # --------------------------------------------------------------------------------------- the book's pages

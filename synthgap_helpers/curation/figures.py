@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -43,25 +43,30 @@ def correlation_heatmap(correlations: pd.DataFrame) -> Figure:
     return figure
 
 
-def extremes(images: ImageSet, scores: pd.DataFrame, criteria: Sequence[str], per_side: int, source: str) -> Figure:
-    """Per class (rows) and criterion (panels): the `per_side` top-scored images, then the `per_side` bottom-scored."""
-    figure, axes = plt.subplots(1, len(criteria), figsize=(1.3 * 2 * per_side * len(criteria), 0.7 * len(images.classes)), layout="constrained")
-    blank = torch.full((1, 3, *images.images.shape[2:]), 255, dtype=torch.uint8)
-    pool = torch.cat([images.images, blank])  # index -1 picks the blank tile
-    labels = scores["label"].to_numpy()
-    classes = images.classes
-    for ax, criterion in zip(np.atleast_1d(axes), criteria):
-        picks = []
-        for class_index in range(len(classes)):
-            members = np.flatnonzero(labels == class_index)
-            order = members[np.argsort(-scores[criterion].to_numpy()[members], kind="stable")]
-            top, bottom = list(order[:per_side]), list(order[::-1][:per_side][::-1])
-            picks += [*top, *[-1] * (per_side - len(top)), *[-1] * (per_side - len(bottom)), *bottom]
-        ax.imshow(mosaic(pool[torch.as_tensor(picks)], len(classes), 2 * per_side), interpolation="nearest")
-        ax.set_title(f"{criterion.replace('_', ' ')}\ntop {per_side} | bottom {per_side}", fontsize="small")
-        ax.set_xticks([])
-        ax.set_yticks(np.arange(len(classes)) * (images.images.shape[2] + 1) + images.images.shape[2] / 2, classes)
-    figure.suptitle(f"{source}: best and worst images of each class by each score")
+def extremes(sets: Mapping[str, tuple[ImageSet, pd.DataFrame]], criteria: Sequence[str], per_side: int) -> Figure:
+    """One row of panels per set (images, scores): per class (rows of a panel) and criterion (panels) the `per_side`
+    top-scored images, then the `per_side` bottom-scored."""
+    classes = next(iter(sets.values()))[0].classes
+    height = 0.7 * len(classes) + 0.6
+    figure = plt.figure(figsize=(1.3 * 2 * per_side * len(criteria), height * len(sets)), layout="constrained")
+    for panel, (source, (images, scores)) in zip(np.atleast_1d(figure.subfigures(len(sets), 1)), sets.items()):
+        axes = panel.subplots(1, len(criteria))
+        side = images.images.shape[2]
+        blank = torch.full((1, 3, *images.images.shape[2:]), 255, dtype=torch.uint8)
+        pool = torch.cat([images.images, blank])  # index -1 picks the blank tile
+        labels = scores["label"].to_numpy()
+        for ax, criterion in zip(np.atleast_1d(axes), criteria):
+            picks = []
+            for class_index in range(len(classes)):
+                members = np.flatnonzero(labels == class_index)
+                order = members[np.argsort(-scores[criterion].to_numpy()[members], kind="stable")]
+                top, bottom = list(order[:per_side]), list(order[::-1][:per_side][::-1])
+                picks += [*top, *[-1] * (per_side - len(top)), *[-1] * (per_side - len(bottom)), *bottom]
+            ax.imshow(mosaic(pool[torch.as_tensor(picks)], len(classes), 2 * per_side), interpolation="nearest")
+            ax.set_title(f"{criterion.replace('_', ' ')}\ntop {per_side} | bottom {per_side}", fontsize="small")
+            ax.set_xticks([])
+            ax.set_yticks(np.arange(len(classes)) * (side + 1) + side / 2, classes)
+        panel.suptitle(f"{source}: best and worst images of each class by each score")
     return figure
 
 

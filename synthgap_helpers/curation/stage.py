@@ -204,9 +204,12 @@ class ScoresSummary:
         """Heat map of `correlations`."""
         return curation_figures.correlation_heatmap(self.correlations())
 
-    def extremes_figure(self, source: str, per_side: int = 2) -> Figure:
-        """For one source: per class (rows) and criterion (column groups) the `per_side` top- and bottom-scored images."""
-        return curation_figures.extremes(self.sets[source], self.of(source), [*CRITERIA, "combined"], per_side, source)
+    def extremes_figure(self, per_side: int = 2) -> Figure:
+        """For each scored synthetic set in turn: per class (rows) and criterion (panels) the `per_side` top- and
+        bottom-scored images."""
+        sources = [name for name in self.sets if name != HELDOUT]
+        return curation_figures.extremes({name: (self.sets[name], self.of(name)) for name in sources},
+                                         [*CRITERIA, "combined"], per_side)
 
     def __repr__(self) -> str:
         state = "reused" if self.reused else "computed"

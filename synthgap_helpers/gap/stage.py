@@ -79,7 +79,7 @@ def balanced_sample(image_set: ImageSet, per_class: int, seed: int, name: str) -
         lacking = {image_set.classes[i]: int(c) for i, c in enumerate(counts) if c < per_class}
         raise ConfigError(f"gap.images_per_class={per_class}: set {name!r} has fewer images of {lacking}; "
                           f"lower gap.images_per_class to at most {int(counts.min())} or generate more images")
-    return image_set.subset(data.balanced_indices(image_set.labels, per_class, seed))
+    return image_set.subset(data.balanced_indices(image_set.labels, per_class, seed, classes=image_set.classes))
 
 
 def stage_key(cfg: Any, checkpoint_hash: str, prints: dict[str, str | None], extractor_seeds: dict[int, str]) -> str:

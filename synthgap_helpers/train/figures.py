@@ -73,12 +73,12 @@ def training_curves(curves: Mapping[str, Mapping[str, Any]]) -> Figure:
     return fig
 
 
-def accuracy_bars(values: Any, per_seed: Any) -> Figure:
+def accuracy_bars(values: Any, per_seed: Any, title: str, n_classes: int) -> Figure:
     """Test accuracy per arm: bar = mean over seeds, whisker = std (none for one seed), dots = single seeds; open diamonds mark
     the accuracy the original study reported (its own split, so a reference point, not a target).
 
     `values` is indexed by arm with columns mean, std, n_seeds, reported_by_original_study; `per_seed` has
-    one row per finished (arm, seed) with columns arm and test_accuracy."""
+    one row per finished (arm, seed) with columns arm and test_accuracy; chance is 100 / `n_classes` %."""
     arms = list(values.index)
     fig, ax = plt.subplots(figsize=(1.6 + 1.05 * len(arms), 4.4))
     positions = np.arange(len(arms))
@@ -92,11 +92,13 @@ def accuracy_bars(values: Any, per_seed: Any) -> Figure:
         ax.plot(np.full(len(seeds), position), seeds, ".", color="black", markersize=5)
         if values.loc[arm, "n_seeds"] == 0:
             ax.text(position, 2, "not\ntrained", ha="center", va="bottom", fontsize=8)
-    ax.plot(positions, values["reported_by_original_study"].to_numpy(dtype=float), "D", markersize=8,
-            markerfacecolor="none", color="C3", label="original study, as reported (its own split)")
-    ax.axhline(10, color="grey", linestyle=":", linewidth=1, label="chance (10 classes)")
+    reported = values["reported_by_original_study"].to_numpy(dtype=float)
+    if not np.isnan(reported).all():
+        ax.plot(positions, reported, "D", markersize=8, markerfacecolor="none", color="C3",
+                label="original study, as reported (its own split)")
+    ax.axhline(100 / n_classes, color="grey", linestyle=":", linewidth=1, label=f"chance ({n_classes} classes)")
     ax.set_xticks(positions, arms)
-    ax.set(ylim=(0, 100), ylabel="test accuracy (%)", title="ResNet-18 accuracy on the real CIFAR-10 test set")
+    ax.set(ylim=(0, 100), ylabel="test accuracy (%)", title=title)
     ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, frameon=False)
     fig.tight_layout()
     return fig

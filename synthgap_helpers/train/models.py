@@ -16,7 +16,9 @@ ConvNeXt            the 4x4 stride-4 patchify stem becomes a 3x3 stride-1 conv  
 
 Upsampling the input to 224 px instead (`Upsampled`, as resnet18_imagenet_224) costs about 3 times the
 compute per image (measured 3.1x to 3.3x for resnet18, resnet50, mobilenet_v3_small, efficientnet_b0 and
-convnext_tiny) for 7x7 maps of interpolated pixels. `resnet18` is resnet18_cifar, weight for weight.
+convnext_tiny) for 7x7 maps of interpolated pixels. `resnet18` is resnet18_cifar, weight for weight. One
+check of the rule (one seed, CPU): mobilenet_v3_small trained 1,000 steps of 64 on 3,000 CIFAR-10 JPEG images
+(lr_per_128 0.4) scored 46.9% on 1,000 test images with it and 31.7% unchanged (stride 32, a 1x1 final map).
 
 The layers other stages need are found here for any of them: `feature_stage` (Grad-CAM's "auto"),
 `classifier_head` (its input is the penultimate feature vector) and `find_layer` (a module by name).

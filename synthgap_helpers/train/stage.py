@@ -177,12 +177,15 @@ class TrainingSummary:
     problems: dict[tuple[str, int], str] = field(default_factory=dict)  # jobs found unusable: short reason
     messages: dict[tuple[str, int], str] = field(default_factory=dict)  # the same: file, reason and fix in one line
     resumed: dict[tuple[str, int], int] = field(default_factory=dict)  # jobs this call resumed: the step
+    original_study: bool = True  # the run's dataset is CIFAR-10: the original study's arms and numbers stand beside
 
     def _arm_records(self, arm: str) -> list[dict[str, Any]]:
         return [self.records[(arm, s)] for s in self.seeds if (arm, s) in self.records]
 
     def _table_arms(self) -> list[str]:
         planned = [arm.name for arm in self.arms]
+        if not self.original_study:
+            return planned
         return list(ORIGINAL_ORDER) + [name for name in planned if name not in ORIGINAL_ORDER]
 
     def accuracy_values(self) -> pd.DataFrame:
@@ -197,7 +200,7 @@ class TrainingSummary:
                 stats = summarize_seeds([100 * r["test"]["accuracy"] for r in records])
                 row.update({k: stats[k] for k in ("mean", "std", "ci95_low", "ci95_high")},
                            val_mean=float(np.mean([100 * r["val"]["accuracy"] for r in records])))
-            row["reported_by_original_study"] = ORIGINAL_STUDY.get(arm, np.nan)
+            row["reported_by_original_study"] = ORIGINAL_STUDY.get(arm, np.nan) if self.original_study else np.nan
             rows[arm] = row
         table = pd.DataFrame.from_dict(rows, orient="index")
         table.index.name = "arm"
@@ -219,8 +222,9 @@ class TrainingSummary:
                 validation = f"{v['val_mean']:.2f}"
             reported = v["reported_by_original_study"]
             rows[arm] = {"seeds": n, "test accuracy % (mean ± std)": accuracy, "95% t-interval": interval,
-                         "validation % (mean)": validation,
-                         "original study % (reported)*": "—" if np.isnan(reported) else f"{reported:.2f}"}
+                         "validation % (mean)": validation}
+            if self.original_study:
+                rows[arm]["original study % (reported)*"] = "—" if np.isnan(reported) else f"{reported:.2f}"
         table = pd.DataFrame.from_dict(rows, orient="index")
         table.index.name = "arm"
         return table
@@ -232,7 +236,7 @@ class TrainingSummary:
         values = self.accuracy_values()
         rows = {}
         for arm in self.arms:
-            if arm.real or arm.synthetic not in ("sd", "di"):
+            if arm.real or arm.synthetic is None:
                 continue
             v = values.loc[arm.name]
             n = int(v["n_seeds"])
@@ -328,7 +332,7 @@ class TrainingSummary:
                         for job, message in self.messages.items())
         return (f"TrainingSummary({self.run_dir}: {len(self.arms)} arms x {len(self.seeds)} seeds; "
                 f"{len(self.trained)} trained now, {len(self.reused)} reused, {len(self.pending)} pending)\n"
-                f"{self.accuracy_table().to_string()}\n* {REPORTED_NOTE}{notes}")
+                f"{self.accuracy_table().to_string()}{f'{chr(10)}* {REPORTED_NOTE}' if self.original_study else ''}{notes}")
 
 
 def write_results(summary: TrainingSummary) -> list[Path]:
@@ -405,7 +409,7 @@ def run(cfg: Any, shard: Shard = Shard(), train: bool = True) -> TrainingSummary
                    for arm in arms},
         real_sizes={"train": len(real.train), "val": len(real.val), "test": len(real.test)},
         test_fingerprint=prints["test"], skipped=skipped, trained=trained, reused=reused, pending=pending,
-        problems=problems, messages=messages, resumed=resumed)
+        problems=problems, messages=messages, resumed=resumed, original_study=data.dataset_info(cfg).is_cifar10)
     summary.files = write_results(summary)
     return summary
 
@@ -435,13 +439,15 @@ class Headline:
     note: str
     test_images: int  # size of the real test set every arm was scored on
     path: Path  # results.json
+    title: str = "ResNet-18 accuracy on the real CIFAR-10 test set"  # the figure's: the run's classifier and dataset
+    n_classes: int = 10
 
     def __repr__(self) -> str:
         return f"{self.table.to_string()}\n* {self.note}"
 
     def figure(self) -> Figure:
         """Bars of test accuracy per arm with single seeds as dots, beside the original study's numbers."""
-        return train_figures.accuracy_bars(self.values, self.per_seed)
+        return train_figures.accuracy_bars(self.values, self.per_seed, self.title, self.n_classes)
 
 
 def headline_table(cfg: Any) -> Headline:
@@ -453,14 +459,19 @@ def headline_table(cfg: Any) -> Headline:
     values = summary.accuracy_values()
     per_seed = summary.per_seed()[["arm", "seed", "test_accuracy", "val_accuracy", "best_step", "steps", "test_n"]]
     per_seed = per_seed.sort_values(["arm", "seed"], key=lambda c: c.map(_arm_rank) if c.name == "arm" else c)
-    note = f"{REPORTED_CITATION} ({REPORTED_NOTE.split('; ', 1)[-1]}); accuracy in % on the run's real test set"
+    info = data.dataset_info(cfg)
+    note = (f"{REPORTED_CITATION} ({REPORTED_NOTE.split('; ', 1)[-1]}); " if info.is_cifar10 else "") + \
+        "accuracy in % on the run's real test set"
     per_seed = per_seed.reset_index(drop=True)
     gains = gains_over(per_seed, "real", paired=True)  # one seed gives every arm the same initial weights
     path = record(cfg.run_dir, "headline", {
         "unit": "test accuracy, %", "test_images": summary.real_sizes["test"], "test_fingerprint": summary.test_fingerprint,
-        "original_study_note": REPORTED_CITATION, "arms": frame_records(values), "per_seed": frame_records(per_seed),
+        "original_study_note": REPORTED_CITATION if info.is_cifar10 else None, "arms": frame_records(values),
+        "per_seed": frame_records(per_seed),
         "gains_over_real": frame_records(gains)})
-    return Headline(summary.accuracy_table(), values, per_seed, gains, note, summary.real_sizes["test"], path)
+    title = f"{config.model_display_name(cfg.train.model)} accuracy on the real {info.name} test set"
+    return Headline(summary.accuracy_table(), values, per_seed, gains, note, summary.real_sizes["test"], path, title,
+                    len(info.classes))
 
 
 def _arm_rank(arm: str) -> int:
