@@ -1,6 +1,6 @@
 """synthgap: how far diffusion-generated training images are from real CIFAR-10, and how to close the gap.
 
-The top level holds the shared plumbing (config, data, storage, workload, downloads, results, plots, cost,
+The top level holds the shared plumbing (params, config, data, storage, workload, downloads, results, plots, cost,
 runner, cli); each stage of the pipeline is a package, in order: sd, inversion, train, lowdata, gradcam,
 geometry, gap, curation. Imports run one way (tests/test_imports.py): a stage uses the plumbing and the core
 modules of earlier stages, never another stage's `stage`; the plumbing uses no stage.

@@ -14,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-# CIFAR-10's shape, as `data` and `config` know it; not imported from `data`, whose torch import would slow the CLI
+# CIFAR-10's shape, as `data` and `params` know it; not imported from `data`, whose torch import would slow the CLI
 CLASSES = 10
 CIFAR_TRAIN_PER_CLASS = 5000
 CIFAR_TEST_PER_CLASS = 1000

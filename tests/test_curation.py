@@ -13,7 +13,7 @@ import pytest
 import torch
 from study_files import TINY_TRAINING, write_batches, write_synthetic
 
-from synthgap_helpers import config, data, results
+from synthgap_helpers import config, data, params, results
 from synthgap_helpers import sets as run_sets
 from synthgap_helpers.curation import scores, selection
 from synthgap_helpers.curation import stage as curation
@@ -116,7 +116,7 @@ def run_dir(tmp_path: Path) -> Path:
     return tmp_path / "run"
 
 
-def load(run_dir: Path, **overrides) -> config.Config:
+def load(run_dir: Path, **overrides) -> params.Config:
     return config.load("smoke", run_dir=run_dir, record=False,
                        overrides={**TINY_TRAINING, "data.root": str(run_dir.parent / "cifar"), **CURATION, **overrides})
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from synthgap_helpers import config
+from synthgap_helpers import config, params
 from synthgap_helpers.config import ConfigError
 
 # di/sample_dataset.py, interpolation_sample(...) defaults for CIFAR-10:
@@ -39,11 +39,11 @@ AUTHORS_WEIGHT_DECAY = 1e-2
 
 
 @pytest.fixture(scope="module", params=["gpu-small", "paper"])
-def inversion(request: pytest.FixtureRequest) -> config.InversionParams:
+def inversion(request: pytest.FixtureRequest) -> params.InversionParams:
     return config.resolve(request.param).inversion
 
 
-def test_sampling_matches_the_authors_scripts(inversion: config.InversionParams) -> None:
+def test_sampling_matches_the_authors_scripts(inversion: params.InversionParams) -> None:
     assert inversion.model == AUTHORS_MODEL
     assert inversion.scheduler == AUTHORS_SCHEDULER  # PNDM: eta has no effect, as in the authors' runs
     assert inversion.guidance == AUTHORS_GUIDANCE
@@ -55,7 +55,7 @@ def test_sampling_matches_the_authors_scripts(inversion: config.InversionParams)
     assert inversion.noise_std == AUTHORS_EMB_NOISE
 
 
-def test_inversion_recipe_matches_the_authors_scripts(inversion: config.InversionParams) -> None:
+def test_inversion_recipe_matches_the_authors_scripts(inversion: params.InversionParams) -> None:
     assert (inversion.num_tokens, inversion.batch_size, inversion.group_size) == (
         AUTHORS_NUM_TOKENS, AUTHORS_BATCH_SIZE, AUTHORS_GROUP_SIZE)
     assert (inversion.lr, inversion.weight_decay) == (AUTHORS_LR, AUTHORS_WEIGHT_DECAY)

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from synthgap_helpers import config, data, imagesets, storage
+from synthgap_helpers import config, data, imagesets, params, storage
 from synthgap_helpers.inversion import embeddings as inversion
 from synthgap_helpers.inversion import stage as inversion_stage
 from synthgap_helpers.sd import stage as sd_generate
@@ -64,7 +64,7 @@ def fake_data(monkeypatch):
     return real
 
 
-def inversion_cfg(run_dir: Path, **overrides) -> config.Config:
+def inversion_cfg(run_dir: Path, **overrides) -> params.Config:
     params = {"model": "tiny", "group_size": 5, "num_groups": 1, "resolution": RES, "steps": 6, "batch_size": 2,
               "checkpoint_every": 2, "sample_steps": 2, "samples_per_image": 1, "sample_batch_size": 3,
               "save_size": RES, "cpu_threads": 1}

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from study_files import TINY_TRAINING, write_batches, write_synthetic
 
-from synthgap_helpers import cli, config, data
+from synthgap_helpers import cli, config, data, params
 from synthgap_helpers.gap import stage as gap_stage
 from synthgap_helpers.gradcam import stage as gradcam_stage
 from synthgap_helpers.train import arms as train_arms
@@ -74,7 +74,7 @@ def close_figures():
     plt.close("all")
 
 
-def load(run_dir: Path, **overrides: typing.Any) -> config.Config:
+def load(run_dir: Path, **overrides: typing.Any) -> params.Config:
     return config.load("smoke", run_dir=run_dir, record=False,
                        overrides={**SETTINGS, "data.root": str(run_dir.parent / "cifar"), **overrides})
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from study_files import TINY_TRAINING, write_batches, write_synthetic
 
-from synthgap_helpers import config, data
+from synthgap_helpers import config, data, params
 from synthgap_helpers.gap import stage as gap_stage
 from synthgap_helpers.train import arms as train_arms
 from synthgap_helpers.train.models import build_model
@@ -41,7 +41,7 @@ def run_dir(tmp_path: Path) -> Path:
     return tmp_path / "run"
 
 
-def load(run_dir: Path, **overrides) -> config.Config:
+def load(run_dir: Path, **overrides) -> params.Config:
     return config.load("smoke", run_dir=run_dir, record=False,
                        overrides={**TINY_TRAINING, "data.test_per_class": 4, "data.root": str(run_dir.parent / "cifar"),
                                   **GAP, **overrides})

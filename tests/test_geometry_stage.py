@@ -12,7 +12,7 @@ import pytest
 import torch
 from study_files import write_batches, write_synthetic
 
-from synthgap_helpers import config, datasets, imagesets
+from synthgap_helpers import config, datasets, imagesets, params
 from synthgap_helpers.data import DataError
 from synthgap_helpers.geometry import figures as geometry_figures
 from synthgap_helpers.geometry import stage as geometry_stage
@@ -45,7 +45,7 @@ def write_synthetic_set(run_dir: Path, per_class: int = 2, seed: int = 1) -> Non
     write_synthetic(run_dir / "synthetic" / "sd", per_class, draw=box_chw, seed=seed)
 
 
-def tiny_config(root: Path, run_dir: Path, **geometry: object) -> config.Config:
+def tiny_config(root: Path, run_dir: Path, **geometry: object) -> params.Config:
     """The smoke profile on the tiny batches: 20 test images, 1 of each class per set, 1 York Urban image
     (from ``<root>/../york-urban``, where ``tiny_run`` links the embedded sample)."""
     overrides = {"data.sample": False, "data.root": str(root), "data.download": False, "data.train_per_class": 3,

@@ -12,7 +12,7 @@ import pytest
 import torch
 from study_files import write_batches, write_synthetic
 
-from synthgap_helpers import config, data
+from synthgap_helpers import config, data, params
 from synthgap_helpers.gradcam import stage as gradcam_stage
 from synthgap_helpers.train import arms as train_arms
 from synthgap_helpers.train.models import build_model
@@ -37,7 +37,7 @@ def save_random_model(run_dir: Path, arm: str, seed: int = 0, weights_seed: int 
     return path
 
 
-def tiny_config(root: Path, run_dir: Path, **gradcam: object) -> config.Config:
+def tiny_config(root: Path, run_dir: Path, **gradcam: object) -> params.Config:
     """Smoke profile on the tiny batches: a 40-image test set, 2 images per class explained, 10 of them
     on the faithfulness curves (4 steps)."""
     overrides = {"data.sample": False, "data.root": str(root), "data.download": False, "data.train_per_class": 3, "data.val_per_class": 2,

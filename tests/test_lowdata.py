@@ -12,7 +12,7 @@ import pytest
 import torch
 from study_files import TINY_TRAINING, write_batches, write_synthetic
 
-from synthgap_helpers import config, data, imagesets, results
+from synthgap_helpers import config, data, imagesets, params, results
 from synthgap_helpers.imagesets import ImageFolderWriter
 from synthgap_helpers.lowdata import containment
 from synthgap_helpers.lowdata import stage as lowdata
@@ -31,7 +31,7 @@ def run_dir(tmp_path: Path) -> Path:
     return tmp_path / "run"
 
 
-def load(run_dir: Path, **overrides) -> config.Config:
+def load(run_dir: Path, **overrides) -> params.Config:
     return config.load("smoke", run_dir=run_dir, record=False,
                        overrides={**TINY_TRAINING, "data.root": str(run_dir.parent / "cifar"), **LOW, **overrides})
 

@@ -13,7 +13,7 @@ import torch
 from own_data_files import CLASSES, SIZE, TRAIN_COUNTS, write_dataset, write_external
 from PIL import Image
 
-from synthgap_helpers import config, data, sets
+from synthgap_helpers import config, data, params, sets
 from synthgap_helpers.errors import DataError
 from synthgap_helpers.imagesets import fit_square
 from synthgap_helpers.lowdata import stage as lowdata_stage
@@ -27,7 +27,7 @@ def own(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def load(own: Path, record: bool = True, **overrides: typing.Any) -> config.Config:
+def load(own: Path, record: bool = True, **overrides: typing.Any) -> params.Config:
     params = {"data.sample": False, "data.root": str(own / "defects"), "data.image_size": SIZE,
               "data.train_per_class": None, "data.val_per_class": 2, "data.test_per_class": None,
               "data.cache_dir": str(own / "cache"), "generators": [],

@@ -12,12 +12,12 @@ import pytest
 import scipy.stats
 from study_files import TINY_TRAINING, write_batches, write_synthetic
 
-from synthgap_helpers import config, results
+from synthgap_helpers import config, params, results
 from synthgap_helpers.train import stage as train_stage
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> config.Config:
+def trained(tmp_path_factory: pytest.TempPathFactory) -> params.Config:
     """A run with the five arms of the original study trained (2 steps of the narrow model each)."""
     root = tmp_path_factory.mktemp("headline")
     write_batches(root / "cifar" / "cifar-10-batches-py")

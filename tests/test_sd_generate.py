@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from synthgap_helpers import config, data, imagesets, storage
-from synthgap_helpers.config import CLIP_TEMPLATES
+from synthgap_helpers import config, data, imagesets, params, storage
+from synthgap_helpers.params import CLIP_TEMPLATES
 from synthgap_helpers.sd import stage as sd_generate
 from synthgap_helpers.sd.prompts import class_prompt, draw_guidance
 from synthgap_helpers.workload import Shard, image_seed
@@ -19,7 +19,7 @@ BASE = {"sd.model": "tiny", "sd.mode": "txt2img", "sd.classes": ["cat", "dog"], 
         "sd.steps": 2, "sd.batch_size": 4, "device": "cpu"}
 
 
-def make_cfg(run_dir: Path, **overrides) -> config.Config:
+def make_cfg(run_dir: Path, **overrides) -> params.Config:
     return config.resolve("smoke", run_dir=run_dir, overrides={**BASE, **overrides})
 
 
@@ -39,12 +39,12 @@ def differing(got: tuple[dict, dict], expected: tuple[dict, dict]) -> list[str]:
             for key in sorted(a.keys() | b.keys()) if a.get(key) != b.get(key)]
 
 
-def folder_bytes(cfg: config.Config) -> dict[str, bytes]:
+def folder_bytes(cfg: params.Config) -> dict[str, bytes]:
     root = sd_generate.output_folder(cfg)
     return {str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob("*.png"))}
 
 
-def records_by_id(cfg: config.Config) -> dict[str, dict]:
+def records_by_id(cfg: params.Config) -> dict[str, dict]:
     return {r["id"]: r for r in storage.Manifest(sd_generate.output_folder(cfg) / "manifest.jsonl").records()}
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from study_files import TINY_TRAINING, write_batches, write_synthetic
 
-from synthgap_helpers import config, data, imagesets, results, sets
+from synthgap_helpers import config, data, imagesets, params, results, sets
 from synthgap_helpers.imagesets import CIFAR10_CLASSES as CLASSES
 from synthgap_helpers.train import arms as train_arms
 from synthgap_helpers.train import stage as train_stage
@@ -27,7 +27,7 @@ def run_dir(tmp_path: Path) -> Path:
     return tmp_path / "run"
 
 
-def load(run_dir: Path, **overrides: typing.Any) -> config.Config:
+def load(run_dir: Path, **overrides: typing.Any) -> params.Config:
     data_root = str(run_dir.parent / "cifar")
     return config.load("smoke", run_dir=run_dir, overrides={**TINY_TRAINING, "data.root": data_root, **overrides},
                        record=False)
@@ -195,7 +195,7 @@ def test_a_diverged_run_names_arm_and_seed(run_dir, monkeypatch):
 
 
 def test_config_models_are_the_trainer_models_and_budgets_are_exclusive():
-    allowed = typing.get_args(config.TrainStageParams.model_fields["model"].annotation)
+    allowed = typing.get_args(params.TrainStageParams.model_fields["model"].annotation)
     assert set(allowed) == set(MODELS)
     with pytest.raises(config.ConfigError, match="exactly one of epochs and steps"):
         config.resolve("smoke", run_dir="/tmp/unused", overrides={"train.epochs": 2})

@@ -22,7 +22,7 @@ def parameter_table(cfg: Any) -> Any:
     """The inversion parameters of the run beside the authors' values."""
     import pandas as pd
 
-    from synthgap_helpers.config import InversionParams
+    from synthgap_helpers.params import InversionParams
 
     authors = InversionParams()
     run = cfg.inversion

@@ -1,5 +1,5 @@
 """Class prompts for Stable Diffusion generation from templates and class synonyms (their defaults are
-parameters: `config.CLIP_TEMPLATES`, `config.CLASS_SYNONYMS`), and captions files.
+parameters: `params.CLIP_TEMPLATES`, `params.CLASS_SYNONYMS`), and captions files.
 
 A prompt is a template (`"a blurry photo of a {}."`) filled with a name of the class (`"sedan"` for
 `automobile`); which template and which name an image gets is drawn with that image's own seed, so a

@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from synthgap_helpers import config, data, imagesets
-from synthgap_helpers.config import CLASS_SYNONYMS, ConfigError, check_templates
+from synthgap_helpers.config import ConfigError
 from synthgap_helpers.imagesets import DEFAULT_IMAGE_SIZE
+from synthgap_helpers.params import CLASS_SYNONYMS, check_templates
 from synthgap_helpers.sd import pipelines as diffusion
 from synthgap_helpers.sd.prompts import class_prompt, draw_guidance, read_captions
 from synthgap_helpers.sets import reading
