@@ -21,12 +21,14 @@ PROFILE = {  # the smoke profile at the smallest budgets that still run every st
     "base": "smoke", "generators": [], "synthetic": {"ext": {"paths": ["made_elsewhere"]}},
     "data": {"sample": False, "root": "defects", "name": "Defects-4", "image_size": 48, "train_per_class": None,
              "val_per_class": 2, "test_per_class": None, "cache_dir": "cache"},
-    "geometry": {"york_urban_root": str(SAMPLE_DIR / "york-urban"), "images_per_set": 20, "york_urban_images": 2},
+    "geometry": {"york_urban_root": str(SAMPLE_DIR / "york-urban"), "images_per_set": 20, "york_urban_images": 2,
+                 "n_resamples": 100},
     "train": {"steps": 4, "eval_every": 2, "batch_size": 16},
-    "gradcam": {"images_per_class": 3, "faithfulness_images": 10},
-    "gap": {"images_per_class": 2, "n_resamples": 5, "detector_steps": 5},
+    "gradcam": {"images_per_class": 3, "faithfulness_images": 10, "n_resamples": 100, "deletion_steps": 2},
+    "gap": {"images_per_class": 2, "n_resamples": 5, "detector_steps": 5, "kid_subsets": 2},
     "lowdata": {"k_per_class": [2], "steps": 2},
-    "curation": {"heldout_per_class": 1, "steps": 2, "scaling_fractions": [0.5, 1.0]},
+    "curation": {"reference_per_class": None, "heldout_per_class": 1, "steps": 1, "scaling_fractions": [1.0],
+                 "geometry_upscale": 1},
 }
 
 
