@@ -371,6 +371,12 @@ def check_paths(cfg: Config) -> None:
             raise ConfigError(f"{key} = {value}: no such {kind}; fix the path (relative paths are taken from the folder "
                               f"the command was started in, or from the profile file's folder), or set {key}=null "
                               f"for {PATH_PARAMETERS[key]}")
+    for name, spec in cfg.synthetic.items():
+        missing = [path for path in spec.paths if not Path(path).is_dir()]
+        if missing:
+            raise ConfigError(f"synthetic.{name}.paths: no such folder {', '.join(missing)}; give the folders of class "
+                              f"folders of the set made elsewhere (relative paths are taken from the folder the command "
+                              f"was started in, or from the profile file's folder), or remove synthetic.{name}")
     if cfg.data.cache_dir is not None and Path(cfg.data.cache_dir).exists() and not Path(cfg.data.cache_dir).is_dir():
         raise ConfigError(f"data.cache_dir = {cfg.data.cache_dir} is a file, not a folder; give a folder (it is "
                           f"created if missing), or set data.cache_dir=null for {PATH_PARAMETERS['data.cache_dir']}")

@@ -281,7 +281,13 @@ def dataset_classes(root: str | Path | None = None, download: bool = False, cach
     embedded sample, else the sorted sub-folders of its `train/` folder."""
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     layout, folder, _ = _locate("train", root, download, cache, sample)
-    return CIFAR10_CLASSES if layout == "batches" else folder_classes(folder)
+    if layout == "batches":
+        return CIFAR10_CLASSES
+    classes = folder_classes(folder)
+    if len(classes) < 2:
+        raise DataError(f"{folder} holds {len(classes)} class folder(s) ({', '.join(classes) or 'none'}); a classifier "
+                        "needs 2 or more classes: add a folder of images for each class under train/ and test/")
+    return classes
 
 
 def load_dataset(split: Literal["train", "test"], root: str | Path | None = None, download: bool = False,

@@ -4,6 +4,7 @@ class sizes, and an external synthetic set in class folders without provenance."
 
 from __future__ import annotations
 
+import shutil
 import typing
 from pathlib import Path
 
@@ -112,6 +113,8 @@ def test_a_synthetic_set_lacking_a_class_or_with_a_foreign_class_is_refused_with
 
 
 def test_reserved_or_malformed_set_names_and_generation_without_its_generator_are_refused(own):
+    with pytest.raises(config.ConfigError, match=r"synthetic.gone.paths: no such folder .*/nowhere"):
+        load(own, False, synthetic={"gone": {"paths": [str(own / "nowhere")]}})
     with pytest.raises(config.ConfigError, match=r"not real, sd or di"):
         load(own, False, synthetic={"sd": {"paths": [str(own / "made_elsewhere")]}})
     with pytest.raises(config.ConfigError, match=r"data.classes"):
@@ -133,3 +136,13 @@ def test_classifiers_of_another_dataset_get_its_class_count_and_its_own_normalis
     cifar_params = train_arms.trainer_params(cifar, train_arms.make_arm(cifar, "real"))
     assert cifar_params.num_classes == 10 and cifar_params.normalization is None  # keys of CIFAR-10 runs unchanged
     assert "normalization" not in cifar_params.fields()
+
+
+def test_a_dataset_of_one_class_is_refused_naming_its_folder(tmp_path):
+    write_dataset(tmp_path / "defects")
+    write_external(tmp_path / "made_elsewhere")
+    for name in CLASSES[1:]:
+        for split in ("train", "test"):
+            shutil.rmtree(tmp_path / "defects" / split / name)
+    with pytest.raises(DataError, match=r"defects/train holds 1 class folder\(s\) \(crack\); a classifier needs 2 or more"):
+        data.dataset_info(load(tmp_path, False))
