@@ -70,6 +70,8 @@ def smoke_run(tmp_path):
 def test_relative_set_paths_resolve_against_the_start_folder_and_are_recorded_absolute(tmp_path, monkeypatch):
     write_batches(tmp_path / "start" / "mine" / "cifar-10-batches-py", per_file=40)
     (tmp_path / "start" / "notebooks").mkdir()
+    (tmp_path / "start" / "other").mkdir()
+    (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "start")
     monkeypatch.setenv("SYNTHGAP_CACHE_DIR", "cache")  # the kernels inherit it: made absolute too
     seen = {}
@@ -81,11 +83,11 @@ def test_relative_set_paths_resolve_against_the_start_folder_and_are_recorded_ab
     monkeypatch.setattr(runner, "execute_notebooks", execute)
     monkeypatch.setattr(runner, "write_build_record", lambda *args: None)
     assert cli.main(["run", "--profile", "smoke", "--run-dir", "run", "--only", "01", "--no-book", *sum(
-        (["--set", pair] for pair in [*SMALL, "data.root=mine", "synthetic.extra.paths=[other, /abs/x]"]),
+        (["--set", pair] for pair in [*SMALL, "data.root=mine", f"synthetic.extra.paths=[other, {tmp_path / 'elsewhere'}]"]),
         [])]) == 0
     mine = str(tmp_path / "start" / "mine")
     assert f"data.root={json.dumps(mine)}" in seen["overrides"]
-    assert f"synthetic.extra.paths={json.dumps([str(tmp_path / 'start' / 'other'), '/abs/x'])}" in seen["overrides"]
+    assert f"synthetic.extra.paths={json.dumps([str(tmp_path / 'start' / 'other'), str(tmp_path / 'elsewhere')])}" in seen["overrides"]
     record = json.loads((tmp_path / "start" / "run" / "config.json").read_text())
     assert record["params"]["data"]["root"] == mine and os.environ["SYNTHGAP_CACHE_DIR"] == str(tmp_path / "start" / "cache")
     # a notebook's kernel starts in notebooks/: with the overrides it is given, it finds the same configuration

@@ -29,7 +29,7 @@ def test_accuracy_bars_draw_a_whisker_only_for_arms_with_several_seeds() -> None
     values = pd.DataFrame({"mean": [80.0, 50.0], "std": [2.0, np.nan], "n_seeds": [3, 1],
                            "reported_by_original_study": [81.8, 52.57]}, index=["real", "sd"])
     per_seed = pd.DataFrame({"arm": ["real"] * 3 + ["sd"], "test_accuracy": [78.0, 80.0, 82.0, 50.0]})
-    lengths = _whisker_lengths(accuracy_bars(values, per_seed).axes[0])
+    lengths = _whisker_lengths(accuracy_bars(values, per_seed, "accuracy", 10).axes[0])
     assert [v for v in lengths if not np.isnan(v)] == [4.0]  # real: ± 2; sd (one seed): nothing, not 0
 
 
