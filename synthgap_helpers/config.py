@@ -29,7 +29,7 @@ from synthgap_helpers.errors import UserError
 from synthgap_helpers.params import Config
 from synthgap_helpers.storage import atomic_write_json
 
-PROFILES = ("smoke", "gpu-small", "paper")
+PROFILES = ("smoke", "gpu-small", "paper", "cpu-analysis")
 _PROVENANCE_PACKAGES = ("torch", "torchvision", "numpy", "diffusers", "transformers", "opencv-python-headless",
                         "captum", "papermill", "jupyter-book", "synthgap-helpers")
 
@@ -63,7 +63,7 @@ def read_profile(profile: str, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """The raw parameters of a shipped profile, or of a YAML file given by path.
 
     A profile file must set something: an empty one would silently be the paper-scale defaults, so it is an
-    error. It may start from another profile with `base: <smoke|gpu-small|paper|other.yaml>` and set only the
+    error. It may start from another profile with `base: <smoke|gpu-small|paper|cpu-analysis|other.yaml>` and set only the
     keys it changes; without `base`, the keys it does not set take the defaults of `Config` (the paper's
     values). Relative paths in a profile file (data.root, data.cache_dir, geometry.york_urban_root,
     sd.captions, and a relative `base`) are taken from the folder of that file.
@@ -428,6 +428,9 @@ def profile_meaning(profile: str) -> str:
                  "and say nothing about synthetic data.",
         "gpu-small": "one GPU, Stable Diffusion 1.5, a few thousand real images: indicative numbers, few seeds.",
         "paper": "the full study: all of CIFAR-10, several seeds.",
+        "cpu-analysis": "synthetic sets made elsewhere against 500 real images per class, analysed on a CPU with a "
+                        "small classifier and short training budgets, 3 seeds: indicative numbers, below a "
+                        "full-length training's accuracy.",
     }.get(profile, "a custom profile: read its parameters before trusting its numbers.")
 
 

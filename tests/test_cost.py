@@ -9,7 +9,19 @@ import torch
 
 from synthgap_helpers import cli, config, cost
 from synthgap_helpers.sd import pipelines as diffusion
+from synthgap_helpers.train import arms as train_arms
 from synthgap_helpers.train.models import MODELS, build_model
+
+GENERATION_ROWS = ("SD generation (02)", "DI embedding training (03)", "DI sampling (03)")
+
+
+def image_folder(root, per_class: dict[str, int], suffix: str = ".png"):
+    """A class-folder set with `per_class[c]` empty image files in class folder c (counting reads no pixels)."""
+    for name, count in per_class.items():
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            (root / name / f"{i:04d}{suffix}").write_bytes(b"")
+    return root
 
 
 def test_real_and_synthetic_sizes_follow_the_profile():
@@ -64,7 +76,7 @@ def test_hours_are_amount_over_rate_and_bad_rates_are_named():
     estimate = cost.profile_cost(config.resolve("gpu-small"))
     hours = estimate.with_hours({"train": 1000.0})
     assert hours.loc["classifier training (04)", "hours"] == pytest.approx(6 * 3 * 10000 * 128 / 1000 / 3600)
-    assert hours["hours"].isna().sum() == 6  # the stages without a rate
+    assert hours["hours"].isna().sum() == 10  # the stages without a rate
     total, missing = estimate.total_hours({"train": 1000.0})
     assert total == pytest.approx(hours["hours"].sum()) and missing == list(hours.index[hours["hours"].isna()])
     with pytest.raises(ValueError, match="rate keys \\['gpu'\\] are not known"):
@@ -82,7 +94,7 @@ def test_disk_counts_weights_images_embeddings_and_checkpoints():
     assert cost.download_bytes("CompVis/stable-diffusion-v1-4") == 4 * cost.SD1_PARAMETERS
     disk = cost.disk_table(config.resolve("paper"))
     assert disk.loc["DI embeddings and resumable checkpoints", "bytes"] == 4 * 45000 * 5 * 768 * 4
-    assert disk.loc["classifier checkpoints", "bytes"] == 5 * 5 * 4 * 11_173_962
+    assert disk.loc["classifier checkpoints", "bytes"] == 6 * 5 * 4 * 11_173_962  # the 5 arms and di@sd-size
     assert disk.loc["SD images", "bytes"] == 50000 * (3 * 32 * 32 + cost.PNG_OVERHEAD)
     unknown = cost.disk_table(config.resolve("paper", overrides={"sd.model": "/models/my-sd"}))
     assert math.isnan(unknown.loc["diffusion weights", "bytes"])  # unknown: not counted in the total
@@ -111,3 +123,70 @@ def test_cli_prints_hours_for_the_rates_given(capsys):
     assert "hours" in out and "classifier training (04)" in out and "total of the known items" in out
     assert cli.main(["cost", "--profile", "smoke", "--rate", "speed=1"]) == 2
     assert "not known" in capsys.readouterr().err
+
+
+def test_no_generator_means_no_generation_rows_no_diffusion_weights_and_no_pngs():
+    cfg = config.resolve("cpu-analysis")
+    assert cfg.generators == [] and cost.synthetic_sizes(cfg) == {}
+    work, disk = cost.work_table(cfg), cost.disk_table(cfg)
+    assert not set(GENERATION_ROWS) & set(work.index)
+    assert not {"SD images", "DI images", "DI embeddings and resumable checkpoints"} & set(disk.index)
+    assert disk.loc["diffusion weights", "bytes"] == 0
+    only_sd = cost.work_table(config.resolve("gpu-small", overrides={"generators": ["sd"]}))
+    assert "SD generation (02)" in only_sd.index and "DI sampling (03)" not in only_sd.index
+    assert only_sd.loc["classifier training (04)", "amount"] == 3 * 3 * 10000 * 128  # real, sd, real+sd
+
+
+def test_an_external_set_is_counted_in_its_folders_trained_explained_and_curated(tmp_path):
+    folder = image_folder(tmp_path / "ext", {"airplane": 30, "cat": 20}, ".jpg")
+    (folder / "cat" / ".hidden.png").write_bytes(b"")  # not an image the loader reads
+    (folder / "cat" / "notes.txt").write_text("x")
+    cfg = config.resolve("cpu-analysis", overrides={"synthetic.ext.paths": [str(folder)]})
+    assert cost.synthetic_sizes(cfg) == {"ext": 50}
+    work = cost.work_table(cfg)
+    train, low, cur = cfg.train, cfg.lowdata, cfg.curation
+    assert cost.training_arms(cfg) == {"real": 5000, "ext": 50, "real+ext": 5000}  # fixed_share: epochs of the real set
+    assert work.loc["classifier training (04)", "amount"] == 3 * train.seeds * train.steps * train.batch_size
+    assert "ext: 50 images counted in its folders" in work.loc["classifier training (04)", "what"]
+    assert work.loc["Grad-CAM maps (05)", "amount"] == 3 * 10 * cfg.gradcam.images_per_class
+    assert work.loc["real-vs-synthetic detectors (07)", "amount"] == 2 * 2 * cfg.gap.detector_steps * 128
+    assert work.loc["domain gap bootstrap (07)", "amount"] == 2 * (cfg.gap.n_resamples + 1)
+    assert work.loc["curation scores (08)", "amount"] == 50 + 10 * (cur.reference_per_class + cur.heldout_per_class)
+    assert work.loc["curation selections and scaling (08)", "amount"] > 0
+    # no manifest naming each image's real source: left out of the low-data sweep, which trains real arms only
+    assert work.loc["low-data sweep (07)", "amount"] == len(low.k_per_class) * low.seeds * low.steps * 128
+    assert "left out (no provenance): ext" in work.loc["low-data sweep (07)", "what"]
+    assert work.loc["fine-tuning (07)", "amount"] == 0
+    assert not set(GENERATION_ROWS) & set(work.index)
+    disk = cost.disk_table(cfg)
+    assert disk.loc["classifier checkpoints", "bytes"] == 3 * train.seeds * 4 * cost.CLASSIFIER_PARAMETERS[train.model]
+
+
+def test_an_external_set_without_images_yet_is_assumed_as_large_as_the_real_subset_and_says_so(tmp_path):
+    cfg = config.resolve("cpu-analysis", overrides={"synthetic.later.paths": [str(tmp_path / "not-yet")]})
+    assert cost.synthetic_sizes(cfg) == {"later": 5000}
+    what = cost.work_table(cfg).loc["classifier training (04)", "what"]
+    assert "size unknown" in what and "assumed 5,000" in what
+
+
+def test_arms_follow_the_training_stages_rule_for_generated_and_external_sets(tmp_path):
+    small = image_folder(tmp_path / "small", {"airplane": 2, "cat": 2})
+    large = image_folder(tmp_path / "large", {"airplane": 5, "cat": 5})
+    cfg = config.resolve("cpu-analysis", run_dir=tmp_path / "run",
+                         overrides={"synthetic.small.paths": [str(small)], "synthetic.large.paths": [str(large)]})
+    planned, skipped = train_arms.plan_arms(cfg)
+    assert not skipped and set(cost.training_arms(cfg)) == {arm.name for arm in planned}
+    assert cost.training_arms(cfg)["large@small-size"] == 4
+    counts = {"sd": 5000, "di": 25000, "ext": 5000}
+    folders = {name: (image_folder(tmp_path / name, {"a": n // 1000}),) for name, n in counts.items()}
+    assert cost._equal_size_arms(counts) == train_arms.equal_size_arms(folders, list(folders)) == ["di@ext-size"]
+    assert cost.EQUAL_SIZE_MARK == train_arms.EQUAL_SIZE_MARK
+    mixed = config.resolve("gpu-small", overrides={"synthetic.ext.paths": [str(large)]})
+    assert list(cost.synthetic_sizes(mixed)) == ["sd", "di", "ext"]  # generators first, as sets.auto_names
+    assert {"sd@ext-size", "di@ext-size", "real+ext"} <= set(cost.training_arms(mixed))
+
+
+def test_profiles_side_by_side_mark_the_stages_a_profile_does_not_run():
+    work, disk = cost.compare_profiles(["gpu-small", "cpu-analysis"])
+    assert work.loc["SD generation (02)", "cpu-analysis"] == "-" and work.loc["SD generation (02)", "unit"] == "images"
+    assert disk.loc["SD images", "cpu-analysis"] == "-" and disk.loc["diffusion weights", "cpu-analysis"] == "0 B"
