@@ -29,9 +29,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
+from train_throughput import load_images  # the script beside this one (python benchmarks/cpu_rates.py)
 
 from synthgap_helpers.gap.measures import (
     KnnManifolds,
@@ -49,17 +48,6 @@ from synthgap_helpers.train.trainer import (
     precision,
     train_classifier,
 )
-
-
-def load_images(data: Path | None, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """n uint8 N x 3 x 32 x 32 images, balanced over the class folders under `data`, or random ones without it."""
-    if data is None:
-        g = torch.Generator().manual_seed(seed)
-        return torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8), torch.arange(n) % 10
-    folders = sorted(p for p in data.iterdir() if p.is_dir())
-    files = [(f, c) for c, folder in enumerate(folders) for f in sorted(folder.iterdir())[: -(-n // len(folders))]]
-    pixels = np.stack([np.asarray(Image.open(f).convert("RGB").resize((32, 32))) for f, _ in files])
-    return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), torch.tensor([c for _, c in files])
 
 
 def timed(label: str, count: int, unit: str, work: Callable[[], object]) -> tuple[float, float]:
