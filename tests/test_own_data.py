@@ -14,9 +14,10 @@ import torch
 from own_data_files import CLASSES, SIZE, TRAIN_COUNTS, write_dataset, write_external
 from PIL import Image
 
-from synthgap_helpers import config, data, params, sets
+from synthgap_helpers import config, data, imagesets, params, sets
 from synthgap_helpers.errors import DataError
 from synthgap_helpers.imagesets import fit_square
+from synthgap_helpers.lowdata import containment
 from synthgap_helpers.lowdata import stage as lowdata_stage
 from synthgap_helpers.train import arms as train_arms
 
@@ -146,3 +147,19 @@ def test_a_dataset_of_one_class_is_refused_naming_its_folder(tmp_path):
             shutil.rmtree(tmp_path / "defects" / split / name)
     with pytest.raises(DataError, match=r"defects/train holds 1 class folder\(s\) \(crack\); a classifier needs 2 or more"):
         data.dataset_info(load(tmp_path, False))
+
+
+def test_an_external_set_that_names_its_real_sources_joins_the_low_data_sweep_contained(own):
+    cfg = load(own)
+    real = data.real_data(cfg)
+    rng = np.random.default_rng(3)
+    records = [{"id": f"{real_id.split('/')[0]}/gen_{n}", "source_id": real_id} for n, real_id in enumerate(real.train.ids)]
+    pixels = rng.integers(0, 256, size=(len(records), 3, SIZE, SIZE), dtype=np.uint8)
+    imagesets.ImageFolderWriter(own / "with_sources", classes=CLASSES).write(pixels, records)
+    cfg = load(own, False, synthetic={"ext": {"paths": [str(own / "made_elsewhere")]},
+                                      "traced": {"paths": [str(own / "with_sources")]}})
+    sources, left_out = lowdata_stage.sources_of(cfg)
+    assert sources == ["traced"] and list(left_out) == ["ext"]
+    subset = real.train.subset(lowdata_stage.nested_subset(real.train.labels, 2, cfg.seed, CLASSES))
+    kept = containment.contained(imagesets.listed_records(own / "with_sources"), subset.ids, 2, "traced")
+    assert kept.skipped is None and sorted(kept.ids) == sorted(r["id"] for r in records if r["source_id"] in subset.ids)
