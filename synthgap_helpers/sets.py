@@ -119,9 +119,9 @@ def load_folders(what: str, folders: tuple[Path, ...], reader: Reading, paramete
                     reader.classes)
 
 
-def load_set(cfg: Any, synthetic_set: SyntheticSet, parameter: str = "leave it out") -> ImageSet:
+def load_set(cfg: Any, synthetic_set: SyntheticSet) -> ImageSet:
     """One synthetic set of the run, read and checked (`load_folders`)."""
-    fix = parameter if synthetic_set.generated else f"remove synthetic.{synthetic_set.name}"
+    fix = "regenerate it" if synthetic_set.generated else f"remove synthetic.{synthetic_set.name}"
     return load_folders(f"synthetic set {synthetic_set.name!r}", synthetic_set.folders, reading(cfg), fix)
 
 
