@@ -5,10 +5,11 @@ and that seed draws its prompt template and class name, its guidance scale (when
 through one `torch.Generator` per image, its initial noise. Pixels therefore do not depend on the batch
 size, on sharding, or on how often the run was interrupted and resumed.
 
-txt2img: a class prompt at the model's resolution. img2img (what the original study did): the k-th image
+txt2img: a class prompt at the model's resolution. img2img (the original study's mode): the k-th image
 of a class starts from the (k mod n)-th real training image of that class in the low-data study's nested order
 (`data.nested_order`, so each k-subset's images come first), bicubically upsampled to the
-model's resolution, with a class prompt or its caption, noised to `strength` and denoised. Either way the
+model's resolution, with a class prompt or, from a `sd.captions` file, its caption (the original study captioned
+every real image; synthgap runs no captioning model), noised to `strength` and denoised. Either way the
 result is resized to 32x32 with an antialiased bicubic filter and written to `synthetic/sd/<class>/<id>.png`.
 """
 

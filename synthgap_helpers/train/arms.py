@@ -35,7 +35,7 @@ ORIGINAL_STUDY_CITATION = (f'"{ORIGINAL_STUDY_NAME}" ({ORIGINAL_STUDY_AUTHORS}; 
                            f"{ORIGINAL_STUDY_REPOSITORY})")
 """The study synthgap reproduces, named wherever its numbers appear (the book pastes it from here)."""
 ORIGINAL_STUDY_PROTOCOL = ("ResNet-18 trained on CIFAR-10 real images, Diffusion Inversion images, Stable Diffusion "
-                           "img2img images and real plus either; accuracies on its own split, not the official test "
+                           "img2img images (each prompted with a caption of its real source image) and real plus either; accuracies on its own split, not the official test "
                            "set, and its code scored the synthetic-trained models on synthetic images")
 """What is known of the original study's protocol, from its repository and write-up."""
 ORIGINAL_STUDY = {"real": 81.80, "di": 78.63, "sd": 52.57, "real+di": 86.14, "real+sd": 83.94}
