@@ -26,7 +26,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from synthgap_helpers.errors import UserError
-from synthgap_helpers.params import Config
+from synthgap_helpers.params import Config, preset_values
 from synthgap_helpers.storage import atomic_write_json
 
 PROFILES = ("smoke", "gpu-small", "paper", "cpu-analysis")
@@ -103,12 +103,12 @@ def read_profile(profile: str, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     data = _absolute_paths(data, path.parent)
     base = data.pop("base", None)
     if base is None:
-        return data
+        return _layer({}, data)
     if not isinstance(base, str) or not base:
         raise ConfigError(f"{where}: base = {base!r} must name a profile ({', '.join(PROFILES)}) or a .yaml file")
     if Path(base).suffix in (".yaml", ".yml"):
         base = str(path.parent / Path(base).expanduser())
-    return _merge(read_profile(base, (*_seen, path)), data)
+    return _layer(read_profile(base, (*_seen, path)), data)
 
 
 def _absolute(value: str, base: Path, key: str) -> str:
@@ -199,6 +199,19 @@ def parse_overrides(overrides: str | list[str] | dict[str, Any] | None) -> dict[
     return nested
 
 
+def _layer(lower: dict[str, Any], layer: dict[str, Any]) -> dict[str, Any]:
+    """`layer` (a profile file, or the overrides) over `lower` (its base); an `inversion.preset` the layer names
+    first replaces the values `lower` has for the keys the preset sets, and the layer's own keys win over both."""
+    section = layer.get("inversion")
+    preset = section.get("preset") if isinstance(section, dict) else None
+    if preset is not None:
+        try:
+            lower = _merge(lower, {"inversion": preset_values(preset)})
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    return _merge(lower, layer)
+
+
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     """Recursive dict merge; values of `extra` win."""
     merged = dict(base)
@@ -260,7 +273,7 @@ def resolve(profile: str = "smoke", run_dir: str | Path | None = None,
     if isinstance(run_dir, str) and not run_dir.strip():
         raise ConfigError("the run directory is an empty string (--run-dir \"\"); give a folder, or leave the "
                           "option out for runs/<profile>")
-    raw = _merge(read_profile(profile), _absolute_paths(parse_overrides(overrides), Path.cwd()))
+    raw = _layer(read_profile(profile), _absolute_paths(parse_overrides(overrides), Path.cwd()))
     name = Path(profile).stem if Path(profile).suffix in (".yaml", ".yml") else profile
     raw["profile"] = name
     raw["run_dir"] = Path(run_dir if run_dir is not None else Path("runs") / name).expanduser().resolve()

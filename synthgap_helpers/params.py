@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -128,9 +128,84 @@ class GeometryParams(_Section):
     york_urban_root: str | None = None  # local York Urban: YorkUrbanDB.zip, its unpacked folder or a converted one; None: cache, then download
 
 
+# Diffusion Inversion as its authors ran it (github.com/yongchaoz/diffusion_inversion: di/ at commit 05a6661,
+# src/ and README.md at c169833): the values of each `inversion.preset`, each with its origin and the file and
+# argument it is read from. The CIFAR-10 defaults of the sampling script differ from the README's STL-10 example
+# (group size 1000 vs 100, embedding noise 0.0 vs 0.1); no CIFAR-10 training command is published, so the CIFAR-10
+# preset takes the training recipe from the STL-10 command and says so. tests/test_di_authors_settings.py pins them.
+AUTHORS_CIFAR10 = "authors' CIFAR-10 defaults"  # di/sample_dataset.py, the keyword defaults (its CIFAR-10 paths)
+AUTHORS_STL10 = "authors' STL-10 example"  # README.md, the training and sampling commands for STL-10
+AUTHORS_TRAINING = "authors' training script"  # src/diffuser_inversion.py and src/pipeline_emb.py, their defaults
+
+
+class AuthorsValue(NamedTuple):
+    """One value of the authors' code: what it is, which of their sources sets it, and where it is written."""
+
+    value: Any
+    origin: str  # AUTHORS_CIFAR10, AUTHORS_STL10 or AUTHORS_TRAINING
+    where: str  # file: argument
+
+
+_SAMPLING_DEFAULTS = {  # di/sample_dataset.py keyword defaults that the STL-10 command keeps
+    "model": AuthorsValue("CompVis/stable-diffusion-v1-4", AUTHORS_CIFAR10, "di/sample_dataset.py: dm_name"),
+    "num_tokens": AuthorsValue(5, AUTHORS_CIFAR10, "di/sample_dataset.py: num_tokens=5"),
+    "guidance": AuthorsValue(2.0, AUTHORS_CIFAR10, "di/sample_dataset.py: guidance_scale=2.0"),
+    "uncond": AuthorsValue("mean", AUTHORS_CIFAR10, "di/sample_dataset.py: load_pipe(..., avg_uncond_embeddings=True)"),
+    "scheduler": AuthorsValue("model", AUTHORS_CIFAR10,
+                              "di/sample_dataset.py: EmbPipeline.from_pretrained(dm_name), PNDM for SD 1.4"),
+    "eta": AuthorsValue(1.0, AUTHORS_CIFAR10, "di/sample_dataset.py: pipe(..., eta=1.), no effect on PNDM"),
+    "samples_per_image": AuthorsValue(5, AUTHORS_CIFAR10, "di/sample_dataset.py: num_samples=5"),
+    "interpolation_strength": AuthorsValue(0.1, AUTHORS_CIFAR10, "di/sample_dataset.py: interpolation_strength=0.1"),
+    "perturbation": AuthorsValue("both", AUTHORS_CIFAR10, "di/sample_dataset.py and src/pipeline_emb.py: always "
+                                                          "interpolation, noise when emb_noise > 0"),
+}
+_TRAINING = {  # the STL-10 training command (the only one published) and the training script's defaults
+    "batch_size": AuthorsValue(50, AUTHORS_STL10, "README.md, training: --train_batch_size=50"),
+    "lr": AuthorsValue(0.03, AUTHORS_STL10,
+                       "README.md, training: --learning_rate=3e-02 --lr_scheduler=constant --lr_warmup_steps=0"),
+    "weight_decay": AuthorsValue(0.01, AUTHORS_TRAINING, "src/diffuser_inversion.py: --adam_weight_decay=1e-2"),
+    "init": AuthorsValue("random", AUTHORS_TRAINING, "src/pipeline_emb.py: EmbModel's nn.Linear, default init"),
+}
+INVERSION_PRESETS: dict[str, dict[str, AuthorsValue]] = {
+    "authors-cifar10": {
+        **_SAMPLING_DEFAULTS, **_TRAINING,
+        "group_size": AuthorsValue(1000, AUTHORS_CIFAR10, "di/sample_dataset.py: num_emb=1000"),
+        "noise_std": AuthorsValue(0.0, AUTHORS_CIFAR10, "di/sample_dataset.py: emb_noise=0.0 (no noise added)"),
+        "steps": AuthorsValue(4000, AUTHORS_CIFAR10, "di/sample_dataset.py: train_steps=2000, CIFAR-10 loads "
+                                                     "learned_embeds-steps-{train_steps*2}"),
+        "resolution": AuthorsValue(128, AUTHORS_CIFAR10, "di/sample_dataset.py: sampling_resolution=128 (embeddings "
+                                                         "are sampled at the resolution they were trained at)"),
+        "sample_steps": AuthorsValue(200, AUTHORS_CIFAR10, "di/sample_dataset.py: num_inference_steps=200"),
+        "save_size": AuthorsValue(32, AUTHORS_CIFAR10, "di/sample_dataset.py: save_resolution=32"),
+    },
+    "authors-stl10": {
+        **_SAMPLING_DEFAULTS, **_TRAINING,
+        "group_size": AuthorsValue(100, AUTHORS_STL10, "README.md, training and sampling: --num_emb=100"),
+        "noise_std": AuthorsValue(0.1, AUTHORS_STL10, "README.md, sampling: --emb_noise=0.1"),
+        "steps": AuthorsValue(6000, AUTHORS_STL10, "README.md, sampling: --train_steps=3000, STL-10 loads "
+                                                   "learned_embeds-steps-{train_steps*2} of --max_train_steps=8000"),
+        "resolution": AuthorsValue(256, AUTHORS_STL10,
+                                   "README.md: --resolution=256 (training), --sampling_resolution=256"),
+        "sample_steps": AuthorsValue(100, AUTHORS_STL10, "README.md, sampling: --num_inference_steps=100"),
+        "save_size": AuthorsValue(96, AUTHORS_STL10, "README.md, sampling: --save_resolution=96"),
+    },
+}
+PRESET_NAMES = ("none", *INVERSION_PRESETS)
+
+
+def preset_values(name: str) -> dict[str, Any]:
+    """The inversion parameters an `inversion.preset` sets (none: nothing); ValueError for an unknown name."""
+    if name == "none":
+        return {}
+    if not isinstance(name, str) or name not in INVERSION_PRESETS:
+        raise ValueError(f"inversion.preset = {name!r} is not a preset; choose one of {', '.join(PRESET_NAMES)}")
+    return {key: entry.value for key, entry in INVERSION_PRESETS[name].items()}
+
+
 class InversionParams(_Section):
     """Diffusion Inversion (Zhou, Sahak & Ba 2023): per-image embeddings on a frozen model, then sampling."""
 
+    preset: Literal[PRESET_NAMES] = "none"  # the authors' values (INVERSION_PRESETS) in place of the base profile's; keys set beside it win
     model: str = "CompVis/stable-diffusion-v1-4"  # hub id, local diffusers folder, or tiny (random weights, no download)
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # U-Net and VAE weights; auto: fp16 on CUDA, fp32 elsewhere
     num_tokens: int = Field(default=5, ge=1, le=77)  # embedding vectors per image (width: the U-Net's cross_attention_dim)

@@ -211,6 +211,31 @@ def test_stacked_groups_train_the_same_embeddings_as_separate_runs(pipe):
     assert not np.allclose(stacked[0].losses, stacked[1].losses)  # each group its own draws
 
 
+def test_an_fp16_overflow_in_one_stacked_group_leaves_the_other_equal_to_its_separate_run(pipe):
+    """Group B's embeddings are beyond fp16's range (1e5 > 65504), so its loss and gradients are non-finite at every
+    step and its loss scaler skips every step. Group A, stacked with it, must train exactly as alone: its own
+    scale and skip decision (a shared scaler skipped A's steps too, and A never moved)."""
+    half = tiny_pipeline(seed=0).to(dtype=torch.float16)
+    real = fake_real_data(per_class=1)
+    images = [real.train.images[:4], real.train.images[4:8]]
+    good = inversion.init_embeddings("random", [0] * 4, 5, 32, torch.Generator().manual_seed(0))
+    overflowing = torch.full_like(good, 1e5)
+    options = dict(steps=4, batch_size=2, lr=0.5, weight_decay=0.01, resolution=RES, progress=False)
+    alone = [inversion.invert_group(half, group, inversion.InversionState(start.clone()), seed=seed, **options)
+             for group, start, seed in zip(images, (good, overflowing), (11, 12))]
+    stacked = inversion.invert_groups(half, images, [inversion.InversionState(s.clone()) for s in (good, overflowing)],
+                                      seeds=[11, 12], **options)
+    assert not np.isfinite(stacked[1].losses).any() and stacked[1].optimizer_step is None  # B: every step skipped
+    assert torch.equal(stacked[1].embeddings, overflowing) and stacked[1].scaler == alone[1].scaler
+    assert stacked[1].scaler["scale"] == 65536.0 / 2 ** 4  # B's scale halved at each of its 4 overflows
+    assert np.isfinite(stacked[0].losses).all() and stacked[0].optimizer_step == alone[0].optimizer_step > 0
+    assert stacked[0].scaler == alone[0].scaler and stacked[0].scaler["scale"] == 65536.0  # A's scale untouched
+    assert (stacked[0].embeddings - good).abs().max() > 1.0  # A trained
+    # batched kernels round differently (see test_stacked_groups_train_the_same_embeddings_as_separate_runs)
+    assert torch.allclose(stacked[0].embeddings, alone[0].embeddings, rtol=0, atol=1e-4)
+    assert np.allclose(stacked[0].losses, alone[0].losses, rtol=1e-3)
+
+
 def test_two_groups_per_step_resume_together_and_match_one_group_per_step(tmp_path, fake_data, pipe, monkeypatch):
     single = make_cfg(tmp_path / "single")
     inversion_stage.train_embeddings(single, pipe=pipe, progress=False)

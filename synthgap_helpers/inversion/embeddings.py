@@ -9,9 +9,10 @@ ordinary denoising loss on the VAE latents of the (upsampled) real image:
 
 target = noise (epsilon-prediction models) or the velocity (v-prediction models). Images are handled in
 groups (`inversion.group_size`, the authors: 100); a group is one optimisation problem with one
-`G x num_tokens x hidden` parameter tensor and one AdamW state, exactly as the authors' one-hot
-`nn.Linear` embedding table. `inversion.groups_per_step` groups share each U-Net call (`invert_groups`): the
-loss is the sum of the per-group mean losses, so every group gets the update of a run of its own.
+`G x num_tokens x hidden` parameter tensor, one AdamW state and (fp16) one loss scaler, exactly as the authors'
+one-hot `nn.Linear` embedding table. `inversion.groups_per_step` groups share each U-Net call (`invert_groups`):
+the loss is the sum of the per-group mean losses, each times its group's own loss scale, so every group gets the
+update of a run of its own, also when another group's fp16 gradients overflow (only that group's step is skipped).
 
 Groups are class-balanced and fixed: the run's real train subset (`data.real_data(cfg).train`), each class's
 images in split order, interleaved class by class (airplane 0, automobile 0, ..., truck 0, airplane 1, ...),
@@ -328,6 +329,24 @@ def freeze(*modules: Any) -> None:
         module.requires_grad_(False)
 
 
+def group_optimizer(param: torch.nn.Parameter, state: InversionState, lr: float,
+                    weight_decay: float) -> torch.optim.AdamW:
+    """The AdamW of one group's embeddings (constant lr, betas (0.9, 0.999), as the authors), resuming `state`'s
+    moments and AdamW's own step count when it has them (fused on CUDA: the loss scaler's skip needs no sync)."""
+    optimizer = torch.optim.AdamW([param], lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), eps=1e-8,
+                                  fused=param.device.type == "cuda")
+    if state.exp_avg is not None:
+        # AdamW's own step count (bias correction): the loop counter overcounts it by every step the loss
+        # scaler skipped; states saved before it was stored fall back to the loop counter
+        template = optimizer.state_dict()
+        template["state"] = {0: {
+            "step": torch.tensor(float(state.optimizer_step if state.optimizer_step is not None else state.step)),
+            "exp_avg": state.exp_avg.to(device=param.device, dtype=torch.float32),
+            "exp_avg_sq": state.exp_avg_sq.to(device=param.device, dtype=torch.float32)}}
+        optimizer.load_state_dict(template)
+    return optimizer
+
+
 def invert_group(pipe: Any, images: torch.Tensor, state: InversionState, *, seed: int,
                  on_checkpoint: Callable[[InversionState], None] | None = None, **options: Any) -> InversionState:
     """Optimise one group's embeddings (`state`, possibly resumed) on the frozen U-Net: `invert_groups` of one."""
@@ -353,7 +372,8 @@ def invert_groups(pipe: Any, images: Sequence[torch.Tensor], states: Sequence[In
     and AdamW (constant lr, on the fp32 embeddings) is element-wise, so each group gets the gradient and update
     of a run of its own, and keeps its own random draws (a function of its seed and the step only), drawn on
     the device (no host synchronisation in the step loop). A half-precision U-Net (fp16, bf16) runs under
-    autocast on any device (CPU included), fp16 with one loss scaler for all groups; on CUDA channels-last.
+    autocast on any device (CPU included), fp16 with a loss scaler per group (`group_optimizer` and a GradScaler
+    each: an overflow skips and backs off only the group whose gradients hold it); on CUDA channels-last.
     Calls `on_checkpoint(states)` every `checkpoint_every` steps (not after the last one); the states it gets
     resume exactly, in every precision.
     """
@@ -383,21 +403,13 @@ def invert_groups(pipe: Any, images: Sequence[torch.Tensor], states: Sequence[In
 
     params = [torch.nn.Parameter(state.embeddings.detach().to(device=device, dtype=torch.float32).clone())
               for state in states]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), eps=1e-8,
-                                  fused=device.type == "cuda")
-    if states[0].exp_avg is not None:
-        # AdamW's own step count (bias correction): the loop counter overcounts it by every step the loss
-        # scaler skipped; states saved before it was stored fall back to the loop counter
-        template = optimizer.state_dict()
-        template["state"] = {
-            k: {"step": torch.tensor(float(state.optimizer_step if state.optimizer_step is not None else state.step)),
-                "exp_avg": state.exp_avg.to(device=device, dtype=torch.float32),
-                "exp_avg_sq": state.exp_avg_sq.to(device=device, dtype=torch.float32)}
-            for k, state in enumerate(states)}
-        optimizer.load_state_dict(template)
-    scaler = torch.amp.GradScaler(device.type, enabled=half == torch.float16)
-    if scaler.is_enabled() and states[0].scaler:
-        load_scaler_state(scaler, states[0].scaler)
+    # One AdamW and one loss scaler per group: an fp16 overflow in one group lowers that group's scale and skips
+    # that group's step only (its moments and step count stay put), so no group depends on another's images.
+    optimizers = [group_optimizer(param, state, lr, weight_decay) for param, state in zip(params, states)]
+    scalers = [torch.amp.GradScaler(device.type, enabled=half == torch.float16) for _ in states]
+    for scaler, state in zip(scalers, states):
+        if scaler.is_enabled() and state.scaler:
+            load_scaler_state(scaler, state.scaler)
     forward = torch.compile(unet) if compile else unet
     channels_last = channels_last and device.type == "cuda"
     if channels_last:
@@ -408,7 +420,7 @@ def invert_groups(pipe: Any, images: Sequence[torch.Tensor], states: Sequence[In
     def snapshot(step: int) -> list[InversionState]:
         done = losses[:, first:step].float().cpu().tolist()
         out = []
-        for k, (state, param) in enumerate(zip(states, params)):
+        for k, (state, param, optimizer, scaler) in enumerate(zip(states, params, optimizers, scalers)):
             opt_state = optimizer.state.get(param, {})
             out.append(InversionState(param.detach().float().cpu().clone(), step,
                                       opt_state["exp_avg"].detach().cpu().clone() if opt_state else None,
@@ -444,10 +456,14 @@ def invert_groups(pipe: Any, images: Sequence[torch.Tensor], states: Sequence[In
         with torch.autocast(device.type, dtype=half or torch.float32, enabled=half is not None):
             prediction = forward(noisy.to(unet.dtype), times, encoder_hidden_states=torch.cat(contexts)).sample.float()
         group_losses = torch.stack([F.mse_loss(p, t) for p, t in zip(prediction.split(batches), target.split(batches))])
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(group_losses.sum()).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        # each group's loss times its own scale: the groups' embeddings are disjoint, so group k's gradient
+        # is scale_k x the gradient of its own loss, unscaled, checked and applied by its own scaler
+        torch.stack([scaler.scale(loss) for scaler, loss in zip(scalers, group_losses)]).sum().backward()
+        for scaler, optimizer in zip(scalers, optimizers):
+            scaler.step(optimizer)
+            scaler.update()
         losses[:, step] = group_losses.detach()
         done = step + 1
         if on_checkpoint is not None and checkpoint_every and done % checkpoint_every == 0 and done < steps:

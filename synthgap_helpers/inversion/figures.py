@@ -19,15 +19,22 @@ _SHOWN = ("model", "num_tokens", "group_size", "num_groups", "resolution", "step
 
 
 def parameter_table(cfg: Any) -> Any:
-    """The inversion parameters of the run beside the authors' values."""
+    """The run's inversion parameters beside the authors' CIFAR-10 defaults and STL-10 example, and where each of
+    the run's values comes from: the authors' source that sets it (the CIFAR-10 defaults first), else ours."""
     import pandas as pd
 
-    from synthgap_helpers.params import InversionParams
+    from synthgap_helpers.params import INVERSION_PRESETS
 
-    authors = InversionParams()
-    run = cfg.inversion
-    return pd.DataFrame({"this run": [str(getattr(run, name)) for name in _SHOWN],
-                         "authors": [str(getattr(authors, name)) for name in _SHOWN]}, index=list(_SHOWN))
+    cifar, stl = INVERSION_PRESETS["authors-cifar10"], INVERSION_PRESETS["authors-stl10"]
+    rows = {}
+    for name in _SHOWN:
+        value = getattr(cfg.inversion, name)
+        match = next((preset[name] for preset in (cifar, stl) if name in preset and preset[name].value == value), None)
+        rows[name] = {"this run": str(value),
+                      "authors, CIFAR-10": str(cifar[name].value) if name in cifar else "-",
+                      "authors, STL-10": str(stl[name].value) if name in stl else "-",
+                      "this run's value from": match.origin if match is not None else "ours"}
+    return pd.DataFrame.from_dict(rows, orient="index")
 
 
 def read_losses(cfg: Any) -> dict[str, list[float]]:
