@@ -168,6 +168,14 @@ def test_scores_see_no_test_image_and_score_a_baseline_the_classifier_never_trai
     assert curation.score(cfg).reused and json.loads((run_dir / "analysis" / "curation" / "scores.json").read_text())
 
 
+def test_versus_real_is_the_share_of_each_set_at_or_above_the_untrained_real_median():
+    values = {curation.UNTRAINED: [1.0, 2.0, 3.0], "sd": [0.0, 2.0, 5.0, 1.0], "di": [4.0, 4.0]}
+    frame = pd.DataFrame([{"set": name, **dict.fromkeys(curation.CRITERIA, value)}
+                          for name, scores_ in values.items() for value in scores_])
+    shares = curation.ScoresSummary(frame, {}, {}, Path("scores.csv"), False).versus_real()
+    assert list(shares.index) == ["sd", "di"] and shares.to_numpy().tolist() == [[50.0] * 4, [100.0] * 4]
+
+
 def test_a_reference_image_that_is_not_a_training_image_is_refused(run_dir):
     real = data.real_data(load(run_dir))
     curation.check_training_only({"reference": real.train.subset([0, 1])}, real)
@@ -239,6 +247,8 @@ def test_the_stage_trains_each_selection_at_equal_size_against_random_and_record
     assert {(r["source"], r["selection"]) for r in section["selections"]} == {
         (s, c) for s in ("sd", "di") for c in curation.SELECTIONS}
     assert [(r["source"], r["fraction"], r["images"]) for r in section["scaling"]] == [("di", 0.5, 20), ("sd", 0.5, 20)]
+    assert [(r["steps"], r["passes"]) for r in section["scaling"]] == [(1, 0.5)] * 2  # 1 step of 10 over 20 images
+    assert section["score_baseline"]["pool"] == curation.NEVER_DRAWN
     assert section["test_fingerprint"] == train_arms.fingerprint(data.real_data(cfg).test)
     again = curation.run(cfg)
     assert again.trained == [] and len(again.rows) == 16
