@@ -118,14 +118,12 @@ def untrained_baseline(cfg: Any, real: data.RealData) -> tuple[ImageSet, str]:
     are left out of both. ConfigError when even the whole pool is too small."""
     per_class = cfg.curation.untrained_per_class
     trained = set(_digests(real.train))
-    pools = {}
-    for name, pool in ((NEVER_DRAWN, data.untrained_real(cfg, validation=False)),
-                       (WITH_VALIDATION, data.untrained_real(cfg))):
-        pools[name] = pool.subset([i for i, digest in enumerate(_digests(pool)) if digest not in trained])
-        if pools[name].class_counts().min() >= per_class:
-            chosen = data.balanced_indices(pools[name].labels, per_class, cfg.seed, classes=pools[name].classes)
-            return pools[name].subset(chosen), name
-    most = int(pools[WITH_VALIDATION].class_counts().min())
+    for name, validation in ((NEVER_DRAWN, False), (WITH_VALIDATION, True)):  # the second holds the first
+        pool = data.untrained_real(cfg, validation=validation)
+        pool = pool.subset([i for i, digest in enumerate(_digests(pool)) if digest not in trained])
+        if pool.class_counts().min() >= per_class:
+            return pool.subset(data.balanced_indices(pool.labels, per_class, cfg.seed, classes=pool.classes)), name
+    most = int(pool.class_counts().min())
     raise ConfigError(f"curation.untrained_per_class={per_class}: the run has only {most} real image(s) in some class "
                       "that no classifier trains on (the validation split and the training images the split never "
                       f"drew); lower curation.untrained_per_class to at most {most}, or raise data.val_per_class or "
