@@ -349,12 +349,12 @@ def scoring_work(cfg: Any, arms: dict[str, int], low_sources: list[str],
 
 def curation_images(cfg: Any, synthetic: dict[str, int], real_train: int,
                     planned: dict[str, PlannedSet] | None = None) -> int:
-    """Images the curation stage scores: every image of its sources, the real reference and the held-out real images."""
+    """Images the curation stage scores: every image of its sources, the real reference and the untrained real images."""
     params = cfg.curation
-    held = CLASSES * params.heldout_per_class
-    reference = real_train - held if params.reference_per_class is None else CLASSES * params.reference_per_class
+    untrained = CLASSES * params.untrained_per_class
+    reference = real_train if params.reference_per_class is None else CLASSES * params.reference_per_class
     planned = planned_sets(cfg) if planned is None else planned
-    return sum(synthetic.get(source, 0) for source in _sources(cfg, params.sources, planned)) + reference + held
+    return sum(synthetic.get(source, 0) for source in _sources(cfg, params.sources, planned)) + reference + untrained
 
 
 def curation_work(cfg: Any, synthetic: dict[str, int], real_train: int,
@@ -384,7 +384,7 @@ def curation_work(cfg: Any, synthetic: dict[str, int], real_train: int,
     return [
         ("curation scores (08)", scored, "images", "gradcam",
          f"features and Grad-CAM of every image of {len(sources)} sources ({', '.join(sources) or 'none'}), the real "
-         "reference and the held-out real images (their geometry metrics: the next row)"),
+         "reference and the untrained real images (their geometry metrics: the next row)"),
         ("curation geometry scores (08)", scored, "images", "geometry",
          f"the geometry metrics of the same images, at {upscale}x"),
         ("curation selections and scaling (08)", params.seeds * (selections + scaling), "training images", "train",

@@ -236,16 +236,18 @@ def real_data(cfg: Any) -> RealData:
     return RealData(train.subset(split["train"]), train.subset(split["val"]), test.subset(split["test"]))
 
 
-def untrained_real(cfg: Any) -> ImageSet:
+def untrained_real(cfg: Any, validation: bool = True) -> ImageSet:
     """The official training images no classifier of the run trains on: all but the run's train subset.
 
-    That is the validation split (images that only choose a checkpoint) and any image the split never drew;
-    the domain-gap stage draws its real-vs-real floor from it (`gap.stage`).
+    That is the validation split (images that only choose a checkpoint; left out with `validation=False`) and any
+    image the split never drew; the domain-gap stage draws its real-vs-real floor from it (`gap.stage`), the
+    curation stage its real baseline (`curation.stage.untrained_baseline`).
     """
     real_data(cfg)  # the split exists and is the run's
     train, _ = _pools(cfg)
     split = json.loads((cfg.run_dir / "real" / "split.json").read_text())
-    return train.subset(np.setdiff1d(np.arange(len(train)), split["train"]).tolist())
+    used = split["train"] if validation else split["train"] + split["val"]
+    return train.subset(np.setdiff1d(np.arange(len(train)), used).tolist())
 
 
 DATASET_RECORD = "dataset.json"  # real/dataset.json: what the run's real data is (`dataset_record`)

@@ -417,8 +417,8 @@ class CurationParams(_Section):
     sources: Literal["auto"] | list[str] = "auto"  # synthetic sets scored, curated and scaled; auto: every set of the run
     model_seed: int | None = Field(default=None, ge=0)  # scores from models/real/seed<k>; None: the run seed
     fraction: float = Field(default=0.5, gt=0.0, le=1.0)  # q: share of each class kept by every selection
-    reference_per_class: int | None = Field(default=None, ge=2)  # real training images per class scores compare with; None: all but the held-out
-    heldout_per_class: int = Field(default=100, ge=1)  # real training images per class scored like a synthetic set (the distributions' real line)
+    reference_per_class: int | None = Field(default=None, ge=2)  # real training images per class scores compare with; None: all of them
+    untrained_per_class: int = Field(default=100, ge=1)  # real images per class no classifier trained on, scored like a synthetic set (the distributions' real line)
     k: int = Field(default=3, ge=1, le=100)  # k-th neighbour radius of the realism score (Kynkaanniemi et al.: 3)
     geometry_upscale: int | None = Field(default=None, ge=1, le=16)  # line-segment detector's upscale for the geometry score; None: geometry.upscale
     arms: list[Literal["synthetic", "real+synthetic"]] = Field(default=["synthetic", "real+synthetic"], min_length=1)  # the selection alone, and mixed with the real set as train.mix says

@@ -54,7 +54,7 @@ def test_curation_counts_every_selection_arm_and_scaling_share_once():
     # 7 selections x 2 arms x 2 sources, plus the scaling shares 0.1, 0.25 and 1.0 (0.5 is the random selection)
     assert work.loc["curation selections and scaling (08)", "amount"] == 3 * (7 * 2 * 2 + 3 * 2) * 5000 * 128
     assert work.loc["curation scores (08)", "amount"] == 5000 + 5000 * 5 + 10 * 400 + 10 * 100
-    disk = cost.disk_table(config.resolve("smoke"))  # 200 SD + 80 DI + 200 reference + 50 held-out images
+    disk = cost.disk_table(config.resolve("smoke"))  # 200 SD + 80 DI + 200 reference + 50 untrained real images
     assert disk.loc["curation scores and rows", "bytes"] == cost.CSV_ROW_BYTES * 530
 
 
@@ -151,7 +151,7 @@ def test_an_external_set_is_counted_in_its_folders_trained_explained_and_curated
     assert work.loc["Grad-CAM maps (05)", "amount"] == 3 * 10 * cfg.gradcam.images_per_class
     assert work.loc["real-vs-synthetic detectors (07)", "amount"] == 2 * 2 * cfg.gap.detector_steps * 128
     assert work.loc["domain gap bootstrap (07)", "amount"] == 2 * (cfg.gap.n_resamples + 1)
-    assert work.loc["curation scores (08)", "amount"] == 50 + 10 * (cur.reference_per_class + cur.heldout_per_class)
+    assert work.loc["curation scores (08)", "amount"] == 50 + 10 * (cur.reference_per_class + cur.untrained_per_class)
     assert work.loc["curation selections and scaling (08)", "amount"] > 0
     # no manifest naming each image's real source: left out of the low-data sweep, which trains real arms only
     assert work.loc["low-data sweep (07)", "amount"] == len(low.k_per_class) * low.seeds * low.steps * 128

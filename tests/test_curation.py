@@ -3,6 +3,7 @@ no test image before the final scoring, and the stage's rows, resume and results
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -103,7 +104,7 @@ def test_k_center_starts_near_the_mean_then_takes_the_farthest_point_each_time()
 
 # -------------------------------------------------------------------------------------------- the stage
 
-CURATION = {"curation.reference_per_class": 2, "curation.heldout_per_class": 1, "curation.seeds": 1,
+CURATION = {"curation.reference_per_class": 2, "curation.untrained_per_class": 1, "curation.seeds": 1,
             "curation.steps": 1, "curation.arms": ["synthetic"], "curation.scaling_fractions": [0.5],
             "curation.geometry_upscale": 1}
 
@@ -135,7 +136,7 @@ def _hashes(images: torch.Tensor) -> set[bytes]:
     return {image.numpy().tobytes() for image in images}
 
 
-def test_scores_see_only_training_images_and_record_the_test_fingerprint(run_dir, monkeypatch):
+def test_scores_see_no_test_image_and_score_a_baseline_the_classifier_never_trained_on(run_dir, monkeypatch):
     cfg = load(run_dir)
     with pytest.raises(curation.MissingModelError, match="notebook 04"):
         curation.score(cfg)
@@ -149,11 +150,30 @@ def test_scores_see_only_training_images_and_record_the_test_fingerprint(run_dir
     real = data.real_data(cfg)
     looked_at = set().union(*map(_hashes, seen))
     assert looked_at and not looked_at & _hashes(real.test.images) and not looked_at & _hashes(real.val.images)
-    assert looked_at <= _hashes(real.train.images) | set().union(*(_hashes(s.images) for s in run_sets.loaded_sets(cfg).values()))
-    assert summary.record["test_fingerprint"] == train_arms.fingerprint(real.test) and summary.record["training_only"]
-    assert summary.frame.groupby("set").size().to_dict() == {"sd": 40, "di": 40, curation.HELDOUT: 10}
+    never_drawn = data.untrained_real(cfg, validation=False)
+    assert looked_at <= _hashes(real.train.images) | _hashes(never_drawn.images) | set().union(
+        *(_hashes(s.images) for s in run_sets.loaded_sets(cfg).values()))
+    assert summary.record["test_fingerprint"] == train_arms.fingerprint(real.test)
+    assert summary.frame.groupby("set").size().to_dict() == {"sd": 40, "di": 40, curation.UNTRAINED: 10}
+    # the real line is scored on images the scoring classifier never trained on, and the record says which pool
+    baseline = summary.sets[curation.UNTRAINED]
+    assert summary.of(curation.UNTRAINED)["id"].tolist() == baseline.ids
+    assert not set(baseline.ids) & set(real.train.ids) and not _hashes(baseline.images) & _hashes(real.train.images)
+    assert summary.record["baseline"] | {"per_class": None} == {
+        "set": curation.UNTRAINED, "pool": curation.NEVER_DRAWN, "images": 10, "per_class": None,
+        "from_validation_split": 0, "checked": "no image a real training image (ids and pixels)"}
+    assert summary.baseline_table().loc[curation.UNTRAINED, "never drawn by the split"] == 10
+    assert list(summary.versus_real().index) == ["sd", "di"]
     assert summary.frame[list(curation.CRITERIA)].notna().all().all()
     assert curation.score(cfg).reused and json.loads((run_dir / "analysis" / "curation" / "scores.json").read_text())
+
+
+def test_versus_real_is_the_share_of_each_set_at_or_above_the_untrained_real_median():
+    values = {curation.UNTRAINED: [1.0, 2.0, 3.0], "sd": [0.0, 2.0, 5.0, 1.0], "di": [4.0, 4.0]}
+    frame = pd.DataFrame([{"set": name, **dict.fromkeys(curation.CRITERIA, value)}
+                          for name, scores_ in values.items() for value in scores_])
+    shares = curation.ScoresSummary(frame, {}, {}, Path("scores.csv"), False).versus_real()
+    assert list(shares.index) == ["sd", "di"] and shares.to_numpy().tolist() == [[50.0] * 4, [100.0] * 4]
 
 
 def test_a_reference_image_that_is_not_a_training_image_is_refused(run_dir):
@@ -161,6 +181,51 @@ def test_a_reference_image_that_is_not_a_training_image_is_refused(run_dir):
     curation.check_training_only({"reference": real.train.subset([0, 1])}, real)
     with pytest.raises(curation.DataError, match="training data only, never the test set"):
         curation.check_training_only({"reference": real.test.subset([0])}, real)
+
+
+def test_the_baseline_holds_no_image_the_scoring_classifier_trained_on(run_dir):
+    cfg = load(run_dir, **{"curation.untrained_per_class": 6})  # 10 per class in the pool: 3 train, 1 val, 6 never drawn
+    real = data.real_data(cfg)
+    baseline, pool = curation.untrained_baseline(cfg, real)
+    assert pool == curation.NEVER_DRAWN and baseline.class_counts().tolist() == [6] * 10
+    assert not set(baseline.ids) & (set(real.train.ids) | set(real.val.ids))
+    assert not _hashes(baseline.images) & _hashes(real.train.images)
+    curation.check_untrained({curation.UNTRAINED: baseline}, real)
+    with pytest.raises(curation.DataError, match="the baseline may hold untrained images only"):
+        curation.check_untrained({curation.UNTRAINED: real.train.subset([0])}, real)
+    copy = dataclasses.replace(baseline, images=baseline.images.clone(), ids=[f"copy/{i}" for i in baseline.ids])
+    copy.images[0] = real.train.images[0]
+    with pytest.raises(curation.DataError, match=r"1 images of 'real \(untrained\)' \(e.g. 'copy/"):
+        curation.check_untrained({curation.UNTRAINED: copy}, real)
+
+
+def test_an_untrained_image_with_a_training_images_pixels_is_left_out_of_the_baseline(run_dir, monkeypatch):
+    cfg = load(run_dir, **{"curation.untrained_per_class": 6})
+    real = data.real_data(cfg)
+    untrained_real = data.untrained_real
+
+    def with_a_copy(cfg: params.Config, validation: bool = True):  # an unused id holding a training image's pixels
+        pool = untrained_real(cfg, validation)
+        position = pool.labels.tolist().index(int(real.train.labels[0]))
+        pool.images[position] = real.train.images[0]
+        return pool
+
+    monkeypatch.setattr(data, "untrained_real", with_a_copy)
+    baseline, pool = curation.untrained_baseline(cfg, real)
+    assert pool == curation.WITH_VALIDATION  # the copy leaves 5 never-drawn images in its class
+    assert not _hashes(baseline.images) & _hashes(real.train.images)
+
+
+def test_the_baseline_falls_back_to_the_validation_split_and_says_so_or_names_the_parameter(run_dir):
+    # 4 validation and 3 training images per class leave 3 per class never drawn: 5 need the validation split
+    cfg = load(run_dir, **{"data.val_per_class": 4, "curation.untrained_per_class": 5})
+    real = data.real_data(cfg)
+    baseline, pool = curation.untrained_baseline(cfg, real)
+    assert pool == curation.WITH_VALIDATION and baseline.class_counts().tolist() == [5] * 10
+    assert set(baseline.ids) & set(real.val.ids) and not set(baseline.ids) & set(real.train.ids)
+    too_many = load(run_dir, **{"data.val_per_class": 4, "curation.untrained_per_class": 8})
+    with pytest.raises(config.ConfigError, match=r"curation.untrained_per_class=8: .* at most 7"):
+        curation.untrained_baseline(too_many, data.real_data(too_many))
 
 
 def test_the_stage_trains_each_selection_at_equal_size_against_random_and_records_the_section(run_dir):
@@ -182,6 +247,8 @@ def test_the_stage_trains_each_selection_at_equal_size_against_random_and_record
     assert {(r["source"], r["selection"]) for r in section["selections"]} == {
         (s, c) for s in ("sd", "di") for c in curation.SELECTIONS}
     assert [(r["source"], r["fraction"], r["images"]) for r in section["scaling"]] == [("di", 0.5, 20), ("sd", 0.5, 20)]
+    assert [(r["steps"], r["passes"]) for r in section["scaling"]] == [(1, 0.5)] * 2  # 1 step of 10 over 20 images
+    assert section["score_baseline"]["pool"] == curation.NEVER_DRAWN
     assert section["test_fingerprint"] == train_arms.fingerprint(data.real_data(cfg).test)
     again = curation.run(cfg)
     assert again.trained == [] and len(again.rows) == 16
@@ -208,9 +275,7 @@ def test_bad_curation_parameters_name_the_parameter_and_the_fix(run_dir):
     cfg = load(run_dir, **{"curation.sources": ["sd", "xl"]})
     with pytest.raises(config.ConfigError, match=r"curation.sources=\['sd', 'xl'\]: no synthetic set \['xl'\]"):
         train_arms.load_named_sets(cfg, cfg.curation.sources, "curation.sources")
-    too_many = load(run_dir, **{"curation.heldout_per_class": 2, "curation.reference_per_class": 2})
-    with pytest.raises(config.ConfigError, match="at most 3"):  # 3 real training images per class in the fixture
-        curation.reference_split(data.real_data(too_many).train, too_many)
-    reference, heldout = curation.reference_split(data.real_data(cfg).train, cfg)
-    assert reference.class_counts().tolist() == [2] * 10 and heldout.class_counts().tolist() == [1] * 10
-    assert not set(reference.ids) & set(heldout.ids)
+    too_many = load(run_dir, **{"curation.reference_per_class": 4})
+    with pytest.raises(config.ConfigError, match="reference_per_class=4 .* at most 3"):  # 3 per class in the fixture
+        curation.reference_set(data.real_data(too_many).train, too_many)
+    assert curation.reference_set(data.real_data(cfg).train, cfg).class_counts().tolist() == [2] * 10

@@ -27,7 +27,7 @@ PROFILE = {  # the smoke profile at the smallest budgets that still run every st
     "gradcam": {"images_per_class": 3, "faithfulness_images": 10, "n_resamples": 100, "deletion_steps": 2},
     "gap": {"images_per_class": 2, "n_resamples": 5, "detector_steps": 5, "kid_subsets": 2},
     "lowdata": {"k_per_class": [2], "steps": 2},
-    "curation": {"reference_per_class": None, "heldout_per_class": 1, "steps": 1, "scaling_fractions": [1.0],
+    "curation": {"reference_per_class": None, "untrained_per_class": 1, "steps": 1, "scaling_fractions": [1.0],
                  "geometry_upscale": 1},
 }
 

@@ -5,11 +5,13 @@ Two entry points, both resumable:
 * `score`: with the run's real-trained classifier (``models/real/seed<k>``, usable by `train.arms.check_model`)
   every image of each set of ``curation.sources`` gets four scores against real *training* images (a seeded
   reference part of the run's real training set): label fidelity, realism, geometric and attention typicality
-  (`curation.scores`), a diversity order (greedy k-center in feature space) and the combined rank. A held-out
-  part of the real training set is scored the same way, as the real line of the distributions. No test image
-  is used: the inputs are checked to be training images, and the test set's fingerprint is recorded beside
-  them. Writes ``analysis/curation/scores.csv`` and ``scores.json`` (its key, inputs and fingerprints; written
-  last, so it marks the scores finished); a rerun with the same key reuses them.
+  (`curation.scores`), a diversity order (greedy k-center in feature space) and the combined rank. Real images
+  that no classifier of the run trained on (``real (untrained)``, `untrained_baseline`) are scored the same way,
+  as the real line of the distributions: images the classifier memorised would score higher than any unseen
+  image can. No test image is used: the reference is checked to be training images, the baseline to be none
+  of them, and the test set's fingerprint is recorded beside them. Writes ``analysis/curation/scores.csv`` and
+  ``scores.json`` (its key, inputs, the baseline's pool and fingerprints; written last, so it marks the scores
+  finished); a rerun with the same key reuses them.
 * `run`: for each source, selection (each criterion, ``diversity``, ``combined``, ``random``) and seed, the
   top share ``curation.fraction`` of each class (`curation.selection`; random: a seeded part with the same class
   counts) trains a ResNet-18 for each arm of ``curation.arms`` (``synthetic``: the selection alone;
@@ -75,7 +77,10 @@ STAGE_VERSION = 1
 CRITERIA = ("label_fidelity", "realism", "geometry", "attention")  # per-image scores, higher is better
 SELECTIONS = (*CRITERIA, "diversity", "combined", "random")
 ATTENTION_COLUMNS = ["entropy", "gini", "focus", "spread", "centroid_offset", "coverage"]  # scale-free Grad-CAM metrics
-HELDOUT = "real (held out)"
+UNTRAINED = "real (untrained)"
+"""The scores' real baseline: real images no classifier of the run trained on (`untrained_baseline`)."""
+NEVER_DRAWN = "never drawn by the split"
+WITH_VALIDATION = "untrained pool with the validation split"
 SCORE_COLUMNS = ["set", "id", "label", "class", *CRITERIA, "diversity", "combined"]
 COLUMNS = ["experiment", "source", "selection", "arm", "fraction", "seed", "n_synthetic", "n_real", "test_accuracy",
            "val_accuracy", "best_step", "steps", "seconds", "key"]
@@ -86,24 +91,43 @@ def model_seed(cfg: Any) -> int:
     return cfg.curation.model_seed if cfg.curation.model_seed is not None else cfg.seed
 
 
-def reference_split(train: ImageSet, cfg: Any) -> tuple[ImageSet, ImageSet]:
-    """(reference, held out) parts of the run's real training set, disjoint and class-balanced: held out
-    ``curation.heldout_per_class`` per class (run seed), reference ``curation.reference_per_class`` of the rest
-    (run seed + 1; None: all the rest)."""
-    params = cfg.curation
+def reference_set(train: ImageSet, cfg: Any) -> ImageSet:
+    """The real reference the scores compare with: ``curation.reference_per_class`` of the run's real training images
+    per class (run seed + 1; None: all of them), the manifold the scoring classifier learnt."""
+    per_class = cfg.curation.reference_per_class
+    if per_class is None:
+        return train
     try:
-        held = data.balanced_indices(train.labels, params.heldout_per_class, cfg.seed, classes=train.classes)
-        reference = (np.setdiff1d(np.arange(len(train)), held) if params.reference_per_class is None else
-                     data.balanced_indices(train.labels, params.reference_per_class, cfg.seed + 1, exclude=held,
-                                           classes=train.classes))
+        return train.subset(data.balanced_indices(train.labels, per_class, cfg.seed + 1, classes=train.classes))
     except DataError as exc:
-        raise ConfigError(f"curation.heldout_per_class={params.heldout_per_class} and curation.reference_per_class="
-                          f"{params.reference_per_class} ask for more real training images than the run has ({exc}); "
-                          f"lower them (their sum per class at most {int(train.class_counts().min())})") from None
-    if len(reference) < 2 * len(train.classes):
-        raise ConfigError(f"curation: only {len(reference)} real training images are left for the reference; lower "
-                          "curation.heldout_per_class or raise data.train_per_class")
-    return train.subset(reference), train.subset(held)
+        raise ConfigError(f"curation.reference_per_class={per_class} asks for more real training images than the run "
+                          f"has ({exc}); lower it to at most {int(train.class_counts().min())}, or raise "
+                          "data.train_per_class") from None
+
+
+def _digests(image_set: ImageSet) -> list[bytes]:
+    """One short hash of each image's pixels: equal pixels, equal digest."""
+    return [hashlib.blake2b(image.numpy().tobytes(), digest_size=16).digest() for image in image_set.images]
+
+
+def untrained_baseline(cfg: Any, real: data.RealData) -> tuple[ImageSet, str]:
+    """``curation.untrained_per_class`` real images per class that no classifier of the run trained on (run seed),
+    and the pool they came from: the images the run's split never drew (`data.untrained_real` without the
+    validation split) when every class has enough, else the whole untrained pool, validation split included (its
+    images chose the scoring model's checkpoint, never its weights). Images whose pixels repeat a training image's
+    are left out of both. ConfigError when even the whole pool is too small."""
+    per_class = cfg.curation.untrained_per_class
+    trained = set(_digests(real.train))
+    for name, validation in ((NEVER_DRAWN, False), (WITH_VALIDATION, True)):  # the second holds the first
+        pool = data.untrained_real(cfg, validation=validation)
+        pool = pool.subset([i for i, digest in enumerate(_digests(pool)) if digest not in trained])
+        if pool.class_counts().min() >= per_class:
+            return pool.subset(data.balanced_indices(pool.labels, per_class, cfg.seed, classes=pool.classes)), name
+    most = int(pool.class_counts().min())
+    raise ConfigError(f"curation.untrained_per_class={per_class}: the run has only {most} real image(s) in some class "
+                      "that no classifier trains on (the validation split and the training images the split never "
+                      f"drew); lower curation.untrained_per_class to at most {most}, or raise data.val_per_class or "
+                      "lower data.train_per_class so that more real images stay untrained")
 
 
 def check_training_only(used: dict[str, ImageSet], real: data.RealData) -> None:
@@ -117,6 +141,18 @@ def check_training_only(used: dict[str, ImageSet], real: data.RealData) -> None:
             first = image_set.ids[int((~same).nonzero()[0])]
             raise DataError(f"curation: {int((~same).sum())} images of {name!r} (e.g. {first!r}) are not real training "
                             "images; scores may use training data only, never the test set")
+
+
+def check_untrained(used: dict[str, ImageSet], real: data.RealData) -> None:
+    """DataError if any image of `used` is one of the run's real training images, by id or by pixels: the converse
+    of `check_training_only`, for the baseline that stands for real images the scoring classifier never saw."""
+    ids, pixels = set(real.train.ids), set(_digests(real.train))
+    for name, image_set in used.items():
+        seen = [image_id for image_id, digest in zip(image_set.ids, _digests(image_set), strict=True)
+                if image_id in ids or digest in pixels]
+        if seen:
+            raise DataError(f"curation: {len(seen)} images of {name!r} (e.g. {seen[0]!r}) are real training images, "
+                            "which the scoring classifier trained on; the baseline may hold untrained images only")
 
 
 # --------------------------------------------------------------------------------------------- scores
@@ -171,11 +207,11 @@ def score_frame(measures: Measures, image_set: ImageSet, name: str, reference: M
 
 @dataclass
 class ScoresSummary:
-    """The scores of every image of each source and of the held-out real images, and what notebook 08 shows of them."""
+    """The scores of every image of each source and of the untrained real images, and what notebook 08 shows of them."""
 
     frame: pd.DataFrame  # SCORE_COLUMNS, one row per image
-    record: dict[str, Any]  # scores.json: key, checkpoint, inputs and their fingerprints, the test fingerprint
-    sets: dict[str, ImageSet]  # the scored images by set name (sources and HELDOUT), in the frame's order
+    record: dict[str, Any]  # scores.json: key, checkpoint, inputs, the baseline's pool, fingerprints, test fingerprint
+    sets: dict[str, ImageSet]  # the scored images by set name (sources and UNTRAINED), in the frame's order
     path: Path
     reused: bool
 
@@ -184,7 +220,7 @@ class ScoresSummary:
         return self.frame[self.frame["set"] == name].reset_index(drop=True)
 
     def table(self) -> pd.DataFrame:
-        """Per set: images and the median of each criterion (held-out real images: what real training data scores)."""
+        """Per set: images and the median of each criterion (untrained real images: what unseen real images score)."""
         grouped = self.frame.groupby("set", sort=False)
         table = grouped[list(CRITERIA)].median()
         table.insert(0, "images", grouped.size())
@@ -192,12 +228,30 @@ class ScoresSummary:
 
     def correlations(self) -> pd.DataFrame:
         """Spearman correlation between the criteria over the images of the synthetic sets (within-class ranks)."""
-        synthetic = self.frame[self.frame["set"] != HELDOUT]
+        synthetic = self.frame[self.frame["set"] != UNTRAINED]
         ranks = synthetic.groupby(["set", "label"])[list(CRITERIA)].rank(pct=True)
         return ranks.corr(method="pearson")
 
+    def baseline_table(self) -> pd.DataFrame:
+        """Where the real baseline came from (`untrained_baseline`): its images, the pool, how many of them are
+        validation images (which chose the scoring model's checkpoint) and how many the split never drew."""
+        baseline = self.record["baseline"]
+        return pd.DataFrame({"images": baseline["images"], "per class": min(baseline["per_class"]),
+                             "pool": baseline["pool"], "from the validation split": baseline["from_validation_split"],
+                             "never drawn by the split": baseline["images"] - baseline["from_validation_split"]},
+                            index=pd.Index([UNTRAINED], name="set"))
+
+    def versus_real(self) -> pd.DataFrame:
+        """Per synthetic set and criterion: the share (%) of its images that score at least the median untrained real
+        image; near 50 where the set's median is real's, lower where the set scores below unseen real images."""
+        real = self.of(UNTRAINED)[list(CRITERIA)].median()
+        synthetic = self.frame[self.frame["set"] != UNTRAINED]
+        shares = synthetic[list(CRITERIA)].ge(real).groupby(synthetic["set"], sort=False).mean()
+        shares.columns = [f"{criterion} ≥ real median (%)" for criterion in CRITERIA]
+        return (100 * shares).round(1)
+
     def distribution_figure(self) -> Figure:
-        """One panel per criterion: the distribution of the scores of each synthetic set and of held-out real images."""
+        """One panel per criterion: the distribution of the scores of each synthetic set and of untrained real images."""
         return curation_figures.score_distributions(self.frame, list(CRITERIA), list(self.sets))
 
     def correlation_figure(self) -> Figure:
@@ -207,7 +261,7 @@ class ScoresSummary:
     def extremes_figure(self, per_side: int = 2) -> Figure:
         """For each scored synthetic set in turn: per class (rows) and criterion (panels) the `per_side` top- and
         bottom-scored images."""
-        sources = [name for name in self.sets if name != HELDOUT]
+        sources = [name for name in self.sets if name != UNTRAINED]
         return curation_figures.extremes({name: (self.sets[name], self.of(name)) for name in sources},
                                          [*CRITERIA, "combined"], per_side)
 
@@ -227,7 +281,7 @@ def scores_key(cfg: Any, checkpoint_sha256: str, prints: dict[str, str | None]) 
 
 
 def score(cfg: Any) -> ScoresSummary:
-    """Scores of every image of each curation source and of the held-out real images; reused when nothing changed.
+    """Scores of every image of each curation source and of the untrained real images; reused when nothing changed.
 
     MissingModelError names the real-data classifier's file when it is missing or not usable (run notebook 04)."""
     real = data.real_data(cfg)
@@ -235,9 +289,11 @@ def score(cfg: Any) -> ScoresSummary:
         "the curation stage needs the classifier trained on real data",
         "run notebook 04 (the training stage: python -m synthgap_helpers train) first, or set curation.model_seed "
         "to a trained seed")
-    reference, heldout = reference_split(real.train, cfg)
-    check_training_only({"reference": reference, HELDOUT: heldout}, real)
-    sets = {**train_arms.load_named_sets(cfg, sources_of(cfg), "curation.sources"), HELDOUT: heldout}
+    reference = reference_set(real.train, cfg)
+    baseline, pool = untrained_baseline(cfg, real)
+    check_training_only({"reference": reference}, real)
+    check_untrained({UNTRAINED: baseline}, real)
+    sets = {**train_arms.load_named_sets(cfg, sources_of(cfg), "curation.sources"), UNTRAINED: baseline}
     prints = {"reference": fingerprint(reference), **{name: fingerprint(s) for name, s in sets.items()}}
     key = scores_key(cfg, check.sha256, prints)
     folder = cfg.run_dir / "analysis" / "curation"
@@ -254,9 +310,12 @@ def score(cfg: Any) -> ScoresSummary:
     atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
     record = {"key": key, "version": STAGE_VERSION, "checkpoint": str(check.path.relative_to(cfg.run_dir)),
               "reference": {"images": len(reference), "per_class": reference.class_counts().tolist(),
-                            "ids_from": "real training set"},
-              "heldout_images": len(heldout), "fingerprints": prints, "test_fingerprint": fingerprint(real.test),
-              "training_only": True}
+                            "ids_from": "real training set", "checked": "every image a real training image"},
+              "baseline": {"set": UNTRAINED, "pool": pool, "images": len(baseline),
+                           "per_class": baseline.class_counts().tolist(),
+                           "from_validation_split": len(set(baseline.ids) & set(real.val.ids)),
+                           "checked": "no image a real training image (ids and pixels)"},
+              "fingerprints": prints, "test_fingerprint": fingerprint(real.test)}
     atomic_write_json(meta_path, record)  # last: marks the scores finished
     return ScoresSummary(pd.read_csv(path, keep_default_na=False, na_values=[""]), record, sets, path, False)
 
@@ -388,6 +447,7 @@ class CurationSummary:
     scores: ScoresSummary
     fraction: float
     arms: list[str]
+    batch_size: int  # images per step of every curation model (train.batch_size)
     path: Path
     trained: list[str] = field(default_factory=list)  # jobs this call trained (shard units)
     reused: list[str] = field(default_factory=list)
@@ -432,14 +492,19 @@ class CurationSummary:
         return table
 
     def scaling_values(self) -> pd.DataFrame:
-        """Per (source, share of the set): images, test accuracy in % as mean, std, n seeds (synthetic-only arm)."""
+        """Per (source, share of the set): images, optimizer steps, passes over the images (steps x batch / images:
+        at a fixed step budget a larger part is seen fewer times), test accuracy in % as mean, std, n seeds
+        (synthetic-only arm)."""
         records = []
         scaling = self.rows[self.rows["experiment"] == "scaling"]
         for (source, fraction), group in scaling.groupby(["source", "fraction"], sort=True):
             stats = results.summarize_seeds(list(100 * group["test_accuracy"]))
-            records.append({"source": source, "fraction": float(fraction), "images": int(group["n_synthetic"].iloc[0]),
-                            "n_seeds": stats["n"], "mean": stats["mean"], "std": stats["std"]})
-        return pd.DataFrame(records, columns=["source", "fraction", "images", "n_seeds", "mean", "std"])
+            images, steps = int(group["n_synthetic"].iloc[0]), int(group["steps"].iloc[0])
+            records.append({"source": source, "fraction": float(fraction), "images": images, "steps": steps,
+                            "passes": round(steps * self.batch_size / images, 2), "n_seeds": stats["n"],
+                            "mean": stats["mean"], "std": stats["std"]})
+        return pd.DataFrame(records, columns=["source", "fraction", "images", "steps", "passes", "n_seeds", "mean",
+                                              "std"])
 
     def gains_figure(self) -> Figure:
         """Bars of each selection's gain over random at equal size with its 95% paired interval, per source and arm."""
@@ -486,6 +551,7 @@ class CurationSummary:
         return {"unit": "test accuracy, %", "fraction": self.fraction, "arms": self.arms, "criteria": list(SELECTIONS),
                 "baseline": "random", "checkpoint": self.scores.record["checkpoint"],
                 "test_fingerprint": self.scores.record["test_fingerprint"],
+                "score_baseline": self.scores.record["baseline"],
                 "score_medians": results.frame_records(self.scores.table()),
                 "selections": results.frame_records(selections),
                 "scaling": results.frame_records(self.scaling_values())}
@@ -526,8 +592,8 @@ def run(cfg: Any, shard: Shard = Shard()) -> CurationSummary:
         rows.append(_row(job, finished[job.key]))
         _write_rows(out, rows)
     _write_rows(out, rows)
-    summary = CurationSummary(read_rows(out), scores, cfg.curation.fraction, list(cfg.curation.arms), out,
-                              trained, reused, pending)
+    summary = CurationSummary(read_rows(out), scores, cfg.curation.fraction, list(cfg.curation.arms),
+                              cfg.train.batch_size, out, trained, reused, pending)
     if shard.count == 1:
         results.record(cfg.run_dir, "curation", summary.record())
     return summary
@@ -544,6 +610,6 @@ def glue_story(summary: CurationSummary) -> pd.DataFrame:
                         index=pd.Index(list(texts), name="glue key"))
 
 
-__all__ = ["CRITERIA", "SELECTIONS", "CurationSummary", "DataError", "Measures", "MissingModelError", "ScoresSummary", "check_training_only",
-           "glue_story", "job_key", "measure", "model_seed", "plan_jobs", "reference_split", "run", "score",
-           "score_frame", "scores_key", "selection_indices", "seeds_of", "trainer_params"]
+__all__ = ["CRITERIA", "SELECTIONS", "UNTRAINED", "CurationSummary", "DataError", "Measures", "MissingModelError", "ScoresSummary", "check_training_only",
+           "check_untrained", "glue_story", "job_key", "measure", "model_seed", "plan_jobs", "reference_set", "run",
+           "score", "score_frame", "scores_key", "selection_indices", "seeds_of", "trainer_params", "untrained_baseline"]
