@@ -280,6 +280,8 @@ def work_table(cfg: Any) -> pd.DataFrame:
                else f"; left out (no provenance): {', '.join(left_out)}" if left_out else "")
     cam_images = CLASSES * cam.images_per_class
     faithful = min(cam.faithfulness_images or cam_images, cam_images)
+    cam_seeds = train.seeds if cam.model_seed is None else 1  # every trained seed, or gradcam.model_seed only
+    explained = len(arms) * cam_seeds
     sd_guidance = sd.guidance if sd.guidance_range is None else max(sd.guidance_range)
     external = [found.describe() for found in planned.values() if not found.generated]
     sets_note = f" (sets made elsewhere: {'; '.join(external)})" if external else ""
@@ -306,11 +308,11 @@ def work_table(cfg: Any) -> pd.DataFrame:
          (f"{len(low.k_per_class)} values of k x {len(low_sources)} sources x {low.seeds} seeds, each a model of the "
          "synthetic images made from the k-subset, then its fine-tuning (an upper bound: frozen layers need no "
          "gradients)")),
-        ("Grad-CAM maps (05)", len(arms) * cam_images, "images", "gradcam",
-         f"{cam_images} real test images x {len(arms)} arms"),
-        ("Grad-CAM deletion and insertion (05)", len(arms) * faithful * 2 * (cam.deletion_steps + 1),
-         "forward passes", "gradcam", (f"{faithful} images x {len(arms)} arms x 2 curves x {cam.deletion_steps + 1} points "
-         "(an upper bound at the maps' rate: no backward pass)")),
+        ("Grad-CAM maps (05)", explained * cam_images, "images", "gradcam",
+         f"{cam_images} real test images x {len(arms)} arms x {cam_seeds} seeds"),
+        ("Grad-CAM deletion and insertion (05)", explained * faithful * 2 * (cam.deletion_steps + 1),
+         "forward passes", "gradcam", (f"{faithful} images x {len(arms)} arms x {cam_seeds} seeds x 2 curves x "
+         f"{cam.deletion_steps + 1} points (an upper bound at the maps' rate: no backward pass)")),
         ("projective geometry (06)", geometry_images, "images", "geometry",
          f"the real test images and {len(synthetic)} synthetic sets, at most {geometry.images_per_set or 'all'} "
          f"of each, at {geometry.upscale}x (the York Urban validation is not counted)"),

@@ -315,8 +315,8 @@ class GradcamParams(_Section):
     layer: str = "layer4"  # module explained: layer4 (4x4 maps on 32 px), layer3 (8x8), auto (last conv stage), any module name
     images_per_class: int = Field(default=200, ge=1, le=1000)  # real test images per class in the fixed, seeded sample
     targets: Literal["true", "predicted"] = "true"  # class explained: the label (same for every arm) or each model's top class
-    model_seed: int | None = Field(default=None, ge=0)  # training seed whose models are explained; None: each arm's lowest
-    n_resamples: int = Field(default=10000, ge=100, le=100000)  # bootstrap resamples of the paired 95% intervals
+    model_seed: int | None = Field(default=None, ge=0)  # only the models of this training seed are explained; None: every seed of every arm
+    n_resamples: int = Field(default=10000, ge=100, le=100000)  # bootstrap resamples (seeds, then images) of the 95% intervals and p-values
     deletion_steps: int = Field(default=10, ge=1, le=1024)  # points of the deletion/insertion curves after 0 (10: 10% steps)
     faithfulness_images: int | None = Field(default=1000, ge=10, multiple_of=10)  # balanced part of the sample for deletion/insertion; None: all
     batch_size: int = Field(default=256, ge=1, le=65536)  # images per forward pass (maps and faithfulness); results do not depend on it beyond float rounding

@@ -24,7 +24,8 @@ from synthgap_helpers.errors import DataError
 from synthgap_helpers.storage import atomic_write_json
 
 RESULTS_FILE = "results.json"
-GAIN_COLUMNS = ["over", "seeds", "baseline seeds", "test", "gain (points)", "ci95_low", "ci95_high"]
+GAIN_COLUMNS = ["over", "seeds", "baseline seeds", "test", "gain (points)", "ci95_low", "ci95_high", "p"]
+HOLM_COLUMNS = ["p (Holm)", "significant after Holm"]  # what `with_holm` adds to a table of comparisons
 PAIRED, WELCH = "paired", "Welch"  # the test of a gain row: paired t over shared seeds, or Welch's unequal-variance t
 MISSING = "not trained"  # what a table or the introduction shows for an arm without finished models
 
@@ -121,32 +122,44 @@ def summarize_seeds(values: list[float]) -> dict[str, float]:
 
 def welch_difference(values: list[float], reference: list[float]) -> dict[str, float]:
     """mean(values) - mean(reference) with its 95% Welch interval (unequal variances, Welch-Satterthwaite
-    degrees of freedom): separate seeds of two arms are independent runs, not pairs. The interval is NaN
-    unless both sides have at least two values."""
+    degrees of freedom) and the two-sided p-value of Welch's t-test (`_t_p_value`): separate seeds of two arms
+    are independent runs, not pairs. Interval and p are NaN unless both sides have at least two values."""
     if not values or not reference:
         raise ValueError("welch_difference needs at least one value on each side")
     a, b = np.asarray(values, dtype=float), np.asarray(reference, dtype=float)
     difference = float(a.mean() - b.mean())
-    result = {"difference": difference, "ci95_low": math.nan, "ci95_high": math.nan, "df": math.nan}
+    result = {"difference": difference, "ci95_low": math.nan, "ci95_high": math.nan, "df": math.nan, "p": math.nan}
     if len(a) > 1 and len(b) > 1:
         va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
         se = math.sqrt(va + vb)
         df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1)) if se > 0 else math.inf
         half = float(scipy.stats.t.ppf(0.975, df)) * se
-        result.update(ci95_low=difference - half, ci95_high=difference + half, df=float(df))
+        result.update(ci95_low=difference - half, ci95_high=difference + half, df=float(df),
+                      p=_t_p_value(difference, se, df))
     return result
+
+
+def _t_p_value(difference: float, se: float, df: float) -> float:
+    """Two-sided p of a t statistic difference / se on df degrees of freedom; with se = 0 (every run gave the
+    same number) 1 for a zero difference and 0 otherwise."""
+    if se == 0:
+        return 1.0 if difference == 0 else 0.0
+    return float(2 * scipy.stats.t.sf(abs(difference) / se, df))
 
 
 def paired_difference(values: list[float], reference: list[float]) -> dict[str, float]:
     """mean(values - reference) over pairs (the same seed in both arms: same initial weights, same data) with its
-    95% Student-t interval on n - 1 degrees of freedom, as scipy.stats.ttest_rel; NaN interval for one pair."""
+    95% Student-t interval on n - 1 degrees of freedom and the two-sided p-value, as scipy.stats.ttest_rel; NaN
+    interval and p for one pair."""
     if len(values) != len(reference) or not values:
         raise ValueError(f"paired_difference needs two equally long, non-empty lists; got {len(values)} and "
                          f"{len(reference)} values")
     differences = np.asarray(values, dtype=float) - np.asarray(reference, dtype=float)
     stats = summarize_seeds(list(differences))
+    n = len(differences)
     return {"difference": stats["mean"], "ci95_low": stats["ci95_low"], "ci95_high": stats["ci95_high"],
-            "df": float(len(differences) - 1) if len(differences) > 1 else math.nan}
+            "df": float(n - 1) if n > 1 else math.nan,
+            "p": _t_p_value(stats["mean"], stats["std"] / math.sqrt(n), n - 1) if n > 1 else math.nan}
 
 
 def _paired_seeds(arm: pd.DataFrame, baseline: pd.DataFrame) -> list[Any] | None:
@@ -165,7 +178,8 @@ def gains_over(per_seed: pd.DataFrame, baseline: str, scale: float = 1.0, *, pai
     With `paired` (rows also carry ``seed``; use it when the same seed gives both arms the same initial weights and
     data) an arm that ran exactly the baseline's seeds gets the paired interval (`paired_difference`, NaN until two
     seeds); any other arm, and every arm without `paired`, the Welch interval (`welch_difference`, NaN until both
-    arms have two seeds). Column ``test`` says which (PAIRED or WELCH)."""
+    arms have two seeds). Column ``test`` says which (PAIRED or WELCH), column ``p`` gives that test's two-sided
+    p-value (unadjusted: `with_holm` adjusts a family of them)."""
     base = per_seed.loc[per_seed["arm"] == baseline]
     reference = list(scale * base["test_accuracy"])
     rows = {}
@@ -180,10 +194,66 @@ def gains_over(per_seed: pd.DataFrame, baseline: str, scale: float = 1.0, *, pai
             test, gain = PAIRED, paired_difference(values, [scale * base.set_index("seed").loc[seed, "test_accuracy"]
                                                             for seed in seeds])
         rows[arm] = {"over": baseline, "seeds": len(group), "baseline seeds": len(reference), "test": test,
-                     "gain (points)": gain["difference"], "ci95_low": gain["ci95_low"], "ci95_high": gain["ci95_high"]}
+                     "gain (points)": gain["difference"], "ci95_low": gain["ci95_low"], "ci95_high": gain["ci95_high"],
+                     "p": gain["p"]}
     table = pd.DataFrame.from_dict(rows, orient="index", columns=GAIN_COLUMNS)
     table.index.name = "arm"
     return table
+
+
+def holm(p_values: Any) -> np.ndarray:
+    """Holm's step-down adjustment of a family of p-values (Holm 1979): with the m defined p-values sorted,
+    p_(1) <= ... <= p_(m), the adjusted p_(j) is max over i <= j of min(1, (m - i + 1) p_(i)), so adjusted values
+    keep the order of the raw ones and never fall below them. Rejecting where adjusted p < alpha keeps the chance of
+    any false rejection in the family at most alpha. NaN p-values (no test) stay NaN and do not count in m."""
+    p = np.asarray(p_values, dtype=float)
+    defined = ~np.isnan(p)
+    if ((p[defined] < 0) | (p[defined] > 1)).any():
+        raise ValueError(f"p_values must lie in [0, 1] (NaN for no test); got {p[defined & ((p < 0) | (p > 1))]}")
+    adjusted = np.full(p.shape, np.nan)
+    values = p[defined]
+    m = len(values)
+    order = np.argsort(values, kind="stable")
+    stepped = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * values[order]))
+    out = np.empty(m)
+    out[order] = stepped
+    adjusted[defined] = out
+    return adjusted
+
+
+def bootstrap_p_value(draws: Any, axis: int = 0) -> Any:
+    """Two-sided bootstrap p-value of "the statistic is 0" from its resampled values along ``axis``:
+    p = min(1, 2 min(1 + #{draws <= 0}, 1 + #{draws >= 0}) / (B + 1)), B the number of defined (not NaN) draws.
+    It is the smallest alpha at which the (1 - alpha) percentile interval excludes 0, counted with the +1 of an
+    exact resampling test so that it is never 0; NaN without draws."""
+    draws = np.asarray(draws, dtype=float)
+    defined = (~np.isnan(draws)).sum(axis=axis)
+    low, high = (draws <= 0).sum(axis=axis), (draws >= 0).sum(axis=axis)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = np.minimum(1.0, 2 * (1 + np.minimum(low, high)) / (defined + 1))
+    return np.where(defined > 0, p, np.nan) if np.ndim(p) else (float(p) if defined else math.nan)
+
+
+def p_text(p: float) -> str:
+    """A p-value for a table: three significant digits, 'n/a' without a test."""
+    return "n/a" if math.isnan(p) else f"{p:.3g}"
+
+
+def holm_family(table: pd.DataFrame, group: str, noun: str, reference: str) -> GlueText:
+    """A comparison table's Holm family in words, for a page's text: 'the 18 comparisons of the table (9 metrics ×
+    2 synthetic sets against real/test)', counting the rows with a p (table columns ``metric``, `group`, ``p``)."""
+    metrics, groups = table["metric"].nunique(), table[group].nunique()
+    tested = int(table["p"].notna().sum())
+    partial = "" if tested == metrics * groups else ", those with a p-value"
+    return GlueText(f"the {tested} comparisons of the table ({metrics} metrics × {groups} {noun} against "
+                    f"{reference}{partial})")
+
+
+def with_holm(table: pd.DataFrame, p: str = "p", alpha: float = 0.05) -> pd.DataFrame:
+    """`table` (one row per comparison of a family) with `HOLM_COLUMNS` added: the Holm-adjusted p of column `p`
+    over all its rows (`holm`) and whether it is below `alpha` (False where there is no p)."""
+    adjusted = holm(table[p].to_numpy(dtype=float)) if len(table) else np.array([])
+    return table.assign(**{HOLM_COLUMNS[0]: adjusted, HOLM_COLUMNS[1]: adjusted < alpha})
 
 
 # ------------------------------------------------------------------------------------ the introduction
@@ -246,16 +316,40 @@ def gain_text(gain: float, low: float, high: float, test: str = WELCH) -> str:
     return f"{gain:+.1f} points ({interval})"
 
 
+def _planned_row(gains: pd.DataFrame, k: int, arm: str) -> pd.Series | None:
+    """The row (k, arm) of a low-data gains table, or None when that arm was not trained at k."""
+    rows = gains.loc[(gains["k"] == k) & (gains["arm"] == arm)] if not gains.empty else gains
+    return None if rows.empty else rows.iloc[0]
+
+
 def planned_gain(gains: pd.DataFrame, k: int, arm: str) -> str:
     """The row (k, arm) of a low-data gains table, the comparison fixed before the run, as a sentence part
     ('real+di at k = 10 real images per class, +4.3 points (95% paired interval ...) over real'); MISSING when
     that row was not trained."""
-    rows = gains.loc[(gains["k"] == k) & (gains["arm"] == arm)] if not gains.empty else gains
-    if rows.empty:
+    row = _planned_row(gains, k, arm)
+    if row is None:
         return MISSING
-    row = rows.iloc[0]
     return (f"{arm} at k = {k} real images per class, "
             f"{gain_text(row['gain (points)'], row['ci95_low'], row['ci95_high'], row['test'])} over {row['over']}")
+
+
+def quoted_gains(headline: Any, sweep: Any = None, finetuned: Any = None, alpha: float = 0.05) -> pd.DataFrame:
+    """The gains the introduction quotes (`story_numbers`: each trained arm over real, and the low-data and
+    fine-tuning comparisons fixed in advance), read together as one family: one row per glue key, the gain with its
+    95% interval, test and raw p, then the Holm-adjusted p and whether it is below `alpha` (`with_holm`). The family
+    is every row with a p (an arm of one seed has none)."""
+    rows = {f"gain_{arm}": {"comparison": f"{arm} − {row['over']}", **row[GAIN_COLUMNS[3:]].to_dict()}
+            for arm, row in headline.gains.iterrows()}
+    for key, curves in (("lowdata_planned_gain", sweep), ("finetune_planned_gain", finetuned)):
+        if curves is None or not curves.planned:
+            continue
+        k, arm = curves.planned
+        row = _planned_row(curves.gains(), k, arm)
+        if row is not None:
+            rows[key] = {"comparison": f"{arm} − {row['over']} at k = {k}", **row[GAIN_COLUMNS[3:]].to_dict()}
+    table = pd.DataFrame.from_dict(rows, orient="index", columns=["comparison", *GAIN_COLUMNS[3:]])
+    table.index.name = "glue key"
+    return with_holm(table, "p", alpha)
 
 
 def story_numbers(cfg: Any, headline: Any, sweep: Any = None, finetuned: Any = None) -> dict[str, GlueText]:
@@ -291,6 +385,7 @@ def glue_story(cfg: Any, headline: Any, sweep: Any = None, finetuned: Any = None
                         index=pd.Index(list(texts), name="glue key"))
 
 
-__all__ = ["GAIN_COLUMNS", "MISSING", "PAIRED", "WELCH", "CorruptResults", "GlueMarkdown", "GlueText", "frame_records",
-           "gain_text", "gains_over", "glue_story", "headline_markdown", "json_safe", "paired_difference",
-           "planned_gain", "read_records", "record", "story_numbers", "summarize_seeds", "welch_difference"]
+__all__ = ["GAIN_COLUMNS", "HOLM_COLUMNS", "MISSING", "PAIRED", "WELCH", "CorruptResults", "GlueMarkdown", "GlueText",
+           "bootstrap_p_value", "frame_records", "gain_text", "gains_over", "glue_story", "headline_markdown", "holm", "holm_family",
+           "json_safe", "p_text", "paired_difference", "planned_gain", "quoted_gains", "read_records", "record", "story_numbers",
+           "summarize_seeds", "welch_difference", "with_holm"]

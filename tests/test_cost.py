@@ -42,7 +42,9 @@ def test_work_counts_steps_images_and_guided_passes():
     assert "6 arms" in work.loc["classifier training (04)", "what"]
     assert work.loc["low-data sweep (07)", "amount"] == 4 * 3 * 3 * 5000 * 128
     assert work.loc["fine-tuning (07)", "amount"] == 4 * 2 * 3 * (5000 + 5000) * 128  # synthetic-only model, then tuning
-    assert work.loc["Grad-CAM maps (05)", "amount"] == 6 * 1000
+    assert work.loc["Grad-CAM maps (05)", "amount"] == 6 * 3 * 1000  # every seed of every arm
+    only = cost.work_table(config.resolve("gpu-small", overrides={"gradcam.model_seed": 0}))
+    assert only.loc["Grad-CAM maps (05)", "amount"] == 6 * 1000
     assert work.loc["real-vs-synthetic detectors (07)", "amount"] == 2 * 3 * 1000 * 128  # sd, di and the real floor
 
 
@@ -148,7 +150,7 @@ def test_an_external_set_is_counted_in_its_folders_trained_explained_and_curated
     assert cost.training_arms(cfg) == {"real": 5000, "ext": 50, "real+ext": 5000}  # fixed_share: epochs of the real set
     assert work.loc["classifier training (04)", "amount"] == 3 * train.seeds * train.steps * train.batch_size
     assert "ext: 50 images counted in its folders" in work.loc["classifier training (04)", "what"]
-    assert work.loc["Grad-CAM maps (05)", "amount"] == 3 * 10 * cfg.gradcam.images_per_class
+    assert work.loc["Grad-CAM maps (05)", "amount"] == 3 * train.seeds * 10 * cfg.gradcam.images_per_class
     assert work.loc["real-vs-synthetic detectors (07)", "amount"] == 2 * 2 * cfg.gap.detector_steps * 128
     assert work.loc["domain gap bootstrap (07)", "amount"] == 2 * (cfg.gap.n_resamples + 1)
     assert work.loc["curation scores (08)", "amount"] == 50 + 10 * (cur.reference_per_class + cur.untrained_per_class)

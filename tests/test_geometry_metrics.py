@@ -8,6 +8,7 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
+from synthgap_helpers import results
 from synthgap_helpers.geometry.figures import (
     plot_metric_distributions,
     plot_vanishing_points,
@@ -88,6 +89,20 @@ def test_compare_datasets_recovers_a_known_shift_with_its_interval():
     assert row["difference"] == pytest.approx(1.0)
     assert 0.7 < row["ci_low"] < 1.0 < row["ci_high"] < 1.3
     assert table.loc["single", "n"] == 1 and np.isnan(table.loc["single", "ci_low"])
+
+
+def test_compare_datasets_gives_raw_and_holm_adjusted_p_over_every_metric_of_every_set():
+    rng = np.random.default_rng(2)
+    real = pd.DataFrame({"a": rng.normal(0.0, 1.0, 300), "b": rng.normal(0.0, 1.0, 300)})
+    frames = {"real": real, "shifted": real + 1.0,
+              "same": pd.DataFrame({"a": rng.normal(0.0, 1.0, 300), "b": rng.normal(0.0, 1.0, 300)})}
+    table = compare_datasets(frames, n_resamples=999).set_index(["dataset", "metric"])
+    assert table.loc[("shifted", "a"), "p"] == pytest.approx(2 / 1000)  # every resampled difference above 0
+    assert (table.loc["same", "p"] > 0.05).all()
+    np.testing.assert_allclose(table["p (Holm)"], results.holm(table["p"]))  # one family: 2 sets x 2 metrics
+    assert table["significant after Holm"].tolist() == [True, True, False, False]
+    # the p-value reads the same resamples as the interval: p < 0.05 exactly where the 95% interval excludes 0
+    assert ((table["p"] < 0.05) == ((table["ci_low"] > 0) | (table["ci_high"] < 0))).all()
 
 
 def test_compare_datasets_needs_a_known_reference():

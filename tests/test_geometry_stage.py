@@ -80,6 +80,11 @@ def test_stage_writes_the_york_record_and_a_row_per_image_of_every_dataset(tiny_
     assert list(result.york_urban.index) == ["calibrated", "uncalibrated"]
     assert list(result.table.columns) == ["real/test mean", "sd mean", "sd − real/test"]
     assert set(result.comparison["dataset"]) == {"sd"} and result.comparison["ci_low"].notna().any()
+    tests = result.tests_table()
+    assert list(tests.columns) == ["difference [95% CI]", "p", "p (Holm)", "significant after Holm"]
+    assert len(tests) == len(metric_names()) and set(tests.index.get_level_values("comparison")) == {"sd − real/test"}
+    assert repr(result.family()).startswith(f"the {int(result.comparison['p'].notna().sum())} comparisons of the table "
+                                            f"({len(metric_names())} metrics × 1 synthetic sets against real/test")
     assert result.computed == {"real/test": 10, "sd": 10} and not result.york_reused
     figures = [geometry_figures.york_urban_figure(result), geometry_figures.distributions_figure(result),
                geometry_figures.cifar_example_figure(result)]

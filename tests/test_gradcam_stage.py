@@ -72,14 +72,15 @@ def test_stage_writes_a_row_per_arm_and_image_and_the_curves(tiny_run):
     result = gradcam_stage.run(tiny_config(root, run_dir))
     rows = pd.read_csv(run_dir / "analysis" / "gradcam.csv", dtype={"id": str})
     curves = pd.read_csv(run_dir / "analysis" / "gradcam_faithfulness.csv")
-    assert result.arms == ["real", "sd"] and result.computed == {"real": True, "sd": True}
+    assert result.arms == ["real", "sd"] and result.computed == {"real/seed0": True, "sd/seed0": True}
     assert len(rows) == 2 * 20 and rows.groupby("arm")["class"].value_counts().eq(2).all()  # 2 of each class
     assert (rows["target"] == rows["label"]).all()  # targets "true": the label is explained
     assert rows["deletion_auc"].notna().sum() == 2 * 10 and rows.groupby("arm")["deletion_auc"].count().eq(10).all()
     assert sorted(curves["fraction"].unique()) == [0.0, 0.25, 0.5, 0.75, 1.0] and len(curves) == 2 * 5
     assert list(result.faithfulness().index) == ["real", "sd"]
     assert set(result.comparison["arm"]) == {"sd"} and (result.comparison["n_images"] == 20).any()
-    assert list(result.summary().columns) == ["real", "sd"] and list(result.comparison_table().columns) == ["sd − real"]
+    assert list(result.summary().columns) == ["real", "sd"]
+    assert set(result.comparison_table().index.get_level_values("comparison")) == {"sd − real"}
     assert set(result.overlay_maps) == {"real", "sd"} and result.overlay_maps["sd"].shape == (10, 32, 32)
 
 
@@ -99,7 +100,7 @@ def test_rerun_reuses_both_files_and_shows_identical_tables(tiny_run):
     csv = run_dir / "analysis" / "gradcam.csv"
     stamp = csv.stat().st_mtime_ns
     second = gradcam_stage.run(cfg)
-    assert second.computed == {"real": False, "sd": False} and csv.stat().st_mtime_ns == stamp
+    assert second.computed == {"real/seed0": False, "sd/seed0": False} and csv.stat().st_mtime_ns == stamp
     pd.testing.assert_frame_equal(first.summary(), second.summary())
     pd.testing.assert_frame_equal(first.comparison_table(), second.comparison_table())
     pd.testing.assert_frame_equal(first.faithfulness(), second.faithfulness())
@@ -111,7 +112,7 @@ def test_a_changed_checkpoint_recomputes_that_arm_only(tiny_run):
     first = gradcam_stage.run(cfg)
     save_random_model(run_dir, "sd", weights_seed=2)  # retrained: other weights in the same file
     second = gradcam_stage.run(cfg)
-    assert second.computed == {"real": False, "sd": True}
+    assert second.computed == {"real/seed0": False, "sd/seed0": True}
     sd_before, sd_after = first.metrics_by_arm()["sd"], second.metrics_by_arm()["sd"]
     assert not np.allclose(sd_before["entropy"], sd_after["entropy"])
     pd.testing.assert_frame_equal(first.metrics_by_arm()["real"], second.metrics_by_arm()["real"])
@@ -121,7 +122,7 @@ def test_other_parameters_recompute_every_arm(tiny_run):
     root, run_dir = tiny_run
     gradcam_stage.run(tiny_config(root, run_dir))
     result = gradcam_stage.run(tiny_config(root, run_dir, layer="layer3"))
-    assert result.computed == {"real": True, "sd": True}
+    assert result.computed == {"real/seed0": True, "sd/seed0": True}
 
 
 def test_a_new_arm_is_added_and_the_study_order_kept(tiny_run):
@@ -129,7 +130,8 @@ def test_a_new_arm_is_added_and_the_study_order_kept(tiny_run):
     gradcam_stage.run(tiny_config(root, run_dir))
     save_random_model(run_dir, "di", weights_seed=3)
     result = gradcam_stage.run(tiny_config(root, run_dir))
-    assert result.arms == ["real", "sd", "di"] and result.computed == {"real": False, "sd": False, "di": True}
+    assert result.arms == ["real", "sd", "di"]
+    assert result.computed == {"real/seed0": False, "sd/seed0": False, "di/seed0": True}
 
 
 def test_without_models_the_error_names_the_folder_and_the_training_stage(tmp_path):
@@ -156,13 +158,41 @@ def test_a_sample_larger_than_the_test_set_is_refused(tiny_run):
         gradcam_stage.run(tiny_config(root, run_dir, images_per_class=5))
 
 
-def test_model_seed_picks_that_seed_and_a_missing_one_is_named(tiny_run):
+def test_every_seed_is_explained_unless_model_seed_picks_one_and_a_missing_one_is_named(tiny_run):
     root, run_dir = tiny_run
     save_random_model(run_dir, "real", seed=1, weights_seed=4)
     checkpoints, skipped = gradcam_stage.find_checkpoints(run_dir)
-    assert [(c.arm, c.seed) for c in checkpoints] == [("real", 0), ("sd", 0)] and skipped == {}
+    assert [(c.arm, c.seed) for c in checkpoints] == [("real", 0), ("real", 1), ("sd", 0)] and skipped == {}
+    only, _ = gradcam_stage.find_checkpoints(run_dir, model_seed=0)
+    assert [(c.arm, c.seed) for c in only] == [("real", 0), ("sd", 0)]
     with pytest.raises(ValueError, match=r"gradcam.model_seed = 1.*'sd': \[0\]"):
         gradcam_stage.find_checkpoints(run_dir, model_seed=1)
+
+
+def test_the_comparison_uses_every_seed_of_every_arm_and_reuses_each_model(tiny_run):
+    root, run_dir = tiny_run
+    save_random_model(run_dir, "sd", seed=1, weights_seed=5)
+    cfg = tiny_config(root, run_dir)
+    result = gradcam_stage.run(cfg)
+    assert result.computed == {"real/seed0": True, "sd/seed0": True, "sd/seed1": True}
+    rows = result.rows
+    assert sorted(rows.loc[rows["arm"] == "sd", "model_seed"].unique()) == [0, 1]
+    assert (rows.groupby(["arm", "model_seed"])["id"].apply(list) == [result.sample.ids] * 3).all()
+    comparison = result.comparison.set_index("metric")
+    assert (comparison["seeds"] == 2).all() and (comparison["reference_seeds"] == 1).all()
+    wide = rows.pivot(index="id", columns=["arm", "model_seed"], values="entropy").dropna()  # defined in every model
+    assert comparison.loc["entropy", "n_images"] == len(wide)
+    expected = (wide["sd"].mean(axis=1) - wide["real"].mean(axis=1)).mean()  # the mean over the two sd seeds
+    assert comparison.loc["entropy", "difference"] == pytest.approx(expected)
+    table = result.comparison_table()
+    assert table.loc[("sd − real", "entropy"), "seeds (arm / real)"] == "2 / 1"
+    assert {"p", "p (Holm)", "significant after Holm"} <= set(table.columns)
+    assert result.status().loc["sd", "seed"].tolist() == [0, 1]
+    save_random_model(run_dir, "sd", seed=1, weights_seed=6)  # one seed retrained: only that model is recomputed
+    again = gradcam_stage.run(cfg)
+    assert again.computed == {"real/seed0": False, "sd/seed0": False, "sd/seed1": True}
+    kept = again.rows[(again.rows["arm"] == "sd") & (again.rows["model_seed"] == 0)].reset_index(drop=True)
+    pd.testing.assert_frame_equal(kept, rows[(rows["arm"] == "sd") & (rows["model_seed"] == 0)].reset_index(drop=True))
 
 
 def test_figures_have_a_row_per_arm_and_both_curves(tiny_run):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import types
 
 import numpy as np
 import pandas as pd
@@ -180,3 +181,64 @@ def test_headline_markdown_lists_every_arm_whatever_the_sets_are_called():
     assert texts["accuracy_cifake"].text == "52.0 ± 2.8 % (2 seeds)" and "accuracy_sd" not in texts
     bundle, _ = format_display_data(texts["headline_md"])  # what myst_nb.glue stores: Markdown for the book
     assert bundle["text/markdown"] == texts["headline_md"].text and bundle["text/plain"] == texts["headline_md"].text
+
+
+# --------------------------------------------------------------------------------------------- multiplicity
+
+
+def test_holm_matches_hand_computed_values_and_leaves_missing_p_out_of_the_family():
+    # sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1 = 0.02, 0.03, 0.06, 0.04; running maximum 0.02, 0.03, 0.06, 0.06
+    np.testing.assert_allclose(results.holm([0.01, 0.04, 0.03, 0.005]), [0.03, 0.06, 0.06, 0.02])
+    adjusted = results.holm([0.01, np.nan, 0.04, 0.03, 0.005])  # NaN: no test, not counted (m stays 4)
+    assert math.isnan(adjusted[1])
+    np.testing.assert_allclose(adjusted[[0, 2, 3, 4]], [0.03, 0.06, 0.06, 0.02])
+    np.testing.assert_allclose(results.holm([0.5, 0.6]), [1.0, 1.0])  # capped at 1
+    assert results.holm([]).shape == (0,)
+    with pytest.raises(ValueError, match=r"p_values must lie in \[0, 1\].*1\.5"):
+        results.holm([0.2, 1.5])
+
+
+def test_holm_is_the_step_down_maximum_keeps_the_order_and_never_lowers_a_p():
+    p = np.random.default_rng(4).uniform(0, 0.2, 30) ** 2
+    adjusted = results.holm(p)
+    ranks = np.argsort(np.argsort(p, kind="stable"), kind="stable")  # 0 for the smallest
+    brute = [max(min(1.0, (len(p) - ranks[j]) * p[j]) for j in range(len(p)) if p[j] <= p[i]) for i in range(len(p))]
+    np.testing.assert_allclose(adjusted, brute)
+    order = np.argsort(p)
+    assert (np.diff(adjusted[order]) >= 0).all() and (adjusted >= p).all() and (adjusted <= 1).all()
+
+
+def test_bootstrap_p_value_is_twice_the_smaller_tail_counted_with_one_more_draw():
+    assert results.bootstrap_p_value([-1.0, 1.0, 2.0, 3.0]) == pytest.approx(2 * (1 + 1) / 5)
+    assert results.bootstrap_p_value(np.ones(999)) == pytest.approx(2 / 1000)  # never 0
+    assert results.bootstrap_p_value([0.0, 0.0]) == 1.0
+    draws = np.array([[1.0, -1.0], [2.0, -2.0], [np.nan, 3.0]])  # per column, NaN draws left out
+    np.testing.assert_allclose(results.bootstrap_p_value(draws), [2 / 3, 2 * 2 / 4])
+
+
+def test_gain_rows_carry_the_p_value_of_their_test_as_scipy_computes_it():
+    per_seed = pd.DataFrame({"arm": ["real"] * 3 + ["di"] * 3 + ["sd"] * 2, "seed": [0, 1, 2, 2, 0, 1, 0, 1],
+                             "test_accuracy": [80.0, 82.0, 81.0, 84.0, 83.0, 82.5, 50.0, 55.0]})
+    gains = results.gains_over(per_seed, "real", paired=True)
+    paired = scipy.stats.ttest_rel([83.0, 82.5, 84.0], [80.0, 82.0, 81.0]).pvalue
+    welch = scipy.stats.ttest_ind([50.0, 55.0], [80.0, 82.0, 81.0], equal_var=False).pvalue
+    assert (gains.loc["di", "p"], gains.loc["sd", "p"]) == (pytest.approx(paired), pytest.approx(welch))
+    one_seed = results.gains_over(pd.DataFrame({"arm": ["real", "sd"], "test_accuracy": [80.0, 70.0]}), "real")
+    assert math.isnan(one_seed.loc["sd", "p"])
+
+
+def test_quoted_gains_adjust_the_introductions_gains_as_one_family():
+    per_seed = pd.DataFrame({"arm": ["real"] * 3 + ["real+di"] * 3 + ["sd"] * 3, "seed": [0, 1, 2] * 3,
+                             "test_accuracy": [81.0, 81.5, 81.2, 85.0, 86.0, 85.5, 70.0, 81.0, 76.0]})
+    headline = train_stage.Headline(table=None, values=None, per_seed=per_seed, note="", test_images=10000, path=None,
+                                    gains=results.gains_over(per_seed, "real", paired=True))
+    lowdata_gains = pd.DataFrame({"k": [10, 10, 50], "arm": ["real+di", "real+sd", "real+di"], "over": "real",
+                                  "test": "paired", "gain (points)": [4.0, 1.0, 0.5], "ci95_low": [1.0, -2.0, -1.0],
+                                  "ci95_high": [7.0, 4.0, 2.0], "p": [0.012, 0.3, 0.4]})
+    sweep = types.SimpleNamespace(planned=(10, "real+di"), gains=lambda: lowdata_gains)
+    table = results.quoted_gains(headline, sweep)
+    assert list(table.index) == ["gain_real+di", "gain_sd", "lowdata_planned_gain"]
+    assert table.loc["lowdata_planned_gain", "comparison"] == "real+di − real at k = 10"
+    assert table.loc["lowdata_planned_gain", "p"] == 0.012 and table.loc["gain_sd", "p"] == headline.gains.loc["sd", "p"]
+    np.testing.assert_allclose(table["p (Holm)"], results.holm(table["p"]))
+    assert table["significant after Holm"].tolist() == list(table["p (Holm)"] < 0.05)

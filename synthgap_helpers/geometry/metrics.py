@@ -25,6 +25,7 @@ from synthgap_helpers.geometry.vanishing import (
     segment_lengths,
     upsample,
 )
+from synthgap_helpers.results import bootstrap_p_value, with_holm
 
 ORIENTATION_BINS = 36
 CONSISTENCY_THRESHOLDS = (5.0, 10.0)
@@ -179,11 +180,14 @@ def compare_datasets(
     confidence_level: float = 0.95,
     seed: int = 0,
 ) -> pd.DataFrame:
-    """Difference of each dataset's metric means from the reference's, with a percentile bootstrap interval.
+    """Difference of each dataset's metric means from the reference's, with a percentile bootstrap interval, a
+    bootstrap p-value and its Holm adjustment over the whole table.
 
     For dataset D and metric m: ``mean(D.m) - mean(ref.m)`` over images where m is defined, and the
     ``confidence_level`` interval of ``scipy.stats.bootstrap`` resampling both sets independently
-    (seeded). NaN interval when either side has fewer than 2 values.
+    (seeded); ``p`` is `results.bootstrap_p_value` of the same resamples. NaN interval and p when either side has
+    fewer than 2 values. ``p (Holm)`` and ``significant after Holm`` (`results.with_holm`, alpha =
+    1 - confidence_level) treat every row (every metric of every dataset) as one family.
     """
     if reference not in metrics_by_dataset:
         raise ValueError(f"reference must be one of {sorted(metrics_by_dataset)}; got {reference!r}")
@@ -194,15 +198,16 @@ def compare_datasets(
             continue
         for metric in [c for c in base.select_dtypes("number").columns if c in frame.columns]:
             ours, theirs = frame[metric].dropna().to_numpy(float), base[metric].dropna().to_numpy(float)
-            low, high = _bootstrap_interval(ours, theirs, n_resamples, confidence_level, seed)
+            low, high, p = _bootstrap_interval(ours, theirs, n_resamples, confidence_level, seed)
             difference = ours.mean() - theirs.mean() if len(ours) and len(theirs) else float("nan")
             rows.append(
                 {"dataset": name, "reference": reference, "metric": metric, "mean": ours.mean() if len(ours) else float("nan"),
                  "reference_mean": theirs.mean() if len(theirs) else float("nan"), "difference": difference,
-                 "ci_low": low, "ci_high": high, "n": len(ours), "n_reference": len(theirs)}
+                 "ci_low": low, "ci_high": high, "p": p, "n": len(ours), "n_reference": len(theirs)}
             )
-    return pd.DataFrame(rows, columns=["dataset", "reference", "metric", "mean", "reference_mean", "difference",
-                                       "ci_low", "ci_high", "n", "n_reference"])
+    table = pd.DataFrame(rows, columns=["dataset", "reference", "metric", "mean", "reference_mean", "difference",
+                                        "ci_low", "ci_high", "p", "n", "n_reference"])
+    return with_holm(table, "p", 1 - confidence_level)
 
 
 def dataset_means(
@@ -217,7 +222,7 @@ def dataset_means(
     for name, frame in metrics_by_dataset.items():
         for metric in frame.select_dtypes("number").columns:
             values = frame[metric].dropna().to_numpy(float)
-            low, high = _bootstrap_interval(values, None, n_resamples, confidence_level, seed)
+            low, high, _ = _bootstrap_interval(values, None, n_resamples, confidence_level, seed)
             rows.append({"dataset": name, "metric": metric, "mean": values.mean() if len(values) else float("nan"),
                          "ci_low": low, "ci_high": high, "n": len(values)})
     return pd.DataFrame(rows, columns=["dataset", "metric", "mean", "ci_low", "ci_high", "n"])
@@ -229,14 +234,15 @@ BOOTSTRAP_BATCH_VALUES = 4_000_000
 
 def _bootstrap_interval(
     ours: np.ndarray, theirs: np.ndarray | None, n_resamples: int, confidence_level: float, seed: int
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of mean(ours) - mean(theirs), or of mean(ours) when ``theirs`` is None."""
+) -> tuple[float, float, float]:
+    """Percentile bootstrap interval of mean(ours) - mean(theirs), or of mean(ours) when ``theirs`` is None, and the
+    bootstrap p-value of that statistic being 0 from the same resamples (`results.bootstrap_p_value`)."""
     samples = (ours,) if theirs is None else (ours, theirs)
     if any(len(sample) < 2 for sample in samples):
-        return float("nan"), float("nan")
+        return float("nan"), float("nan"), float("nan")
     if all(np.ptp(sample) == 0 for sample in samples):  # scipy warns on degenerate data; the interval is a point
         value = float(ours[0] - (0.0 if theirs is None else theirs[0]))
-        return value, value
+        return value, value, bootstrap_p_value(np.full(n_resamples, value))
     if theirs is None:
         def statistic(a: np.ndarray, axis: int) -> np.ndarray:
             return a.mean(axis=axis)
@@ -252,4 +258,5 @@ def _bootstrap_interval(
         method="percentile",
         rng=np.random.default_rng(seed),
     )
-    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+    return (float(result.confidence_interval.low), float(result.confidence_interval.high),
+            bootstrap_p_value(result.bootstrap_distribution))

@@ -1,5 +1,6 @@
 """The projective-geometry stage: York Urban validation, resolution calibration, structural metrics of
-the real test images and of every synthetic set, and their comparison with bootstrap intervals.
+the real test images and of every synthetic set, and their comparison with bootstrap intervals and Holm-adjusted
+bootstrap p-values (one family: every metric of every synthetic set).
 
 Files written (atomically) into the run directory:
 
@@ -44,6 +45,7 @@ from synthgap_helpers.geometry.validation import (
 )
 from synthgap_helpers.geometry.york_urban import resolve_york_urban
 from synthgap_helpers.imagesets import ImageSet
+from synthgap_helpers.results import HOLM_COLUMNS, GlueText, holm_family, p_text
 from synthgap_helpers.storage import atomic_write, atomic_write_json
 from synthgap_helpers.workload import image_seed, stable_hash
 
@@ -68,7 +70,7 @@ class GeometryResult:
     resolution: pd.DataFrame  # full resolution vs 32 px vs chance: segments per image, consistent shares
     metrics: pd.DataFrame  # per analysed image: identity columns, then the metrics
     means: pd.DataFrame  # per dataset and metric: mean with its bootstrap interval
-    comparison: pd.DataFrame  # per synthetic dataset and metric: difference from the real test set, interval
+    comparison: pd.DataFrame  # per synthetic dataset and metric: difference from the real test set, interval, p, Holm
     table: pd.DataFrame  # metrics x datasets, formatted 'value [low, high]': what the notebook shows
     images: dict[str, ImageSet]  # the analysed images of each dataset, in the order of their rows
     york_root: Path
@@ -85,6 +87,20 @@ class GeometryResult:
         names = metric_names()
         return {name: frame[names].reset_index(drop=True)
                 for name, frame in self.metrics.groupby("dataset", sort=False)}
+
+    def tests_table(self) -> pd.DataFrame:
+        """One row per synthetic set and metric (the Holm family): the difference from the real test set with its 95%
+        bootstrap interval, the raw and the Holm-adjusted p, and whether it is significant after Holm."""
+        columns = ["difference [95% CI]", "p", "p (Holm)", "significant after Holm"]
+        rows = [[format_interval(row.difference, row.ci_low, row.ci_high), p_text(row.p), p_text(row[HOLM_COLUMNS[0]]),
+                 "yes" if row[HOLM_COLUMNS[1]] else "no"] for _, row in self.comparison.iterrows()]
+        index = pd.MultiIndex.from_arrays([[f"{name} − {REFERENCE}" for name in self.comparison["dataset"]],
+                                           list(self.comparison["metric"])], names=["comparison", "metric"])
+        return pd.DataFrame(rows, columns=columns, index=index)
+
+    def family(self) -> GlueText:
+        """The Holm family of `tests_table` in words, for the notebook's text: its size and what it holds."""
+        return holm_family(self.comparison, "dataset", "synthetic sets", REFERENCE)
 
     def summary(self) -> pd.DataFrame:
         """Per dataset: images analysed now, reused from the CSV, and in total."""

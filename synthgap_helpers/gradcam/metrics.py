@@ -9,12 +9,14 @@ D = sqrt(H^2 + W^2). Every metric but `peak` is scale-free, so maps need no min-
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-from scipy.stats import bootstrap
 from torch import Tensor
+
+from synthgap_helpers.results import HOLM_COLUMNS, bootstrap_p_value, with_holm
 
 
 def _check_maps(maps: Tensor) -> Tensor:
@@ -83,24 +85,57 @@ def attention_metrics(maps: Tensor, top_fraction: float = 0.1, coverage_level: f
     return frame
 
 
-def _paired_difference(
-    arm: pd.Series, reference: pd.Series, n_resamples: int, seed: int, confidence_level: float
-) -> dict[str, float]:
-    """Mean of the per-image differences arm - reference, its percentile bootstrap interval and d_z."""
-    both = pd.concat([arm, reference], axis=1).dropna().to_numpy()
-    diff = both[:, 0] - both[:, 1]
-    row = {
-        "n_images": len(diff), "reference_mean": both[:, 1].mean(), "arm_mean": both[:, 0].mean(),
-        "difference": diff.mean(),
-    }
-    if len(diff) < 2:
-        return row | {"ci_low": np.nan, "ci_high": np.nan, "cohens_dz": np.nan}
-    interval = bootstrap(
-        (diff,), np.mean, n_resamples=n_resamples, confidence_level=confidence_level,
-        method="percentile", rng=np.random.default_rng(seed),
-    ).confidence_interval
-    sd = diff.std(ddof=1)
-    return row | {"ci_low": interval.low, "ci_high": interval.high, "cohens_dz": diff.mean() / sd if sd > 0 else np.nan}
+RESAMPLED_VALUES = 4_000_000
+"""Resampled values held at once per arm (resamples x images x metrics): bounds the bootstrap's memory."""
+COMPARISON_COLUMNS = ["arm", "metric", "seeds", "reference_seeds", "n_images", "reference_mean", "arm_mean",
+                      "difference", "ci_low", "ci_high", "cohens_dz", "p", *HOLM_COLUMNS]
+
+
+def _by_seed(frame: pd.DataFrame) -> dict[Any, pd.DataFrame]:
+    """One frame per training seed, indexed by image: a two-level index (seed, image) is split by its first
+    level; a one-level index is one seed."""
+    if frame.index.nlevels == 1:
+        return {None: frame}
+    if frame.index.nlevels != 2:
+        raise ValueError(f"metrics must be indexed by image or by (seed, image); got {frame.index.nlevels} levels")
+    return {seed: part.droplevel(0) for seed, part in frame.groupby(level=0, sort=True)}
+
+
+def _resample_counts(rng: np.random.Generator, n: int, size: int, m: int | None = None) -> np.ndarray:
+    """(size, n) counts: how often each of n units is drawn in each of `size` resamples of m (default n) with
+    replacement."""
+    m = n if m is None else m
+    draws = rng.integers(0, n, (size, m)) + n * np.arange(size)[:, None]
+    return np.bincount(draws.ravel(), minlength=size * n).reshape(size, n).astype(float)
+
+
+def _hierarchical_draws(arm: np.ndarray, reference: np.ndarray, defined: np.ndarray, n_resamples: int,
+                        seed: int) -> np.ndarray:
+    """(n_resamples, metrics) bootstrap draws of the difference of seed-and-image means, arm - reference.
+
+    ``arm`` (S_a, N, M) and ``reference`` (S_r, N, M) hold each seed's values on the N shared images (NaN set to 0),
+    ``defined`` (N, M) the images counted per metric. Each resample draws max(1, S - 1) seeds of each side with
+    replacement, then N images with replacement (the same images for both sides, so pairs stay together): draw =
+    sum_i w_i (mean over drawn arm seeds - mean over drawn reference seeds)_i / sum_i w_i over the defined images,
+    w_i the image's count. Drawing S - 1 of S seeds makes the bootstrap variance of a mean over seeds s^2 / S, the
+    unbiased one (S draws give (S - 1) / S of it, too narrow with the few seeds of a study). Images are drawn by a
+    generator seeded with `seed` alone, so every arm sees the same image resamples; seeds by a second one.
+    The sums over images are matrix products, a batch of resamples at a time."""
+    _, n_images, n_metrics = arm.shape
+    image_rng, seed_rng = np.random.default_rng(seed), np.random.default_rng([seed, 1])
+    batch = max(1, RESAMPLED_VALUES // n_images)
+    out = []
+    for start in range(0, n_resamples, batch):
+        size = min(batch, n_resamples - start)
+        weights = _resample_counts(image_rng, n_images, size)  # (B, N)
+        sums = []
+        for values in (arm, reference):  # sum_i w_i v_si over the defined images, then the mean over drawn seeds
+            per_seed = (weights @ (values * defined).transpose(1, 0, 2).reshape(n_images, -1)).reshape(size, -1, n_metrics)
+            drawn = max(1, len(values) - 1)
+            sums.append(np.einsum("bs,bsm->bm", _resample_counts(seed_rng, len(values), size, drawn), per_seed) / drawn)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out.append((sums[0] - sums[1]) / (weights @ defined))
+    return np.concatenate(out)
 
 
 def compare_arms(
@@ -110,26 +145,55 @@ def compare_arms(
     seed: int = 0,
     confidence_level: float = 0.95,
 ) -> pd.DataFrame:
-    """Per arm != reference and per metric: mean difference from the reference arm, with CI and effect size.
+    """Per arm != reference and per metric: mean difference from the reference arm over seeds and images, with a
+    two-level bootstrap interval, Cohen's d_z, a bootstrap p-value and its Holm adjustment over the whole table.
 
-    Every arm's frame holds one row per image of the same fixed test sample (same index), so
-    the comparison is paired: difference = mean_i (a_i - r_i) over images where both are
-    defined; the interval is a percentile bootstrap of that mean resampling images (pairs kept
-    together), `n_resamples` draws from a generator seeded with `seed` (the same resamples for
-    every arm and metric); cohens_dz = mean(a - r) / sd(a - r) (ddof 1; NaN when sd = 0).
+    Each arm's frame holds its metrics (columns) on the same fixed test sample, one row per image, for one model
+    (a one-level index of image ids) or for every training seed (a two-level index (seed, image id)). For a
+    metric, an image counts when it is defined for every seed of both arms; with a_si, r_ti the values of arm seed
+    s and reference seed t on image i and d_i = mean_s a_si - mean_t r_ti, the difference is mean_i d_i (the mean
+    over seeds and images of the arm minus the reference's). The interval is the percentile interval of
+    `n_resamples` two-level bootstrap draws (`_hierarchical_draws`: seeds of each arm, then images shared by
+    both); with one seed on a side that side's seed level is degenerate (column ``seeds`` / ``reference_seeds``
+    says how many), and with one seed on both the interval describes the two networks only, not their training
+    data. cohens_dz = mean(d) / sd(d) (ddof 1; NaN when sd = 0); p = `results.bootstrap_p_value` of the draws;
+    ``p (Holm)`` and ``significant after Holm`` (`results.with_holm`, alpha = 1 - confidence_level) treat every
+    row of the table as one family.
     """
     if reference not in metrics_by_arm:
         raise ValueError(f"reference arm {reference!r} not in {list(metrics_by_arm)}")
-    base = metrics_by_arm[reference]
+    base = _by_seed(metrics_by_arm[reference])
+    first = next(iter(base.values()))
+    metrics = list(first.columns)
+    reference_values = np.stack([frame.to_numpy(float) for frame in base.values()])
     rows = []
     for arm, frame in metrics_by_arm.items():
         if arm == reference:
             continue
-        if not frame.index.equals(base.index) or list(frame.columns) != list(base.columns):
-            raise ValueError(f"arm {arm!r} must have the same images (index) and metrics (columns) as {reference!r}")
-        rows += [
-            {"arm": arm, "metric": metric}
-            | _paired_difference(frame[metric], base[metric], n_resamples, seed, confidence_level)
-            for metric in base.columns
-        ]
-    return pd.DataFrame(rows)
+        seeds = _by_seed(frame)
+        if any(not part.index.equals(first.index) or list(part.columns) != metrics
+               for part in [*seeds.values(), *base.values()]):
+            raise ValueError(f"every seed of arm {arm!r} must have the same images (index) and metrics (columns) as "
+                             f"{reference!r}")
+        values = np.stack([part.to_numpy(float) for part in seeds.values()])
+        defined = ~(np.isnan(values).any(0) | np.isnan(reference_values).any(0))  # (N, M)
+        arm_means, reference_means = values.mean(0), reference_values.mean(0)
+        draws = _hierarchical_draws(np.where(np.isnan(values), 0, values),
+                                    np.where(np.isnan(reference_values), 0, reference_values),
+                                    defined.astype(float), n_resamples, seed)
+        alpha = 1 - confidence_level
+        low, high = np.nanquantile(draws, [alpha / 2, 1 - alpha / 2], axis=0)
+        p_values = bootstrap_p_value(draws)
+        for j, metric in enumerate(metrics):
+            keep = defined[:, j]
+            d = arm_means[keep, j] - reference_means[keep, j]
+            sd = d.std(ddof=1) if len(d) > 1 else np.nan
+            rows.append({
+                "arm": arm, "metric": metric, "seeds": len(seeds), "reference_seeds": len(base),
+                "n_images": int(keep.sum()), "reference_mean": reference_means[keep, j].mean(),
+                "arm_mean": arm_means[keep, j].mean(), "difference": d.mean(),
+                "ci_low": low[j] if len(d) > 1 else np.nan, "ci_high": high[j] if len(d) > 1 else np.nan,
+                "cohens_dz": d.mean() / sd if sd > 0 else np.nan, "p": p_values[j] if len(d) > 1 else np.nan,
+            })
+    table = pd.DataFrame(rows, columns=COMPARISON_COLUMNS[:-len(HOLM_COLUMNS)])
+    return with_holm(table, "p", 1 - confidence_level)

@@ -1,29 +1,31 @@
-"""The Grad-CAM stage: where every trained arm looks, on one fixed sample of real test images.
+"""The Grad-CAM stage: where every trained model of every arm looks, on one fixed sample of real test images.
 
 The stage finds the trained classifiers (``models/<arm>/seed<k>/model.safetensors``, written by the
-training stage), draws ONE balanced, seeded sample of the run's real test images, and for every arm
-computes Grad-CAM maps of the explained class (the label, or the model's top class), their attention
-metrics (:func:`gradcam_metrics.attention_metrics`) and, on a balanced part of the sample, the
-deletion/insertion faithfulness curves (:func:`gradcam.deletion_insertion`). Every arm sees the same
-images, so arms are compared image by image against ``real`` (paired bootstrap and Cohen's d_z).
+training stage): every training seed of every arm, or only seed ``gradcam.model_seed`` when set. It draws ONE
+balanced, seeded sample of the run's real test images, and for every model computes Grad-CAM maps of the
+explained class (the label, or the model's top class), their attention metrics
+(:func:`gradcam_metrics.attention_metrics`) and, on a balanced part of the sample, the deletion/insertion
+faithfulness curves (:func:`gradcam.deletion_insertion`). Every model sees the same images, so arms are compared
+image by image against ``real``, over their seeds (:func:`gradcam_metrics.compare_arms`: a two-level bootstrap,
+seeds then images, with Holm-adjusted p-values over the table).
 
 Files written (atomically) into the run directory:
 
-* ``analysis/gradcam.csv``: one row per arm and image (``arm``, ``model_seed``, ``id``, ``label``,
+* ``analysis/gradcam.csv``: one row per arm, seed and image (``arm``, ``model_seed``, ``id``, ``label``,
   ``class``, ``target``, ``predicted``, ``target_prob``, ``key``, the attention metrics, and the
   image's ``deletion_auc`` / ``insertion_auc``, empty outside the faithfulness part);
-* ``analysis/gradcam_faithfulness.csv``: per arm and curve point ``fraction``, the mean probability of
+* ``analysis/gradcam_faithfulness.csv``: per arm, seed and curve point ``fraction``, the mean probability of
   the explained class and the share of images still classified as it, under deletion and insertion.
 
 Only usable models are explained (`train.arms.check_model`: finished, not diverged, trained under the run's
-config now, the file matching the SHA-256 its metrics.json recorded); an arm whose model is not usable is
+config now, the file matching the SHA-256 its metrics.json recorded); a model that is not usable is
 skipped and said so (stderr, `GradcamResult.skipped`, a row of `status()`), naming the file and the fix.
 
-``key`` hashes what an arm's rows depend on: the Grad-CAM parameters, the run's seed, the sample's ids
-and pixels, the checkpoint file's SHA-256, the metric version and the torch version. A rerun reuses an
-arm's rows when its key is unchanged and recomputes that arm otherwise (a retrained checkpoint, another
-layer...); every table and figure is built from the files as read back, so it is the same whether the
-arm was computed now or reused.
+``key`` hashes what a model's rows depend on: the Grad-CAM parameters, the run's seed, the sample's ids
+and pixels, the checkpoint file's SHA-256, the metric version and the torch version. A rerun reuses a
+model's rows when its key is unchanged and recomputes that model otherwise (a retrained checkpoint, another
+layer...), saving both files after each model; every table and figure is built from the files as read back, so
+it is the same whether a model was computed now or reused.
 """
 
 from __future__ import annotations
@@ -57,8 +59,13 @@ from synthgap_helpers.gradcam.maps import (
     prepare_images,
     resolve_layer,
 )
-from synthgap_helpers.gradcam.metrics import attention_metrics, compare_arms
+from synthgap_helpers.gradcam.metrics import (
+    COMPARISON_COLUMNS,
+    attention_metrics,
+    compare_arms,
+)
 from synthgap_helpers.imagesets import ImageSet
+from synthgap_helpers.results import HOLM_COLUMNS, GlueText, holm_family, p_text
 from synthgap_helpers.storage import atomic_write
 from synthgap_helpers.train.arms import (
     CurrentKeys,
@@ -81,7 +88,7 @@ METRICS = ["entropy", "gini", "focus", "spread", "centroid_offset", "coverage", 
 AUC_COLUMNS = ["deletion_auc", "insertion_auc"]
 IDENTITY_COLUMNS = ["arm", "model_seed", "id", "label", "class", "target", "predicted", "target_prob", "key"]
 ROW_COLUMNS = IDENTITY_COLUMNS + METRICS + AUC_COLUMNS
-CURVE_COLUMNS = ["arm", "key", "fraction", "deletion_prob", "insertion_prob", "deletion_acc", "insertion_acc"]
+CURVE_COLUMNS = ["arm", "model_seed", "key", "fraction", "deletion_prob", "insertion_prob", "deletion_acc", "insertion_acc"]
 PROGRESS_FROM = 1000  # samples at least this large get per-batch progress bars inside each arm
 def deletion_baseline(stats: Stats | None = None) -> Tensor:
     """What deleted pixels become: the training mean of each channel (0 after normalisation)."""
@@ -97,41 +104,50 @@ class Checkpoint:
     path: Path
     sha256: str
 
+    @property
+    def job(self) -> str:
+        """``<arm>/seed<k>``: how `GradcamResult.computed` and `skipped` name the model."""
+        return f"{self.arm}/seed{self.seed}"
+
 
 @dataclass
 class GradcamResult:
     """What notebook 05 shows; the per-image rows and the curves are also in ``analysis/``."""
 
-    checkpoints: list[Checkpoint]  # the explained model of each arm, in arm order
-    sample: ImageSet  # the fixed sample of real test images, the same for every arm
-    rows: pd.DataFrame  # one row per arm and image, as in analysis/gradcam.csv
-    curves: pd.DataFrame  # per arm and fraction, as in analysis/gradcam_faithfulness.csv
-    comparison: pd.DataFrame  # compare_arms output: per arm != real and metric, paired difference, CI, d_z
+    checkpoints: list[Checkpoint]  # every explained model, in arm order, then seed order
+    sample: ImageSet  # the fixed sample of real test images, the same for every model
+    rows: pd.DataFrame  # one row per arm, seed and image, as in analysis/gradcam.csv
+    curves: pd.DataFrame  # per arm, seed and fraction, as in analysis/gradcam_faithfulness.csv
+    comparison: pd.DataFrame  # compare_arms output: per arm != real and metric, difference, CI, d_z, p, Holm
     overlay_images: Tensor  # the images of the overlay figure (the sample's first image of each class)
-    overlay_maps: dict[str, Tensor]  # their Grad-CAM maps, per arm
-    computed: dict[str, bool] = field(default_factory=dict)  # per arm: computed now (True) or reused (False)
+    overlay_maps: dict[str, Tensor]  # their Grad-CAM maps, per arm (the arm's first explained seed)
+    computed: dict[str, bool] = field(default_factory=dict)  # per "<arm>/seed<k>": computed now or reused
     files: list[Path] = field(default_factory=list)
     params: dict[str, Any] = field(default_factory=dict)  # the gradcam parameters of the run
     skipped: dict[str, ModelCheck] = field(default_factory=dict)  # unusable models passed over, by "<arm>/seed<k>"
 
     @property
     def arms(self) -> list[str]:
-        return [c.arm for c in self.checkpoints]
+        """The explained arms, in arm order, each once."""
+        return list(dict.fromkeys(c.arm for c in self.checkpoints))
 
     def metrics_by_arm(self) -> dict[str, pd.DataFrame]:
-        """The attention metrics and per-image AUCs of each arm, indexed by image id (same index for all)."""
-        return {arm: frame.set_index("id")[METRICS + AUC_COLUMNS] for arm, frame in self.rows.groupby("arm", sort=False)}
+        """The attention metrics and per-image AUCs of each arm, indexed by (model_seed, image id): every seed of an
+        arm, each on the same images."""
+        return {arm: frame.set_index(["model_seed", "id"])[METRICS + AUC_COLUMNS]
+                for arm, frame in self.rows.groupby("arm", sort=False)}
 
     def status(self) -> pd.DataFrame:
-        """Per arm: the checkpoint explained, its hash, and whether its rows were computed now or reused; then a
-        row per unusable model passed over (``skipped: <why>``)."""
+        """Per model (arm and seed): the checkpoint explained, its hash, and whether its rows were computed now or
+        reused; then a row per unusable model passed over (``skipped: <why>``)."""
         table = pd.DataFrame({
             "seed": [c.seed for c in self.checkpoints],
             "checkpoint": [f"models/{c.arm}/{c.path.parent.name}/{c.path.name}" for c in self.checkpoints],
             "sha256": [c.sha256[:12] for c in self.checkpoints],
-            "images": [int((self.rows["arm"] == c.arm).sum()) for c in self.checkpoints],
-            "this call": ["computed" if self.computed.get(c.arm) else "reused" for c in self.checkpoints],
-        }, index=pd.Index(self.arms, name="arm"))
+            "images": [int(((self.rows["arm"] == c.arm) & (self.rows["model_seed"] == c.seed)).sum())
+                       for c in self.checkpoints],
+            "this call": ["computed" if self.computed.get(c.job) else "reused" for c in self.checkpoints],
+        }, index=pd.Index([c.arm for c in self.checkpoints], name="arm"))
         if self.skipped:
             rows = [{"arm": job.split("/")[0], "seed": int(job.split("/seed")[1]),
                      "checkpoint": f"models/{job}/{check.path.name}", "sha256": "—", "images": 0,
@@ -140,39 +156,53 @@ class GradcamResult:
         return table
 
     def summary(self) -> pd.DataFrame:
-        """Metrics (rows) x arms: 'mean ± sd' over the sample's images; first rows: images, accuracy on them."""
+        """Metrics (rows) x arms: 'mean ± sd' over the sample's images and the arm's seeds (every map); first rows:
+        seeds, images, accuracy on them (mean over seeds)."""
         columns = {}
         for arm, frame in self.rows.groupby("arm", sort=False):
-            column = {"images": str(len(frame)),
+            column = {"seeds": str(frame["model_seed"].nunique()), "images": str(frame["id"].nunique()),
                       "accuracy on the sample": f"{(frame['predicted'] == frame['label']).mean():.3f}",
                       "target_prob": _mean_sd(frame["target_prob"])}
             column.update({metric: _mean_sd(frame[metric]) for metric in METRICS})
             columns[arm] = column
         table = pd.DataFrame(columns)
-        table.index.name = "metric (mean ± sd)"
+        table.index.name = "metric (mean ± sd over maps)"
         return table
 
     def comparison_table(self) -> pd.DataFrame:
-        """Metrics (rows) x arms: paired mean difference from real, '[95% CI]' and d_z, per arm."""
+        """One row per arm and metric (the Holm family): the seeds behind each side, the images, the difference
+        from real with its two-level 95% bootstrap interval, d_z, the raw and the Holm-adjusted p, and whether the
+        difference is significant after Holm."""
+        columns = ["seeds (arm / real)", "images", "difference [95% CI]", "d_z", "p", "p (Holm)",
+                   "significant after Holm"]
+        index = pd.MultiIndex.from_arrays([[], []], names=["comparison", "metric"])
         if self.comparison.empty:
-            return pd.DataFrame(index=pd.Index([], name="metric"))
-        columns: dict[str, dict[str, str]] = {}
-        for arm, group in self.comparison.groupby("arm", sort=False):
-            group = group.set_index("metric")
-            columns[f"{arm} − {REFERENCE}"] = {metric: _difference(group.loc[metric]) for metric in group.index}
-        table = pd.DataFrame(columns)
-        table.index.name = "metric: difference [95% CI], d_z"
-        return table
+            return pd.DataFrame(columns=columns, index=index)
+        rows = [[f"{row.seeds} / {row.reference_seeds}" + (" (no seed level)" if row.seeds == row.reference_seeds == 1
+                                                            else ""),
+                 row.n_images, _difference(row), "n/a" if np.isnan(row.cohens_dz) else f"{row.cohens_dz:+.2f}",
+                 p_text(row.p), p_text(row[HOLM_COLUMNS[0]]), "yes" if row[HOLM_COLUMNS[1]] else "no"]
+                for _, row in self.comparison.iterrows()]
+        index = pd.MultiIndex.from_arrays([[f"{arm} − {REFERENCE}" for arm in self.comparison["arm"]],
+                                           list(self.comparison["metric"])], names=["comparison", "metric"])
+        return pd.DataFrame(rows, columns=columns, index=index)
+
+    def family(self) -> GlueText:
+        """The Holm family of `comparison_table` in words, for the notebook's text: its size and what it holds."""
+        return holm_family(self.comparison, "arm", "arms", REFERENCE)
 
     def faithfulness(self) -> pd.DataFrame:
-        """Per arm: images, the areas under the deletion and insertion curves (probability and accuracy),
-        and insertion − deletion. Lower deletion AUC and higher insertion AUC: more faithful maps."""
+        """Per arm: seeds, images, the areas under the deletion and insertion curves (probability and accuracy,
+        of the curve averaged over seeds), and insertion − deletion. Lower deletion AUC and higher insertion AUC:
+        more faithful maps."""
         rows = {}
-        for arm, curves in self.curves.groupby("arm", sort=False):
-            x = curves["fraction"].to_numpy()
+        for arm, curves in self._mean_curves().items():
+            x = curves.index.to_numpy()
             auc = {column: float(np.trapezoid(curves[column].to_numpy(), x))
                    for column in ("deletion_prob", "insertion_prob", "deletion_acc", "insertion_acc")}
-            rows[arm] = {"images": int(self.rows.loc[self.rows["arm"] == arm, "deletion_auc"].notna().sum()),
+            mine = self.rows[self.rows["arm"] == arm]
+            rows[arm] = {"seeds": mine["model_seed"].nunique(),
+                         "images": int(mine["deletion_auc"].notna().sum() // max(1, mine["model_seed"].nunique())),
                          "deletion AUC (prob)": auc["deletion_prob"], "insertion AUC (prob)": auc["insertion_prob"],
                          "insertion − deletion": auc["insertion_prob"] - auc["deletion_prob"],
                          "deletion AUC (acc)": auc["deletion_acc"], "insertion AUC (acc)": auc["insertion_acc"]}
@@ -190,9 +220,14 @@ class GradcamResult:
         return metric_distributions({arm: frame[METRICS] for arm, frame in self.metrics_by_arm().items()})
 
     def curves_figure(self, score: str = "prob") -> Figure:
-        """Deletion and insertion curves, a line per arm (AUC in the legend)."""
-        by_arm = {arm: frame.set_index("fraction") for arm, frame in self.curves.groupby("arm", sort=False)}
-        return faithfulness_curves(by_arm, score=score)
+        """Deletion and insertion curves, a line per arm, averaged over its seeds (AUC in the legend)."""
+        return faithfulness_curves(self._mean_curves(), score=score)
+
+    def _mean_curves(self) -> dict[str, pd.DataFrame]:
+        """Each arm's curves averaged over its seeds (every seed runs the same images), indexed by fraction."""
+        value_columns = CURVE_COLUMNS[CURVE_COLUMNS.index("fraction") + 1:]
+        return {arm: frame.groupby("fraction")[value_columns].mean()
+                for arm, frame in self.curves.groupby("arm", sort=False)}
 
     def _overlay_labels(self) -> list[int]:
         return [int(label) for label in overlay_positions(self.sample.labels, len(self.sample.classes))[1]]
@@ -216,8 +251,6 @@ def _difference(row: pd.Series) -> str:
     text = f"{row['difference']:+.3g}"
     if not (np.isnan(row["ci_low"]) or np.isnan(row["ci_high"])):
         text += f" [{row['ci_low']:+.3g}, {row['ci_high']:+.3g}]"
-    if not np.isnan(row["cohens_dz"]):
-        text += f", d_z {row['cohens_dz']:+.2f}"
     return text
 
 
@@ -227,9 +260,9 @@ def _difference(row: pd.Series) -> str:
 def find_checkpoints(run_dir: Path, model_seed: int | None = None,
                      check: Callable[[str, int], ModelCheck] | None = None
                      ) -> tuple[list[Checkpoint], dict[str, ModelCheck]]:
-    """The model explained for every trained arm of ``run_dir``, in arm order (real, sd, di, real+sd, real+di,
-    then others sorted): seed ``model_seed``, or each arm's lowest seed with a usable model when None; and the
-    unusable models passed over, ``{"<arm>/seed<k>": ModelCheck}`` (its ``message()``: the file, why, the fix).
+    """The models explained in ``run_dir``, in arm order (real, sd, di, real+sd, real+di, then others sorted), then
+    seed order: every usable seed of every arm, or only seed ``model_seed`` when given; and the unusable models
+    passed over, ``{"<arm>/seed<k>": ModelCheck}`` (its ``message()``: the file, why, the fix).
 
     ``check(arm, seed)`` decides whether a model is usable: `train.arms.CurrentKeys.check` (the run's config
     now, as `run` does), or by default `train.arms.check_model` without a key (finished, not diverged, the
@@ -257,15 +290,14 @@ def find_checkpoints(run_dir: Path, model_seed: int | None = None,
         missing = {arm: sorted(seeds) for arm, seeds in found.items() if model_seed not in seeds}
         if missing:
             raise ConfigError(f"gradcam.model_seed = {model_seed}, but these arms have no model of that seed "
-                              f"(their seeds: {missing}); choose a seed every arm has, or null for each arm's lowest")
+                              f"(their seeds: {missing}); choose a seed every arm has, or null for every seed")
     checkpoints, skipped = [], {}
     for arm in arms:
         for seed in [model_seed] if model_seed is not None else sorted(found[arm]):
             verdict = check(arm, seed)
             if verdict.usable:
                 checkpoints.append(Checkpoint(arm, seed, verdict.path, verdict.sha256))
-                break
-            if verdict.found:
+            elif verdict.found:
                 skipped[f"{arm}/seed{seed}"] = verdict
     if not checkpoints:
         raise MissingModelError(f"no usable trained model in {root}: "
@@ -399,20 +431,26 @@ def _write_csv(path: Path, frame: pd.DataFrame) -> None:
     atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
-def _valid(rows: pd.DataFrame, curves: pd.DataFrame, arm: str, key: str, ids: list[str], points: int) -> bool:
-    """Whether the files hold a complete, current result of ``arm``: its key on every row, the sample's ids
-    in order, and every curve point."""
-    mine = rows[rows["arm"] == arm]
+def _of(frame: pd.DataFrame, checkpoint: Checkpoint) -> pd.Series:
+    """Which rows of a gradcam file belong to ``checkpoint``'s model (its arm and seed)."""
+    return (frame["arm"] == checkpoint.arm) & (frame["model_seed"] == checkpoint.seed)
+
+
+def _valid(rows: pd.DataFrame, curves: pd.DataFrame, checkpoint: Checkpoint, key: str, ids: list[str],
+           points: int) -> bool:
+    """Whether the files hold a complete, current result of ``checkpoint``'s model: its key on every row, the
+    sample's ids in order, and every curve point."""
+    mine, its_curves = rows[_of(rows, checkpoint)], curves[_of(curves, checkpoint)]
     return (len(mine) == len(ids) and (mine["key"] == key).all() and mine["id"].tolist() == ids
-            and int(((curves["arm"] == arm) & (curves["key"] == key)).sum()) == points
-            and int((curves["arm"] == arm).sum()) == points)
+            and len(its_curves) == points and (its_curves["key"] == key).all())
 
 
 # --------------------------------------------------------------------------------------------- the stage
 
 
 def run(cfg: Any, shard: Shard = Shard()) -> GradcamResult:
-    """Explain every trained arm on the fixed sample; reuse arms whose key is unchanged (module doc).
+    """Explain every trained model of every arm on the fixed sample; reuse models whose key is unchanged (module
+    doc).
 
     Raises, before any work: MissingModelError (a FileNotFoundError) without a usable trained model; ValueError
     for a layer the models lack (listing the valid names), a sample larger than the test set, or a
@@ -432,11 +470,8 @@ def run(cfg: Any, shard: Shard = Shard()) -> GradcamResult:
                           f"{len(sample)} images (10 x gradcam.images_per_class); choose at most {len(sample)}, "
                           "or null for all")
     device = resolve_device(cfg.device)
-    models = {}
-    for checkpoint in checkpoints:
-        model, _ = load_checkpoint(checkpoint.path)
-        resolve_layer(model, params.layer)  # an unknown layer fails before any work
-        models[checkpoint.arm] = model
+    # an unknown layer fails before any work; every usable model has the run's architecture (its job key says so)
+    resolve_layer(load_checkpoint(checkpoints[0].path)[0], params.layer)
 
     analysis = cfg.run_dir / "analysis"
     rows_path, curves_path = analysis / CSV_NAME, analysis / FAITHFULNESS_NAME
@@ -450,24 +485,29 @@ def run(cfg: Any, shard: Shard = Shard()) -> GradcamResult:
     computed: dict[str, bool] = {}
     overlay_maps: dict[str, Tensor] = {}
 
+    def others(frame: pd.DataFrame) -> pd.DataFrame:
+        """The rows of the models not done yet (checked when reached)."""
+        done = pd.Series(False, index=frame.index)
+        for checkpoint in checkpoints[:len(new_rows)]:
+            done |= _of(frame, checkpoint)
+        return frame[~done]
+
     def save() -> None:
-        """Both files: the arms done so far, plus the old rows of every other arm (checked when reached)."""
-        done = list(new_rows)
-        rows = pd.concat([*new_rows.values(), on_disk_rows[~on_disk_rows["arm"].isin(done)]], ignore_index=True)
-        curves = pd.concat([*new_curves.values(), on_disk_curves[~on_disk_curves["arm"].isin(done)]],
-                           ignore_index=True)
+        """Both files: the models done so far, plus the old rows of every other model."""
+        rows = pd.concat([*new_rows.values(), others(on_disk_rows)], ignore_index=True)
+        curves = pd.concat([*new_curves.values(), others(on_disk_curves)], ignore_index=True)
         _write_csv(rows_path, rows[ROW_COLUMNS])
         _write_csv(curves_path, curves[CURVE_COLUMNS])
 
     stats = data.normalization(cfg)
-    inner_progress = len(sample) >= PROGRESS_FROM  # per-batch bars of one arm only where an arm takes a while
-    for checkpoint in tqdm(checkpoints, desc="Grad-CAM arms", unit="arm"):
-        model = models[checkpoint.arm].to(device)
+    inner_progress = len(sample) >= PROGRESS_FROM  # per-batch bars of one model only where a model takes a while
+    for checkpoint in tqdm(checkpoints, desc="Grad-CAM models", unit="model"):
+        model = load_checkpoint(checkpoint.path)[0].to(device)
         key = arm_key(base_key, checkpoint)
-        if _valid(on_disk_rows, on_disk_curves, checkpoint.arm, key, sample.ids, points):
-            new_rows[checkpoint.arm] = on_disk_rows[on_disk_rows["arm"] == checkpoint.arm]
-            new_curves[checkpoint.arm] = on_disk_curves[on_disk_curves["arm"] == checkpoint.arm]
-            computed[checkpoint.arm] = False
+        if _valid(on_disk_rows, on_disk_curves, checkpoint, key, sample.ids, points):
+            new_rows[checkpoint.job] = on_disk_rows[_of(on_disk_rows, checkpoint)]
+            new_curves[checkpoint.job] = on_disk_curves[_of(on_disk_curves, checkpoint)]
+            computed[checkpoint.job] = False
         else:
             rows, curves = explain_arm(model, sample.images, sample.labels, layer=params.layer,
                                        targets=params.targets, deletion_steps=params.deletion_steps,
@@ -476,26 +516,28 @@ def run(cfg: Any, shard: Shard = Shard()) -> GradcamResult:
             identity = pd.DataFrame({"arm": checkpoint.arm, "model_seed": checkpoint.seed, "id": sample.ids,
                                      "label": sample.labels.numpy(),
                                      "class": [sample.classes[i] for i in sample.labels.tolist()], "key": key})
-            new_rows[checkpoint.arm] = pd.concat([identity, rows], axis=1)[ROW_COLUMNS]
-            new_curves[checkpoint.arm] = curves.assign(arm=checkpoint.arm, key=key)[CURVE_COLUMNS]
-            computed[checkpoint.arm] = True
+            new_rows[checkpoint.job] = pd.concat([identity, rows], axis=1)[ROW_COLUMNS]
+            new_curves[checkpoint.job] = curves.assign(arm=checkpoint.arm, model_seed=checkpoint.seed,
+                                                       key=key)[CURVE_COLUMNS]
+            computed[checkpoint.job] = True
             save()
-        target = sample.labels[overlay_at] if params.targets == "true" else "predicted"
-        overlay_maps[checkpoint.arm] = gradcam_maps(model, sample.images[overlay_at], target, params.layer,
-                                                    normalize=model_input(stats), progress=False)
-        models[checkpoint.arm] = model.cpu()
+        if checkpoint.arm not in overlay_maps:  # the figure shows each arm's first explained seed
+            target = sample.labels[overlay_at] if params.targets == "true" else "predicted"
+            overlay_maps[checkpoint.arm] = gradcam_maps(model, sample.images[overlay_at], target, params.layer,
+                                                        normalize=model_input(stats), progress=False)
 
-    arms = [c.arm for c in checkpoints]
-    stale = set(on_disk_rows["arm"]) - set(arms) or set(on_disk_curves["arm"]) - set(arms)
+    stale = len(on_disk_rows) != sum(map(len, new_rows.values())) \
+        or len(on_disk_curves) != sum(map(len, new_curves.values()))  # models no longer explained
     if any(computed.values()) or stale or not rows_path.is_file() or not curves_path.is_file():
         _write_csv(rows_path, pd.concat(new_rows.values(), ignore_index=True)[ROW_COLUMNS])
         _write_csv(curves_path, pd.concat(new_curves.values(), ignore_index=True)[CURVE_COLUMNS])
 
-    # every table comes from the files as read back, so computed and reused arms show the same numbers
+    # every table comes from the files as read back, so computed and reused models show the same numbers
     rows, curves = _read_csv(rows_path, ROW_COLUMNS), _read_csv(curves_path, CURVE_COLUMNS)
-    by_arm = {arm: rows[rows["arm"] == arm].set_index("id")[METRICS + AUC_COLUMNS] for arm in arms}
+    by_arm = {arm: frame.set_index(["model_seed", "id"])[METRICS + AUC_COLUMNS]
+              for arm, frame in rows.groupby("arm", sort=False)}
     comparison = (compare_arms(by_arm, reference=REFERENCE, n_resamples=params.n_resamples, seed=cfg.seed)
-                  if REFERENCE in by_arm and len(by_arm) > 1 else pd.DataFrame())
+                  if REFERENCE in by_arm and len(by_arm) > 1 else pd.DataFrame(columns=COMPARISON_COLUMNS))
     return GradcamResult(
         checkpoints=checkpoints, sample=sample, rows=rows, curves=curves, comparison=comparison,
         overlay_images=sample.images[overlay_at], overlay_maps=overlay_maps, computed=computed,
