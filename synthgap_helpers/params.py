@@ -382,9 +382,9 @@ class GapParams(_Section):
     model_seed: int | None = Field(default=None, ge=0)  # features from models/real/seed<k>; None: the run seed
     images_per_class: int = Field(default=1000, ge=2, le=100000)  # seeded balanced sample of the real test set and of each synthetic set
     k: int = Field(default=3, ge=1, le=100)  # k-th neighbour radius of the precision/recall balls (Kynkaanniemi et al.: 3)
-    kid_subsets: int = Field(default=100, ge=1, le=10000)  # KID subsets (its spread is the std over them)
-    kid_subset_size: int = Field(default=1000, ge=2, le=100000)  # rows per KID subset (capped at the smaller set)
-    n_resamples: int = Field(default=50, ge=2, le=10000)  # bootstrap resamples of the FD and precision/recall intervals
+    kid_subsets: int = Field(default=100, ge=1, le=10000)  # at most this many disjoint KID subsets (the t interval is over them)
+    kid_subset_size: int = Field(default=1000, ge=2, le=100000)  # rows per KID subset (capped at the smallest set)
+    n_resamples: int = Field(default=50, ge=2, le=10000)  # random half-splits of the FD and precision/recall intervals
     test_share: float = Field(default=0.3, gt=0.0, lt=1.0)  # held-out share of each set for the detectors
     detector_steps: int = Field(default=300, ge=1, le=1000000)  # AdamW steps of each detector (linear probe and CNN)
     detector_batch_size: int = Field(default=128, ge=2, le=65536)  # images (or feature rows) per detector step

@@ -1,18 +1,24 @@
-"""Domain-gap measures: classifier features, Fréchet distance, KID, k-NN precision/recall, detectability."""
+"""Domain-gap measures: classifier features, Fréchet distance, KID, k-NN precision/recall, their intervals,
+detectability."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.linalg
 import torch
+from torch import Tensor, nn
 
 from synthgap_helpers.gap.detection import detectability
 from synthgap_helpers.gap.measures import (
     KnnManifolds,
-    bootstrap_gap,
     classifier_features,
+    disjoint_subsets,
     frechet_distance,
+    gap_intervals,
     gap_table,
     kernel_inception_distance,
     precision_recall,
@@ -31,6 +37,17 @@ def _clusters(centres: torch.Tensor, per_centre: int, seed: int) -> torch.Tensor
     """per_centre unit-variance Gaussian rows around each centre."""
     g = torch.Generator().manual_seed(seed)
     return centres.repeat_interleave(per_centre, 0) + torch.randn(len(centres) * per_centre, centres.shape[1], generator=g)
+
+
+class _PrecomputedFeatures(nn.Module):
+    """Identity 'feature extractor': torchmetrics' FID/KID fed features computed beforehand (the oracles below)."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features = num_features  # FID reads this instead of probing with a dummy image
+
+    def forward(self, features: Tensor) -> Tensor:
+        return features
 
 
 def _images(n: int, high: int, seed: int) -> torch.Tensor:
@@ -83,11 +100,45 @@ def test_kid_is_about_zero_for_one_distribution_and_positive_for_a_shift() -> No
     real = _gaussian(1000, torch.zeros(8, dtype=torch.float64), cov, seed=0)
     same = _gaussian(1000, torch.zeros(8, dtype=torch.float64), cov, seed=1)
     shifted = _gaussian(1000, torch.full((8,), 0.5, dtype=torch.float64), cov, seed=2)
-    kid_same, std_same = kernel_inception_distance(real, same, subsets=20, subset_size=500)
-    kid_shift, std_shift = kernel_inception_distance(real, shifted, subsets=20, subset_size=500)
-    assert abs(kid_same) < 3 * std_same
-    assert kid_shift > 10 * std_shift > 0
-    assert kernel_inception_distance(real, same, subsets=20, subset_size=500, seed=0) == (kid_same, std_same)
+    kid_same, se_same = kernel_inception_distance(real, same, subsets=20, subset_size=100)
+    kid_shift, se_shift = kernel_inception_distance(real, shifted, subsets=20, subset_size=100)
+    assert abs(kid_same) < 3 * se_same
+    assert kid_shift > 10 * se_shift > 0
+    assert kernel_inception_distance(real, same, subsets=20, subset_size=100, seed=0) == (kid_same, se_same)
+
+
+def test_kid_of_one_subset_equals_torchmetrics_and_has_no_spread() -> None:
+    """With subset_size = n there is one subset (every row): torchmetrics' KID value, and NaN, not 0, for its spread."""
+    import warnings
+
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    real, fake = _clusters(torch.zeros(1, 5), 60, seed=0).double(), _clusters(torch.ones(1, 5), 60, seed=1).double()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+        metric = KernelInceptionDistance(feature=_PrecomputedFeatures(5), subsets=1, subset_size=60)
+    metric.update(real, real=True)
+    metric.update(fake, real=False)
+    kid, spread = kernel_inception_distance(real, fake, subsets=10, subset_size=60)
+    assert kid == pytest.approx(float(metric.compute()[0]), rel=1e-9)
+    assert math.isnan(spread)
+    row = gap_table({"real": real, "sd": fake}, kid_subsets=10, kid_subset_size=1000, n_splits=4,
+                    progress=False).iloc[0]
+    assert row["kid_subsets"] == 1 and row["kid_subset_size"] == 60 and row["kid"] == pytest.approx(kid, rel=1e-9)
+    assert math.isnan(row["kid_se"]) and math.isnan(row["kid_low"]) and math.isnan(row["kid_high"])
+
+
+def test_kid_subsets_are_disjoint_and_its_error_is_their_standard_error() -> None:
+    rows = disjoint_subsets(50, 4, 12, torch.Generator().manual_seed(0))
+    assert rows.shape == (4, 12) and len(rows.unique()) == 48
+    real, fake = _clusters(torch.zeros(1, 4), 50, seed=0).double(), _clusters(torch.ones(1, 4), 50, seed=1).double()
+    kid, error = kernel_inception_distance(real, fake, subsets=4, subset_size=12, seed=3)
+    generator = torch.Generator().manual_seed(3)
+    real_rows, fake_rows = disjoint_subsets(50, 4, 12, generator), disjoint_subsets(50, 4, 12, generator)
+    values = [kernel_inception_distance(real[r], fake[f], subsets=1, subset_size=12)[0]
+              for r, f in zip(real_rows, fake_rows, strict=True)]
+    assert kid == pytest.approx(np.mean(values), rel=1e-12)
+    assert error == pytest.approx(np.std(values, ddof=1) / 2, rel=1e-12)
 
 
 def test_a_fake_set_covering_half_the_modes_has_full_precision_and_half_recall() -> None:
@@ -99,22 +150,69 @@ def test_a_fake_set_covering_half_the_modes_has_full_precision_and_half_recall()
     assert recall == pytest.approx(0.5, abs=0.05)
 
 
-def test_bootstrap_interval_brackets_the_value_and_repeats_with_the_seed() -> None:
+def test_half_split_interval_brackets_the_value_and_repeats_with_the_seed() -> None:
     real = _clusters(torch.zeros(1, 6), 300, seed=0)
     fake = _clusters(torch.full((1, 6), 0.5), 300, seed=1)
-    result = bootstrap_gap(real, fake, n_resamples=30, seed=3)
+    result = gap_intervals(real, fake, n_splits=30, seed=3)
     value, low, high = result["fd"]
     assert low < 6 * 0.5**2 < high and low < value < high
     assert value == pytest.approx(frechet_distance(real, fake), rel=1e-12)
-    assert bootstrap_gap(real, fake, n_resamples=30, seed=3) == result
-    precision, p_low, p_high = bootstrap_gap(real, fake, n_resamples=20, method="percentile")["precision"]
-    assert p_low < precision < p_high  # duplicates in a resample must not collapse the k-NN radii
+    assert gap_intervals(real, fake, n_splits=30, seed=3) == result
+    precision, p_low, p_high = result["precision"]
+    assert (precision, result["recall"][0]) == pytest.approx(precision_recall(real, fake, k=3), abs=1e-12)
+    assert p_low < precision < p_high
+
+
+def test_every_interval_stays_in_its_measures_range() -> None:
+    """Identical distributions at a tiny n: FD near 0 and precision/recall near 1, where a symmetric interval leaves
+    [0, inf) and [0, 1] unless it is clipped; differences of shares stay in [-1, 1]."""
+    base = torch.zeros(1, 3)
+    sets = {"real": _clusters(base, 12, 0), "floor": _clusters(base, 12, 1), "sd": _clusters(base, 12, 2)}
+    table = gap_table(sets, "real", "floor", k=1, kid_subset_size=4, n_splits=20, progress=False)
+    assert (table["fd_low"] >= 0).all() and (table["fd_low"] == 0).any()  # clipped, not merely lucky
+    for measure in ("precision", "recall"):
+        assert table[f"{measure}_low"].between(0, 1).all() and table[f"{measure}_high"].between(0, 1).all()
+        diffs = table[[f"{measure}_diff_low", f"{measure}_diff_high"]].dropna()
+        assert ((diffs >= -1) & (diffs <= 1)).all().all()
+    assert (table[["precision_high", "recall_high"]] == 1).any().any()
+    for measure in ("fd", "kid", "precision", "recall"):
+        assert (table[f"{measure}_low"] <= table[measure]).all() and (table[measure] <= table[f"{measure}_high"]).all()
+
+
+def test_intervals_cover_their_targets_for_two_samples_of_one_distribution() -> None:
+    """Equal Gaussians (reference, floor and set: n = 40, d = 4), 120 repeats. Every difference from the floor has
+    target 0 (the floor and the set are alike), KID's target is the population MMD^2 = 0, those of FD, precision and
+    recall their mean at this n (the mean over repeats). Each nominal 95% interval must hold its target in 85-100% of
+    the repeats (here 90-98%). A bootstrap with
+    replacement and its basic interval holds the mean FD in under half of them (planted: 45%)."""
+    generator = torch.Generator().manual_seed(0)
+    tables = []
+    for repeat in range(120):
+        sets = {name: torch.randn(40, 4, generator=generator, dtype=torch.float64) for name in ("real", "floor", "sd")}
+        tables.append(gap_table(sets, "real", "floor", kid_subsets=4, kid_subset_size=10, n_splits=16, seed=repeat,
+                                progress=False).set_index("set").loc["sd"])
+    table = pd.DataFrame(tables)
+    targets = {"kid": 0.0, **{m: table[m].mean() for m in ("fd", "precision", "recall")},
+               **{f"{m}_diff": 0.0 for m in ("fd", "kid", "precision", "recall")}}
+    for column, target in targets.items():
+        held = ((table[f"{column}_low"] <= target) & (target <= table[f"{column}_high"])).mean()
+        assert 0.85 <= held <= 1.0, f"{column}: interval holds its target {target:.4f} in {held:.0%} of the repeats"
+
+
+def test_paired_differences_are_the_differences_of_the_values() -> None:
+    sets = {"real": _clusters(torch.zeros(1, 4), 60, 0), "floor": _clusters(torch.zeros(1, 4), 60, 1),
+            "far": _clusters(torch.full((1, 4), 3.0), 60, 2)}
+    table = gap_table(sets, "real", "floor", kid_subset_size=20, n_splits=20, progress=False).set_index("set")
+    for measure in ("fd", "kid", "precision", "recall"):
+        assert math.isnan(table.loc["floor", f"{measure}_diff"])
+        assert table.loc["far", f"{measure}_diff"] == pytest.approx(
+            table.loc["far", measure] - table.loc["floor", measure], abs=1e-12)
+    assert table.loc["far", "fd_diff_low"] > 0 and table.loc["far", "kid_diff_low"] > 0
+    assert table.loc["far", "precision_diff_high"] < 0
 
 
 def test_batched_frechet_distance_equals_torchmetrics_fid() -> None:
     from torchmetrics.image.fid import FrechetInceptionDistance
-
-    from synthgap_helpers.gap.measures import _PrecomputedFeatures
 
     real = _gaussian(400, torch.zeros(5, dtype=torch.float64), torch.eye(5, dtype=torch.float64) * 2, seed=0)
     fake = _clusters(torch.ones(1, 5), 300, seed=1).double()
@@ -125,7 +223,8 @@ def test_batched_frechet_distance_equals_torchmetrics_fid() -> None:
 
 
 def test_a_resample_read_off_stored_distances_equals_the_measures_of_the_materialised_resample() -> None:
-    """What the bootstrap computes for a resample (rows with repeats) is what the measures give on those rows."""
+    """What a half-split reads off the stored distances for a choice of rows (repeats too) is what the measures give
+    on those rows."""
     real, fake = _clusters(torch.zeros(2, 4), 40, seed=0), _clusters(torch.ones(1, 4), 70, seed=1)
     generator = torch.Generator().manual_seed(5)
     rows_r, rows_f = torch.randint(80, (80,), generator=generator), torch.randint(70, (70,), generator=generator)
@@ -140,13 +239,14 @@ def test_gap_table_has_a_row_per_synthetic_set_ordered_by_gap() -> None:
     real = _clusters(torch.zeros(1, 6), 200, seed=0)
     sets = {"real": real, "near": _clusters(torch.full((1, 6), 0.2), 200, seed=1),
             "far": _clusters(torch.full((1, 6), 2.0), 200, seed=2)}
-    table = gap_table(sets, k=3, kid_subsets=10, kid_subset_size=500, n_resamples=30, progress=False)
+    table = gap_table(sets, k=3, kid_subsets=10, kid_subset_size=500, n_splits=30, progress=False)
     assert list(table["set"]) == ["near", "far"]
-    assert (table["kid_subset_size"] == 200).all()
+    assert (table["kid_subset_size"] == 200).all() and (table["kid_subsets"] == 1).all()
     near, far = table.iloc[0], table.iloc[1]
     assert near["fd"] < far["fd"] and near["kid"] < far["kid"] and near["recall"] > far["recall"]
     exact = np.array([6 * 0.2**2, 6 * 2.0**2])  # ||mu_r - mu_f||^2; equal covariances
     assert (table["fd_low"] <= exact).all() and (exact <= table["fd_high"]).all()
+    assert table["fd_diff"].isna().all()  # no floor named
 
 
 def test_detector_is_at_chance_on_two_halves_of_the_same_random_images() -> None:
@@ -176,9 +276,12 @@ def test_linear_probe_detector_on_features() -> None:
         (lambda a, b: frechet_distance(a, b[:, :3]), "fake_feats has dimension 3"),
         (lambda a, b: precision_recall(a[:3], b, k=3), "k=3 must be in"),
         (lambda a, b: kernel_inception_distance(a, b, subset_size=50), "subset_size=50"),
-        (lambda a, b: bootstrap_gap(a, b, n_resamples=1), "n_resamples=1"),
-        (lambda a, b: bootstrap_gap(a, b, method="bca"), "method='bca'"),
+        (lambda a, b: gap_intervals(a, b, n_splits=1), "n_splits=1"),
+        (lambda a, b: gap_intervals(a, b, confidence_level=95), "confidence_level=95"),
+        (lambda a, b: gap_intervals(a[:3], b), "cannot be split in halves"),
         (lambda a, b: gap_table({"sd": a}), "reference='real'"),
+        (lambda a, b: gap_table({"real": a, "sd": b}, floor="held"), "floor='held'"),
+        (lambda a, b: gap_table({"real": a}), "no set to compare"),
         (lambda a, b: detectability(a, b, method="svm"), "method='svm'"),
         (lambda a, b: detectability(a, b, method="linear_probe", test_share=0.01), "test_share=0.01"),
         (lambda a, b: detectability(a.float(), b), "real must be a uint8 tensor"),

@@ -70,7 +70,17 @@ def test_gap_json_holds_a_row_per_set_and_both_detectors_with_intervals(run_dir)
     assert summary.extractor_table().index.tolist() == sets
     for row in record["detectability"]:
         assert 0 <= row["ci_low"] <= row["accuracy"] <= row["ci_high"] <= 1 and row["n_test"] == 24
-    assert list(summary.table().columns)[0] == "images (real / synthetic)"
+    table = summary.table()
+    assert list(table.columns)[:3] == ["images (real / synthetic)", "FD [95% CI]", "FD − floor [95% CI]"]
+    assert table.loc[gap_stage.HELD_OUT, "FD − floor [95% CI]"] == "floor"
+    floor = next(row for row in record["gap"] if row["set"] == gap_stage.HELD_OUT)
+    for row in record["gap"][1:]:  # paired differences from the floor, inside their intervals
+        assert row["fd_diff"] == pytest.approx(row["fd"] - floor["fd"], abs=1e-9)
+        assert row["fd_diff_low"] <= row["fd_diff"] <= row["fd_diff_high"]
+    # 40 images per set, KID subsets of up to 1,000 rows: one subset, so no spread, and the table says so
+    assert all(row["kid_subsets"] == 1 and row["kid_se"] is None for row in record["gap"])
+    assert table["KID × 10³ [95% CI]"].str.endswith("[one subset: no interval]").all()
+    summary.distance_figure(), summary.precision_recall_figure()  # draw with the JSON's missing intervals
     assert json.loads((run_dir / "results.json").read_text())["gap"]["gap"] == record["gap"]
 
 

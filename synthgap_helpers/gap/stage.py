@@ -55,7 +55,7 @@ from synthgap_helpers.train.batches import normalize
 from synthgap_helpers.train.trainer import load_checkpoint
 from synthgap_helpers.workload import Shard
 
-STAGE_VERSION = 2
+STAGE_VERSION = 3
 """Bump when what the stage computes changes: an older gap.json is recomputed."""
 REFERENCE = "real"
 HELD_OUT = "real held-out"
@@ -110,16 +110,18 @@ class GapSummary:
         return pd.DataFrame(self.record["detectability"]).set_index(["set", "method"])
 
     def table(self) -> pd.DataFrame:
-        """FD [95% interval], KID ± std, precision and recall [95% intervals], per synthetic set, against the real test sample."""
+        """Per set, against the real test sample: FD, KID, precision and recall with 95% intervals, each beside its
+        difference from the real held-out floor (paired on the same real halves and subsets) with its interval."""
+        formats = {"FD": ("fd", 1.0, "{:.2f}"), "KID × 10³": ("kid", 1e3, "{:.2f}"),
+                   "precision": ("precision", 1.0, "{:.3f}"), "recall": ("recall", 1.0, "{:.3f}")}
         rows = {}
         for name, v in self.values.iterrows():
-            rows[name] = {
-                "images (real / synthetic)": f"{int(v['n_reference'])} / {int(v['n'])}",
-                "FD [95% CI]": f"{v['fd']:.2f} [{v['fd_low']:.2f}, {v['fd_high']:.2f}]",
-                "KID × 10³ (± std)": f"{1e3 * v['kid']:.2f} ± {1e3 * v['kid_std']:.2f}",
-                "precision [95% CI]": f"{v['precision']:.3f} [{v['precision_low']:.3f}, {v['precision_high']:.3f}]",
-                "recall [95% CI]": f"{v['recall']:.3f} [{v['recall_low']:.3f}, {v['recall_high']:.3f}]",
-            }
+            row = {"images (real / synthetic)": f"{int(v['n_reference'])} / {int(v['n'])}"}
+            for label, (column, scale, number) in formats.items():
+                row[f"{label} [95% CI]"] = _with_interval(v, column, scale, number)
+                row[f"{label} − floor [95% CI]"] = ("floor" if name == HELD_OUT
+                                                     else _with_interval(v, f"{column}_diff", scale, number))
+            rows[name] = row
         table = pd.DataFrame.from_dict(rows, orient="index")
         table.index.name = "set (against the real test sample)"
         return table
@@ -150,7 +152,7 @@ class GapSummary:
         return table
 
     def distance_figure(self) -> Figure:
-        """Bars of FD (basic-bootstrap 95% interval) and KID (± std over subsets) per set, the real floor first."""
+        """FD and KID of each synthetic set minus the real held-out floor, with their 95% intervals (0: the floor)."""
         return gap_figures.distance_bars(self.values, HELD_OUT)
 
     def precision_recall_figure(self) -> Figure:
@@ -218,8 +220,8 @@ def run(cfg: Any, shard: Shard = Shard()) -> GapSummary | None:
                 precision, recall = precision_recall(seed_features[REFERENCE], seed_features[name], k=params.k)
                 extractor_rows.append({"set": name, "seed": seed, "precision": precision, "recall": recall,
                                        "fd": frechet_distance(seed_features[REFERENCE], seed_features[name])})
-    table = gap_table(features, REFERENCE, k=params.k, kid_subsets=params.kid_subsets,
-                      kid_subset_size=params.kid_subset_size, n_resamples=params.n_resamples, seed=cfg.seed)
+    table = gap_table(features, REFERENCE, HELD_OUT, k=params.k, kid_subsets=params.kid_subsets,
+                      kid_subset_size=params.kid_subset_size, n_splits=params.n_resamples, seed=cfg.seed)
     detection = []
     options = dict(seed=cfg.seed, test_share=params.test_share, steps=params.detector_steps,
                    batch_size=params.detector_batch_size, lr=params.detector_lr, device=device)
@@ -237,6 +239,15 @@ def run(cfg: Any, shard: Shard = Shard()) -> GapSummary | None:
     record = json.loads(path.read_text())  # what a rerun will read: the same numbers either way
     results.record(cfg.run_dir, "gap", _results_section(record))
     return GapSummary(record, path, reused=False)
+
+
+def _with_interval(values: pd.Series, column: str, scale: float, number: str) -> str:
+    """'value [low, high]' of `column` scaled; a NaN interval (KID on one subset) says why it is missing."""
+    low, high = values[f"{column}_low"], values[f"{column}_high"]
+    text = number.format(scale * values[column])
+    if pd.isna(low) or pd.isna(high):
+        return f"{text} [one subset: no interval]"
+    return f"{text} [{number.format(scale * low)}, {number.format(scale * high)}]"
 
 
 def _results_section(record: dict[str, Any]) -> dict[str, Any]:
