@@ -7,9 +7,9 @@ Measures, on CIFAR-size (32 px) images, with torch limited to `--threads` thread
 * ``train``: the trainer's training images per second (`train.trainer.train_classifier`, the model and batch size
   given, the trainer's precision for ``--amp``);
 * ``eval``: the trainer's scoring (`train.trainer.evaluate`: forward passes in calls of 64 images) per second;
-* ``gap``: bootstrap resamples of the domain gap per second (what `gap.measures.bootstrap_gap` computes per
-  resample: Frechet distance, precision and recall of two sets of `--gap-images` random feature rows of the model's
-  feature width, float64), after the once-per-set KID and k-NN distances (timed apart);
+* ``gap``: random half-splits of the domain gap per second (what `gap.measures.gap_intervals` computes per split:
+  Frechet distance, precision and recall of both half pairs of two sets of `--gap-images` random feature rows of the
+  model's feature width, float64), after the once-per-set KID and k-NN distances (timed apart);
 * ``gradcam``: Grad-CAM maps plus attention metrics per second (`gradcam.maps.gradcam_maps` at `--layer`, random
   weights: the cost does not depend on them);
 * ``geometry``: structural metrics per second (`geometry.metrics.image_metrics`: line segments, vanishing points,
@@ -34,8 +34,9 @@ from train_throughput import load_images  # the script beside this one (python b
 
 from synthgap_helpers.gap.measures import (
     KnnManifolds,
-    frechet_distances,
+    half_values,
     kernel_inception_distance,
+    random_halves,
 )
 from synthgap_helpers.geometry.metrics import image_metrics
 from synthgap_helpers.gradcam.maps import gradcam_maps
@@ -80,7 +81,7 @@ def main() -> None:
     parser.add_argument("--upscale", type=int, nargs="+", default=[8, 4], help="geometry upscales")
     parser.add_argument("--gap-images", type=int, default=2000, help="feature rows of each set (gap.images_per_class "
                         "x classes; 0: skip)")
-    parser.add_argument("--gap-resamples", type=int, default=10, help="timed bootstrap resamples")
+    parser.add_argument("--gap-resamples", type=int, default=10, help="timed random half-splits")
     parser.add_argument("--kid-subsets", type=int, default=100, help="KID subsets (of min(1000, --gap-images) rows)")
     args = parser.parse_args()
     if args.threads:
@@ -117,14 +118,10 @@ def main() -> None:
         timed("gap: k-NN distances of the pair (once per set)", 1, "pair",
               lambda: built.append(KnnManifolds(real, fake, 3)))
         manifolds = built[0]
-        rows = torch.randint(0, args.gap_images, (2, args.gap_resamples, args.gap_images), generator=g)
-
-        def resamples() -> None:  # what bootstrap_gap's statistic does for each batch of resamples
-            frechet_distances(real, fake, rows[0], rows[1])
-            [manifolds.shares(i, j) for i, j in zip(rows[0], rows[1])]
-
-        rates["gap"], _ = timed(f"gap: bootstrap resamples, 2 x {args.gap_images} rows of width {width}",
-                                args.gap_resamples, "resample", resamples)
+        real_halves = random_halves(args.gap_images, args.gap_resamples, g)
+        fake_halves = random_halves(args.gap_images, args.gap_resamples, g)
+        rates["gap"], _ = timed(f"gap: half-splits, 2 x {args.gap_images} rows of width {width}", args.gap_resamples,
+                                "split", lambda: half_values(real, fake, real_halves, fake_halves, manifolds=manifolds))
     if args.gradcam_images:
         model.eval()
         normalize = (CIFAR10_MEAN, CIFAR10_STD)

@@ -57,7 +57,7 @@ RATES: dict[str, tuple[str, str]] = {
     "train": ("training images/s", "benchmarks/train_throughput.py (the trainer's images/s)"),
     "gradcam": ("images/s", "benchmarks/gradcam_speed.py (maps and metrics per second)"),
     "eval": ("images/s", "benchmarks/cpu_rates.py (the trainer's scoring: forward passes per second)"),
-    "gap": ("resamples/s", "benchmarks/cpu_rates.py (bootstrap resamples of the domain gap at the classifier's "
+    "gap": ("splits/s", "benchmarks/cpu_rates.py (random half-splits of the domain gap at the classifier's "
             "feature width; --gap-images as gap.images_per_class x classes)"),
     "geometry": ("images/s", "benchmarks/cpu_rates.py (structural metrics of 32-px images at geometry.upscale, "
                  "one core)"),
@@ -316,10 +316,10 @@ def work_table(cfg: Any) -> pd.DataFrame:
         ("projective geometry (06)", geometry_images, "images", "geometry",
          f"the real test images and {len(synthetic)} synthetic sets, at most {geometry.images_per_set or 'all'} "
          f"of each, at {geometry.upscale}x (the York Urban validation is not counted)"),
-        ("domain gap bootstrap (07)", (len(synthetic) + 1) * (gap.n_resamples + 1), "resamples", "gap",
+        ("domain gap half-splits (07)", (len(synthetic) + 1) * (gap.n_resamples + 1), "splits", "gap",
          (f"FD, precision and recall of {len(synthetic) + 1} sets (the real floor too) against the real test images, "
-         f"{scored:,} images each, x {gap.n_resamples} resamples (one KID and one k-NN distance matrix per set are "
-         "not counted)")),
+         f"{scored:,} images each, on both halves of {gap.n_resamples} random half-splits, and once whole (one KID "
+         "and one k-NN distance matrix per set are not counted)")),
         ("real-vs-synthetic detectors (07)", 2 * (len(synthetic) + 1) * gap.detector_steps * gap.detector_batch_size,
          "training images", "train", (f"probe and CNN x {len(synthetic) + 1} sets (the real floor too) x "
          f"{gap.detector_steps} steps, at the classifier's rate (both detectors are small: an upper bound for ResNet-18)")),

@@ -152,7 +152,7 @@ def test_an_external_set_is_counted_in_its_folders_trained_explained_and_curated
     assert "ext: 50 images counted in its folders" in work.loc["classifier training (04)", "what"]
     assert work.loc["Grad-CAM maps (05)", "amount"] == 3 * train.seeds * 10 * cfg.gradcam.images_per_class
     assert work.loc["real-vs-synthetic detectors (07)", "amount"] == 2 * 2 * cfg.gap.detector_steps * 128
-    assert work.loc["domain gap bootstrap (07)", "amount"] == 2 * (cfg.gap.n_resamples + 1)
+    assert work.loc["domain gap half-splits (07)", "amount"] == 2 * (cfg.gap.n_resamples + 1)
     assert work.loc["curation scores (08)", "amount"] == 50 + 10 * (cur.reference_per_class + cur.untrained_per_class)
     assert work.loc["curation selections and scaling (08)", "amount"] > 0
     # no manifest naming each image's real source: left out of the low-data sweep, which trains real arms only
