@@ -30,7 +30,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from train_throughput import load_images  # the script beside this one (python benchmarks/cpu_rates.py)
+from train_throughput import (
+    load_images,  # the script beside this one (python benchmarks/cpu_rates.py)
+)
 
 from synthgap_helpers.gap.measures import (
     KnnManifolds,

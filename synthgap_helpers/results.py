@@ -239,6 +239,15 @@ def p_text(p: float) -> str:
     return "n/a" if math.isnan(p) else f"{p:.3g}"
 
 
+HOLM_CELL_COLUMNS = ["p", "p (Holm)", "significant after Holm"]  # a Holm family's columns as `holm_cells` prints them
+
+
+def holm_cells(row: pd.Series) -> list[str]:
+    """A comparison's p, Holm-adjusted p and 'yes'/'no' for significant after Holm, as table cells (a row of a
+    `with_holm` table: ``p`` and `HOLM_COLUMNS`)."""
+    return [p_text(row["p"]), p_text(row[HOLM_COLUMNS[0]]), "yes" if row[HOLM_COLUMNS[1]] else "no"]
+
+
 def holm_family(table: pd.DataFrame, group: str, noun: str, reference: str) -> GlueText:
     """A comparison table's Holm family in words, for a page's text: 'the 18 comparisons of the table (9 metrics ×
     2 synthetic sets against real/test)', counting the rows with a p (table columns ``metric``, `group`, ``p``)."""

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.linalg
+import scipy.stats
 import torch
 from torch import Tensor, nn
 
@@ -21,7 +22,9 @@ from synthgap_helpers.gap.measures import (
     gap_intervals,
     gap_table,
     kernel_inception_distance,
+    normal_p_value,
     precision_recall,
+    t_p_value,
 )
 from synthgap_helpers.train.batches import normalize
 from synthgap_helpers.train.models import build_model
@@ -201,7 +204,7 @@ def test_intervals_cover_their_targets_for_two_samples_of_one_distribution() -> 
 
 def test_paired_differences_are_the_differences_of_the_values() -> None:
     sets = {"real": _clusters(torch.zeros(1, 4), 60, 0), "floor": _clusters(torch.zeros(1, 4), 60, 1),
-            "far": _clusters(torch.full((1, 4), 3.0), 60, 2)}
+            "far": _clusters(torch.full((1, 4), 3.0), 60, 2), "real_like": _clusters(torch.zeros(1, 4), 60, 3)}
     table = gap_table(sets, "real", "floor", kid_subset_size=20, n_splits=20, progress=False).set_index("set")
     for measure in ("fd", "kid", "precision", "recall"):
         assert math.isnan(table.loc["floor", f"{measure}_diff"])
@@ -209,6 +212,21 @@ def test_paired_differences_are_the_differences_of_the_values() -> None:
             table.loc["far", measure] - table.loc["floor", measure], abs=1e-12)
     assert table.loc["far", "fd_diff_low"] > 0 and table.loc["far", "kid_diff_low"] > 0
     assert table.loc["far", "precision_diff_high"] < 0
+    for name in ("far", "real_like"):
+        for measure in ("fd", "kid", "precision", "recall"):  # p < 0.05 exactly where the 95% interval excludes 0
+            row = table.loc[name]
+            excludes = not row[f"{measure}_diff_low"] <= 0 <= row[f"{measure}_diff_high"]
+            assert (row[f"{measure}_diff_p"] < 0.05) == excludes, (name, measure)
+    assert table.loc["far", ["fd_diff_p", "kid_diff_p"]].max() < 0.01  # KID: a t over 3 subsets
+
+
+def test_p_values_of_normal_and_t_errors() -> None:
+    assert normal_p_value(1.959964, 1.0) == pytest.approx(0.05, abs=1e-6)
+    assert normal_p_value(-3.0, 2.0) == pytest.approx(normal_p_value(3.0, 2.0))
+    assert math.isnan(normal_p_value(1.0, 0.0)) and math.isnan(normal_p_value(1.0, math.nan))
+    values = np.array([0.3, -0.1, 0.5, 0.2, 0.4])
+    assert t_p_value(values) == pytest.approx(scipy.stats.ttest_1samp(values, 0.0).pvalue, rel=1e-12)
+    assert math.isnan(t_p_value(np.array([0.3])))
 
 
 def test_batched_frechet_distance_equals_torchmetrics_fid() -> None:

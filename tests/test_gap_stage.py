@@ -80,6 +80,13 @@ def test_gap_json_holds_a_row_per_set_and_both_detectors_with_intervals(run_dir)
     # 40 images per set, KID subsets of up to 1,000 rows: one subset, so no spread, and the table says so
     assert all(row["kid_subsets"] == 1 and row["kid_se"] is None for row in record["gap"])
     assert table["KID × 10³ [95% CI]"].str.endswith("[one subset: no interval]").all()
+    tests = summary.tests_table()  # the Holm family: each synthetic set's difference from the floor per measure
+    assert tests.index.get_level_values("comparison").unique().tolist() == ["di − real held-out", "sd − real held-out"]
+    assert (tests.xs("KID × 10³", level="metric")["p"] == "n/a").all()  # one KID subset: no test, not in the family
+    comparison = summary.comparison.dropna(subset=["p"])
+    assert len(comparison) == 6 and (comparison["p (Holm)"] >= comparison["p"]).all()
+    assert comparison["p (Holm)"].min() == pytest.approx(min(1.0, 6 * comparison["p"].min()))
+    assert str(summary.family()).startswith("the 6 comparisons of the table (4 metrics × 2 synthetic sets")
     summary.distance_figure(), summary.precision_recall_figure()  # draw with the JSON's missing intervals
     assert json.loads((run_dir / "results.json").read_text())["gap"]["gap"] == record["gap"]
 

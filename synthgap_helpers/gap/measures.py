@@ -255,6 +255,22 @@ def normal_interval(value: float, standard_error: float, confidence_level: float
     return clipped_interval(value, value - z * standard_error, value + z * standard_error, bounds)
 
 
+def normal_p_value(value: float, standard_error: float) -> float:
+    """Two-sided p of "the quantity is 0" for an estimate with a normal error: 2 P(Z > |value| / se); NaN without
+    a spread."""
+    if not standard_error > 0:
+        return math.nan
+    return float(2 * stats.norm.sf(abs(value) / standard_error))
+
+
+def t_p_value(values: np.ndarray) -> float:
+    """Two-sided one-sample t p of "the mean of independent `values` is 0"; NaN for one value or no spread."""
+    mean, error = mean_and_error(values)
+    if not error > 0:
+        return math.nan
+    return float(2 * stats.t.sf(abs(mean) / error, len(values) - 1))
+
+
 def check_level(confidence_level: float) -> None:
     """Raise ValueError unless 0 < confidence_level < 1."""
     if not 0 < confidence_level < 1:
@@ -398,8 +414,9 @@ def gap_table(
     its own half values, v_h(set) - v_h(floor), and its interval from them. KID: the mean over `kid_subsets` disjoint
     subsets of min(kid_subset_size, every set's size) rows (fewer when the sets hold fewer), the reference's
     subsets shared by every set, with the t interval of the mean and of the paired per-subset difference; one
-    subset: NaN. Columns `<measure>`, `<measure>_low`, `<measure>_high`, `<measure>_diff`, `_diff_low`,
-    `_diff_high`, and `kid_se`, `kid_subsets`, `kid_subset_size`.
+    subset: NaN. Each difference has the two-sided p of "it is 0" from the same normal (or t) error. Columns
+    `<measure>`, `<measure>_low`, `<measure>_high`, `<measure>_diff`, `_diff_low`, `_diff_high`, `_diff_p`, and
+    `kid_se`, `kid_subsets`, `kid_subset_size`.
     """
     if reference not in features_by_set:
         raise ValueError(f"reference={reference!r} is not a key of features_by_set; keys: {sorted(features_by_set)}")
@@ -431,20 +448,29 @@ def gap_table(
         for m, measure in enumerate(GAP_MEASURES):
             low, high = normal_interval(values[m], errors[m], confidence_level, RANGES[measure])
             row |= {measure: values[m], f"{measure}_low": low, f"{measure}_high": high}
-            diff = (values[m] - floor_values[m], *normal_interval(
-                values[m] - floor_values[m], split_standard_error(halves[m] - floor_halves[m]), confidence_level,
-                DIFFERENCE_RANGES[measure])) if floor_values is not None else (math.nan,) * 3
-            row |= dict(zip((f"{measure}_diff", f"{measure}_diff_low", f"{measure}_diff_high"), diff, strict=True))
+            if floor_values is None:
+                diff = (math.nan,) * 4
+            else:
+                error = split_standard_error(halves[m] - floor_halves[m])
+                difference = values[m] - floor_values[m]
+                diff = (difference, *normal_interval(difference, error, confidence_level, DIFFERENCE_RANGES[measure]),
+                        normal_p_value(difference, error))
+            row |= dict(zip(_diff_columns(measure), diff, strict=True))
         kid_mean, kid_low, kid_high = t_interval(kid, confidence_level, RANGES["kid"])
-        kid_diff = (t_interval(kid - floor_kid, confidence_level, DIFFERENCE_RANGES["kid"])
-                    if floor_kid is not None else (math.nan,) * 3)
+        kid_diff = ((*t_interval(kid - floor_kid, confidence_level, DIFFERENCE_RANGES["kid"]), t_p_value(kid - floor_kid))
+                    if floor_kid is not None else (math.nan,) * 4)
         row |= {"kid": kid_mean, "kid_low": kid_low, "kid_high": kid_high,
                 "kid_se": mean_and_error(kid)[1],
                 "kid_subsets": kid_count, "kid_subset_size": kid_size,
-                **dict(zip(("kid_diff", "kid_diff_low", "kid_diff_high"), kid_diff, strict=True))}
+                **dict(zip(_diff_columns("kid"), kid_diff, strict=True))}
         rows.append(row)
     columns = ["set", "n", "n_reference"]
     for measure in ("fd", "kid", "precision", "recall"):
-        columns += [measure, f"{measure}_low", f"{measure}_high", f"{measure}_diff", f"{measure}_diff_low",
-                    f"{measure}_diff_high"] + (["kid_se", "kid_subsets", "kid_subset_size"] if measure == "kid" else [])
+        columns += [measure, f"{measure}_low", f"{measure}_high", *_diff_columns(measure)] + (
+            ["kid_se", "kid_subsets", "kid_subset_size"] if measure == "kid" else [])
     return pd.DataFrame(rows, columns=columns)
+
+
+def _diff_columns(measure: str) -> tuple[str, str, str, str]:
+    """The columns of a measure's difference from the floor: value, interval bounds, two-sided p of 'it is 0'."""
+    return f"{measure}_diff", f"{measure}_diff_low", f"{measure}_diff_high", f"{measure}_diff_p"

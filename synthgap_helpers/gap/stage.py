@@ -60,6 +60,9 @@ STAGE_VERSION = 3
 REFERENCE = "real"
 HELD_OUT = "real held-out"
 """The real-vs-real floor: untrained real images, as many per class as every synthetic set."""
+MEASURE_FORMATS = {"FD": ("fd", 1.0, "{:.2f}"), "KID × 10³": ("kid", 1e3, "{:.2f}"),
+                   "precision": ("precision", 1.0, "{:.3f}"), "recall": ("recall", 1.0, "{:.3f}")}
+"""The measures of the gap tables by label: (column, scale of the printed value, number format)."""
 
 
 def model_seed(cfg: Any) -> int:
@@ -112,12 +115,10 @@ class GapSummary:
     def table(self) -> pd.DataFrame:
         """Per set, against the real test sample: FD, KID, precision and recall with 95% intervals, each beside its
         difference from the real held-out floor (paired on the same real halves and subsets) with its interval."""
-        formats = {"FD": ("fd", 1.0, "{:.2f}"), "KID × 10³": ("kid", 1e3, "{:.2f}"),
-                   "precision": ("precision", 1.0, "{:.3f}"), "recall": ("recall", 1.0, "{:.3f}")}
         rows = {}
         for name, v in self.values.iterrows():
             row = {"images (real / synthetic)": f"{int(v['n_reference'])} / {int(v['n'])}"}
-            for label, (column, scale, number) in formats.items():
+            for label, (column, scale, number) in MEASURE_FORMATS.items():
                 row[f"{label} [95% CI]"] = _with_interval(v, column, scale, number)
                 row[f"{label} − floor [95% CI]"] = ("floor" if name == HELD_OUT
                                                      else _with_interval(v, f"{column}_diff", scale, number))
@@ -125,6 +126,30 @@ class GapSummary:
         table = pd.DataFrame.from_dict(rows, orient="index")
         table.index.name = "set (against the real test sample)"
         return table
+
+    @property
+    def comparison(self) -> pd.DataFrame:
+        """One row per synthetic set and measure (the Holm family): its difference from the real held-out floor, the
+        two-sided p of "it is 0", the Holm-adjusted p over the family and whether it is significant after Holm."""
+        rows = [{"set": name, "metric": label, "p": v[f"{column}_diff_p"]}
+                for name, v in self.values.drop(index=HELD_OUT, errors="ignore").iterrows()
+                for label, (column, _, _) in MEASURE_FORMATS.items()]
+        return results.with_holm(pd.DataFrame(rows, columns=["set", "metric", "p"]))
+
+    def tests_table(self) -> pd.DataFrame:
+        """`comparison` for the page: per set and measure the difference from the floor with its 95% interval, the
+        raw and the Holm-adjusted p, and whether it is significant after Holm."""
+        values, comparison = self.values, self.comparison
+        rows = [[_with_interval(values.loc[row["set"]], f"{MEASURE_FORMATS[row['metric']][0]}_diff",
+                                *MEASURE_FORMATS[row["metric"]][1:]), *results.holm_cells(row)]
+                for _, row in comparison.iterrows()]
+        index = pd.MultiIndex.from_arrays([[f"{name} − {HELD_OUT}" for name in comparison["set"]],
+                                           list(comparison["metric"])], names=["comparison", "metric"])
+        return pd.DataFrame(rows, columns=["difference [95% CI]", *results.HOLM_CELL_COLUMNS], index=index)
+
+    def family(self) -> results.GlueText:
+        """The Holm family of `tests_table` in words, for the notebook's text: its size and what it holds."""
+        return results.holm_family(self.comparison, "set", "synthetic sets", HELD_OUT)
 
     @property
     def extractor_values(self) -> pd.DataFrame:

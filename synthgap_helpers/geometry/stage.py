@@ -45,7 +45,12 @@ from synthgap_helpers.geometry.validation import (
 )
 from synthgap_helpers.geometry.york_urban import resolve_york_urban
 from synthgap_helpers.imagesets import ImageSet
-from synthgap_helpers.results import HOLM_COLUMNS, GlueText, holm_family, p_text
+from synthgap_helpers.results import (
+    HOLM_CELL_COLUMNS,
+    GlueText,
+    holm_cells,
+    holm_family,
+)
 from synthgap_helpers.storage import atomic_write, atomic_write_json
 from synthgap_helpers.workload import image_seed, stable_hash
 
@@ -91,9 +96,9 @@ class GeometryResult:
     def tests_table(self) -> pd.DataFrame:
         """One row per synthetic set and metric (the Holm family): the difference from the real test set with its 95%
         bootstrap interval, the raw and the Holm-adjusted p, and whether it is significant after Holm."""
-        columns = ["difference [95% CI]", "p", "p (Holm)", "significant after Holm"]
-        rows = [[format_interval(row.difference, row.ci_low, row.ci_high), p_text(row.p), p_text(row[HOLM_COLUMNS[0]]),
-                 "yes" if row[HOLM_COLUMNS[1]] else "no"] for _, row in self.comparison.iterrows()]
+        columns = ["difference [95% CI]", *HOLM_CELL_COLUMNS]
+        rows = [[format_interval(row.difference, row.ci_low, row.ci_high), *holm_cells(row)]
+                for _, row in self.comparison.iterrows()]
         index = pd.MultiIndex.from_arrays([[f"{name} − {REFERENCE}" for name in self.comparison["dataset"]],
                                            list(self.comparison["metric"])], names=["comparison", "metric"])
         return pd.DataFrame(rows, columns=columns, index=index)

@@ -65,7 +65,12 @@ from synthgap_helpers.gradcam.metrics import (
     compare_arms,
 )
 from synthgap_helpers.imagesets import ImageSet
-from synthgap_helpers.results import HOLM_COLUMNS, GlueText, holm_family, p_text
+from synthgap_helpers.results import (
+    HOLM_CELL_COLUMNS,
+    GlueText,
+    holm_cells,
+    holm_family,
+)
 from synthgap_helpers.storage import atomic_write
 from synthgap_helpers.train.arms import (
     CurrentKeys,
@@ -173,15 +178,14 @@ class GradcamResult:
         """One row per arm and metric (the Holm family): the seeds behind each side, the images, the difference
         from real with its two-level 95% bootstrap interval, d_z, the raw and the Holm-adjusted p, and whether the
         difference is significant after Holm."""
-        columns = ["seeds (arm / real)", "images", "difference [95% CI]", "d_z", "p", "p (Holm)",
-                   "significant after Holm"]
+        columns = ["seeds (arm / real)", "images", "difference [95% CI]", "d_z", *HOLM_CELL_COLUMNS]
         index = pd.MultiIndex.from_arrays([[], []], names=["comparison", "metric"])
         if self.comparison.empty:
             return pd.DataFrame(columns=columns, index=index)
         rows = [[f"{row.seeds} / {row.reference_seeds}" + (" (no seed level)" if row.seeds == row.reference_seeds == 1
                                                             else ""),
                  row.n_images, _difference(row), "n/a" if np.isnan(row.cohens_dz) else f"{row.cohens_dz:+.2f}",
-                 p_text(row.p), p_text(row[HOLM_COLUMNS[0]]), "yes" if row[HOLM_COLUMNS[1]] else "no"]
+                 *holm_cells(row)]
                 for _, row in self.comparison.iterrows()]
         index = pd.MultiIndex.from_arrays([[f"{arm} − {REFERENCE}" for arm in self.comparison["arm"]],
                                            list(self.comparison["metric"])], names=["comparison", "metric"])
