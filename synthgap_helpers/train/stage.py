@@ -543,6 +543,8 @@ def headline_table(cfg: Any) -> Headline:
 
 UNCONDITIONAL = {"mean": "the group's mean embedding", "empty_prompt": "the empty prompt"}
 """What DI's ``uncond`` records mean (`inversion.uncond`)."""
+SCHEDULERS = {"model": "the model's own scheduler"}
+"""What a recorded ``scheduler`` means where it is not a sampler's name (`inversion.scheduler`)."""
 
 
 def generation_settings(cfg: Any) -> pd.DataFrame:
@@ -567,7 +569,8 @@ def generation_settings(cfg: Any) -> pd.DataFrame:
             "unconditional input": values(lambda r: UNCONDITIONAL.get(r["uncond"], r["uncond"]) if r.get("uncond")
                                           else None if "negative_prompt" not in r else
                                           "the negative prompt" if r["negative_prompt"] else "the empty prompt"),
-            "sampler": values(lambda r: f"{r['scheduler']}, {r['steps']} steps" if r.get("scheduler") else None)}
+            "sampler": values(lambda r: None if not r.get("scheduler") else
+                              f"{SCHEDULERS.get(r['scheduler'], r['scheduler'])}, {r['steps']} steps")}
     table = pd.DataFrame.from_dict(rows, orient="index", columns=SETTING_COLUMNS)
     table.index.name = "set"
     return table
