@@ -214,13 +214,13 @@ def _guided(scale: float) -> int:
 
 
 def _equal_size_arms(counts: dict[str, int]) -> list[str]:
-    """`train.arms.equal_size_arms` on known counts (a test keeps them equal): when the synthetic sets differ in
-    size, each larger set again, subsampled to the smallest's size."""
+    """`train.arms.equal_size_names` (a test keeps them equal): when the synthetic sets differ in size, each larger
+    set again, subsampled to the smallest's size, alone and then with the real images."""
     if len(counts) < 2 or len(set(counts.values())) == 1:
         return []
     smallest = min(counts, key=lambda name: (counts[name], name))
-    return [f"{name}{EQUAL_SIZE_MARK}{smallest}-size" for name in sorted(counts, key=lambda n: (-counts[n], n))
-            if counts[name] > counts[smallest]]
+    larger = [name for name in sorted(counts, key=lambda n: (-counts[n], n)) if counts[name] > counts[smallest]]
+    return [f"{prefix}{name}{EQUAL_SIZE_MARK}{smallest}-size" for prefix in ("", "real+") for name in larger]
 
 
 def training_arms(cfg: Any, planned: dict[str, PlannedSet] | None = None) -> dict[str, int]:

@@ -397,7 +397,8 @@ class LowdataParams(_Section):
 
     k_per_class: list[int] = Field(default=[10, 50, 100, 500, 1000, 4500], min_length=1)  # real images per class of each point
     sources: Literal["auto"] | list[str] = "auto"  # synthetic sets added (real_k+<set>) and fine-tuned from; auto: every set of the run with provenance
-    seeds: int = Field(default=3, ge=1, le=100)  # seeds per point: run seed + 0 ... + seeds - 1 (each draws its own k-subset)
+    seeds: int = Field(default=5, ge=1, le=100)  # seeds per point: run seed + 0 ... + seeds - 1
+    resample_k: list[int] = []  # values of k_per_class at which each seed draws its own k-subset (whole DI groups); others: one nested subset for every seed
     steps: int | None = Field(default=None, ge=1)  # optimizer steps per model; None: the budget of the train section
     finetune_steps: int | None = Field(default=None, ge=1)  # fine-tuning steps; None: the same budget as from scratch
     finetune_lr_per_128: float = Field(default=0.01, gt=0.0, le=10.0)  # peak fine-tuning learning rate at batch 128
@@ -409,6 +410,13 @@ class LowdataParams(_Section):
         if any(k < 1 for k in value) or sorted(set(value)) != value:
             raise ValueError(f"must be distinct positive integers in increasing order, got {value}")
         return value
+
+    @model_validator(mode="after")
+    def _resampled_ks_are_points(self) -> LowdataParams:
+        if sorted(set(self.resample_k)) != self.resample_k or not set(self.resample_k) <= set(self.k_per_class):
+            raise ValueError(f"resample_k={self.resample_k} must list distinct values of k_per_class={self.k_per_class} "
+                             "in increasing order")
+        return self
 
 
 class CurationParams(_Section):
@@ -422,7 +430,7 @@ class CurationParams(_Section):
     k: int = Field(default=3, ge=1, le=100)  # k-th neighbour radius of the realism score (Kynkaanniemi et al.: 3)
     geometry_upscale: int | None = Field(default=None, ge=1, le=16)  # line-segment detector's upscale for the geometry score; None: geometry.upscale
     arms: list[Literal["synthetic", "real+synthetic"]] = Field(default=["synthetic", "real+synthetic"], min_length=1)  # the selection alone, and mixed with the real set as train.mix says
-    seeds: int = Field(default=3, ge=1, le=100)  # training seeds per selection: run seed + 0 ... + seeds - 1
+    seeds: int = Field(default=5, ge=1, le=100)  # training seeds per selection: run seed + 0 ... + seeds - 1
     steps: int | None = Field(default=None, ge=1)  # optimizer steps per model; None: the train section's budget
     scaling_fractions: list[float] = Field(default=[0.1, 0.25, 0.5, 1.0], min_length=1)  # random shares of each set for the scaling curve (synthetic-only arm)
 

@@ -305,16 +305,64 @@ def headline_markdown(headline: Any) -> str:
 
 def _accuracy_texts(headline: Any) -> dict[str, str]:
     """Each arm's test accuracy as "mean ± std % (n seeds)", "mean % (1 seed)" or MISSING."""
-    texts = {}
-    for arm, row in headline.values.iterrows():
-        n = int(row["n_seeds"])
-        if n == 0:
-            texts[arm] = MISSING
-        elif n == 1:
-            texts[arm] = f"{row['mean']:.1f} % (1 seed)"
-        else:
-            texts[arm] = f"{row['mean']:.1f} ± {row['std']:.1f} % ({n} seeds)"
+    return {arm: accuracy_text(row["mean"], row["std"], int(row["n_seeds"])) for arm, row in headline.values.iterrows()}
+
+
+def accuracy_text(mean: float, std: float, n: int, detail: str = "") -> str:
+    """A test accuracy over n seeds as "mean ± std % (n seeds)", "mean % (1 seed)", or MISSING for none; `detail`
+    joins the parenthesis ("(5 seeds, 50,000 synthetic images)"; "not trained (50,000 synthetic images)")."""
+    detail = f", {detail}" if detail else ""
+    if n == 0:
+        return MISSING + (f" ({detail[2:]})" if detail else "")
+    return f"{mean:.1f} % (1 seed{detail})" if n == 1 else f"{mean:.1f} ± {std:.1f} % ({n} seeds{detail})"
+
+
+SIZE_KEYS = {(False, "equal"): "sd_di_equal_size", (False, "native"): "sd_di_native_size",
+             (True, "equal"): "real_sd_di_equal_size", (True, "native"): "real_sd_di_native_size"}
+"""Glue keys of the SD-vs-DI comparisons (`size_texts`): (with the real images, set size) -> key."""
+
+
+def size_texts(sizes: pd.DataFrame) -> dict[str, str]:
+    """The comparisons of the sets ``sd`` and ``di`` (rows of `train.stage.TrainingSummary.size_comparisons`), by
+    `SIZE_KEYS`: "`di@sd-size` 80.1 ± 0.3 % (5 seeds, 50,000 synthetic images) against `sd` 52.0 ± 0.5 % (5 seeds,
+    50,000 synthetic images): +28.1 points (95% paired interval ...)"; MISSING without the row. Where the two sets
+    are equally large, the native comparison is the equal-size one and both keys quote it."""
+    texts = dict.fromkeys(SIZE_KEYS.values(), MISSING)
+    for _, row in sizes.iterrows():
+        pair = {arm.removeprefix("real+").partition("@")[0] for arm in (row["arm"], row["against"])}
+        if pair != {"sd", "di"}:
+            continue
+        gain = MISSING if pd.isna(row["gain (points)"]) else \
+            gain_text(row["gain (points)"], row["ci95_low"], row["ci95_high"], row["test"])
+        arm, against = (accuracy_text(row[f"{prefix}mean"], row[f"{prefix}std"], int(row[f"{prefix}seeds"]),
+                                      f"{int(row[f'{prefix}images']):,} synthetic images") for prefix in ("", "against "))
+        text = f"`{row['arm']}` {arm} against `{row['against']}` {against}: {gain}"
+        sizes_of = ["equal", "native"] if row["size"] == "equal" and "@" not in row["arm"] else [row["size"]]
+        texts.update({SIZE_KEYS[(bool(row["with real"]), size)]: text for size in sizes_of})
     return texts
+
+
+def settings_text(settings: pd.DataFrame) -> str:
+    """How each set was made (`train.stage.generation_settings`), one clause per set: "`sd`: base model ...,
+    generated at 512 px, ..."; the cells the records do not give are left out, and a set they say nothing of."""
+    clauses = []
+    for name, row in settings.iterrows():
+        known = [f"{column} {value}" for column, value in row.items() if value != "—"]
+        if known:
+            clauses.append(f"`{name}`: " + ", ".join(known))
+    return "; ".join(clauses) or MISSING
+
+
+def contained_text(counts: pd.DataFrame) -> str:
+    """The synthetic images each low-data arm trained on per k (`lowdata.stage.CurveSummary.contained_counts`):
+    "k = 10: `real+sd` 100 and `real+di` 500; k = 50: ..."."""
+    parts = []
+    for k, row in counts.iterrows():
+        cells = [f"`{arm}` {value}" for arm, value in row.items() if isinstance(value, str)]
+        if cells:
+            parts.append(f"k = {k}: " + (" and ".join(cells) if len(cells) < 3 else
+                                         f"{', '.join(cells[:-1])} and {cells[-1]}"))
+    return "; ".join(parts) or MISSING
 
 
 def gain_text(gain: float, low: float, high: float, test: str = WELCH) -> str:
@@ -365,8 +413,10 @@ def story_numbers(cfg: Any, headline: Any, sweep: Any = None, finetuned: Any = N
     """The numbers the book's introduction quotes, by glue key: the profile, what its numbers mean, the
     size of the real test set, each arm's test accuracy as "mean ± std % (n seeds)" (`accuracy_<arm>`), each trained
     arm's gain over real (`gain_<arm>`), the Markdown table of them all (`headline_md`, a GlueMarkdown: the arms of
-    any run, whatever its sets are called), and (given the low-data and fine-tuning summaries) the comparison of
-    each fixed in advance (their `planned`: the DI arm against its baseline at the smallest k)."""
+    any run, whatever its sets are called), SD against DI at equal and at native size, alone and with the real
+    images (`SIZE_KEYS`), how each set was made (`generation_settings`), and (given the low-data and fine-tuning
+    summaries) the comparison of each fixed in advance (their `planned`: the DI arm against its baseline at the
+    smallest k) and the synthetic images each low-data arm trained on per k (`lowdata_contained`)."""
     texts = {"profile": cfg.profile, "profile_meaning": config.profile_meaning(cfg.profile),
              "test_images": f"{headline.test_images:,}"}
     texts.update({f"accuracy_{arm}": text for arm, text in _accuracy_texts(headline).items()})
@@ -374,9 +424,13 @@ def story_numbers(cfg: Any, headline: Any, sweep: Any = None, finetuned: Any = N
         row = headline.gains.loc[arm] if arm in headline.gains.index else None
         texts[f"gain_{arm}"] = MISSING if row is None else \
             gain_text(row["gain (points)"], row["ci95_low"], row["ci95_high"], row["test"])
+    texts.update(size_texts(headline.sizes))
+    texts["generation_settings"] = settings_text(headline.settings)
     for key, curves in (("lowdata_planned_gain", sweep), ("finetune_planned_gain", finetuned)):
         if curves is not None:
             texts[key] = planned_gain(curves.gains(), *curves.planned) if curves.planned else MISSING
+    if sweep is not None:
+        texts["lowdata_contained"] = contained_text(sweep.contained_counts())
     glued: dict[str, GlueText] = {key: GlueText(text) for key, text in texts.items()}
     glued["headline_md"] = GlueMarkdown(headline_markdown(headline))
     return glued
@@ -394,7 +448,9 @@ def glue_story(cfg: Any, headline: Any, sweep: Any = None, finetuned: Any = None
                         index=pd.Index(list(texts), name="glue key"))
 
 
-__all__ = ["GAIN_COLUMNS", "HOLM_COLUMNS", "MISSING", "PAIRED", "WELCH", "CorruptResults", "GlueMarkdown", "GlueText",
-           "bootstrap_p_value", "frame_records", "gain_text", "gains_over", "glue_story", "headline_markdown", "holm", "holm_family",
-           "json_safe", "p_text", "paired_difference", "planned_gain", "quoted_gains", "read_records", "record", "story_numbers",
-           "summarize_seeds", "welch_difference", "with_holm"]
+__all__ = ["GAIN_COLUMNS", "HOLM_CELL_COLUMNS", "HOLM_COLUMNS", "MISSING", "PAIRED", "SIZE_KEYS", "WELCH",
+           "CorruptResults", "GlueMarkdown", "GlueText", "accuracy_text", "bootstrap_p_value", "contained_text",
+           "frame_records", "gain_text", "gains_over", "glue_story", "headline_markdown", "holm", "holm_cells",
+           "holm_family", "json_safe", "p_text", "paired_difference", "planned_gain", "quoted_gains", "read_records",
+           "record", "settings_text", "size_texts", "story_numbers", "summarize_seeds", "welch_difference",
+           "with_holm"]

@@ -38,13 +38,14 @@ def test_work_counts_steps_images_and_guided_passes():
     assert work.loc["SD generation (02)", "amount"] == 5000
     assert "18 denoising steps x 2 U-Net passes" in work.loc["SD generation (02)", "what"]  # img2img: int(25 x 0.75)
     assert work.loc["DI embedding training (03)", "amount"] == 50 * 2000
-    assert work.loc["classifier training (04)", "amount"] == 6 * 3 * 10000 * 128  # the 5 arms and di@sd-size
-    assert "6 arms" in work.loc["classifier training (04)", "what"]
-    assert work.loc["low-data sweep (07)", "amount"] == 4 * 3 * 3 * 5000 * 128
-    assert work.loc["fine-tuning (07)", "amount"] == 4 * 2 * 3 * (5000 + 5000) * 128  # synthetic-only model, then tuning
-    assert work.loc["Grad-CAM maps (05)", "amount"] == 6 * 3 * 1000  # every seed of every arm
+    # the 5 arms, di@sd-size and real+di@sd-size, 5 seeds each
+    assert work.loc["classifier training (04)", "amount"] == 7 * 5 * 10000 * 128
+    assert "7 arms" in work.loc["classifier training (04)", "what"]
+    assert work.loc["low-data sweep (07)", "amount"] == 4 * 3 * 5 * 5000 * 128
+    assert work.loc["fine-tuning (07)", "amount"] == 4 * 2 * 5 * (5000 + 5000) * 128  # synthetic-only model, then tuning
+    assert work.loc["Grad-CAM maps (05)", "amount"] == 7 * 5 * 1000  # every seed of every arm
     only = cost.work_table(config.resolve("gpu-small", overrides={"gradcam.model_seed": 0}))
-    assert only.loc["Grad-CAM maps (05)", "amount"] == 6 * 1000
+    assert only.loc["Grad-CAM maps (05)", "amount"] == 7 * 1000
     assert work.loc["real-vs-synthetic detectors (07)", "amount"] == 2 * 3 * 1000 * 128  # sd, di and the real floor
 
 
@@ -52,9 +53,9 @@ def test_curation_counts_every_selection_arm_and_scaling_share_once():
     from synthgap_helpers.curation.stage import SELECTIONS
 
     assert cost.CURATION_SELECTIONS == len(SELECTIONS)
-    work = cost.work_table(config.resolve("gpu-small"))  # 2 sources, 2 arms, 3 seeds, 5000 steps at batch 128
+    work = cost.work_table(config.resolve("gpu-small"))  # 2 sources, 2 arms, 5 seeds, 5000 steps at batch 128
     # 7 selections x 2 arms x 2 sources, plus the scaling shares 0.1, 0.25 and 1.0 (0.5 is the random selection)
-    assert work.loc["curation selections and scaling (08)", "amount"] == 3 * (7 * 2 * 2 + 3 * 2) * 5000 * 128
+    assert work.loc["curation selections and scaling (08)", "amount"] == 5 * (7 * 2 * 2 + 3 * 2) * 5000 * 128
     assert work.loc["curation scores (08)", "amount"] == 5000 + 5000 * 5 + 10 * 400 + 10 * 100
     disk = cost.disk_table(config.resolve("smoke"))  # 200 SD + 80 DI + 200 reference + 50 untrained real images
     assert disk.loc["curation scores and rows", "bytes"] == cost.CSV_ROW_BYTES * 530
@@ -63,7 +64,8 @@ def test_curation_counts_every_selection_arm_and_scaling_share_once():
 def test_an_epoch_budget_counts_whole_batches_over_the_pool():
     cfg = config.resolve("smoke", overrides={"train.steps": None, "train.epochs": 1.5, "train.batch_size": 64,
                                              "train.mix": "concat", "train.seeds": 1})
-    per_arm = {"real": 500, "sd": 200, "di": 80, "real+sd": 700, "real+di": 580, "sd@di-size": 80}
+    per_arm = {"real": 500, "sd": 200, "di": 80, "real+sd": 700, "real+di": 580, "sd@di-size": 80,
+               "real+sd@di-size": 580}
     expected = sum(-(-int(1.5 * n) // 64) * 64 for n in per_arm.values())
     assert cost.work_table(cfg).loc["classifier training (04)", "amount"] == expected
     shared = config.resolve("smoke", overrides={"train.steps": None, "train.epochs": 2.0, "train.batch_size": 50,
@@ -77,7 +79,7 @@ def test_an_epoch_budget_counts_whole_batches_over_the_pool():
 def test_hours_are_amount_over_rate_and_bad_rates_are_named():
     estimate = cost.profile_cost(config.resolve("gpu-small"))
     hours = estimate.with_hours({"train": 1000.0})
-    assert hours.loc["classifier training (04)", "hours"] == pytest.approx(6 * 3 * 10000 * 128 / 1000 / 3600)
+    assert hours.loc["classifier training (04)", "hours"] == pytest.approx(7 * 5 * 10000 * 128 / 1000 / 3600)
     assert hours["hours"].isna().sum() == 10  # the stages without a rate
     total, missing = estimate.total_hours({"train": 1000.0})
     assert total == pytest.approx(hours["hours"].sum()) and missing == list(hours.index[hours["hours"].isna()])
@@ -96,7 +98,7 @@ def test_disk_counts_weights_images_embeddings_and_checkpoints():
     assert cost.download_bytes("CompVis/stable-diffusion-v1-4") == 4 * cost.SD1_PARAMETERS
     disk = cost.disk_table(config.resolve("paper"))
     assert disk.loc["DI embeddings and resumable checkpoints", "bytes"] == 4 * 45000 * 5 * 768 * 4
-    assert disk.loc["classifier checkpoints", "bytes"] == 6 * 5 * 4 * 11_173_962  # the 5 arms and di@sd-size
+    assert disk.loc["classifier checkpoints", "bytes"] == 7 * 5 * 4 * 11_173_962  # 5 arms, di@sd-size, real+di@sd-size
     assert disk.loc["SD images", "bytes"] == 50000 * (3 * 32 * 32 + cost.PNG_OVERHEAD)
     unknown = cost.disk_table(config.resolve("paper", overrides={"sd.model": "/models/my-sd"}))
     assert math.isnan(unknown.loc["diffusion weights", "bytes"])  # unknown: not counted in the total
@@ -136,7 +138,7 @@ def test_no_generator_means_no_generation_rows_no_diffusion_weights_and_no_pngs(
     assert disk.loc["diffusion weights", "bytes"] == 0
     only_sd = cost.work_table(config.resolve("gpu-small", overrides={"generators": ["sd"]}))
     assert "SD generation (02)" in only_sd.index and "DI sampling (03)" not in only_sd.index
-    assert only_sd.loc["classifier training (04)", "amount"] == 3 * 3 * 10000 * 128  # real, sd, real+sd
+    assert only_sd.loc["classifier training (04)", "amount"] == 3 * 5 * 10000 * 128  # real, sd, real+sd
 
 
 def test_an_external_set_is_counted_in_its_folders_trained_explained_and_curated(tmp_path):
@@ -181,7 +183,10 @@ def test_arms_follow_the_training_stages_rule_for_generated_and_external_sets(tm
     assert cost.training_arms(cfg)["large@small-size"] == 4
     counts = {"sd": 5000, "di": 25000, "ext": 5000}
     folders = {name: (image_folder(tmp_path / name, {"a": n // 1000}),) for name, n in counts.items()}
-    assert cost._equal_size_arms(counts) == train_arms.equal_size_arms(folders, list(folders)) == ["di@ext-size"]
+    names = [arm for name in folders for arm in (name, f"real+{name}")]
+    assert cost._equal_size_arms(counts) == train_arms.equal_size_names(counts) == ["di@ext-size", "real+di@ext-size"]
+    assert train_arms.equal_size_arms(folders, names) == ["di@ext-size", "real+di@ext-size"]
+    assert train_arms.equal_size_arms(folders, list(folders)) == ["di@ext-size"]  # no real+ arm asked for
     assert cost.EQUAL_SIZE_MARK == train_arms.EQUAL_SIZE_MARK
     mixed = config.resolve("gpu-small", overrides={"synthetic.ext.paths": [str(large)]})
     assert list(cost.synthetic_sizes(mixed)) == ["sd", "di", "ext"]  # generators first, as sets.auto_names

@@ -42,7 +42,8 @@ def trainings(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
     calls: list[dict] = []
 
     def spy(train_images, train_labels, *args, **kwargs):
-        calls.append({"labels": train_labels.clone(), "synthetic": kwargs.get("synthetic_images") is not None,
+        calls.append({"labels": train_labels.clone(), "images": train_images.clone(),
+                      "synthetic": kwargs.get("synthetic_images") is not None,
                       "init": kwargs.get("init_model") is not None, "trainable": kwargs.get("trainable")})
         return train_classifier(train_images, train_labels, *args, **kwargs)
 
@@ -191,12 +192,13 @@ def test_an_arm_whose_set_does_not_cover_its_k_subset_is_skipped_with_the_reason
 
 
 def check_containment(run_dir: Path, expected: dict[tuple[int, str], int] | None = None) -> None:
-    """Read lowdata/k<K>/real_ids.json and lowdata/k<K>/<source>/manifest.jsonl: every image an arm trains on
-    draws (source, partner, and its group when uncond is mean) only on the k-subset's real images."""
-    folders = sorted((run_dir / "lowdata").glob("k*"))
+    """Read every real_ids.json under lowdata/ (k<K>/, or k<K>/seed<s>/ where each seed drew its k-subset) and the
+    <source>/manifest.jsonl beside it: every image an arm trains on draws (source, partner, and its group when
+    uncond is mean) only on the k-subset's real images."""
+    folders = sorted(path.parent for path in (run_dir / "lowdata").rglob("real_ids.json"))
     assert folders
     for folder in folders:
-        k = int(folder.name[1:])
+        k = json.loads((folder / "real_ids.json").read_text())["k"]
         real_ids = set(json.loads((folder / "real_ids.json").read_text())["ids"])
         assert len(real_ids) == 10 * k
         for manifest in sorted(folder.glob("*/manifest.jsonl")):
@@ -230,3 +232,54 @@ def test_every_lowdata_arm_of_the_smoke_run_trains_only_on_images_of_its_k_subse
     if not (run_dir / "lowdata").is_dir():
         pytest.fail(f"{run_dir} holds no finished low-data stage: `make test` executes the notebooks into it first")
     check_containment(run_dir)
+
+
+def test_resampled_subsets_are_k_per_class_in_whole_blocks_of_ranks_drawn_per_seed():
+    labels = np.arange(200) % 10  # 20 images per class
+    order = data.nested_order(labels, 5, 10)
+    draws = {seed: lowdata.resampled_subset(labels, 4, seed, imagesets.CIFAR10_CLASSES, 5, block=2) for seed in range(6)}
+    for drawn in draws.values():
+        assert np.bincount(labels[drawn]).tolist() == [4] * 10
+        ranks = [sorted(np.flatnonzero(np.isin(order[c], drawn)).tolist()) for c in range(10)]
+        assert all(r == ranks[0] for r in ranks)  # the same ranks in every class
+        assert all(r % 2 == 0 and r + 1 in ranks[0] for r in ranks[0][::2])  # pairs 2b, 2b + 1: whole blocks
+    assert len({tuple(drawn) for drawn in draws.values()}) > 1
+    assert np.array_equal(draws[0], lowdata.resampled_subset(labels, 4, 0, imagesets.CIFAR10_CLASSES, 5, block=2))
+    with pytest.raises(config.ConfigError, match="k=3, not a multiple of 2"):
+        lowdata.resampled_subset(labels, 3, 0, imagesets.CIFAR10_CLASSES, 5, block=2)
+    with pytest.raises(config.ConfigError, match=r"resample_k=\[3\] must list distinct values of k_per_class"):
+        config.resolve("smoke", overrides={"lowdata.resample_k": [3]})
+
+
+def test_a_resampled_k_gives_each_seed_its_subset_shared_by_every_arm_of_that_seed(run_dir, trainings):
+    """inversion.group_size 20: a DI group holds 2 ranks of every class and its images draw on the whole group."""
+    cfg = load(run_dir, **{"data.train_per_class": 6, "lowdata.k_per_class": [2], "lowdata.resample_k": [2],
+                           "lowdata.seeds": 3, "lowdata.sources": ["di"], "inversion.group_size": 20})
+    assert lowdata.subset_block(cfg) == 2
+    train = data.real_data(cfg).train
+    order = data.nested_order(train.labels, cfg.seed, len(train.classes))
+    records = [{"id": f"{name}/di_{rank}", "source_id": train.ids[order[c][rank]], "uncond": "mean",
+                "group": f"group_{rank // 2}"} for rank in range(6) for c, name in enumerate(imagesets.CIFAR10_CLASSES)]
+    shutil.rmtree(run_dir / "synthetic" / "di")
+    ImageFolderWriter(run_dir / "synthetic" / "di").write(np.zeros((60, 3, 32, 32), dtype=np.uint8), records)
+    summary = lowdata.sweep(cfg)
+    assert summary.skipped == {} and len(trainings) == 6  # real and real+di for each of 3 seeds
+    subsets = [json.loads((run_dir / "lowdata" / "k2" / f"seed{seed}" / "real_ids.json").read_text())["ids"]
+               for seed in (0, 1, 2)]
+    assert len({tuple(ids) for ids in subsets}) > 1  # a new k-subset per seed
+    real, mixed = trainings[0::2], trainings[1::2]  # per seed: real, then real+di
+    assert all(torch.equal(a["images"], b["images"]) for a, b in zip(real, mixed))  # one subset per seed, all arms
+    check_containment(run_dir, {(2, "di"): 20})
+    assert summary.contained_counts().to_dict() == {"real+di": {2: "20"}}
+    assert set(summary.gains()["test"]) == {"paired"}
+
+
+def test_contained_counts_show_each_arms_synthetic_images_per_k_or_their_range_over_seeds():
+    rows = pd.DataFrame({"k": [10] * 6, "seed": [0, 1] * 3, "arm": ["real"] * 2 + ["real+sd"] * 2 + ["real+di"] * 2,
+                         "n_real": [100] * 6, "n_synthetic": [0, 0, 200, 200, 480, 520], "test_accuracy": [0.3] * 6,
+                         "init_test_accuracy": [float("nan")] * 6})
+    curves = lowdata.CurveSummary("t", rows, Path("x.csv"), ["real", "real+sd", "real+di"])
+    counts = curves.contained_counts()
+    assert counts.to_dict() == {"real+sd": {10: "200"}, "real+di": {10: "480 to 520"}}
+    assert curves.values().set_index("arm").loc["real+di", "n_synthetic"] == 500
+    assert results.contained_text(counts) == "k = 10: `real+sd` 200 and `real+di` 480 to 520"

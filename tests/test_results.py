@@ -242,3 +242,43 @@ def test_quoted_gains_adjust_the_introductions_gains_as_one_family():
     assert table.loc["lowdata_planned_gain", "p"] == 0.012 and table.loc["gain_sd", "p"] == headline.gains.loc["sd", "p"]
     np.testing.assert_allclose(table["p (Holm)"], results.holm(table["p"]))
     assert table["significant after Holm"].tolist() == list(table["p (Holm)"] < 0.05)
+
+
+def test_the_introduction_quotes_sd_against_di_at_equal_size_first_and_at_native_size_beside_it():
+    sizes = pd.DataFrame([
+        {"with real": False, "size": "equal", "arm": "di@sd-size", "against": "sd", "images": 50000,
+         "against images": 50000, "mean": 80.12, "std": 0.3, "seeds": 5, "against mean": 52.0, "against std": 0.5,
+         "against seeds": 5, "test": "paired", "gain (points)": 28.12, "ci95_low": 27.5, "ci95_high": 28.7},
+        {"with real": False, "size": "native", "arm": "di", "against": "sd", "images": 225000,
+         "against images": 50000, "mean": 84.0, "std": 0.2, "seeds": 5, "against mean": 52.0, "against std": 0.5,
+         "against seeds": 5, "test": "paired", "gain (points)": 32.0, "ci95_low": 31.5, "ci95_high": 32.5},
+        {"with real": True, "size": "equal", "arm": "real+di@sd-size", "against": "real+sd", "images": 50000,
+         "against images": 50000, "mean": np.nan, "std": np.nan, "seeds": 0, "against mean": 90.0,
+         "against std": 0.1, "against seeds": 5, "test": np.nan, "gain (points)": np.nan, "ci95_low": np.nan,
+         "ci95_high": np.nan}], columns=train_stage.SIZE_COLUMNS)
+    texts = results.size_texts(sizes)
+    assert texts["sd_di_equal_size"] == (
+        "`di@sd-size` 80.1 ± 0.3 % (5 seeds, 50,000 synthetic images) against `sd` 52.0 ± 0.5 % (5 seeds, 50,000 "
+        "synthetic images): +28.1 points (95% paired interval +27.5 to +28.7)")
+    assert texts["sd_di_native_size"].startswith("`di` 84.0 ± 0.2 % (5 seeds, 225,000 synthetic images) against `sd`")
+    assert texts["real_sd_di_equal_size"] == ("`real+di@sd-size` not trained (50,000 synthetic images) against "
+                                              "`real+sd` 90.0 ± 0.1 % (5 seeds, 50,000 synthetic images): not trained")
+    assert texts["real_sd_di_native_size"] == results.MISSING
+    # equally large sets: the native arms are the equal-size comparison, and both keys quote it
+    equal = sizes.iloc[:1].assign(arm="di", images=50000)
+    assert results.size_texts(equal)["sd_di_native_size"] == results.size_texts(equal)["sd_di_equal_size"]
+    assert results.size_texts(sizes.assign(against="ext")) == dict.fromkeys(results.SIZE_KEYS.values(), results.MISSING)
+
+
+def test_generation_settings_are_read_from_each_sets_manifest_and_quoted_as_a_sentence(trained):
+    settings = train_stage.generation_settings(trained)
+    assert list(settings.columns) == train_stage.SETTING_COLUMNS and list(settings.index) == ["di", "sd"]
+    assert set(settings.loc["sd"]) == {"—"} and results.settings_text(settings) == results.MISSING  # ids only
+    made = pd.DataFrame({"base model": ["sd-1-5", "sd-1-4"], "generated at": ["512 px", "128 px"],
+                         "mode": ["img2img at strength 0.75", "inverted embeddings"], "guidance scale": ["7.5", "2"],
+                         "unconditional input": ["the empty prompt", "the group's mean embedding"],
+                         "sampler": ["dpm++, 25 steps", "—"]}, index=pd.Index(["sd", "di"], name="set"))
+    assert results.settings_text(made) == (
+        "`sd`: base model sd-1-5, generated at 512 px, mode img2img at strength 0.75, guidance scale 7.5, "
+        "unconditional input the empty prompt, sampler dpm++, 25 steps; `di`: base model sd-1-4, generated at "
+        "128 px, mode inverted embeddings, guidance scale 2, unconditional input the group's mean embedding")

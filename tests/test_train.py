@@ -239,6 +239,31 @@ def test_trainer_keeps_the_weights_of_the_best_validation_step(tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text())["best_step"] == result.best_step
 
 
+def test_score_final_sees_the_last_steps_weights_while_the_best_validation_weights_are_kept(monkeypatch):
+    """Validation is rigged to peak at step 3 of 6: the model returned holds step 3's weights, and score_final was
+    given step 6's, the weights of a run whose one validation pass is its last step."""
+    from synthgap_helpers.train import trainer
+
+    images, labels = blocky_images(20), labels_for(20)
+    final = train_classifier(images, labels, images[:10], labels[:10], dataclasses.replace(TINY, eval_every=6), seed=3)
+    real_evaluate, calls, seen = trainer.evaluate, [], {}
+
+    def peaks_first(*args, **kwargs):
+        calls.append(1)
+        return {**real_evaluate(*args, **kwargs), "accuracy": 1.0 if len(calls) == 1 else 0.0}
+
+    def score(model):
+        seen.update({k: v.clone() for k, v in model.state_dict().items()})
+        return {"accuracy": 0.5}
+
+    monkeypatch.setattr(trainer, "evaluate", peaks_first)
+    result = train_classifier(images, labels, images[:10], labels[:10], TINY, seed=3, score_final=score)
+    assert result.best_step == 3 and result.final_metrics == {"accuracy": 0.5}
+    assert all(torch.equal(seen[k], v) for k, v in final.model.state_dict().items())
+    kept = result.model.state_dict()
+    assert not all(torch.equal(seen[k], kept[k]) for k in kept)  # the kept weights are step 3's, not the last
+
+
 def test_fixed_share_epoch_is_one_pass_over_the_real_images():
     real, synthetic = blocky_images(20), blocky_images(30, seed=1)
     params = TrainParams(model="resnet18_cifar_narrow", batch_size=10, epochs=1, mix="fixed_share", progress=False)

@@ -53,7 +53,8 @@ def test_every_arm_is_scored_on_the_real_test_set_and_writes_its_files(run_dir, 
     test = data.real_data(cfg).test
     arms = ["real", "di", "sd", "real+di", "real+sd"]
     assert [arm.name for arm in summary.arms] == arms and sorted(summary.trained) == sorted((a, 0) for a in arms)
-    assert len(scored) == 5 and all(torch.equal(images, test.images) for images in scored)
+    # each job scores its final step's weights and then its selected ones, both on the real test set
+    assert len(scored) == 10 and all(torch.equal(images, test.images) for images in scored)
     for arm in arms:
         folder = run_dir / "models" / arm / "seed0"
         metrics = json.loads((folder / "metrics.json").read_text())
@@ -62,6 +63,7 @@ def test_every_arm_is_scored_on_the_real_test_set_and_writes_its_files(run_dir, 
         assert metrics["test"]["fingerprint"] == train_arms.fingerprint(test)
         assert np.array(metrics["test"]["confusion_matrix"]).sum() == 20 and len(metrics["test"]["per_class_accuracy"]) == 10
         assert {"val", "best_step", "history", "images_per_second", "seconds", "num_parameters", "key"} <= set(metrics)
+        assert metrics["final_test"]["n"] == 20 and metrics["final_test"]["step"] == metrics["steps"]
     sizes = summary.data_table()
     assert sizes.loc["real+sd", "real train images"] == 30 and sizes.loc["real+sd", "synthetic images"] == 20
     assert sizes.loc["sd", "real train images"] == 0 and (run_dir / "results" / "accuracy.csv").is_file()
@@ -203,25 +205,70 @@ def test_config_models_are_the_trainer_models_and_budgets_are_exclusive():
 
 
 def test_generators_are_compared_also_at_equal_size_beside_their_native_sizes(tmp_path):
-    """sd holds 3 images per class, di 1: the auto arms add sd@di-size, sd subsampled to di's 1 per class."""
+    """sd holds 3 images per class, di 1: the auto arms add sd@di-size, sd subsampled to di's 1 per class, alone and
+    with the real images (real+sd@di-size)."""
     write_batches(tmp_path / "cifar" / "cifar-10-batches-py")
     write_synthetic(tmp_path / "run" / "synthetic" / "sd", per_class=3)
     write_synthetic(tmp_path / "run" / "synthetic" / "di", per_class=1)
-    cfg = load(tmp_path / "run")
+    cfg = load(tmp_path / "run", **{"train.seeds": 2})
     arms, _ = train_arms.plan_arms(cfg)
-    assert [arm.name for arm in arms] == ["real", "di", "sd", "real+di", "real+sd", "sd@di-size"]
-    equal = arms[-1]
+    assert [arm.name for arm in arms] == ["real", "di", "sd", "real+di", "real+sd", "sd@di-size", "real+sd@di-size"]
+    equal, mixed = arms[-2:]
     assert (equal.synthetic, equal.size_of, equal.real) == ("sd", "di", False)
+    assert (mixed.synthetic, mixed.size_of, mixed.real) == ("sd", "di", True)
     images = train_arms.arm_synthetic(equal, cfg.seed, sets.reading(cfg), {})
     whole = imagesets.load_image_folder(tmp_path / "run" / "synthetic" / "sd")
     assert images.class_counts().tolist() == [1] * 10 and set(images.ids) <= set(whole.ids)
     summary = train_stage.run(cfg)
     comparison = summary.generator_comparison()
-    assert comparison["synthetic images"].to_dict() == {"di": 10, "sd": 30, "sd@di-size": 10}
-    assert comparison["set size"].to_dict() == {"di": "native", "sd": "native", "sd@di-size": "equal to di"}
-    assert all(comparison["seeds"] == 1) and "±" not in comparison.loc["sd@di-size", "test accuracy % (mean ± std)"]
-    # the stage's key for the equal-size arm is the one consumers recompute (CurrentKeys)
-    assert train_arms.CurrentKeys(cfg, data.real_data(cfg)).check("sd@di-size", 0).usable
+    assert comparison["synthetic images"].to_dict() == {"di": 10, "sd": 30, "sd@di-size": 10, "real+di": 10,
+                                                        "real+sd": 30, "real+sd@di-size": 10}
+    assert comparison.loc["real+sd@di-size", "real images"] == 30 and comparison.loc["sd@di-size", "real images"] == 0
+    assert comparison["set size"].to_dict()["real+sd@di-size"] == "equal to di"
+    assert all(comparison["seeds"] == 2) and "±" in comparison.loc["sd@di-size", "test accuracy % (mean ± std)"]
+    # sd against the smallest set, di: at equal size and at native size, alone and with the real images
+    sizes = summary.size_comparisons().set_index("arm")
+    assert list(sizes.index) == ["sd@di-size", "sd", "real+sd@di-size", "real+sd"]
+    assert sizes["against"].tolist() == ["di", "di", "real+di", "real+di"]
+    assert sizes["size"].tolist() == ["equal", "native"] * 2 and sizes["images"].tolist() == [10, 30, 10, 30]
+    per_seed = summary.per_seed().set_index(["arm", "seed"])["test_accuracy"]
+    differences = [per_seed[("real+sd@di-size", s)] - per_seed[("real+di", s)] for s in (0, 1)]
+    assert sizes.loc["real+sd@di-size", "gain (points)"] == pytest.approx(np.mean(differences))
+    assert sizes.loc["real+sd@di-size", "test"] == results.PAIRED
+    # the stage's keys for the equal-size arms are the ones consumers recompute (CurrentKeys)
+    keys = train_arms.CurrentKeys(cfg, data.real_data(cfg))
+    assert keys.check("sd@di-size", 0).usable and keys.check("real+sd@di-size", 1).usable
+
+
+def test_every_arm_records_the_final_steps_test_accuracy_beside_the_selected_weights(run_dir, monkeypatch):
+    """The final step's weights are scored before the best ones are restored; the tables show both."""
+    def final_scored_at_half(*args, score_final, **kwargs):
+        return original(*args, score_final=lambda model: {**score_final(model), "accuracy": 0.5}, **kwargs)
+
+    original = train_stage.train_classifier
+    monkeypatch.setattr(train_stage, "train_classifier", final_scored_at_half)
+    summary = train_stage.run(load(run_dir, **{"train.arms": ["real", "sd"], "train.seeds": 2}))
+    assert summary.per_seed()["final_test_accuracy"].tolist() == [50.0] * 4
+    assert summary.accuracy_values().loc["sd", "final_mean"] == 50.0
+    assert summary.accuracy_table().loc["real", "final step: test % (mean ± std)"] == "50.00 ± 0.00"
+    record = json.loads((run_dir / "models" / "real" / "seed0" / "metrics.json").read_text())
+    assert record["final_test"] == {"accuracy": 0.5, "loss": record["final_test"]["loss"], "n": 20, "step": 2}
+
+
+def test_a_finished_job_of_the_stage_before_final_step_accuracy_is_retrained_not_misread(run_dir, monkeypatch):
+    """Version 1 recorded no final-step accuracy (its weights are gone): such a job is stale and trained again."""
+    cfg = load(run_dir, **{"train.arms": ["real"]})
+    monkeypatch.setattr(train_arms, "STAGE_VERSION", 1)
+    monkeypatch.setattr(train_stage, "STAGE_VERSION", 1)
+    train_stage.run(cfg)
+    folder = run_dir / "models" / "real" / "seed0"
+    old = json.loads((folder / "metrics.json").read_text())
+    del old["final_test"]  # what version 1 wrote
+    (folder / "metrics.json").write_text(json.dumps(old))
+    monkeypatch.undo()
+    again = train_stage.run(cfg)
+    assert again.trained == [("real", 0)] and again.problems == {("real", 0): "stale"}
+    assert "final_test" in json.loads((folder / "metrics.json").read_text())
 
 
 def test_a_malformed_equal_size_arm_is_refused_naming_the_form(run_dir):

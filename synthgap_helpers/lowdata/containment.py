@@ -8,7 +8,8 @@ trains on exactly the images whose every drawn-on image lies in its k-subset, an
 k-subset that the set derives anything from is covered (else the arm is skipped, with the reason).
 
 For each (k, source) the stage writes ``lowdata/k<K>/<source>/manifest.jsonl`` (the records of the images the
-arm trains on) and ``lowdata/k<K>/real_ids.json`` (its real training ids), so anyone can check the containment.
+arm trains on) and ``lowdata/k<K>/real_ids.json`` (its real training ids), so anyone can check the containment; at a
+k where each seed draws its own k-subset (`lowdata.resample_k`) the same files lie in ``lowdata/k<K>/seed<s>/``.
 """
 
 from __future__ import annotations
@@ -67,23 +68,26 @@ def contained(records: Sequence[dict[str, Any]], real_ids: Iterable[str], k: int
     return Contained(ids, len(covered), derived, skipped)
 
 
-def arm_folder(run_dir: Path, k: int) -> Path:
-    """``<run_dir>/lowdata/k<K>``: the files of every arm at k."""
-    return Path(run_dir) / "lowdata" / f"k{k}"
+def arm_folder(run_dir: Path, k: int, seed: int | None = None) -> Path:
+    """``<run_dir>/lowdata/k<K>``: the files of every arm at k; ``.../seed<s>`` for the subset seed `seed` drew
+    (None: the one nested subset of every seed)."""
+    folder = Path(run_dir) / "lowdata" / f"k{k}"
+    return folder if seed is None else folder / f"seed{seed}"
 
 
-def write_real_ids(run_dir: Path, k: int, order_seed: int, real_ids: Sequence[str]) -> Path:
-    """``lowdata/k<K>/real_ids.json``: the k-subset every arm at k trains on (the same for every seed)."""
-    return atomic_write_json(arm_folder(run_dir, k) / "real_ids.json",
-                             {"k": k, "order_seed": order_seed, "ids": list(real_ids)})
+def write_real_ids(run_dir: Path, k: int, order_seed: int, real_ids: Sequence[str], seed: int | None = None) -> Path:
+    """``real_ids.json`` in `arm_folder`: the k-subset the arms at k train on (every seed's, or seed `seed`'s)."""
+    return atomic_write_json(arm_folder(run_dir, k, seed) / "real_ids.json",
+                             {"k": k, "order_seed": order_seed, "seed": seed, "ids": list(real_ids)})
 
 
-def write_manifest(run_dir: Path, k: int, source: str, records: Sequence[dict[str, Any]], ids: Sequence[str]) -> Path:
-    """``lowdata/k<K>/<source>/manifest.jsonl``: the manifest records of the synthetic images the arm trains on
+def write_manifest(run_dir: Path, k: int, source: str, records: Sequence[dict[str, Any]], ids: Sequence[str],
+                   seed: int | None = None) -> Path:
+    """``<source>/manifest.jsonl`` in `arm_folder`: the manifest records of the synthetic images the arm trains on
     (none for a skipped arm)."""
     wanted = set(ids)
     text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records if r["id"] in wanted)
-    return atomic_write(arm_folder(run_dir, k) / source / "manifest.jsonl", lambda tmp: tmp.write_text(text))
+    return atomic_write(arm_folder(run_dir, k, seed) / source / "manifest.jsonl", lambda tmp: tmp.write_text(text))
 
 
 __all__ = ["Contained", "arm_folder", "contained", "drawn_on", "write_manifest", "write_real_ids"]

@@ -1,10 +1,12 @@
 """The low-data regime: test accuracy against the number k of real training images per class.
 
 Every arm at k trains on one nested, seeded k-subset of the run's real training set (`lowdata.k_per_class`; the
-first k images of each class in `data.nested_order` of the run seed, the same subset for every seed and arm, so
-that runs of one seed pair across arms: same real images, same initial weights). Its synthetic images derive only
-from those k images per class (`containment`): the generation stages make each k-subset's images first, and an arm
-whose set does not cover its k-subset is skipped with the reason.
+first k images of each class in `data.nested_order` of the run seed, the same subset for every seed and arm), or,
+at a k of `lowdata.resample_k`, on a k-subset each seed draws for itself (`resampled_subset`: whole blocks of
+ranks, so that DI groups stay whole), shared by every arm of that seed. Either way runs of one seed pair across
+arms: same real images, same initial weights. Its synthetic images derive only from those k images per class
+(`containment`): the generation stages make each k-subset's images first, and an arm whose set does not cover its
+k-subset is skipped with the reason.
 
 * `sweep`: ResNet-18 from scratch on the k real images alone (arm ``real``) and with the contained part of each
   synthetic set added (``real+<set>``, mixed as `train.mix` says), for every k and seed; writes ``results/lowdata.csv``.
@@ -53,7 +55,8 @@ from synthgap_helpers.workload import Shard
 
 STAGE_VERSION = 2
 """Bump when what a job computes changes: rows of an older version are retrained (2: contained synthetic sets,
-one k-subset for every seed, final weights, fine-tuning from a model of the contained set)."""
+one k-subset for every seed, final weights, fine-tuning from a model of the contained set). A resampled k-subset
+needs no bump: its images are part of a row's key."""
 COLUMNS = ["k", "arm", "seed", "n_real", "n_synthetic", "init", "init_test_accuracy", "test_accuracy",
            "subset_accuracy", "steps", "seconds", "key"]
 PLANNED_SOURCE = "di"
@@ -78,6 +81,35 @@ def nested_subset(labels: torch.Tensor | np.ndarray, k: int, seed: int, classes:
                               "data.train_per_class")
         chosen.append(order[:k])
     return np.sort(np.concatenate(chosen))
+
+
+def resampled_subset(labels: torch.Tensor | np.ndarray, k: int, seed: int, classes: Sequence[str], order_seed: int,
+                     block: int) -> np.ndarray:
+    """Sorted indices of k images of every class drawn for one `seed`: k / `block` blocks of `block` consecutive ranks
+    of `data.nested_order(labels, order_seed)`, chosen at random without replacement, the same ranks in every class.
+
+    Each class's order is a seeded permutation, so each class's subset is a random k of its images; drawing whole
+    blocks keeps a subset a union of the groups Diffusion Inversion inverted together (a group holds `block` ranks
+    of every class, and its images draw on the whole group), so the DI images stay contained in it."""
+    if k % block:
+        raise ConfigError(f"lowdata.resample_k holds k={k}, not a multiple of {block}, the images per class of one "
+                          f"Diffusion Inversion group (inversion.group_size / classes): a seed draws whole groups; "
+                          f"leave k={k} out of lowdata.resample_k")
+    orders = data.nested_order(np.asarray(labels), order_seed, len(classes))
+    held = min(len(order) for order in orders)
+    if held < k:
+        nested_subset(labels, k, order_seed, classes)  # the error naming the class and the fix
+    blocks = np.random.default_rng([order_seed, seed, k]).choice(held // block, size=k // block, replace=False)
+    ranks = (np.sort(blocks)[:, None] * block + np.arange(block)).ravel()
+    return np.sort(np.concatenate([order[ranks] for order in orders]))
+
+
+def subset_block(cfg: Any) -> int:
+    """Ranks per class a resampled k-subset draws together: one DI group's images per class when the run inverts
+    with the group-mean unconditional input (every image of a group draws on the whole group), else 1."""
+    if "di" not in cfg.generators or cfg.inversion.uncond != "mean":
+        return 1
+    return max(1, cfg.inversion.group_size // len(data.dataset_info(cfg).classes))
 
 
 def seeds_of(cfg: Any) -> list[int]:
@@ -218,12 +250,15 @@ class CurveSummary:
 
     def values(self) -> pd.DataFrame:
         """Per (k, arm): test accuracy in % as mean, sample std, n seeds and 95% t-interval; real and synthetic images
-        used; for fine-tuning, the mean test accuracy of its synthetic-only model before fine-tuning (else NaN)."""
+        used (synthetic: the mean over seeds, which differ where each seed drew its own k-subset); for fine-tuning,
+        the mean test accuracy of its synthetic-only model before fine-tuning (else NaN)."""
         records = []
         for (k, arm), group in self.rows.groupby(["k", "arm"], sort=False):
             stats = summarize_seeds(list(100 * group["test_accuracy"]))
+            synthetic = float(group["n_synthetic"].mean())
             records.append({"k": int(k), "arm": arm, "n_real": int(group["n_real"].iloc[0]),
-                            "n_synthetic": int(group["n_synthetic"].iloc[0]), "n_seeds": stats["n"],
+                            "n_synthetic": int(synthetic) if synthetic.is_integer() else synthetic,
+                            "n_seeds": stats["n"],
                             "mean": stats["mean"], "std": stats["std"], "ci95_low": stats["ci95_low"],
                             "ci95_high": stats["ci95_high"],
                             "before_finetuning": float(100 * group["init_test_accuracy"].astype(float).mean())})
@@ -243,6 +278,19 @@ class CurveSummary:
                   for k, at_k in self.rows.groupby("k", sort=True)]
         columns = ["k", "arm", *results.GAIN_COLUMNS]
         return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
+
+    def contained_counts(self) -> pd.DataFrame:
+        """Rows: k real images per class; columns: the arms with synthetic images; cells: the synthetic images each
+        trained on (its set's images made from the k-subset alone: sets of different generators hold different
+        numbers), or their range over seeds where each seed drew its own k-subset."""
+        cells: dict[int, dict[str, str]] = {}
+        for (k, arm), group in self.rows[self.rows["n_synthetic"] > 0].groupby(["k", "arm"], sort=True):
+            low, high = int(group["n_synthetic"].min()), int(group["n_synthetic"].max())
+            cells.setdefault(int(k), {})[arm] = f"{low:,}" if low == high else f"{low:,} to {high:,}"
+        table = pd.DataFrame.from_dict(cells, orient="index")
+        table = table[[arm for arm in self.arms if arm in table.columns]]
+        table.index.name = "k real / class"
+        return table
 
     def table(self) -> pd.DataFrame:
         """Rows: k real images per class; columns: arms; cells: test accuracy % as mean ± std (n seeds)."""
@@ -268,37 +316,46 @@ class CurveSummary:
 
 @dataclass
 class _Setup:
-    """What every low-data job reads: the real data, the k-subsets, the fingerprints of validation and test, and
-    per (k, source) the contained synthetic images (None when the arm is skipped) with the reasons for skips."""
+    """What every low-data job reads: the real data, the k-subset of each (k, seed), the fingerprints of validation
+    and test, and per (k, seed, source) the contained synthetic images (None when the arm is skipped) with the
+    reasons for skips."""
 
     real: data.RealData
-    subsets: dict[int, ImageSet]
+    subsets: dict[tuple[int, int], ImageSet]
     prints: dict[str, str | None]
-    synthetic: dict[tuple[int, str], ImageSet | None]
+    synthetic: dict[tuple[int, int, str], ImageSet | None]
     skipped: dict[str, str]
     sources: list[str]  # the synthetic sets the sweep uses (`sources_of`)
 
 
 def _setup(cfg: Any, prefix: str) -> _Setup:
     """Check every k and source before any training, and write each arm's files (`containment`): the k-subset's
-    real ids and the manifest of the synthetic images an arm ``<prefix><source>`` at k trains on."""
+    real ids and the manifest of the synthetic images an arm ``<prefix><source>`` at k trains on (per seed at a k of
+    lowdata.resample_k)."""
     real = data.real_data(cfg)
-    subsets = {k: real.train.subset(nested_subset(real.train.labels, k, cfg.seed, real.train.classes))
-               for k in cfg.lowdata.k_per_class}
+    train, seeds = real.train, seeds_of(cfg)
     sources, left_out = sources_of(cfg)
     loaded = _synthetic(cfg, sources)
-    synthetic, skipped = {}, {f"{prefix}{name}": reason for name, reason in left_out.items()}
-    for k, subset in subsets.items():
-        containment.write_real_ids(cfg.run_dir, k, cfg.seed, subset.ids)
-        for name, (images, records) in loaded.items():
-            allowed = containment.contained(records, subset.ids, k, name)
-            containment.write_manifest(cfg.run_dir, k, name, records, [] if allowed.skipped else allowed.ids)
-            if allowed.skipped is not None:
-                synthetic[(k, name)] = None
-                skipped[f"{prefix}{name} at k={k}"] = allowed.skipped
-            else:
-                position = {image_id: i for i, image_id in enumerate(images.ids)}
-                synthetic[(k, name)] = images.subset([position[image_id] for image_id in allowed.ids])
+    subsets, synthetic, skipped = {}, {}, {f"{prefix}{name}": reason for name, reason in left_out.items()}
+    for k in cfg.lowdata.k_per_class:
+        draws: list[int | None] = list(seeds) if k in cfg.lowdata.resample_k else [None]
+        for draw in draws:
+            indices = (nested_subset(train.labels, k, cfg.seed, train.classes) if draw is None else
+                       resampled_subset(train.labels, k, draw, train.classes, cfg.seed, subset_block(cfg)))
+            subset = train.subset(indices)
+            containment.write_real_ids(cfg.run_dir, k, cfg.seed, subset.ids, draw)
+            owners = seeds if draw is None else [draw]
+            subsets.update({(k, seed): subset for seed in owners})
+            for name, (images, records) in loaded.items():
+                allowed = containment.contained(records, subset.ids, k, name)
+                containment.write_manifest(cfg.run_dir, k, name, records, [] if allowed.skipped else allowed.ids, draw)
+                part = None
+                if allowed.skipped is not None:
+                    skipped[f"{prefix}{name} at k={k}" + ("" if draw is None else f", seed {draw}")] = allowed.skipped
+                else:
+                    position = {image_id: i for i, image_id in enumerate(images.ids)}
+                    part = images.subset([position[image_id] for image_id in allowed.ids])
+                synthetic.update({(k, seed, name): part for seed in owners})
     return _Setup(real, subsets, {"val": fingerprint(real.val), "test": fingerprint(real.test)}, synthetic, skipped,
                   sources)
 
@@ -360,11 +417,10 @@ def sweep(cfg: Any, shard: Shard = Shard()) -> CurveSummary:
     setup = _setup(cfg, "real+")
     arms = ["real"] + [f"real+{name}" for name in setup.sources]
     jobs = []
-    for k, subset in setup.subsets.items():
-        for seed in seeds_of(cfg):
-            jobs.append(_scratch_job(cfg, k, seed, subset, setup.prints))
-            jobs += [_scratch_job(cfg, k, seed, subset, setup.prints, f"real+{name}", name, setup.synthetic[(k, name)])
-                     for name in setup.sources if setup.synthetic[(k, name)] is not None]
+    for (k, seed), subset in setup.subsets.items():
+        jobs.append(_scratch_job(cfg, k, seed, subset, setup.prints))
+        jobs += [_scratch_job(cfg, k, seed, subset, setup.prints, f"real+{name}", name, setup.synthetic[(k, seed, name)])
+                 for name in setup.sources if setup.synthetic[(k, seed, name)] is not None]
     path = cfg.run_dir / "results" / "lowdata.csv"
     rows, trained, reused, pending = _run_jobs(jobs, path, setup.real, config.resolve_device(cfg.device),
                                                "low-data models", shard,
@@ -385,19 +441,18 @@ def finetune(cfg: Any, shard: Shard = Shard()) -> CurveSummary:
     trainable = tuple(cfg.lowdata.finetune_layers)
     arms = ["scratch"] + [f"finetune_{name}" for name in setup.sources]
     jobs = []
-    for k, subset in setup.subsets.items():
-        for seed in seeds_of(cfg):
-            jobs.append(_scratch_job(cfg, k, seed, subset, setup.prints, arm="scratch"))
-            for name in setup.sources:
-                pretrain = setup.synthetic[(k, name)]
-                if pretrain is None:
-                    continue
-                pretrain_params = scratch_params(cfg, Arm(name, False, name))
-                key = job_key(f"finetune_{name}", k, seed, params, {**setup.prints, "train": fingerprint(subset)},
-                              {"pretrain": fingerprint(pretrain), "pretrain_params": job_key(name, k, seed, pretrain_params, {}),
-                               "trainable": list(trainable)})
-                jobs.append(_Job(k, f"finetune_{name}", seed, key, params, subset, pretrain=pretrain,
-                                 pretrain_params=pretrain_params, trainable=trainable))
+    for (k, seed), subset in setup.subsets.items():
+        jobs.append(_scratch_job(cfg, k, seed, subset, setup.prints, arm="scratch"))
+        for name in setup.sources:
+            pretrain = setup.synthetic[(k, seed, name)]
+            if pretrain is None:
+                continue
+            pretrain_params = scratch_params(cfg, Arm(name, False, name))
+            key = job_key(f"finetune_{name}", k, seed, params, {**setup.prints, "train": fingerprint(subset)},
+                          {"pretrain": fingerprint(pretrain), "pretrain_params": job_key(name, k, seed, pretrain_params, {}),
+                           "trainable": list(trainable)})
+            jobs.append(_Job(k, f"finetune_{name}", seed, key, params, subset, pretrain=pretrain,
+                             pretrain_params=pretrain_params, trainable=trainable))
     path = cfg.run_dir / "results" / "finetune.csv"
     rows, trained, reused, pending = _run_jobs(jobs, path, setup.real, config.resolve_device(cfg.device), "fine-tuning",
                                                shard, also_finished=_row_files(cfg.run_dir / "results" / "lowdata.csv"))
@@ -412,10 +467,11 @@ def _record(cfg: Any, section: str, summary: CurveSummary, extra: dict[str, Any]
     planned = None if summary.planned is None else {"k": summary.planned[0], "arm": summary.planned[1]}
     results.record(cfg.run_dir, section, {"unit": "test accuracy, %", "arms": summary.arms, **(extra or {}),
                                           "selection": "final weights (no held-out real images)",
+                                          "resampled_k": list(cfg.lowdata.resample_k),
                                           "points": results.frame_records(summary.values()),
                                           "gains": results.frame_records(summary.gains()),
                                           "planned_comparison": planned, "skipped": summary.skipped})
 
 
 __all__ = ["FINAL_WEIGHTS", "PLANNED_SOURCE", "CurveSummary", "finetune", "finetune_params", "job_key", "nested_subset",
-           "scratch_params", "seeds_of", "sources_of", "sweep"]
+           "resampled_subset", "scratch_params", "seeds_of", "sources_of", "subset_block", "sweep"]

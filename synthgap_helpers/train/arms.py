@@ -26,8 +26,9 @@ from synthgap_helpers.train.trainer import (
     resume_files,
 )
 
-STAGE_VERSION = 1
-"""Bump when what a job computes changes: finished jobs of an older version are retrained."""
+STAGE_VERSION = 2
+"""Bump when what a job computes changes: finished jobs of an older version are retrained (2: the test accuracy of
+the final step's weights is recorded beside the selected weights', which a finished job of version 1 cannot give)."""
 ORIGINAL_STUDY_NAME = "Fixing the Synthetic Data for Representational Learning"
 ORIGINAL_STUDY_AUTHORS = "Pankaj Gadhwal, Aayush Prakash Parmar, Vatsal Trivedi, Astitva Aryan"
 ORIGINAL_STUDY_REPOSITORY = "PankajGadhwal/Fixing-the-Synthetic-Data-for-Representational-Learning"
@@ -125,13 +126,20 @@ def _image_count(folders: tuple[Path, ...]) -> int:
 def equal_size_arms(folders_of: dict[str, tuple[Path, ...]], names: list[str]) -> list[str]:
     """The comparison of synthetic sets at equal size: when the planned synthetic-only arms hold different numbers
     of images, each larger set again, subsampled per class to the smallest set's size (with only sd and di: the
-    larger of the two at the smaller's size)."""
+    larger of the two at the smaller's size), alone and, where `names` holds ``real+<set>``, with the real images;
+    the synthetic-only arms first."""
     counts = {name: _image_count(folders) for name, folders in folders_of.items() if name in names}
+    return [arm for arm in equal_size_names(counts) if arm.partition(EQUAL_SIZE_MARK)[0] in names]
+
+
+def equal_size_names(counts: dict[str, int]) -> list[str]:
+    """The equal-size arms of sets with these image counts: ``<set>@<smallest>-size`` for every set larger than the
+    smallest, then ``real+<set>@<smallest>-size``; none when all counts are equal (`cost` plans with it too)."""
     if len(counts) < 2 or len(set(counts.values())) == 1:
         return []
     smallest = min(counts, key=lambda name: (counts[name], name))
-    return [f"{name}{EQUAL_SIZE_MARK}{smallest}-size" for name in sorted(counts, key=lambda n: (-counts[n], n))
-            if counts[name] > counts[smallest]]
+    larger = [name for name in sorted(counts, key=lambda n: (-counts[n], n)) if counts[name] > counts[smallest]]
+    return [f"{prefix}{name}{EQUAL_SIZE_MARK}{smallest}-size" for prefix in ("", "real+") for name in larger]
 
 
 def make_arm(cfg: Any, name: str, folders_of: dict[str, tuple[Path, ...]] | None = None) -> Arm:
@@ -401,6 +409,6 @@ class CurrentKeys:
 __all__ = ["CORRUPT", "EQUAL_SIZE_MARK", "METRICS_FILE", "MODEL_FILE", "NOT_TRAINED", "ORIGINAL_ORDER",
            "ORIGINAL_STUDY", "ORIGINAL_STUDY_CITATION", "ORIGINAL_STUDY_NAME", "ORIGINAL_STUDY_PROTOCOL",
            "REPORTED_NOTE", "Arm", "ArmData", "ArmError", "CurrentKeys", "ModelCheck", "arm_synthetic",
-           "check_model", "equal_size_arms", "equal_size_subset", "fingerprint", "job_dir",
+           "check_model", "equal_size_arms", "equal_size_names", "equal_size_subset", "fingerprint", "job_dir",
            "job_fingerprints", "job_key", "load_named_sets", "load_synthetic", "make_arm", "plan_arms",
            "read_finished", "real_fingerprints", "seeds_of", "synthetic_folders", "trainer_params"]

@@ -16,8 +16,9 @@ Files written (atomically) into the run directory:
 
 * ``models/<arm>/seed<k>/model.safetensors``: the weights of the best validation step;
 * ``models/<arm>/seed<k>/metrics.json``: test metrics (accuracy, per-class accuracy, confusion matrix,
-  fingerprint of the scored images), validation metrics, best step, thinned history, throughput and the
-  ``key`` (hash of the parameters and of the images trained, selected and scored on);
+  fingerprint of the scored images), the test accuracy of the final step's weights (``final_test``, scored before
+  the best ones were restored: no second weights file), validation metrics, best step, thinned history,
+  throughput and the ``key`` (hash of the parameters and of the images trained, selected and scored on);
 * ``results/accuracy.csv`` and ``results/accuracy_per_seed.csv``: the numbers of the accuracy table.
 
 A rerun skips a job whose model is usable (`train.arms.check_model`: finished, not diverged, metrics.json
@@ -39,10 +40,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from synthgap_helpers import config, data, sets
+from synthgap_helpers import config, data, imagesets, sets
 from synthgap_helpers.imagesets import ImageSet
 from synthgap_helpers.results import (
     MISSING,
@@ -54,6 +56,7 @@ from synthgap_helpers.results import (
 from synthgap_helpers.storage import atomic_write, atomic_write_json
 from synthgap_helpers.train import figures as train_figures
 from synthgap_helpers.train.arms import (
+    EQUAL_SIZE_MARK,
     METRICS_FILE,
     MODEL_FILE,
     ORIGINAL_ORDER,
@@ -119,16 +122,21 @@ def train_job(arm: Arm, seed: int, arm_data: ArmData, real: data.RealData, param
         (folder / name).unlink(missing_ok=True)
     train_set = arm_data.real if arm_data.real is not None else arm_data.synthetic
     extra = arm_data.synthetic if arm_data.real is not None else None
+
+    def score_test(model: torch.nn.Module) -> dict[str, Any]:
+        return evaluate(model, real.test.images, real.test.labels, device=device, amp=params.amp,
+                        channels_last=params.channels_last, stats=params.normalization)
+
     try:
         result = train_classifier(
             train_set.images, train_set.labels, real.val.images, real.val.labels, params,
             synthetic_images=None if extra is None else extra.images,
             synthetic_labels=None if extra is None else extra.labels,
-            seed=seed, device=device, checkpoint_path=folder / MODEL_FILE)
+            seed=seed, device=device, checkpoint_path=folder / MODEL_FILE, score_final=score_test)
     except TrainingDiverged as exc:
         raise TrainingDiverged(diverged_message(arm.name, seed, folder, params, exc), exc.step) from None
-    test = evaluate(result.model, real.test.images, real.test.labels, device=device, amp=params.amp,
-                    channels_last=params.channels_last, stats=params.normalization)
+    test = score_test(result.model)
+    final = result.final_metrics
     metadata = json.loads((folder / "metrics.json").read_text())  # what the trainer saved beside the weights
     record = {
         **metadata,
@@ -137,6 +145,7 @@ def train_job(arm: Arm, seed: int, arm_data: ArmData, real: data.RealData, param
         "version": STAGE_VERSION,
         "classes": list(real.test.classes),
         "test": {**test, "fingerprint": fingerprint(real.test)},
+        "final_test": {"accuracy": final["accuracy"], "loss": final["loss"], "n": final["n"], "step": result.steps},
         "val": {k: result.val_metrics[k] for k in ("accuracy", "loss", "per_class_accuracy", "n")}
                | {"fingerprint": fingerprint(real.val)},
         "train_data": {"real_images": 0 if arm_data.real is None else len(arm_data.real),
@@ -153,6 +162,16 @@ def train_job(arm: Arm, seed: int, arm_data: ArmData, real: data.RealData, param
     }
     atomic_write_json(folder / METRICS_FILE, record)  # last: marks the job finished (with the model's SHA-256)
     return record, result.resumed_at
+
+
+SIZE_COLUMNS = ["with real", "size", "arm", "against", "images", "against images", "mean", "std", "seeds",
+                "against mean", "against std", "against seeds", "test", "gain (points)", "ci95_low", "ci95_high"]
+"""`TrainingSummary.size_comparisons`: accuracies in %, the difference arm minus `against` in points."""
+
+
+def _mean_std(mean: float, std: float, n: int) -> str:
+    """'81.20 ± 0.35', or '81.20 ± n/a' for one seed."""
+    return f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.2f} ± n/a"
 
 
 # --------------------------------------------------------------------------------------------- summary
@@ -189,17 +208,20 @@ class TrainingSummary:
         return list(ORIGINAL_ORDER) + [name for name in planned if name not in ORIGINAL_ORDER]
 
     def accuracy_values(self) -> pd.DataFrame:
-        """Per arm (original-study arms first, untrained ones with n = 0 and NaN): test accuracy in % as mean,
-        sample std, n seeds and 95% t-interval; mean validation accuracy; the original study's reported number."""
+        """Per arm (original-study arms first, untrained ones with n = 0 and NaN): test accuracy in % of the selected
+        weights as mean, sample std, n seeds and 95% t-interval; mean validation accuracy; mean test accuracy of the
+        final step's weights (`final_mean`, with `final_std`); the original study's reported number."""
         rows = {}
         for arm in self._table_arms():
             records = self._arm_records(arm)
             row: dict[str, Any] = {"n_seeds": len(records), "mean": np.nan, "std": np.nan, "ci95_low": np.nan,
-                                   "ci95_high": np.nan, "val_mean": np.nan}
+                                   "ci95_high": np.nan, "val_mean": np.nan, "final_mean": np.nan, "final_std": np.nan}
             if records:
                 stats = summarize_seeds([100 * r["test"]["accuracy"] for r in records])
+                final = summarize_seeds([100 * r["final_test"]["accuracy"] for r in records])
                 row.update({k: stats[k] for k in ("mean", "std", "ci95_low", "ci95_high")},
-                           val_mean=float(np.mean([100 * r["val"]["accuracy"] for r in records])))
+                           val_mean=float(np.mean([100 * r["val"]["accuracy"] for r in records])),
+                           final_mean=final["mean"], final_std=final["std"])
             row["reported_by_original_study"] = ORIGINAL_STUDY.get(arm, np.nan) if self.original_study else np.nan
             rows[arm] = row
         table = pd.DataFrame.from_dict(rows, orient="index")
@@ -208,21 +230,22 @@ class TrainingSummary:
 
     def accuracy_table(self) -> pd.DataFrame:
         """The original study's layout: its five arms (then any others), test accuracy on the real test set as
-        mean ± std over n seeds with the 95% t-interval, beside the numbers the original study reported."""
+        mean ± std over n seeds with the 95% t-interval, the final step's test accuracy beside the selected
+        weights', and the numbers the original study reported."""
         values = self.accuracy_values()
         rows = {}
         for arm, v in values.iterrows():
             n = int(v["n_seeds"])
             if n == 0:
-                accuracy = interval = validation = MISSING
+                accuracy = interval = validation = final = MISSING
             else:
-                spread = f"{v['std']:.2f}" if n > 1 else "n/a"
-                accuracy = f"{v['mean']:.2f} ± {spread}"
+                accuracy = _mean_std(v["mean"], v["std"], n)
                 interval = f"[{v['ci95_low']:.2f}, {v['ci95_high']:.2f}]" if n > 1 else "n/a (1 seed)"
                 validation = f"{v['val_mean']:.2f}"
+                final = _mean_std(v["final_mean"], v["final_std"], n)
             reported = v["reported_by_original_study"]
             rows[arm] = {"seeds": n, "test accuracy % (mean ± std)": accuracy, "95% t-interval": interval,
-                         "validation % (mean)": validation}
+                         "validation % (mean)": validation, "final step: test % (mean ± std)": final}
             if self.original_study:
                 rows[arm]["original study % (reported)*"] = "—" if np.isnan(reported) else f"{reported:.2f}"
         table = pd.DataFrame.from_dict(rows, orient="index")
@@ -230,34 +253,73 @@ class TrainingSummary:
         return table
 
     def generator_comparison(self) -> pd.DataFrame:
-        """The generators compared at their native set sizes and at equal size: per synthetic-only arm of the
-        sources sd and di (``<larger>@<smaller>-size``: the larger set subsampled per class, the same steps),
-        its images and test accuracy as mean ± std over seeds (no spread for one seed)."""
+        """The synthetic sets compared at their native sizes and at equal size, alone and with the real images: per
+        arm with a synthetic set (``<larger>@<smaller>-size``: the larger set subsampled per class, the same steps;
+        the synthetic-only arms first), its images and test accuracy as mean ± std over seeds (no spread for one
+        seed), of the selected and of the final step's weights."""
         values = self.accuracy_values()
         rows = {}
-        for arm in self.arms:
-            if arm.real or arm.synthetic is None:
-                continue
+        for arm in sorted((arm for arm in self.arms if arm.synthetic is not None), key=lambda arm: arm.real):
             v = values.loc[arm.name]
             n = int(v["n_seeds"])
-            accuracy = MISSING if n == 0 else f"{v['mean']:.2f}" + (f" ± {v['std']:.2f}" if n > 1 else "")
-            rows[arm.name] = {"generator": arm.synthetic,
+            rows[arm.name] = {"synthetic set": arm.synthetic,
                               "set size": "native" if arm.size_of is None else f"equal to {arm.size_of}",
+                              "real images": self.arm_sizes[arm.name]["real"],
                               "synthetic images": self.arm_sizes[arm.name]["synthetic"], "seeds": n,
-                              "test accuracy % (mean ± std)": accuracy}
+                              "test accuracy % (mean ± std)": MISSING if n == 0 else _mean_std(v["mean"], v["std"], n),
+                              "final step: test % (mean ± std)":
+                                  MISSING if n == 0 else _mean_std(v["final_mean"], v["final_std"], n)}
         table = pd.DataFrame.from_dict(rows, orient="index")
         table.index.name = "arm"
         return table
 
+    def size_comparisons(self) -> pd.DataFrame:
+        """Each synthetic set against the smallest one, alone and with the real images (`real+`): at equal size
+        (its ``@<smallest>-size`` arm, or its native arm when the sets are as large) and at native size. Per row:
+        the two arms, their synthetic images, test accuracy (mean, std, seeds) and the difference arm minus
+        `against` in points with its 95% interval over seeds (paired by seed, `results.gains_over`); a row whose
+        arms were not both planned is left out, one not trained has NaN."""
+        sets = {arm.synthetic: self.arm_sizes[arm.name]["synthetic"] for arm in self.arms
+                if not arm.real and arm.synthetic is not None and arm.size_of is None}
+        if len(sets) < 2:
+            return pd.DataFrame(columns=SIZE_COLUMNS)
+        smallest = min(sets, key=lambda name: (sets[name], name))
+        planned = {arm.name for arm in self.arms}
+        values, per_seed = self.accuracy_values(), self.per_seed()
+        rows = []
+        for name in sorted(set(sets) - {smallest}, key=lambda n: (-sets[n], n)):
+            equal = name if sets[name] == sets[smallest] else f"{name}{EQUAL_SIZE_MARK}{smallest}-size"
+            sizes = [("equal", equal)] + ([("native", name)] if equal != name else [])
+            for prefix in ("", "real+"):
+                for size, arm in sizes:
+                    arm, against = prefix + arm, prefix + smallest
+                    if arm not in planned or against not in planned:
+                        continue
+                    pair = per_seed.loc[per_seed["arm"].isin([arm, against])]
+                    gains = gains_over(pair, against, paired=True)
+                    gain = gains.loc[arm] if arm in gains.index else None
+                    a, b = values.loc[arm], values.loc[against]
+                    rows.append({"with real": bool(prefix), "size": size, "arm": arm, "against": against,
+                                 "images": self.arm_sizes[arm]["synthetic"],
+                                 "against images": self.arm_sizes[against]["synthetic"],
+                                 "mean": a["mean"], "std": a["std"], "seeds": int(a["n_seeds"]),
+                                 "against mean": b["mean"], "against std": b["std"], "against seeds": int(b["n_seeds"]),
+                                 "test": np.nan if gain is None else gain["test"],
+                                 **{column: np.nan if gain is None else gain[column]
+                                    for column in ("gain (points)", "ci95_low", "ci95_high")}})
+        return pd.DataFrame(rows, columns=SIZE_COLUMNS)
+
     def per_seed(self) -> pd.DataFrame:
-        """One row per finished job: arm, seed, test and validation accuracy (%), best step, steps, images/s, seconds."""
+        """One row per finished job: arm, seed, test accuracy of the selected and of the final weights and validation
+        accuracy (%), best step, steps, images/s, seconds."""
         rows = [{"arm": arm, "seed": seed, "test_accuracy": 100 * r["test"]["accuracy"],
+                 "final_test_accuracy": 100 * r["final_test"]["accuracy"],
                  "val_accuracy": 100 * r["val"]["accuracy"], "best_step": r["best_step"], "steps": r["steps"],
                  "images_per_second": r["images_per_second"], "seconds": r["seconds"], "test_n": r["test"]["n"],
                  "test_fingerprint": r["test"]["fingerprint"]}
                 for (arm, seed), r in self.records.items()]
-        columns = ["arm", "seed", "test_accuracy", "val_accuracy", "best_step", "steps", "images_per_second",
-                   "seconds", "test_n", "test_fingerprint"]
+        columns = ["arm", "seed", "test_accuracy", "final_test_accuracy", "val_accuracy", "best_step", "steps",
+                   "images_per_second", "seconds", "test_n", "test_fingerprint"]
         return pd.DataFrame(rows, columns=columns)
 
     def data_table(self) -> pd.DataFrame:
@@ -441,6 +503,8 @@ class Headline:
     path: Path  # results.json
     title: str = "ResNet-18 accuracy on the real CIFAR-10 test set"  # the figure's: the run's classifier and dataset
     n_classes: int = 10
+    sizes: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=SIZE_COLUMNS))  # size_comparisons
+    settings: pd.DataFrame = field(default_factory=pd.DataFrame)  # generation_settings: how each set was made
 
     def __repr__(self) -> str:
         return f"{self.table.to_string()}\n* {self.note}"
@@ -457,21 +521,62 @@ def headline_table(cfg: Any) -> Headline:
     (`TrainingSummary.accuracy_table`); every number goes into the ``headline`` section of results.json."""
     summary = training_summary(cfg)
     values = summary.accuracy_values()
-    per_seed = summary.per_seed()[["arm", "seed", "test_accuracy", "val_accuracy", "best_step", "steps", "test_n"]]
+    per_seed = summary.per_seed()[["arm", "seed", "test_accuracy", "final_test_accuracy", "val_accuracy", "best_step",
+                                   "steps", "test_n"]]
     per_seed = per_seed.sort_values(["arm", "seed"], key=lambda c: c.map(_arm_rank) if c.name == "arm" else c)
     info = data.dataset_info(cfg)
     note = (f"{REPORTED_CITATION} ({REPORTED_NOTE.split('; ', 1)[-1]}); " if info.is_cifar10 else "") + \
         "accuracy in % on the run's real test set"
     per_seed = per_seed.reset_index(drop=True)
     gains = gains_over(per_seed, "real", paired=True)  # one seed gives every arm the same initial weights
+    sizes, settings = summary.size_comparisons(), generation_settings(cfg)
     path = record(cfg.run_dir, "headline", {
         "unit": "test accuracy, %", "test_images": summary.real_sizes["test"], "test_fingerprint": summary.test_fingerprint,
         "original_study_note": REPORTED_CITATION if info.is_cifar10 else None, "arms": frame_records(values),
         "per_seed": frame_records(per_seed),
-        "gains_over_real": frame_records(gains)})
+        "gains_over_real": frame_records(gains), "size_comparisons": frame_records(sizes),
+        "generation_settings": frame_records(settings)})
     title = f"{config.model_display_name(cfg.train.model)} accuracy on the real {info.name} test set"
     return Headline(summary.accuracy_table(), values, per_seed, gains, note, summary.real_sizes["test"], path, title,
-                    len(info.classes))
+                    len(info.classes), sizes, settings)
+
+
+UNCONDITIONAL = {"mean": "the group's mean embedding", "empty_prompt": "the empty prompt"}
+"""What DI's ``uncond`` records mean (`inversion.uncond`)."""
+SCHEDULERS = {"model": "the model's own scheduler"}
+"""What a recorded ``scheduler`` means where it is not a sampler's name (`inversion.scheduler`)."""
+
+
+def generation_settings(cfg: Any) -> pd.DataFrame:
+    """How each synthetic set of the run was made, read from its manifest records: base model, the resolution it
+    generated at, mode, classifier-free guidance scale and unconditional input, sampler; each cell the distinct
+    recorded values ("—": the records do not say, e.g. a set made elsewhere). Besides its size, what else differs
+    between two sets compared at equal size."""
+    rows = {}
+    for name, found in sets.synthetic_sets(cfg).items():
+        records = [r for folder in found.folders for r in imagesets.listed_records(folder)]
+
+        def values(describe: Any) -> str:
+            seen = sorted({text for r in records if (text := describe(r)) is not None})
+            return ", ".join(seen) or "—"
+
+        rows[name] = {
+            "base model": values(lambda r: r.get("model")),
+            "generated at": values(lambda r: f"{r['resolution']} px" if r.get("resolution") is not None else None),
+            "mode": values(lambda r: f"{r['mode']} at strength {r['strength']:g}" if r.get("strength") is not None
+                           else r.get("mode") or ("inverted embeddings" if r.get("embedding") else None)),
+            "guidance scale": values(lambda r: f"{r['guidance']:g}" if r.get("guidance") is not None else None),
+            "unconditional input": values(lambda r: UNCONDITIONAL.get(r["uncond"], r["uncond"]) if r.get("uncond")
+                                          else None if "negative_prompt" not in r else
+                                          "the negative prompt" if r["negative_prompt"] else "the empty prompt"),
+            "sampler": values(lambda r: None if not r.get("scheduler") else
+                              f"{SCHEDULERS.get(r['scheduler'], r['scheduler'])}, {r['steps']} steps")}
+    table = pd.DataFrame.from_dict(rows, orient="index", columns=SETTING_COLUMNS)
+    table.index.name = "set"
+    return table
+
+
+SETTING_COLUMNS = ["base model", "generated at", "mode", "guidance scale", "unconditional input", "sampler"]
 
 
 def _arm_rank(arm: str) -> int:
@@ -479,4 +584,5 @@ def _arm_rank(arm: str) -> int:
     return ORIGINAL_ORDER.index(arm) if arm in ORIGINAL_ORDER else len(ORIGINAL_ORDER)
 
 
-__all__ = ["Headline", "TrainingSummary", "headline_table", "run", "thin_history", "training_summary", "write_results"]
+__all__ = ["SETTING_COLUMNS", "SIZE_COLUMNS", "Headline", "TrainingSummary", "generation_settings", "headline_table", "run",
+           "thin_history", "training_summary", "write_results"]

@@ -15,6 +15,7 @@ import math
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,7 @@ class TrainResult:
     seconds: float
     precision: str  # 'bf16' (autocast) or 'fp32': what `params.amp` meant on the device
     resumed_at: int | None = None  # the step a resume checkpoint continued from (None: trained from step 0)
+    final_metrics: dict[str, Any] | None = None  # score_final() of the last step's weights (None: not asked for)
     discarded: list[str] = dataclasses.field(default_factory=list)  # resume checkpoints found damaged, and why
 
 
@@ -332,6 +334,7 @@ def train_classifier(
     checkpoint_path: str | Path | None = None,
     init_model: nn.Module | None = None,
     trainable: tuple[str, ...] | None = None,
+    score_final: Callable[[nn.Module], dict[str, Any]] | None = None,
 ) -> TrainResult:
     """Train `params.model` from scratch (or from the local checkpoint `params.weights`) on real (+ synthetic)
     images and keep the best-validation weights.
@@ -339,6 +342,10 @@ def train_classifier(
     Fine-tuning: `init_model` (a `params.model` network; a copy is trained, the original is left alone)
     replaces the random initial weights, and `trainable` (parameter-name prefixes such as ``("layer4", "fc")``)
     limits the updates to those parameters; every other parameter and batch-norm statistic stays bit-identical.
+
+    `score_final` (e.g. `evaluate` on the caller's test set, which the trainer never sees) is called once with the
+    model holding the last step's weights, before the best-validation weights are restored: what selection on
+    validation changed is then measurable without keeping a second weights file (`TrainResult.final_metrics`).
 
     `seed` fixes the initial weights (torch.manual_seed), the data order and the augmentation (one
     torch.Generator); on CPU two runs with the same seed are identical. With `checkpoint_path`
@@ -425,6 +432,7 @@ def train_classifier(
                      "train_seconds": train_seconds}
             resume.save(step + 1, *_snapshot(state, live, best, last_good, optimizer, batches, generator))
 
+    final_metrics = None if score_final is None else score_final(model)
     model.load_state_dict(best)
     model.eval()
     if checkpoint_path is not None:
@@ -442,6 +450,7 @@ def train_classifier(
         seconds=train_seconds,
         precision=precision(device, params.amp),
         resumed_at=start or None,
+        final_metrics=final_metrics,
         discarded=[] if resume is None else resume.discarded,
     )
 
