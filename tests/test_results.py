@@ -127,7 +127,8 @@ def test_paired_gains_match_scipys_ttest_rel_interval_and_fall_back_to_welch_whe
 def test_paired_difference_is_the_mean_of_per_seed_differences_with_n_minus_1_degrees_of_freedom():
     gain = results.paired_difference([3.0, 5.0, 4.0], [1.0, 2.0, 3.0])  # differences 2, 3, 1: mean 2, std 1
     half = 4.302653 / math.sqrt(3)  # t(0.975, df=2)
-    assert gain == pytest.approx({"difference": 2.0, "ci95_low": 2 - half, "ci95_high": 2 + half, "df": 2.0})
+    p = scipy.stats.ttest_rel([3.0, 5.0, 4.0], [1.0, 2.0, 3.0]).pvalue
+    assert gain == pytest.approx({"difference": 2.0, "ci95_low": 2 - half, "ci95_high": 2 + half, "df": 2.0, "p": p})
     assert math.isnan(results.paired_difference([3.0], [1.0])["ci95_low"])
     with pytest.raises(ValueError, match="equally long"):
         results.paired_difference([1.0, 2.0], [1.0])
@@ -152,7 +153,8 @@ def test_welch_difference_with_equal_spreads_uses_the_pooled_degrees_of_freedom(
     # equal variances and sizes: Welch's df = 2(n - 1) = 4, se = sqrt(1/3 + 1/3)
     gain = results.welch_difference([3.0, 4.0, 5.0], [1.0, 2.0, 3.0])
     half = 2.776445 * math.sqrt(2 / 3)  # t(0.975, df=4)
-    assert gain == pytest.approx({"difference": 2.0, "ci95_low": 2 - half, "ci95_high": 2 + half, "df": 4.0})
+    p = scipy.stats.ttest_ind([3.0, 4.0, 5.0], [1.0, 2.0, 3.0], equal_var=False).pvalue
+    assert gain == pytest.approx({"difference": 2.0, "ci95_low": 2 - half, "ci95_high": 2 + half, "df": 4.0, "p": p})
     assert math.isnan(results.welch_difference([3.0], [1.0, 2.0])["ci95_low"])
     with pytest.raises(ValueError, match="at least one value on each side"):
         results.welch_difference([], [1.0])
