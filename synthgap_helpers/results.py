@@ -391,12 +391,19 @@ def planned_gain(gains: pd.DataFrame, k: int, arm: str) -> str:
 
 
 def quoted_gains(headline: Any, sweep: Any = None, finetuned: Any = None, alpha: float = 0.05) -> pd.DataFrame:
-    """The gains the introduction quotes (`story_numbers`: each trained arm over real, and the low-data and
-    fine-tuning comparisons fixed in advance), read together as one family: one row per glue key, the gain with its
+    """The gains the introduction quotes (`story_numbers`: each trained arm over real, SD against DI at equal and at
+    native size, and the low-data and fine-tuning comparisons fixed in advance), read together as one family: one
+    row per glue key, the gain with its
     95% interval, test and raw p, then the Holm-adjusted p and whether it is below `alpha` (`with_holm`). The family
     is every row with a p (an arm of one seed has none)."""
     rows = {f"gain_{arm}": {"comparison": f"{arm} − {row['over']}", **row[GAIN_COLUMNS[3:]].to_dict()}
             for arm, row in headline.gains.iterrows()}
+    for _, row in headline.sizes.iterrows():
+        key = SIZE_KEYS.get((bool(row["with real"]), row["size"]))
+        pair = {arm.removeprefix("real+").partition("@")[0] for arm in (row["arm"], row["against"])}
+        if key is not None and pair == {"sd", "di"} and not pd.isna(row["gain (points)"]):
+            rows[key] = {"comparison": f"{row['arm']} − {row['against']}", "test": row["test"],
+                         **row[["gain (points)", "ci95_low", "ci95_high", "p"]].to_dict()}
     for key, curves in (("lowdata_planned_gain", sweep), ("finetune_planned_gain", finetuned)):
         if curves is None or not curves.planned:
             continue
@@ -409,6 +416,16 @@ def quoted_gains(headline: Any, sweep: Any = None, finetuned: Any = None, alpha:
     return with_holm(table, "p", alpha)
 
 
+def quoted_gains_markdown(table: pd.DataFrame) -> str:
+    """`quoted_gains` as a Markdown table for the introduction: comparison, difference with its interval, raw p,
+    Holm-adjusted p and whether it is significant after Holm."""
+    lines = ["| comparison | difference | p | p (Holm) | significant after Holm |", "| --- | --- | --- | --- | --- |"]
+    for _, row in table.iterrows():
+        gain = gain_text(row["gain (points)"], row["ci95_low"], row["ci95_high"], row["test"])
+        lines.append(f"| `{row['comparison']}` | {gain} | " + " | ".join(holm_cells(row)) + " |")
+    return "\n".join(lines)
+
+
 def story_numbers(cfg: Any, headline: Any, sweep: Any = None, finetuned: Any = None) -> dict[str, GlueText]:
     """The numbers the book's introduction quotes, by glue key: the profile, what its numbers mean, the
     size of the real test set, each arm's test accuracy as "mean ± std % (n seeds)" (`accuracy_<arm>`), each trained
@@ -416,7 +433,8 @@ def story_numbers(cfg: Any, headline: Any, sweep: Any = None, finetuned: Any = N
     any run, whatever its sets are called), SD against DI at equal and at native size, alone and with the real
     images (`SIZE_KEYS`), how each set was made (`generation_settings`), and (given the low-data and fine-tuning
     summaries) the comparison of each fixed in advance (their `planned`: the DI arm against its baseline at the
-    smallest k) and the synthetic images each low-data arm trained on per k (`lowdata_contained`)."""
+    smallest k), the synthetic images each low-data arm trained on per k (`lowdata_contained`), and the quoted
+    comparisons read as one Holm family (`quoted_gains_md`, its size as `quoted_family`: `quoted_gains`)."""
     texts = {"profile": cfg.profile, "profile_meaning": config.profile_meaning(cfg.profile),
              "test_images": f"{headline.test_images:,}"}
     texts.update({f"accuracy_{arm}": text for arm, text in _accuracy_texts(headline).items()})
@@ -433,6 +451,10 @@ def story_numbers(cfg: Any, headline: Any, sweep: Any = None, finetuned: Any = N
         texts["lowdata_contained"] = contained_text(sweep.contained_counts())
     glued: dict[str, GlueText] = {key: GlueText(text) for key, text in texts.items()}
     glued["headline_md"] = GlueMarkdown(headline_markdown(headline))
+    family = quoted_gains(headline, sweep, finetuned)
+    tested = int(family["p"].notna().sum())
+    glued["quoted_family"] = GlueText(f"{tested} comparison{'s' if tested != 1 else ''} with a p-value")
+    glued["quoted_gains_md"] = GlueMarkdown(quoted_gains_markdown(family))
     return glued
 
 
@@ -451,6 +473,6 @@ def glue_story(cfg: Any, headline: Any, sweep: Any = None, finetuned: Any = None
 __all__ = ["GAIN_COLUMNS", "HOLM_CELL_COLUMNS", "HOLM_COLUMNS", "MISSING", "PAIRED", "SIZE_KEYS", "WELCH",
            "CorruptResults", "GlueMarkdown", "GlueText", "accuracy_text", "bootstrap_p_value", "contained_text",
            "frame_records", "gain_text", "gains_over", "glue_story", "headline_markdown", "holm", "holm_cells",
-           "holm_family", "json_safe", "p_text", "paired_difference", "planned_gain", "quoted_gains", "read_records",
-           "record", "settings_text", "size_texts", "story_numbers", "summarize_seeds", "welch_difference",
-           "with_holm"]
+           "holm_family", "json_safe", "p_text", "paired_difference", "planned_gain", "quoted_gains",
+           "quoted_gains_markdown", "read_records", "record", "settings_text", "size_texts", "story_numbers",
+           "summarize_seeds", "welch_difference", "with_holm"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import dataclasses
 import math
 import shutil
 import types
@@ -244,6 +245,19 @@ def test_quoted_gains_adjust_the_introductions_gains_as_one_family():
     assert table.loc["lowdata_planned_gain", "p"] == 0.012 and table.loc["gain_sd", "p"] == headline.gains.loc["sd", "p"]
     np.testing.assert_allclose(table["p (Holm)"], results.holm(table["p"]))
     assert table["significant after Holm"].tolist() == list(table["p (Holm)"] < 0.05)
+    # the SD-vs-DI comparisons the introduction quotes join the family; an untrained one does not
+    sizes = pd.DataFrame([
+        {"with real": False, "size": "equal", "arm": "di@sd-size", "against": "sd", "test": "paired",
+         "gain (points)": 5.0, "ci95_low": 1.0, "ci95_high": 9.0, "p": 0.02},
+        {"with real": True, "size": "equal", "arm": "real+di@sd-size", "against": "real+sd", "test": np.nan,
+         "gain (points)": np.nan, "ci95_low": np.nan, "ci95_high": np.nan, "p": np.nan}],
+        columns=train_stage.SIZE_COLUMNS)
+    with_sizes = results.quoted_gains(dataclasses.replace(headline, sizes=sizes), sweep)
+    assert list(with_sizes.index) == [*table.index[:2], "sd_di_equal_size", "lowdata_planned_gain"]
+    assert with_sizes.loc["sd_di_equal_size", "p (Holm)"] == pytest.approx(0.02 * 2)  # 3rd smallest of 4 p-values
+    markdown = results.quoted_gains_markdown(with_sizes).splitlines()
+    assert len(markdown) == 2 + 4 and markdown[4].startswith("| `di@sd-size − sd` | +5.0 points (95% paired")
+    assert markdown[4].endswith("| 0.02 | 0.04 | yes |")
 
 
 def test_the_introduction_quotes_sd_against_di_at_equal_size_first_and_at_native_size_beside_it():

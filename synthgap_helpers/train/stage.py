@@ -165,7 +165,7 @@ def train_job(arm: Arm, seed: int, arm_data: ArmData, real: data.RealData, param
 
 
 SIZE_COLUMNS = ["with real", "size", "arm", "against", "images", "against images", "mean", "std", "seeds",
-                "against mean", "against std", "against seeds", "test", "gain (points)", "ci95_low", "ci95_high"]
+                "against mean", "against std", "against seeds", "test", "gain (points)", "ci95_low", "ci95_high", "p"]
 """`TrainingSummary.size_comparisons`: accuracies in %, the difference arm minus `against` in points."""
 
 
@@ -277,7 +277,7 @@ class TrainingSummary:
         """Each synthetic set against the smallest one, alone and with the real images (`real+`): at equal size
         (its ``@<smallest>-size`` arm, or its native arm when the sets are as large) and at native size. Per row:
         the two arms, their synthetic images, test accuracy (mean, std, seeds) and the difference arm minus
-        `against` in points with its 95% interval over seeds (paired by seed, `results.gains_over`); a row whose
+        `against` in points with its 95% interval over seeds and its p (paired by seed, `results.gains_over`); a row whose
         arms were not both planned is left out, one not trained has NaN."""
         sets = {arm.synthetic: self.arm_sizes[arm.name]["synthetic"] for arm in self.arms
                 if not arm.real and arm.synthetic is not None and arm.size_of is None}
@@ -306,7 +306,7 @@ class TrainingSummary:
                                  "against mean": b["mean"], "against std": b["std"], "against seeds": int(b["n_seeds"]),
                                  "test": np.nan if gain is None else gain["test"],
                                  **{column: np.nan if gain is None else gain[column]
-                                    for column in ("gain (points)", "ci95_low", "ci95_high")}})
+                                    for column in ("gain (points)", "ci95_low", "ci95_high", "p")}})
         return pd.DataFrame(rows, columns=SIZE_COLUMNS)
 
     def per_seed(self) -> pd.DataFrame:
