@@ -453,7 +453,8 @@ def story_numbers(cfg: Any, headline: Any, sweep: Any = None, finetuned: Any = N
     glued["headline_md"] = GlueMarkdown(headline_markdown(headline))
     family = quoted_gains(headline, sweep, finetuned)
     tested = int(family["p"].notna().sum())
-    glued["quoted_family"] = GlueText(f"{tested} comparison{'s' if tested != 1 else ''} with a p-value")
+    glued["quoted_family"] = GlueText(f"{len(family)} comparison{'s' if len(family) != 1 else ''}, {tested} of them "
+                                      "with a p-value (an arm of one seed has no test)")
     glued["quoted_gains_md"] = GlueMarkdown(quoted_gains_markdown(family))
     return glued
 
