@@ -106,10 +106,11 @@ def test_resnet18_is_resnet18_cifar_weight_for_weight():
 
 
 def test_job_key_and_checkpoint_metadata_without_weights_are_those_of_before_the_field():
-    """Values from the code before `TrainParams.weights`: no finished job is retrained, no model file changes."""
+    """Values from the code before `TrainParams.weights` (the job key: of training stage version 2, which records the
+    final step's test accuracy): no finished job is retrained, no model file changes."""
     params = TrainParams(model="resnet18_cifar_narrow", steps=10, progress=False)
     prints = {"val": "a", "test": "b", "train": "c", "synthetic": None}
-    assert job_key(Arm("real", True), 3, params, prints) == "df4e2d1fcaaaba46"
+    assert job_key(Arm("real", True), 3, params, prints) == "7eaa6317a4f6f9e4"
     assert json.dumps(_metadata(params, 3, 5)) == (
         '{"model": "resnet18_cifar_narrow", "num_classes": 10, "params": {"model": "resnet18_cifar_narrow", '
         '"num_classes": 10, "batch_size": 128, "lr_per_128": 0.1, "momentum": 0.9, "nesterov": true, '
