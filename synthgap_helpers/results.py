@@ -248,6 +248,12 @@ def holm_cells(row: pd.Series) -> list[str]:
     return [p_text(row["p"]), p_text(row[HOLM_COLUMNS[0]]), "yes" if row[HOLM_COLUMNS[1]] else "no"]
 
 
+def comparison_index(names: Any, metrics: Any, reference: str) -> pd.MultiIndex:
+    """The (comparison, metric) index of a family table: '<name> − <reference>' beside each row's metric."""
+    return pd.MultiIndex.from_arrays([[f"{name} − {reference}" for name in names], list(metrics)],
+                                     names=["comparison", "metric"])
+
+
 def holm_family(table: pd.DataFrame, group: str, noun: str, reference: str) -> GlueText:
     """A comparison table's Holm family in words, for a page's text: 'the 18 comparisons of the table (9 metrics ×
     2 synthetic sets against real/test)', counting the rows with a p (table columns ``metric``, `group`, ``p``)."""
@@ -472,7 +478,7 @@ def glue_story(cfg: Any, headline: Any, sweep: Any = None, finetuned: Any = None
 
 
 __all__ = ["GAIN_COLUMNS", "HOLM_CELL_COLUMNS", "HOLM_COLUMNS", "MISSING", "PAIRED", "SIZE_KEYS", "WELCH",
-           "CorruptResults", "GlueMarkdown", "GlueText", "accuracy_text", "bootstrap_p_value", "contained_text",
+           "CorruptResults", "GlueMarkdown", "GlueText", "accuracy_text", "bootstrap_p_value", "comparison_index", "contained_text",
            "frame_records", "gain_text", "gains_over", "glue_story", "headline_markdown", "holm", "holm_cells",
            "holm_family", "json_safe", "p_text", "paired_difference", "planned_gain", "quoted_gains",
            "quoted_gains_markdown", "read_records", "record", "settings_text", "size_texts", "story_numbers",

@@ -143,8 +143,7 @@ class GapSummary:
         rows = [[_with_interval(values.loc[row["set"]], f"{MEASURE_FORMATS[row['metric']][0]}_diff",
                                 *MEASURE_FORMATS[row["metric"]][1:]), *results.holm_cells(row)]
                 for _, row in comparison.iterrows()]
-        index = pd.MultiIndex.from_arrays([[f"{name} − {HELD_OUT}" for name in comparison["set"]],
-                                           list(comparison["metric"])], names=["comparison", "metric"])
+        index = results.comparison_index(comparison["set"], comparison["metric"], HELD_OUT)
         return pd.DataFrame(rows, columns=["difference [95% CI]", *results.HOLM_CELL_COLUMNS], index=index)
 
     def family(self) -> results.GlueText:

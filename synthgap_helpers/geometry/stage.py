@@ -48,6 +48,7 @@ from synthgap_helpers.imagesets import ImageSet
 from synthgap_helpers.results import (
     HOLM_CELL_COLUMNS,
     GlueText,
+    comparison_index,
     holm_cells,
     holm_family,
 )
@@ -99,8 +100,7 @@ class GeometryResult:
         columns = ["difference [95% CI]", *HOLM_CELL_COLUMNS]
         rows = [[format_interval(row.difference, row.ci_low, row.ci_high), *holm_cells(row)]
                 for _, row in self.comparison.iterrows()]
-        index = pd.MultiIndex.from_arrays([[f"{name} − {REFERENCE}" for name in self.comparison["dataset"]],
-                                           list(self.comparison["metric"])], names=["comparison", "metric"])
+        index = comparison_index(self.comparison["dataset"], self.comparison["metric"], REFERENCE)
         return pd.DataFrame(rows, columns=columns, index=index)
 
     def family(self) -> GlueText:

@@ -68,6 +68,7 @@ from synthgap_helpers.imagesets import ImageSet
 from synthgap_helpers.results import (
     HOLM_CELL_COLUMNS,
     GlueText,
+    comparison_index,
     holm_cells,
     holm_family,
 )
@@ -179,7 +180,7 @@ class GradcamResult:
         from real with its two-level 95% bootstrap interval, d_z, the raw and the Holm-adjusted p, and whether the
         difference is significant after Holm."""
         columns = ["seeds (arm / real)", "images", "difference [95% CI]", "d_z", *HOLM_CELL_COLUMNS]
-        index = pd.MultiIndex.from_arrays([[], []], names=["comparison", "metric"])
+        index = comparison_index([], [], REFERENCE)
         if self.comparison.empty:
             return pd.DataFrame(columns=columns, index=index)
         rows = [[f"{row.seeds} / {row.reference_seeds}" + (" (no seed level)" if row.seeds == row.reference_seeds == 1
@@ -187,8 +188,7 @@ class GradcamResult:
                  row.n_images, _difference(row), "n/a" if np.isnan(row.cohens_dz) else f"{row.cohens_dz:+.2f}",
                  *holm_cells(row)]
                 for _, row in self.comparison.iterrows()]
-        index = pd.MultiIndex.from_arrays([[f"{arm} − {REFERENCE}" for arm in self.comparison["arm"]],
-                                           list(self.comparison["metric"])], names=["comparison", "metric"])
+        index = comparison_index(self.comparison["arm"], self.comparison["metric"], REFERENCE)
         return pd.DataFrame(rows, columns=columns, index=index)
 
     def family(self) -> GlueText:
