@@ -22,18 +22,24 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import contextlib
 import re
+import signal
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import pandas as pd
 
 from synthgap_helpers import config, runner
 from synthgap_helpers.cost import RATES as COST_RATES
-from synthgap_helpers.errors import UserError
+from synthgap_helpers.errors import INTERRUPTED, Terminated, UserError, WriteFailed
+from synthgap_helpers.storage import WRITE_FIXES, refused_by_disk
 from synthgap_helpers.workload import merge_shards, parse_shard
 
 EXIT_USER_ERROR = 2  # an expected failure, reported in one line (argparse uses 2 for its usage errors too)
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # the shell's statuses for a command stopped by Ctrl-C and by SIGTERM
+EXIT_TERMINATED = 128 + signal.SIGTERM
 # Failures of paths the user gave (run directory, data folders, files) and the fix each calls for.
 PATH_ERRORS: dict[type[OSError], str] = {
     FileNotFoundError: "check the path (relative paths are taken from the folder the command was started in)",
@@ -134,30 +140,62 @@ def one_line(exc: BaseException) -> str:
     return re.sub(r"\s+", " ", text)
 
 
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Raise Terminated on SIGTERM (SLURM preemption, `kill`) while the command runs, so it stops as on Ctrl-C:
+    temporary files removed, partial manifest appends taken back. Only the main thread can install handlers."""
+    def stop(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread (an embedding application): leave SIGTERM alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status: 0, or 2 with a one-line message on stderr for an expected failure
     (`errors.UserError`, which covers config.ConfigError, data errors, runner.NotebookFailed and the stages'
-    own errors, or a path that is missing, not writable or of the wrong kind). Other exceptions are bugs and
-    propagate with their traceback."""
+    own errors, or a path that is missing, not writable or of the wrong kind), or 130 (Ctrl-C) / 143 (SIGTERM)
+    with `errors.INTERRUPTED` on stderr. Other exceptions are bugs and propagate with their traceback."""
     args = _parser().parse_args(argv)
     try:
-        if hasattr(args, "overrides"):
-            args.overrides = config.absolute_overrides(args.overrides)  # relative to where the command was started
-        if args.command == "run":
-            index = runner.run(args.profile, run_dir=args.run_dir,
-                               only=args.only.split(",") if args.only is not None else None,
-                               overrides=args.overrides, build=not args.no_book)
-            if index is not None:
-                print(f"book: {index}")
-        elif args.command == "cost":
-            print(_print_cost(args))
-        elif args.command == "publish":
-            print(runner.publish(args.html, remote=args.remote))
-        elif args.command == "merge":
-            print(f"{args.folder}: {merge_shards(args.folder)} images listed in manifest.jsonl")
-        else:
-            print(_run_stage(args))
+        with sigterm_as_interrupt():
+            return _dispatch(args)
+    except KeyboardInterrupt as exc:
+        print(INTERRUPTED, file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
     except (UserError, config.ConfigError, runner.NotebookFailed, *PATH_ERRORS) as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except OSError as exc:  # a full, read-only or size-limited disk under a writer of a library (model caches)
+        if not refused_by_disk(exc):
+            raise
+        print(f"error: {one_line(WriteFailed(exc.filename or 'a file', exc, WRITE_FIXES[exc.errno]))}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    """Run the parsed command; returns 0 (failures propagate to `main`)."""
+    if hasattr(args, "overrides"):
+        args.overrides = config.absolute_overrides(args.overrides)  # relative to where the command was started
+    if args.command == "run":
+        index = runner.run(args.profile, run_dir=args.run_dir,
+                           only=args.only.split(",") if args.only is not None else None,
+                           overrides=args.overrides, build=not args.no_book)
+        if index is not None:
+            print(f"book: {index}")
+    elif args.command == "cost":
+        print(_print_cost(args))
+    elif args.command == "publish":
+        print(runner.publish(args.html, remote=args.remote))
+    elif args.command == "merge":
+        print(f"{args.folder}: {merge_shards(args.folder)} images listed in manifest.jsonl")
+    else:
+        print(_run_stage(args))
     return 0

@@ -299,13 +299,29 @@ def _git_sha() -> str | None:
 
 def resolve_device(name: str) -> str:
     """'auto' becomes cuda when a GPU is visible, else cpu; bare 'cuda' under torchrun/accelerate
-    becomes this process's GPU (`cuda:$LOCAL_RANK`), so that shards never share a GPU."""
-    if name == "auto":
+    becomes this process's GPU (`cuda:$LOCAL_RANK`), so that shards never share a GPU. A cuda device that this
+    process cannot see is a ConfigError (torch would fail later, deep in a stage, with a traceback)."""
+    if name == "auto" or name.startswith("cuda"):
         import torch
 
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if name == "auto":
+            name = "cuda" if visible else "cpu"
     if name == "cuda" and "LOCAL_RANK" in os.environ:
-        return f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        local_rank = os.environ["LOCAL_RANK"]
+        if not (local_rank.isascii() and local_rank.isdigit()):
+            raise ConfigError(f"device = cuda: $LOCAL_RANK is {local_rank!r}, not a GPU number; launch with "
+                              "torchrun/accelerate (which set it), or unset it and set device=cuda:N")
+        name = f"cuda:{int(local_rank)}"
+    if name.startswith("cuda"):
+        index = name.partition(":")[2] or "0"
+        if not visible:
+            raise ConfigError(f"device = {name}: this machine shows no GPU to torch (no NVIDIA driver, "
+                              "CUDA_VISIBLE_DEVICES empty, or a CPU-only torch build); set device=cpu (or device=auto), "
+                              "or run on a machine with a GPU")
+        if index.isascii() and index.isdigit() and int(index) >= visible:
+            raise ConfigError(f"device = {name}: only {visible} GPU(s) are visible (cuda:0 ... cuda:{visible - 1}); "
+                              "choose one of them, or device=cuda")
     return name
 
 

@@ -34,7 +34,7 @@ from synthgap_helpers.imagesets import (
     load_image_folder,
     unusable_files,
 )
-from synthgap_helpers.storage import atomic_write, atomic_write_json
+from synthgap_helpers.storage import atomic_write, atomic_write_json, refused_by_disk, reporting_write_failures
 
 CIFAR10_NAME = "CIFAR-10"
 CIFAR10_SIDE = 32
@@ -189,19 +189,22 @@ def _download(cache_dir: Path, url: str | None = None, md5: str | None = None) -
     archive = target / CIFAR10.filename
     fix = ("Fix: rerun on a machine with internet access, or set data.root (or $SYNTHGAP_DATA_DIR) to a local copy "
            "of cifar-10-batches-py.")
-    try:
-        download_url(url, str(target), filename=CIFAR10.filename, md5=md5)
-    except (OSError, RuntimeError, ValueError) as exc:  # network failure; RuntimeError: torchvision's MD5 mismatch
-        reason = (f"MD5 mismatch, expected {md5}, got {file_digest(archive, 'md5')}; the download was deleted"
-                  if isinstance(exc, RuntimeError) and archive.is_file() else str(exc))
-        archive.unlink(missing_ok=True)
-        raise DownloadError(f"could not download {url} into the cache folder {target}: {reason}.\n{fix}") from None
-    with tempfile.TemporaryDirectory(dir=target, prefix=".unpack-") as unpacked:
-        extract_archive(str(archive), unpacked)
-        if _find_batches(Path(unpacked) / CIFAR10.base_folder) is None:
-            raise DownloadError(f"{archive} (from {url}) holds no {CIFAR10.base_folder}/ batch files.\n{fix}")
-        shutil.rmtree(target / CIFAR10.base_folder, ignore_errors=True)  # an unfinished copy of an older version
-        os.replace(Path(unpacked) / CIFAR10.base_folder, target / CIFAR10.base_folder)
+    with reporting_write_failures(target):
+        try:
+            download_url(url, str(target), filename=CIFAR10.filename, md5=md5)
+        except (OSError, RuntimeError, ValueError) as exc:  # network failure; RuntimeError: torchvision's MD5 mismatch
+            if refused_by_disk(exc):
+                raise  # the disk refused, not the network: WriteFailed
+            reason = (f"MD5 mismatch, expected {md5}, got {file_digest(archive, 'md5')}; the download was deleted"
+                      if isinstance(exc, RuntimeError) and archive.is_file() else str(exc))
+            archive.unlink(missing_ok=True)
+            raise DownloadError(f"could not download {url} into the cache folder {target}: {reason}.\n{fix}") from None
+        with tempfile.TemporaryDirectory(dir=target, prefix=".unpack-") as unpacked:
+            extract_archive(str(archive), unpacked)
+            if _find_batches(Path(unpacked) / CIFAR10.base_folder) is None:
+                raise DownloadError(f"{archive} (from {url}) holds no {CIFAR10.base_folder}/ batch files.\n{fix}")
+            shutil.rmtree(target / CIFAR10.base_folder, ignore_errors=True)  # an unfinished copy of an older version
+            os.replace(Path(unpacked) / CIFAR10.base_folder, target / CIFAR10.base_folder)
     return target / CIFAR10.base_folder
 
 

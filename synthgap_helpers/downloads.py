@@ -3,7 +3,8 @@
 A download goes to a temporary `.part` file beside its destination and is renamed into place only
 once every byte announced by the server has arrived and the checksum matches, so a file at the
 destination is always complete. Every failure is a `DownloadError` naming the URL, the cache folder
-and the setting that points at a local copy instead: an offline machine gets that, not a traceback.
+and the setting that points at a local copy instead: an offline machine gets that, not a traceback. A cache
+the disk refuses to write (full, read-only, a file-size limit) is a `WriteFailed` naming the destination instead.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import BinaryIO
 from tqdm.auto import tqdm
 
 from synthgap_helpers.errors import ChecksumError, DownloadError
-from synthgap_helpers.storage import file_mode
+from synthgap_helpers.storage import file_mode, refused_by_disk, reporting_write_failures
 
 CHUNK_BYTES = 1 << 16
 TIMEOUT_S = 60.0  # per network operation (connect, each read), not for the whole transfer
@@ -88,7 +89,8 @@ def fetch(url: str, dest: str | Path, *, sha256: str | None = None, md5: str | N
 
     An existing `dest` with the right checksum (any existing `dest` when none is given) is reused without
     a request; one with another checksum is replaced. `override` names the setting that points at a local
-    copy instead, for the error message. Raises DownloadError; a mismatching download is deleted.
+    copy instead, for the error message. Raises DownloadError (WriteFailed when the disk refuses the file); a
+    mismatching download is deleted.
     """
     dest = Path(dest)
     expected = _expected(sha256, md5)
@@ -96,22 +98,25 @@ def fetch(url: str, dest: str | Path, *, sha256: str | None = None, md5: str | N
         if _matches(dest, expected):
             return dest
         dest.unlink()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    part = Path(name)
-    try:
+    with reporting_write_failures(dest):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+        part = Path(name)
         try:
-            with os.fdopen(fd, "wb") as out:
-                _stream(url, out, timeout, desc=dest.name)
-        except (OSError, http.client.HTTPException, ValueError) as exc:  # ValueError: a malformed URL
-            raise DownloadError(f"could not download {url} into the cache folder {dest.parent}: {_reason(exc)}.\n"
-                                f"{_fix(override)}") from None
-        if expected is not None and (got := file_digest(part, expected[0])) != expected[1]:
-            raise ChecksumError(f"{url} does not match its {expected[0]} checksum: expected {expected[1]}, got {got}; "
-                                f"the download was deleted (cache folder {dest.parent}).\n"
-                                f"{_fix(override, 'retry later (a broken transfer or proxy changes the bytes)')}")
-        os.chmod(part, file_mode())  # mkstemp's 0600 would keep a shared cache from other users
-        os.replace(part, dest)
-    finally:
-        part.unlink(missing_ok=True)
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    _stream(url, out, timeout, desc=dest.name)
+            except (OSError, http.client.HTTPException, ValueError) as exc:  # ValueError: a malformed URL
+                if refused_by_disk(exc):
+                    raise  # the disk refused, not the network: WriteFailed
+                raise DownloadError(f"could not download {url} into the cache folder {dest.parent}: "
+                                    f"{_reason(exc)}.\n{_fix(override)}") from None
+            if expected is not None and (got := file_digest(part, expected[0])) != expected[1]:
+                raise ChecksumError(f"{url} does not match its {expected[0]} checksum: expected {expected[1]}, got "
+                                    f"{got}; the download was deleted (cache folder {dest.parent}).\n"
+                                    f"{_fix(override, 'retry later (a broken transfer or proxy changes the bytes)')}")
+            os.chmod(part, file_mode())  # mkstemp's 0600 would keep a shared cache from other users
+            os.replace(part, dest)
+        finally:
+            part.unlink(missing_ok=True)
     return dest

@@ -5,6 +5,14 @@ and so that the command line can recognise the failures of any stage without imp
 """
 
 
+INTERRUPTED = "interrupted; rerun the same command to resume"  # what a command prints when Ctrl-C or SIGTERM stops it
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch system preempting the job, `kill`): stops the command the way Ctrl-C does, so that the same
+    cleanup runs (temporary files removed, partial manifest appends taken back)."""
+
+
 class UserError(Exception):
     """An expected failure whose message says what to fix; the CLI prints it in one line and exits 2.
 
@@ -24,3 +32,13 @@ class DownloadError(DataError):
 
 class ChecksumError(DownloadError):
     """A download that arrived whole but with another checksum than expected (it was deleted)."""
+
+
+class WriteFailed(UserError):
+    """A file that could not be written whole (no space, file-size limit, read-only file system, permissions); the
+    message names the final path (never a temporary one), the system's reason and the fix for that reason."""
+
+    def __init__(self, path: object, cause: OSError, fix: str):
+        self.path, self.errno = path, cause.errno
+        super().__init__(f"could not write {path}: {cause.strerror or cause}; {fix}; then rerun the same command "
+                         "(finished work is kept)")

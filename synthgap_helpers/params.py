@@ -12,6 +12,14 @@ from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+# Seeds: numpy's legacy limit, so a seed means the same to every library; a stage adds at most SEEDS_MAX - 1 to the
+# run seed (run seed + k for k < seeds), which torch's 64-bit and numpy's unbounded generators both take.
+SEED_MAX = 2**32 - 1
+SEEDS_MAX = 100  # seeds per arm, point or selection
+MODEL_SEED_MAX = SEED_MAX + SEEDS_MAX - 1  # a training seed: run seed + k
+STEPS_MAX = 100_000_000  # optimizer steps and checkpoint intervals: far beyond any run, small enough to catch a typo
+GROUP_MAX = 1_000_000  # images in a group or a set, like the per-class counts
+
 # The 18 CIFAR-10 prompt templates of CLIP (Radford et al. 2021, notebooks/Prompt_Engineering_for_ImageNet.ipynb).
 CLIP_TEMPLATES: tuple[str, ...] = (
     "a photo of a {}.", "a blurry photo of a {}.", "a black and white photo of a {}.",
@@ -121,8 +129,8 @@ class GeometryParams(_Section):
 
     upscale: int = Field(default=8, ge=1, le=16)  # integer bicubic upsampling before LSD (32 px gives 256 px)
     min_length: float = Field(default=0.03, ge=0.0, lt=1.0)  # shortest segment kept, fraction of the longer side
-    images_per_set: int | None = Field(default=5000, ge=10, multiple_of=10)  # per dataset, balanced; None: all
-    york_urban_images: int | None = Field(default=None, ge=1)  # York Urban images validated on (evenly spread); None: all
+    images_per_set: int | None = Field(default=5000, ge=10, le=GROUP_MAX, multiple_of=10)  # per dataset, balanced; None: all
+    york_urban_images: int | None = Field(default=None, ge=1, le=GROUP_MAX)  # York Urban images validated on (evenly spread); None: all
     n_resamples: int = Field(default=10000, ge=100, le=100000)  # bootstrap resamples of the 95% intervals
     focal_length: float | None = Field(default=None, gt=0.0, le=10000.0)  # CIFAR focal length in 32-px pixels; None: uncalibrated
     york_urban_root: str | None = None  # local York Urban: YorkUrbanDB.zip, its unpacked folder or a converted one; None: cache, then download
@@ -209,15 +217,15 @@ class InversionParams(_Section):
     model: str = "CompVis/stable-diffusion-v1-4"  # hub id, local diffusers folder, or tiny (random weights, no download)
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # U-Net and VAE weights; auto: fp16 on CUDA, fp32 elsewhere
     num_tokens: int = Field(default=5, ge=1, le=77)  # embedding vectors per image (width: the U-Net's cross_attention_dim)
-    group_size: int = Field(default=100, ge=1)  # real images whose embeddings are trained together
-    num_groups: int | None = Field(default=None, ge=1)  # invert only the first N groups; None: the whole train subset
+    group_size: int = Field(default=100, ge=1, le=GROUP_MAX)  # real images whose embeddings are trained together
+    num_groups: int | None = Field(default=None, ge=1, le=GROUP_MAX)  # invert only the first N groups; None: the whole train subset
     resolution: int = Field(default=128, ge=8, le=1024)  # side in pixels the 32-px images are upsampled to (bicubic)
-    steps: int = Field(default=8000, ge=1)  # optimisation steps per group
-    batch_size: int = Field(default=50, ge=1)  # images per optimisation step (drawn from the group)
+    steps: int = Field(default=8000, ge=1, le=STEPS_MAX)  # optimisation steps per group
+    batch_size: int = Field(default=50, ge=1, le=65536)  # images per optimisation step (drawn from the group)
     lr: float = Field(default=0.03, gt=0.0, le=10.0)  # AdamW learning rate, constant
     weight_decay: float = Field(default=0.01, ge=0.0, le=1.0)  # AdamW decoupled weight decay
     init: Literal["random", "class_prompt", "class_prompt_mean"] = "random"  # random: U(+-1/sqrt(group_size)) as the authors
-    checkpoint_every: int = Field(default=500, ge=1)  # steps between resumable checkpoints (embeddings + optimizer)
+    checkpoint_every: int = Field(default=500, ge=1, le=STEPS_MAX)  # steps between resumable checkpoints (embeddings + optimizer)
     groups_per_step: int = Field(default=1, ge=1, le=1024)  # groups sharing each U-Net call (equal to separate runs up to float rounding)
     compile: bool = False  # torch.compile the U-Net for training (CUDA; the first steps pay the compilation)
     guidance: float = Field(default=2.0, le=50.0)  # classifier-free guidance scale of sampling (>= 1, see check_guidance)
@@ -229,7 +237,7 @@ class InversionParams(_Section):
     perturbation: Literal["both", "noise", "interpolation", "none"] = "both"  # embedding perturbation of each sample
     noise_std: float = Field(default=0.1, ge=0.0, le=10.0)  # std of the Gaussian noise added to the embedding
     interpolation_strength: float = Field(default=0.1, ge=0.0, le=1.0)  # step towards a same-class image's embedding
-    sample_batch_size: int = Field(default=50, ge=1)  # samples per pipeline call (pixels do not depend on it)
+    sample_batch_size: int = Field(default=50, ge=1, le=65536)  # samples per pipeline call (pixels do not depend on it)
     save_size: int = Field(default=32, ge=8, le=1024)  # side of the saved images (antialiased bicubic downsampling)
     cpu_threads: int | None = Field(default=None, ge=1, le=1024)  # torch CPU threads of the stage; None: torch's default
 
@@ -315,10 +323,10 @@ class GradcamParams(_Section):
     layer: str = "layer4"  # module explained: layer4 (4x4 maps on 32 px), layer3 (8x8), auto (last conv stage), any module name
     images_per_class: int = Field(default=200, ge=1, le=1000)  # real test images per class in the fixed, seeded sample
     targets: Literal["true", "predicted"] = "true"  # class explained: the label (same for every arm) or each model's top class
-    model_seed: int | None = Field(default=None, ge=0)  # only the models of this training seed are explained; None: every seed of every arm
+    model_seed: int | None = Field(default=None, ge=0, le=MODEL_SEED_MAX)  # only the models of this training seed are explained; None: every seed of every arm
     n_resamples: int = Field(default=10000, ge=100, le=100000)  # bootstrap resamples (seeds, then images) of the 95% intervals and p-values
     deletion_steps: int = Field(default=10, ge=1, le=1024)  # points of the deletion/insertion curves after 0 (10: 10% steps)
-    faithfulness_images: int | None = Field(default=1000, ge=10, multiple_of=10)  # balanced part of the sample for deletion/insertion; None: all
+    faithfulness_images: int | None = Field(default=1000, ge=10, le=GROUP_MAX, multiple_of=10)  # balanced part of the sample for deletion/insertion; None: all
     batch_size: int = Field(default=256, ge=1, le=65536)  # images per forward pass (maps and faithfulness); results do not depend on it beyond float rounding
 
     @field_validator("layer")
@@ -342,7 +350,7 @@ class TrainStageParams(_Section):
     model: Classifier = "resnet18_cifar"  # architecture (narrow: smoke and tests only; torchvision names adapted to small images)
     weights: str | None = None  # local checkpoint (.safetensors or torch.save state dict) of the initial weights; None: random
     epochs: float | None = Field(default=None, gt=0.0)  # budget in passes over the real set (fixed_share) or the arm's pool; set this or steps
-    steps: int | None = Field(default=50000, ge=1)  # budget in optimizer steps, the same for every arm (the DI authors: 50,000)
+    steps: int | None = Field(default=50000, ge=1, le=STEPS_MAX)  # budget in optimizer steps, the same for every arm (the DI authors: 50,000)
     batch_size: int = Field(default=128, ge=2, le=65536)  # images per step (fixed_share: real_share of them real)
     lr_per_128: float = Field(default=0.1, gt=0.0, le=10.0)  # peak SGD learning rate at batch 128, scaled linearly with batch_size
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0)  # SGD momentum
@@ -350,12 +358,12 @@ class TrainStageParams(_Section):
     weight_decay: float = Field(default=5e-4, ge=0.0, le=1.0)  # on conv and linear weights only
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)  # cross-entropy label smoothing
     warmup_frac: float = Field(default=0.02, ge=0.0, lt=1.0)  # share of the steps with linear warmup before the cosine decay
-    eval_every: int | None = Field(default=2500, ge=1)  # steps between validation passes; None: once per epoch
+    eval_every: int | None = Field(default=2500, ge=1, le=STEPS_MAX)  # steps between validation passes; None: once per epoch
     mix: Literal["concat", "fixed_share"] = "fixed_share"  # real+X arms: one shuffled pool, or a fixed real share per batch
     real_share: float = Field(default=0.5, gt=0.0, lt=1.0)  # fixed_share: real images per batch (0.5 at batch 128: 64 real + 64 synthetic)
     compile: bool = False  # torch.compile the model (CUDA; the first steps pay the compilation)
     amp: Literal["auto", "bf16", "off"] = "auto"  # auto: bf16 autocast on CUDA and CPUs with native bf16, else fp32
-    seeds: int = Field(default=5, ge=1, le=100)  # seeds per arm: run seed + 0 ... run seed + seeds - 1
+    seeds: int = Field(default=5, ge=1, le=SEEDS_MAX)  # seeds per arm: run seed + 0 ... run seed + seeds - 1
     arms: Literal["auto"] | list[str] = "auto"  # auto: every arm whose data is in the run; or names such as real, sd, real+di
 
     @model_validator(mode="after")
@@ -379,7 +387,7 @@ class TrainStageParams(_Section):
 class GapParams(_Section):
     """Domain gap in the feature space of the classifier trained on real data, and real-vs-synthetic detectability."""
 
-    model_seed: int | None = Field(default=None, ge=0)  # features from models/real/seed<k>; None: the run seed
+    model_seed: int | None = Field(default=None, ge=0, le=MODEL_SEED_MAX)  # features from models/real/seed<k>; None: the run seed
     images_per_class: int = Field(default=1000, ge=2, le=100000)  # seeded balanced sample of the real test set and of each synthetic set
     k: int = Field(default=3, ge=1, le=100)  # k-th neighbour radius of the precision/recall balls (Kynkaanniemi et al.: 3)
     kid_subsets: int = Field(default=100, ge=1, le=10000)  # at most this many disjoint KID subsets (the t interval is over them)
@@ -397,10 +405,10 @@ class LowdataParams(_Section):
 
     k_per_class: list[int] = Field(default=[10, 50, 100, 500, 1000, 4500], min_length=1)  # real images per class of each point
     sources: Literal["auto"] | list[str] = "auto"  # synthetic sets added (real_k+<set>) and fine-tuned from; auto: every set of the run with provenance
-    seeds: int = Field(default=5, ge=1, le=100)  # seeds per point: run seed + 0 ... + seeds - 1
+    seeds: int = Field(default=5, ge=1, le=SEEDS_MAX)  # seeds per point: run seed + 0 ... + seeds - 1
     resample_k: list[int] = []  # values of k_per_class at which each seed draws its own k-subset (whole DI groups); others: one nested subset for every seed
-    steps: int | None = Field(default=None, ge=1)  # optimizer steps per model; None: the budget of the train section
-    finetune_steps: int | None = Field(default=None, ge=1)  # fine-tuning steps; None: the same budget as from scratch
+    steps: int | None = Field(default=None, ge=1, le=STEPS_MAX)  # optimizer steps per model; None: the budget of the train section
+    finetune_steps: int | None = Field(default=None, ge=1, le=STEPS_MAX)  # fine-tuning steps; None: the same budget as from scratch
     finetune_lr_per_128: float = Field(default=0.01, gt=0.0, le=10.0)  # peak fine-tuning learning rate at batch 128
     finetune_layers: list[str] = Field(default=["layer4", "fc"], min_length=1)  # parameter-name prefixes fine-tuned; the rest frozen
 
@@ -423,15 +431,15 @@ class CurationParams(_Section):
     """Curating the synthetic sets: score every image, keep the top fraction per class, train on it against random."""
 
     sources: Literal["auto"] | list[str] = "auto"  # synthetic sets scored, curated and scaled; auto: every set of the run
-    model_seed: int | None = Field(default=None, ge=0)  # scores from models/real/seed<k>; None: the run seed
+    model_seed: int | None = Field(default=None, ge=0, le=MODEL_SEED_MAX)  # scores from models/real/seed<k>; None: the run seed
     fraction: float = Field(default=0.5, gt=0.0, le=1.0)  # q: share of each class kept by every selection
-    reference_per_class: int | None = Field(default=None, ge=2)  # real training images per class scores compare with; None: all of them
-    untrained_per_class: int = Field(default=100, ge=1)  # real images per class no classifier trained on, scored like a synthetic set (the distributions' real line)
+    reference_per_class: int | None = Field(default=None, ge=2, le=GROUP_MAX)  # real training images per class scores compare with; None: all of them
+    untrained_per_class: int = Field(default=100, ge=1, le=GROUP_MAX)  # real images per class no classifier trained on, scored like a synthetic set (the distributions' real line)
     k: int = Field(default=3, ge=1, le=100)  # k-th neighbour radius of the realism score (Kynkaanniemi et al.: 3)
     geometry_upscale: int | None = Field(default=None, ge=1, le=16)  # line-segment detector's upscale for the geometry score; None: geometry.upscale
     arms: list[Literal["synthetic", "real+synthetic"]] = Field(default=["synthetic", "real+synthetic"], min_length=1)  # the selection alone, and mixed with the real set as train.mix says
-    seeds: int = Field(default=5, ge=1, le=100)  # training seeds per selection: run seed + 0 ... + seeds - 1
-    steps: int | None = Field(default=None, ge=1)  # optimizer steps per model; None: the train section's budget
+    seeds: int = Field(default=5, ge=1, le=SEEDS_MAX)  # training seeds per selection: run seed + 0 ... + seeds - 1
+    steps: int | None = Field(default=None, ge=1, le=STEPS_MAX)  # optimizer steps per model; None: the train section's budget
     scaling_fractions: list[float] = Field(default=[0.1, 0.25, 0.5, 1.0], min_length=1)  # random shares of each set for the scaling curve (synthetic-only arm)
 
     @field_validator("scaling_fractions")
@@ -447,7 +455,7 @@ class Config(_Section):
 
     profile: str
     run_dir: Path
-    seed: int = Field(default=0, ge=0)
+    seed: int = Field(default=0, ge=0, le=SEED_MAX)  # the run seed, 0 ... 2**32 - 1; every other seed derives from it
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     generators: list[Literal["sd", "di"]] = ["sd", "di"]  # synthetic sets the run makes (Stable Diffusion, Diffusion Inversion); []: none, no diffusion model is loaded
     synthetic: dict[str, ExternalSetParams] = Field(default_factory=dict)  # synthetic sets made elsewhere, by name: {name: {paths: [...]}}

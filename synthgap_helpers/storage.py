@@ -3,17 +3,62 @@ survives a crash."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import json
 import os
 import re
 import struct
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from synthgap_helpers.errors import DataError
+from synthgap_helpers.errors import DataError, WriteFailed
+
+_NO_SPACE = ("free space on that file system (or raise your quota), or point --run-dir or data.cache_dir "
+             "($SYNTHGAP_CACHE_DIR) at another one")
+_NO_PERMISSION = "fix the permissions of that path (chmod / chgrp), or choose a location you can write to"
+# The fix for each way the file system refuses a write; other errors are not the user's to fix and propagate.
+WRITE_FIXES: dict[int, str] = {
+    errno.ENOSPC: _NO_SPACE,
+    errno.EDQUOT: _NO_SPACE,
+    errno.EFBIG: "raise the file-size limit (`ulimit -f`, or the batch job's file-size limit), or write to a file "
+                 "system that allows larger files",
+    errno.EROFS: "that file system is read-only: choose a writable run directory (--run-dir) or cache folder "
+                 "(data.cache_dir or $SYNTHGAP_CACHE_DIR)",
+    errno.EACCES: _NO_PERMISSION,
+    errno.EPERM: _NO_PERMISSION,
+}
+
+
+@contextlib.contextmanager
+def reporting_write_failures(path: str | Path) -> Iterator[None]:
+    """Turn a refused write (no space, quota, file-size limit, read-only, permissions) into WriteFailed naming
+    `path`, the file the user knows, rather than the temporary file the system names."""
+    try:
+        yield
+    except OSError as exc:
+        if not refused_by_disk(exc):
+            raise
+        raise WriteFailed(path, exc, WRITE_FIXES[exc.errno]) from exc
+
+
+def refused_by_disk(exc: BaseException) -> bool:
+    """Whether `exc` is the file system refusing a write (an errno of WRITE_FIXES), not a network or other error."""
+    return isinstance(exc, OSError) and exc.errno in WRITE_FIXES
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write every byte of `data` to `fd`: a write cut short (a file-size limit, a full disk) returns a smaller
+    count and the next call raises the reason, so the remainder is retried until it is written or refused."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written == 0:  # a regular file never does this; looping on it would never end
+            raise OSError(errno.EIO, "the system accepted no bytes")
+        view = view[written:]
 
 
 @functools.cache
@@ -42,27 +87,36 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
 
     Readers see either the old file or the complete new one, never a partial file; the
     temporary name ends in `.tmp` so that folder scans can ignore leftovers of a crash. The file gets
-    the mode of a plain `open()` (0o666 less the umask), not mkstemp's private 0o600.
+    the mode of a plain `open()` (0o666 less the umask), not mkstemp's private 0o600. A refused write is
+    WriteFailed naming `path`; the temporary file is removed.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp_path = Path(tmp)
-    try:
-        os.fchmod(fd, file_mode())
-    finally:
-        os.close(fd)
-    try:
-        write(tmp_path)
-        os.replace(tmp_path, path)
-    finally:
-        tmp_path.unlink(missing_ok=True)
+    with reporting_write_failures(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        tmp_path = Path(tmp)
+        try:
+            os.fchmod(fd, file_mode())
+        finally:
+            os.close(fd)
+        try:
+            write(tmp_path)
+            os.replace(tmp_path, path)
+        finally:
+            tmp_path.unlink(missing_ok=True)
     return path
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write bytes atomically."""
-    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+    """Write bytes atomically, every one of them (`write_all`)."""
+    def write(tmp: Path) -> None:
+        fd = os.open(tmp, os.O_WRONLY)
+        try:
+            write_all(fd, data)
+        finally:
+            os.close(fd)
+
+    return atomic_write(path, write)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
@@ -94,8 +148,9 @@ def safetensors_bytes(tensors: dict[str, Any], metadata: dict[str, str] | None =
 class Manifest:
     """A JSONL file with one record per finished item, keyed by its `id`.
 
-    Appends are single `write` calls on an O_APPEND descriptor followed by fsync, so a crash can
-    at worst leave one unterminated last line; `records` drops it (and `repair` truncates it).
+    Appends are writes on an O_APPEND descriptor followed by fsync, so a crash can at worst leave one
+    unterminated last line; `records` drops it (and `repair` truncates it). An append that fails or is interrupted
+    part-way is cut back to the file's previous size, so no record is listed whose append did not finish.
     """
 
     def __init__(self, path: str | Path):
@@ -137,14 +192,21 @@ class Manifest:
         return json.dumps(record).encode() + b"\n"
 
     def append(self, records: Iterable[dict[str, Any]]) -> None:
-        """Append records, each needing an `id`, durably."""
+        """Append records, each needing an `id`, durably and all or none (WriteFailed when the system refuses)."""
         payload = b"".join(self.encode(record) for record in records)
         if not payload:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # less the umask, as open() does
-        try:
-            os.write(fd, payload)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        with reporting_write_failures(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # less the umask, as open() does
+            try:
+                size = os.fstat(fd).st_size
+                try:
+                    write_all(fd, payload)
+                    os.fsync(fd)
+                except BaseException:  # a refused write or Ctrl-C part-way: take back the records' partial lines
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(fd, size)
+                    raise
+            finally:
+                os.close(fd)

@@ -55,28 +55,52 @@ class Shard:
         return list(items[positions.start:positions.stop])
 
 
+def is_ascii_number(text: str) -> bool:
+    """Only the ASCII digits 0-9 (str.isdigit also takes '٣' and '²', int() takes '+1' and ' 1')."""
+    return text.isascii() and text.isdigit()
+
+
 def _env_int(name: str, launcher: str, minimum: int = 0, default: int | None = None) -> int:
     """An integer launcher variable; a missing (without default) or malformed one is a ShardError naming it."""
     value = os.environ.get(name)
     if value is None and default is not None:
         return default
-    if value is None or not value.strip().isdigit() or int(value) < minimum:
+    if value is None or not is_ascii_number(value) or int(value) < minimum:
         shown = "is not set" if value is None else f"is {value!r}"
         raise ShardError(f"--shard auto: ${name} {shown}, expected an integer >= {minimum} as {launcher} sets it; "
                          f"launch with {launcher}, or give the shard explicitly (--shard i/n)")
     return int(value)
 
 
+def _refuse_incomplete_launch() -> None:
+    """ShardError for launcher variables that do not make one complete shard: a rank without its world size, an
+    array task without its task count, or both a torchrun world and a SLURM array of several processes each."""
+    env = os.environ
+    for part, whole, launcher in (("RANK", "WORLD_SIZE", "torchrun/accelerate"),
+                                  ("LOCAL_RANK", "WORLD_SIZE", "torchrun/accelerate"),
+                                  ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "a SLURM array job")):
+        if part in env and whole not in env:
+            raise ShardError(f"--shard auto: ${part} is {env[part]!r} but ${whole} is not set, so the shard count is "
+                             f"unknown; launch with {launcher} (it sets both), or give the shard explicitly "
+                             "(--shard i/n)")
+    if all(is_ascii_number(env.get(name, "")) and int(env[name]) > 1 for name in ("WORLD_SIZE", "SLURM_ARRAY_TASK_COUNT")):
+        raise ShardError(f"--shard auto: both a torchrun/accelerate world (WORLD_SIZE={env['WORLD_SIZE']}) and a SLURM "
+                         f"array (SLURM_ARRAY_TASK_COUNT={env['SLURM_ARRAY_TASK_COUNT']}) split the work, and only one "
+                         "may; launch one process per array task, or give the shard explicitly (--shard i/n)")
+
+
 def parse_shard(text: str | None) -> Shard:
     """`'i/n'`, or `'auto'` (torchrun/accelerate RANK and WORLD_SIZE, else a SLURM array), or None for one shard.
 
-    `auto` without either launcher's variables is the single shard. A launcher variable that is malformed, or
-    missing where the others need it (RANK with WORLD_SIZE > 1, SLURM_ARRAY_TASK_ID with SLURM_ARRAY_TASK_COUNT),
+    `auto` without either launcher's variables is the single shard. A launcher variable that is malformed (only
+    ASCII digits count), missing where the others need it (RANK or LOCAL_RANK without WORLD_SIZE, RANK with
+    WORLD_SIZE > 1, SLURM_ARRAY_TASK_ID without SLURM_ARRAY_TASK_COUNT), or a torchrun world inside a SLURM array
     is a ShardError naming it: guessing shard 0 would make every process do the same work.
     """
     if text is None or text == "":
         return Shard()
     if text == "auto":
+        _refuse_incomplete_launch()
         if "WORLD_SIZE" in os.environ:
             count = _env_int("WORLD_SIZE", "torchrun/accelerate", minimum=1)
             return Shard(_env_int("RANK", "torchrun/accelerate", default=0 if count == 1 else None), count)
@@ -95,7 +119,7 @@ def parse_shard(text: str | None) -> Shard:
             return Shard(index, count)
         return Shard()
     index, sep, count = text.partition("/")
-    if not sep or not index.isdigit() or not count.isdigit():
+    if not sep or not is_ascii_number(index) or not is_ascii_number(count):
         raise ShardError(f"--shard {text!r}: expected i/n with 0 <= i < n (e.g. 0/4), or 'auto'")
     return Shard(int(index), int(count))
 
