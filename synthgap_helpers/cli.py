@@ -21,8 +21,8 @@ bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
-import importlib
 import contextlib
+import importlib
 import re
 import signal
 import sys

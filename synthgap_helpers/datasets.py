@@ -34,7 +34,12 @@ from synthgap_helpers.imagesets import (
     load_image_folder,
     unusable_files,
 )
-from synthgap_helpers.storage import atomic_write, atomic_write_json, refused_by_disk, reporting_write_failures
+from synthgap_helpers.storage import (
+    atomic_write,
+    atomic_write_json,
+    refused_by_disk,
+    reporting_write_failures,
+)
 
 CIFAR10_NAME = "CIFAR-10"
 CIFAR10_SIDE = 32

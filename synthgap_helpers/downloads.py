@@ -21,7 +21,11 @@ from typing import BinaryIO
 from tqdm.auto import tqdm
 
 from synthgap_helpers.errors import ChecksumError, DownloadError
-from synthgap_helpers.storage import file_mode, refused_by_disk, reporting_write_failures
+from synthgap_helpers.storage import (
+    file_mode,
+    refused_by_disk,
+    reporting_write_failures,
+)
 
 CHUNK_BYTES = 1 << 16
 TIMEOUT_S = 60.0  # per network operation (connect, each read), not for the whole transfer

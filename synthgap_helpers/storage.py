@@ -149,8 +149,8 @@ class Manifest:
     """A JSONL file with one record per finished item, keyed by its `id`.
 
     Appends are writes on an O_APPEND descriptor followed by fsync, so a crash can at worst leave one
-    unterminated last line; `records` drops it (and `repair` truncates it). An append that fails or is interrupted
-    part-way is cut back to the file's previous size, so no record is listed whose append did not finish.
+    unterminated last line; `records` drops it (and `repair` truncates it). An append that fails (the write or
+    its fsync), or is interrupted part-way, is cut back to the file's previous size: no partial line stays.
     """
 
     def __init__(self, path: str | Path):
@@ -204,9 +204,10 @@ class Manifest:
                 try:
                     write_all(fd, payload)
                     os.fsync(fd)
-                except BaseException:  # a refused write or Ctrl-C part-way: take back the records' partial lines
-                    with contextlib.suppress(OSError):
-                        os.ftruncate(fd, size)
+                except BaseException as exc:  # refused (take the lines back), or Ctrl-C: only if it cut them
+                    if isinstance(exc, OSError) or os.fstat(fd).st_size < size + len(payload):
+                        with contextlib.suppress(OSError):
+                            os.ftruncate(fd, size)
                     raise
             finally:
                 os.close(fd)
