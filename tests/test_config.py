@@ -114,6 +114,10 @@ def test_parameters_added_by_a_newer_version_are_recorded_not_refused(tmp_path):
 
 
 def test_each_torchrun_process_gets_its_own_gpu(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a node with 4 GPUs
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.setenv("LOCAL_RANK", "3")
     assert config.resolve_device("cuda") == "cuda:3"
     assert config.resolve_device("cuda:1") == "cuda:1" and config.resolve_device("cpu") == "cpu"

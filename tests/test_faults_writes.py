@@ -277,3 +277,14 @@ def test_the_largest_seeds_work_in_every_generator_the_stages_use(tmp_path):
     torch.Generator().manual_seed(params.MODEL_SEED_MAX)
     np.random.default_rng(params.MODEL_SEED_MAX)
     np.random.RandomState(params.SEED_MAX)
+
+
+def test_a_gpu_number_beyond_the_visible_ones_or_a_bad_local_rank_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a node with 2 GPUs
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert config.resolve_device("cuda:1") == "cuda:1"
+    with pytest.raises(config.ConfigError, match=r"device = cuda:2: only 2 GPU\(s\) are visible"):
+        config.resolve_device("cuda:2")
+    monkeypatch.setenv("LOCAL_RANK", "\u0661")
+    with pytest.raises(config.ConfigError, match="LOCAL_RANK is '\u0661', not a GPU number"):
+        config.resolve_device("cuda")

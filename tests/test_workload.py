@@ -30,6 +30,7 @@ def test_auto_shard_follows_torchrun_then_slurm(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert parse_shard("auto") == Shard(2, 4)
     monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("RANK")  # a rank without its world size is refused (tests/test_faults_writes.py)
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "6")
     monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "5")
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "3")
