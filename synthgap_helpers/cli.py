@@ -14,8 +14,10 @@
 
 Relative paths (--run-dir, --profile FILE.yaml, and path parameters in --set) are taken from the folder the
 command is started in. An expected failure (bad parameters, data, files or folders; a failed notebook) is
-printed as one line, `error: <what> ... <fix>`, on stderr, and the exit status is 2; any other exception is a
-bug and keeps its traceback.
+printed as one line, `error: <what> ... <fix>`, on stderr, and the exit status is 2; so is a write the disk
+refuses (no space, a file-size limit, a read-only file system), wherever it happens. Ctrl-C and SIGTERM print
+`interrupted; rerun the same command to resume` and exit with 130 and 143. Any other exception is a bug and keeps
+its traceback.
 """
 
 from __future__ import annotations
