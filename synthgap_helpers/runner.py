@@ -110,6 +110,8 @@ def execute_notebooks(notebooks: list[Path], out_dir: Path, parameters: dict[str
             papermill.execute_notebook(str(notebook), str(output), parameters=parameters, cwd=str(notebook.parent),
                                        kernel_name="python3", progress_bar=True)
         except PapermillExecutionError as exc:
+            if exc.ename == "KeyboardInterrupt":  # Ctrl-C reached the kernel too (one process group): interrupted
+                raise KeyboardInterrupt(f"{notebook.name}, cell {exc.cell_index}") from None
             raise NotebookFailed(f"{notebook.name} failed in cell {exc.cell_index} (execution count {exc.exec_count}):"
                                  f" {exc.ename}: {exc.evalue}\nThe executed notebook, with the traceback, is {output}") from None
         strip_test_markers(output)

@@ -183,7 +183,7 @@ class Manifest:
         data = self.path.read_bytes()
         end = data.rfind(b"\n") + 1
         if end != len(data):
-            with open(self.path, "r+b") as handle:
+            with reporting_write_failures(self.path), open(self.path, "r+b") as handle:
                 handle.truncate(end)
 
     @staticmethod

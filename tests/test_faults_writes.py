@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from synthgap_helpers import cli, config, params, storage, workload
+from synthgap_helpers import cli, config, params, runner, storage, workload
 from synthgap_helpers.errors import WriteFailed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -200,6 +200,21 @@ def test_an_interrupted_generate_is_one_line_and_a_rerun_completes_the_same_byte
     assert finish(process) == (status, "interrupted; rerun the same command to resume")
     assert 0 < assert_consistent(run_dir, reference) < IMAGES
     rerun_completes(run_dir, reference, capsys)
+
+
+def test_ctrl_c_reaching_a_notebook_kernel_ends_run_as_interrupted(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in a terminal reaches papermill's kernel too (one process group): the cell fails with
+    KeyboardInterrupt, which is the command's interruption, not a failed notebook."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    def interrupted(notebook, output, **kwargs):
+        raise PapermillExecutionError(3, 3, "train()", "KeyboardInterrupt", "", [])
+
+    monkeypatch.setattr(papermill, "execute_notebook", interrupted)
+    monkeypatch.setattr(runner, "write_build_record", lambda *args: None)
+    status = cli.main(["run", "--profile", "smoke", "--run-dir", str(tmp_path / "run"), "--only", "01", "--no-book"])
+    assert (status, capsys.readouterr().err) == (130, "interrupted; rerun the same command to resume\n")
 
 
 # --------------------------------------------------------------------------------------------- environment
