@@ -4,10 +4,12 @@ the fetch plumbing, CIFAR-10 through torchvision's download, York Urban's archiv
 from __future__ import annotations
 
 import collections
+import errno
 import hashlib
 import http.server
 import io
 import json
+import os
 import pickle
 import shutil
 import socket
@@ -26,7 +28,7 @@ from synthgap_helpers import datasets
 from synthgap_helpers.data import DataError
 from synthgap_helpers.datasets import load_dataset as load_cifar10
 from synthgap_helpers.downloads import fetch
-from synthgap_helpers.errors import ChecksumError, DownloadError
+from synthgap_helpers.errors import ChecksumError, DownloadError, WriteFailed
 from synthgap_helpers.geometry.validation import load_york_urban
 from synthgap_helpers.geometry.york_urban import (
     YorkUrbanArchive,
@@ -219,6 +221,19 @@ def test_fetch_checksum_mismatch_says_expected_and_got_and_deletes_the_file(serv
         fetch(url, dest, sha256="0" * 64)
     message = str(error.value)
     assert f"expected {'0' * 64}, got {hashlib.sha256(b'tampered').hexdigest()}" in message and url in message
+    assert not dest.exists() and leftovers(dest.parent) == []
+
+
+def test_fetch_onto_a_full_disk_names_the_file_and_the_disk_not_the_network(server, tmp_path, monkeypatch):
+    class FullDisk(io.BytesIO):
+        def write(self, data: bytes) -> int:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    url = server.serve("/a.bin", b"archive bytes" * 1000)
+    dest = tmp_path / "cache" / "a.bin"
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: (os.close(fd), FullDisk())[1])
+    with pytest.raises(WriteFailed, match=f"could not write {dest}: No space left on device; free space"):
+        fetch(url, dest)
     assert not dest.exists() and leftovers(dest.parent) == []
 
 
