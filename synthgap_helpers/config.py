@@ -319,7 +319,7 @@ def resolve_device(name: str) -> str:
             raise ConfigError(f"device = {name}: this machine shows no GPU to torch (no NVIDIA driver, "
                               "CUDA_VISIBLE_DEVICES empty, or a CPU-only torch build); set device=cpu (or device=auto), "
                               "or run on a machine with a GPU")
-        if index.isascii() and index.isdigit() and int(index) >= visible:
+        if not (index.isascii() and index.isdigit()) or int(index) >= visible:
             raise ConfigError(f"device = {name}: only {visible} GPU(s) are visible (cuda:0 ... cuda:{visible - 1}); "
                               "choose one of them, or device=cuda")
     return name
