@@ -34,6 +34,7 @@ from synthgap_helpers.storage import file_mode
 LOCK_FOLDER = ".locks"
 FREED = "the lock is freed when that process ends, even if it is killed"
 _POLL_SECONDS = 0.05
+COMMAND_SHOWN = 300  # characters of the holder's command line a message shows
 
 
 class LockHeld(UserError):
@@ -75,7 +76,9 @@ def _describe_holder(fd: int) -> str:
     """The holder recorded in an open lock file, as 'pid P on host H (command) since T UTC'."""
     try:
         found = json.loads(os.pread(fd, 65536, 0))
-        return (f"pid {found['pid']} on host {found['host']} ({found['command']}) "
+        command = str(found["command"])
+        command = command if len(command) <= COMMAND_SHOWN else command[:COMMAND_SHOWN - 3] + "..."
+        return (f"pid {found['pid']} on host {found['host']} ({command}) "
                 f"since {str(found['since_utc']).split()[-1]} UTC")
     except (OSError, ValueError, TypeError, KeyError, IndexError):  # the holder is still writing its record
         return "another process (it has not recorded itself yet)"

@@ -58,7 +58,7 @@ class CorruptResults(DataError):
 
 
 RECORD_WAIT_SECONDS = 120.0
-RECORD_FIX = "it records only for a moment, so a process that keeps it longer hangs: end that process and rerun"
+RECORD_FIX = "it is written for a moment only, so that process hangs: end it, then rerun this command"
 _REBUILD = ("each stage's notebook or command records its section again when rerun (finished work is reused, "
             "so a rerun is quick)")
 
@@ -89,7 +89,7 @@ def record(run_dir: str | Path, section: str, payload: Any) -> Path:
     re-records their sections (or repair the moved file and move it back).
     """
     path = Path(run_dir) / RESULTS_FILE
-    with holding(lock_path(path), f"{path} (section {section!r})", RECORD_FIX, wait=RECORD_WAIT_SECONDS):
+    with holding(lock_path(path), str(path), RECORD_FIX, wait=RECORD_WAIT_SECONDS):
         current = _read(path)
         if isinstance(current, str):
             stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")

@@ -46,9 +46,11 @@ from tqdm.auto import tqdm
 
 from synthgap_helpers import config, data, imagesets, sets
 from synthgap_helpers.imagesets import ImageSet
-from synthgap_helpers.locks import acquire, lock_path, release
+from synthgap_helpers.locks import acquire, holding, lock_path, release
 from synthgap_helpers.results import (
     MISSING,
+    RECORD_FIX,
+    RECORD_WAIT_SECONDS,
     frame_records,
     gains_over,
     record,
@@ -480,20 +482,23 @@ def run(cfg: Any, shard: Shard = Shard(), train: bool = True) -> TrainingSummary
         if resumed_at is not None:
             resumed[(arm.name, seed)] = resumed_at
 
-    records = {}
-    for (arm_name, seed), key in keys.items():
-        record = read_finished(job_dir(cfg.run_dir, arm_name, seed), key)
-        if record is not None:
-            records[(arm_name, seed)] = record
-    summary = TrainingSummary(
-        run_dir=cfg.run_dir, arms=arms, seeds=seeds, records=records,
-        arm_sizes={arm.name: {"real": len(real.train) if arm.real else 0,
-                              "synthetic": len(arm_data[arm.name].synthetic) if arm.synthetic else 0}
-                   for arm in arms},
-        real_sizes={"train": len(real.train), "val": len(real.val), "test": len(real.test)},
-        test_fingerprint=prints["test"], skipped=skipped, trained=trained, reused=reused, pending=pending, held=held,
-        problems=problems, messages=messages, resumed=resumed, original_study=data.dataset_info(cfg).is_cifar10)
-    summary.files = write_results(summary)
+    tables = cfg.run_dir / "results" / "accuracy.csv"
+    with holding(lock_path(tables), str(tables.parent), RECORD_FIX, wait=RECORD_WAIT_SECONDS):
+        # the process that writes the tables last has read every job finished before: none is left out
+        records = {}
+        for (arm_name, seed), key in keys.items():
+            record = read_finished(job_dir(cfg.run_dir, arm_name, seed), key)
+            if record is not None:
+                records[(arm_name, seed)] = record
+        summary = TrainingSummary(
+            run_dir=cfg.run_dir, arms=arms, seeds=seeds, records=records,
+            arm_sizes={arm.name: {"real": len(real.train) if arm.real else 0,
+                                  "synthetic": len(arm_data[arm.name].synthetic) if arm.synthetic else 0}
+                       for arm in arms},
+            real_sizes={"train": len(real.train), "val": len(real.val), "test": len(real.test)},
+            test_fingerprint=prints["test"], skipped=skipped, trained=trained, reused=reused, pending=pending, held=held,
+            problems=problems, messages=messages, resumed=resumed, original_study=data.dataset_info(cfg).is_cifar10)
+        summary.files = write_results(summary)
     return summary
 
 
