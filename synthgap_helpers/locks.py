@@ -65,10 +65,16 @@ def lock_path(guarded: str | Path, name: str | None = None) -> Path:
     return guarded.parent / LOCK_FOLDER / f"{name or guarded.name}.lock"
 
 
+def _command_line() -> str:
+    """This process's command line as typed: `python -m package ...` for a module run with -m."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    argv = ["-m", spec.name.removesuffix(".__main__"), *sys.argv[1:]] if spec is not None else sys.argv
+    return shlex.join([Path(sys.executable).name, *argv])
+
+
 def _holder_record() -> bytes:
     """Who this process is, as the lock file records it."""
-    return json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                       "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+    return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": _command_line(),
                        "since_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")}).encode()
 
 

@@ -142,7 +142,7 @@ def test_two_generate_sd_on_one_shard_one_writes_the_other_stops_in_one_line(tmp
                                 capture_output=True, text=True, timeout=DEADLINE)
         assert second.returncode == 2
         assert_one_line(second.stderr, "synthetic/sd shard 0/1 is being written by pid", str(first.pid),
-                        "generate sd", f"(lock {lock})", "run another shard")
+                        "(python -c ", " generate sd --run-dir ", f"(lock {lock})", "run another shard")
         (tmp_path / "gate").touch()
         out, err = first.communicate(timeout=DEADLINE)
     finally:
