@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -278,3 +279,16 @@ def test_processes_recording_at_once_keep_every_section(tmp_path):
         assert process.wait(timeout=DEADLINE) == 0, process.stderr.read()
     sections = json.loads((tmp_path / "results.json").read_text())
     assert len(sections) == 200 and sections["p3-49"] == {"k": 49}
+
+
+def test_a_file_system_without_locks_is_refused_in_one_line_naming_the_folder(tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "sd"
+    write_synthetic(folder, per_class=1)
+
+    def refuse(fd, operation):  # what lockf does on NFS mounted with nolock, or a FUSE file system without locks
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(locks.fcntl, "lockf", refuse)
+    status, err = run_cli(capsys, "merge", str(folder))
+    assert status == 2
+    assert_one_line(err, f"{folder / '.locks'}: the file system refuses file locks", "without the nolock option")
