@@ -343,8 +343,8 @@ def load(profile: str = "smoke", run_dir: str | Path | None = None,
     """Resolve the config and (with `record`) write or check `<run_dir>/config.json`.
 
     The first call on a run directory writes the parameters and provenance (of first calls racing on it,
-    exactly one: `locks.create_once`); later calls must resolve to the same values, else the error lists the keys that differ. Parameters the record
-    lacks (added by a newer version) are added to it. Before anything is written, every path parameter that
+    exactly one: `locks.create_once`); later calls must resolve to the same values, else the error lists the
+    keys that differ. Parameters the record lacks (added by a newer version) are added to it. Before anything is written, every path parameter that
     is set must exist (`check_paths`), and the run directory must be a folder that can be written to (created
     if missing): otherwise a ConfigError names the parameter or folder and the fix.
     """

@@ -37,7 +37,11 @@ _POLL_SECONDS = 0.05
 COMMAND_SHOWN = 300  # characters of the holder's command line a message shows
 
 
-class LockHeld(UserError):
+class LockError(UserError):
+    """A lock that cannot be taken; the message names the lock file or folder and the fix."""
+
+
+class LockHeld(LockError):
     """Another live process holds the lock; the message says who, since when, and what to do."""
 
     def __init__(self, message: str, holder: str):
@@ -45,7 +49,7 @@ class LockHeld(UserError):
         self.holder = holder  # 'pid P on host H (command) since T UTC'
 
 
-class LocksUnsupported(UserError):
+class LocksUnsupported(LockError):
     """The file system of the lock folder refuses record locks (ENOLCK, EOPNOTSUPP)."""
 
 
@@ -109,8 +113,8 @@ def acquire(path: str | Path) -> str | None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        except PermissionError as exc:
-            raise UserError(f"lock file {path} cannot be created ({exc.strerror}); the run directory must be "
+        except OSError as exc:  # a read-only or full file system, a folder without write permission
+            raise LockError(f"lock file {path} cannot be created ({exc.strerror}); the run directory must be "
                             "writable: fix its permissions (chmod / chgrp) or pass another --run-dir") from None
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
