@@ -292,3 +292,18 @@ def test_a_file_system_without_locks_is_refused_in_one_line_naming_the_folder(tm
     status, err = run_cli(capsys, "merge", str(folder))
     assert status == 2
     assert_one_line(err, f"{folder / '.locks'}: the file system refuses file locks", "without the nolock option")
+
+
+@pytest.mark.parametrize("command, lock, what", [
+    (["invert", "train"], "inversion/.locks/embeddings.shard-0-of-1.lock", "inversion embeddings shard 0/1"),
+    (["invert", "sample"], "synthetic/di/.locks/manifest.jsonl.lock", "synthetic/di shard 0/1"),
+    (["curate"], "results/.locks/curation.shard-0-of-1.lock", "results/curation shard 0/1"),
+])
+def test_the_other_writing_stages_stop_a_second_process_on_a_shard_in_one_line(tmp_path, capsys, holder, command,
+                                                                               lock, what):
+    run_dir = tmp_path / "run"
+    process = holder(run_dir / lock)
+    status, err = run_cli(capsys, *command, "--run-dir", str(run_dir), "--set", "inversion.model=tiny",
+                          "--set", "device=cpu")
+    assert status == 2
+    assert_one_line(err, f"{what} is being written by pid {process.pid} on host", f"(lock {run_dir / lock})")
