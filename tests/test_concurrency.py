@@ -295,7 +295,7 @@ def test_a_file_system_without_locks_is_refused_in_one_line_naming_the_folder(tm
 
 
 @pytest.mark.parametrize("command, lock, what", [
-    (["invert", "train"], "inversion/.locks/embeddings.shard-0-of-1.lock", "inversion embeddings shard 0/1"),
+    (["invert", "train"], ".locks/inversion-embeddings.shard-0-of-1.lock", "inversion embeddings shard 0/1"),
     (["invert", "sample"], "synthetic/di/.locks/manifest.jsonl.lock", "synthetic/di shard 0/1"),
     (["curate"], "results/.locks/curation.shard-0-of-1.lock", "results/curation shard 0/1"),
 ])

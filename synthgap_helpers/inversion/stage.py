@@ -146,8 +146,8 @@ def class_embeddings(pipe: Any, classes: Sequence[str], num_tokens: int, kind: s
 
 def train_embeddings(cfg: Any, shard: Shard = Shard(), pipe: Any | None = None, progress: bool = True) -> TrainSummary:
     """Train the embeddings of every group this shard owns; skip finished groups, resume interrupted ones."""
-    folder = cfg.run_dir / EMBEDDINGS_DIR
-    with shard_lock(lock_path(folder, f"{folder.name}.shard-{shard.index}-of-{shard.count}"), shard,
+    folder = cfg.run_dir / EMBEDDINGS_DIR  # its lock lies in <run_dir>/.locks: a refused run leaves no inversion/
+    with shard_lock(lock_path(folder.parent, f"inversion-embeddings.shard-{shard.index}-of-{shard.count}"), shard,
                     "inversion embeddings"), \
             cpu_threads(cfg.inversion.cpu_threads):
         return _train_embeddings(cfg, shard, pipe, progress)
