@@ -246,7 +246,11 @@ def test_two_train_processes_train_every_job_once_and_the_second_takes_other_wor
                                                    for arg in ("--set", f"{key}={json.dumps(value)}")]]
     log = tmp_path / "starts.log"
     processes = [python(COUNTED_TRAIN, str(log), *argv) for _ in range(2)]
-    outputs = [process.communicate(timeout=4 * DEADLINE) for process in processes]
+    try:
+        outputs = [process.communicate(timeout=4 * DEADLINE) for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
     assert [process.returncode for process in processes] == [0, 0], [err for _, err in outputs]
     starts = sorted(" ".join(line.split()[1:]) for line in log.read_text().splitlines())
     finished = sorted(f"{path.parent.parent.name} {path.parent.name.removeprefix('seed')}"
