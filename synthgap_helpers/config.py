@@ -26,6 +26,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from synthgap_helpers.errors import UserError
+from synthgap_helpers.locks import create_once
 from synthgap_helpers.params import Config, preset_values
 from synthgap_helpers.storage import atomic_write_json
 
@@ -357,9 +358,9 @@ def load(profile: str = "smoke", run_dir: str | Path | None = None,
          overrides: str | list[str] | dict[str, Any] | None = None, record: bool = True) -> Config:
     """Resolve the config and (with `record`) write or check `<run_dir>/config.json`.
 
-    The first call on a run directory writes the parameters and provenance; later calls must
-    resolve to the same values, else the error lists the keys that differ. Parameters the record
-    lacks (added by a newer version) are added to it. Before anything is written, every path parameter that
+    The first call on a run directory writes the parameters and provenance (of first calls racing on it,
+    exactly one: `locks.create_once`); later calls must resolve to the same values, else the error lists the
+    keys that differ. Parameters the record lacks (added by a newer version) are added to it. Before anything is written, every path parameter that
     is set must exist (`check_paths`), and the run directory must be a folder that can be written to (created
     if missing): otherwise a ConfigError names the parameter or folder and the fix.
     """
@@ -369,14 +370,10 @@ def load(profile: str = "smoke", run_dir: str | Path | None = None,
         return cfg
     _usable_run_dir(cfg.run_dir)
     path = cfg.run_dir / "config.json"
-    if not path.exists():
-        atomic_write_json(path, {"params": cfg.params(), "provenance": provenance(cfg)})
+    if not path.exists() and create_once(path, _record_bytes(cfg)):
         return cfg
-    try:
-        record = json.loads(path.read_text())
-        previous = record["params"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ConfigError(f"{path} is not a synthgap config record ({exc!r}); delete it or choose another run_dir") from None
+    record = read_record(path)  # another process may have created it since: its parameters must match
+    previous = record["params"]
     differences = _differences(previous, cfg.params())
     if differences:
         listing = "\n  ".join(differences)
@@ -386,6 +383,30 @@ def load(profile: str = "smoke", run_dir: str | Path | None = None,
     if _merge(cfg.params(), previous) != previous:  # parameters a newer version added: record them too
         atomic_write_json(path, {**record, "params": _merge(cfg.params(), previous)})
     return cfg
+
+
+def _record_bytes(cfg: Config) -> bytes:
+    """A new run's `config.json`: its parameters and provenance, as JSON text."""
+    return (json.dumps({"params": cfg.params(), "provenance": provenance(cfg)}, indent=2) + "\n").encode()
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    """The run's `config.json` (a mapping with its `params`); one that cannot be read is a ConfigError naming it."""
+    try:
+        record = json.loads(path.read_bytes().decode())
+    except IsADirectoryError:
+        why = "a folder, not the run's record of its parameters"
+    except UnicodeDecodeError as exc:
+        why = f"not UTF-8 text ({exc.reason} at byte {exc.start})"
+    except json.JSONDecodeError as exc:
+        why = "empty" if not exc.doc.strip() else f"not valid JSON ({exc.msg} at line {exc.lineno})"
+    else:
+        if isinstance(record, dict) and isinstance(record.get("params"), dict):
+            return record
+        why = "not a synthgap config record (a JSON mapping with a 'params' mapping)"
+    raise ConfigError(f"{path} is {why}; it records the parameters this run directory was made with: restore it "
+                      "(e.g. from a backup), or delete it to record the parameters of the next command, or pass "
+                      "another --run-dir")
 
 
 def check_paths(cfg: Config) -> None:

@@ -21,6 +21,7 @@ import scipy.stats
 
 from synthgap_helpers import config
 from synthgap_helpers.errors import DataError
+from synthgap_helpers.locks import holding, lock_path
 from synthgap_helpers.storage import atomic_write_json
 
 RESULTS_FILE = "results.json"
@@ -56,6 +57,8 @@ class CorruptResults(DataError):
     """`results.json` cannot be read as the stages wrote it; the message names the file and the fix."""
 
 
+RECORD_WAIT_SECONDS = 120.0
+RECORD_FIX = "it is written for a moment only, so that process hangs: end it, then rerun this command"
 _REBUILD = ("each stage's notebook or command records its section again when rerun (finished work is reused, "
             "so a rerun is quick)")
 
@@ -76,6 +79,9 @@ def _read(path: Path) -> dict[str, Any] | str:
 def record(run_dir: str | Path, section: str, payload: Any) -> Path:
     """Set one section of `<run_dir>/results.json` (other sections kept), atomically.
 
+    Processes recording at once take turns (a lock held for the read-modify-write, waited for up to
+    RECORD_WAIT_SECONDS), so that none drops a section another has just written.
+
     A results.json that cannot be read (edited or damaged) is never rewritten from what could be read of it,
     which would drop the other stages' sections without a word. Instead it is moved aside, unchanged, to
     `results.json.corrupt-<UTC time>` and CorruptResults is raised, naming both files: nothing is recorded by
@@ -83,17 +89,18 @@ def record(run_dir: str | Path, section: str, payload: Any) -> Path:
     re-records their sections (or repair the moved file and move it back).
     """
     path = Path(run_dir) / RESULTS_FILE
-    current = _read(path)
-    if isinstance(current, str):
-        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
-        aside = path.with_name(f"{RESULTS_FILE}.corrupt-{stamp}")
-        os.replace(path, aside)
-        raise CorruptResults(f"{path} is {current}; it was moved aside, unchanged, to {aside}, and section "
-                             f"{section!r} was not recorded. Fix: rerun this stage to record {section!r} into a fresh "
-                             f"{RESULTS_FILE}, and rerun the other stages to record theirs ({_REBUILD}); or repair "
-                             f"{aside.name} and move it back to {RESULTS_FILE}")
-    current[section] = json_safe(payload)
-    return atomic_write_json(path, current)
+    with holding(lock_path(path), str(path), RECORD_FIX, wait=RECORD_WAIT_SECONDS):
+        current = _read(path)
+        if isinstance(current, str):
+            stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+            aside = path.with_name(f"{RESULTS_FILE}.corrupt-{stamp}")
+            os.replace(path, aside)
+            raise CorruptResults(f"{path} is {current}; it was moved aside, unchanged, to {aside}, and section "
+                                 f"{section!r} was not recorded. Fix: rerun this stage to record {section!r} into a fresh "
+                                 f"{RESULTS_FILE}, and rerun the other stages to record theirs ({_REBUILD}); or repair "
+                                 f"{aside.name} and move it back to {RESULTS_FILE}")
+        current[section] = json_safe(payload)
+        return atomic_write_json(path, current)
 
 
 def read_records(run_dir: str | Path) -> dict[str, Any]:

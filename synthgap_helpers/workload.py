@@ -8,6 +8,7 @@ interrupted and resumed; stages skip finished items, so rerunning with another s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from synthgap_helpers.errors import DataError, UserError
+from synthgap_helpers.locks import holding, lock_path
 from synthgap_helpers.storage import Manifest, atomic_write_bytes
 
 T = TypeVar("T")
@@ -124,6 +126,13 @@ def parse_shard(text: str | None) -> Shard:
     return Shard(int(index), int(count))
 
 
+def shard_lock(path: Path, shard: Shard, what: str) -> contextlib.AbstractContextManager[None]:
+    """Hold the lock file `path` of this shard's work on `what` (e.g. 'synthetic/sd'): one writer per shard; a
+    second process on it is LockHeld naming the holder."""
+    return holding(path, f"{what} shard {shard.index}/{shard.count}",
+                   "wait for it to end, or run another shard (--shard i/n)")
+
+
 def stable_hash(text: str) -> int:
     """A 63-bit hash of a string that is the same in every process and Python version."""
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
@@ -149,6 +158,15 @@ def merge_shards(folder: str | Path) -> int:
         raise DataError(f"merge: {folder} holds neither manifest.jsonl nor shard manifests (manifest.shard-*.jsonl); "
                         "give the image set folder a stage wrote, such as runs/<profile>/synthetic/sd")
     parts = [Manifest(folder / "manifest.jsonl")] + [Manifest(p) for p in sorted(folder.glob("manifest.shard-*.jsonl"))]
+    with contextlib.ExitStack() as writers_away:  # no shard may append to a manifest while it is merged
+        for part in parts:
+            writers_away.enter_context(holding(lock_path(part.path), f"{part.path}",
+                                               "merge after that shard has ended"))
+        return _merge_parts(folder, parts)
+
+
+def _merge_parts(folder: Path, parts: list[Manifest]) -> int:
+    """`merge_shards` of the manifests `parts` (manifest.jsonl first), their writers locked out."""
     merged: dict[str, dict] = {}
     for part in parts:
         for record in part.records():

@@ -59,6 +59,7 @@ from synthgap_helpers.geometry.metrics import image_metrics
 from synthgap_helpers.gradcam.maps import gradcam_maps
 from synthgap_helpers.gradcam.metrics import attention_metrics
 from synthgap_helpers.imagesets import ImageSet
+from synthgap_helpers.locks import lock_path
 from synthgap_helpers.storage import atomic_write, atomic_write_json
 from synthgap_helpers.train import arms as train_arms
 from synthgap_helpers.train.arms import Arm, CurrentKeys, MissingModelError, fingerprint
@@ -70,7 +71,7 @@ from synthgap_helpers.train.trainer import (
     predict_logits,
     train_classifier,
 )
-from synthgap_helpers.workload import Shard, image_seed, stable_hash
+from synthgap_helpers.workload import Shard, image_seed, shard_lock, stable_hash
 
 STAGE_VERSION = 1
 """Bump when what the stage computes changes: older scores and rows are recomputed."""
@@ -564,7 +565,14 @@ class CurationSummary:
 def run(cfg: Any, shard: Shard = Shard()) -> CurationSummary:
     """Score the sets (or reuse the scores), then train every selection and scaling job of this shard not finished
     yet; with several shards each writes ``results/curation.shard-i-of-n.csv`` and a later single-shard call (the
-    notebook) reuses them all, writes ``results/curation.csv`` and records the ``curation`` section."""
+    notebook) reuses them all, writes ``results/curation.csv`` and records the ``curation`` section. One process per
+    shard: a second one on it is `locks.LockHeld` naming the first."""
+    path = cfg.run_dir / "results" / "curation.csv"
+    with shard_lock(lock_path(path, f"{path.stem}.shard-{shard.index}-of-{shard.count}"), shard, "results/curation"):
+        return _run(cfg, shard)
+
+
+def _run(cfg: Any, shard: Shard) -> CurationSummary:
     scores = score(cfg)
     real = data.real_data(cfg)
     jobs = plan_jobs(cfg, scores, real)

@@ -62,9 +62,10 @@ from synthgap_helpers.inversion.sampling import (
     sampling_pipeline,
     unconditional,
 )
+from synthgap_helpers.locks import lock_path
 from synthgap_helpers.sd import pipelines as diffusion
 from synthgap_helpers.storage import atomic_write_json
-from synthgap_helpers.workload import Shard, image_seed
+from synthgap_helpers.workload import Shard, image_seed, shard_lock
 
 
 @dataclass
@@ -145,7 +146,10 @@ def class_embeddings(pipe: Any, classes: Sequence[str], num_tokens: int, kind: s
 
 def train_embeddings(cfg: Any, shard: Shard = Shard(), pipe: Any | None = None, progress: bool = True) -> TrainSummary:
     """Train the embeddings of every group this shard owns; skip finished groups, resume interrupted ones."""
-    with cpu_threads(cfg.inversion.cpu_threads):
+    folder = cfg.run_dir / EMBEDDINGS_DIR  # its lock lies in <run_dir>/.locks: a refused run leaves no inversion/
+    with shard_lock(lock_path(folder.parent, f"inversion-embeddings.shard-{shard.index}-of-{shard.count}"), shard,
+                    "inversion embeddings"), \
+            cpu_threads(cfg.inversion.cpu_threads):
         return _train_embeddings(cfg, shard, pipe, progress)
 
 
@@ -355,7 +359,9 @@ def sample(cfg: Any, shard: Shard = Shard(), pipe: Any | None = None, progress: 
     A listed sample whose PNG is missing or differs from its recorded checksum is drawn again (byte-identical:
     its draws depend on the run seed and its id only) and counted as repaired.
     """
-    with cpu_threads(cfg.inversion.cpu_threads):
+    folder = cfg.run_dir / "synthetic" / SOURCE
+    with shard_lock(lock_path(folder / shard.manifest_name), shard, f"synthetic/{SOURCE}"), \
+            cpu_threads(cfg.inversion.cpu_threads):
         return _sample(cfg, shard, pipe, progress)
 
 

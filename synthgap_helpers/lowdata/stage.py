@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from synthgap_helpers import config, data, imagesets, results, sets
 from synthgap_helpers.config import ConfigError
 from synthgap_helpers.imagesets import ImageSet
+from synthgap_helpers.locks import lock_path
 from synthgap_helpers.lowdata import containment
 from synthgap_helpers.lowdata import figures as lowdata_figures
 from synthgap_helpers.results import summarize_seeds
@@ -51,7 +52,7 @@ from synthgap_helpers.train.trainer import (
     evaluate,
     train_classifier,
 )
-from synthgap_helpers.workload import Shard
+from synthgap_helpers.workload import Shard, shard_lock
 
 STAGE_VERSION = 2
 """Bump when what a job computes changes: rows of an older version are retrained (2: contained synthetic sets,
@@ -207,7 +208,15 @@ def _run_jobs(jobs: list[_Job], path: Path, real: data.RealData, device: str, de
                                                        list[tuple[int, str, int]]]:
     """Train the jobs this shard owns that have no current row (rows of any shard's file, or of `also_finished`
     files, with the same key count too), rewriting the shard's CSV after each model (`path` itself for a single
-    shard). Returns the finished rows, and the (k, arm, seed) trained, reused and left to other shards."""
+    shard). Returns the finished rows, and the (k, arm, seed) trained, reused and left to other shards. One
+    process per shard: a second one on it is `locks.LockHeld` naming the first."""
+    with shard_lock(lock_path(path, f"{path.stem}.shard-{shard.index}-of-{shard.count}"), shard, f"results/{path.stem}"):
+        return _train_jobs(jobs, path, real, device, desc, shard, also_finished)
+
+
+def _train_jobs(jobs: list[_Job], path: Path, real: data.RealData, device: str, desc: str, shard: Shard,
+                also_finished: list[Path]) -> tuple[pd.DataFrame, list[tuple[int, str, int]],
+                                                     list[tuple[int, str, int]], list[tuple[int, str, int]]]:
     finished: dict[str, dict[str, Any]] = {}
     for source in [*also_finished, *_row_files(path)]:
         for row in read_rows(source).to_dict(orient="records"):

@@ -29,11 +29,12 @@ from tqdm.auto import tqdm
 from synthgap_helpers import config, data, imagesets
 from synthgap_helpers.config import ConfigError
 from synthgap_helpers.imagesets import DEFAULT_IMAGE_SIZE
+from synthgap_helpers.locks import lock_path
 from synthgap_helpers.params import CLASS_SYNONYMS, check_templates
 from synthgap_helpers.sd import pipelines as diffusion
 from synthgap_helpers.sd.prompts import class_prompt, draw_guidance, read_captions
 from synthgap_helpers.sets import reading
-from synthgap_helpers.workload import Shard, image_seed, merge_shards
+from synthgap_helpers.workload import Shard, image_seed, merge_shards, shard_lock
 
 SOURCE = "sd"
 
@@ -283,8 +284,14 @@ def run(cfg: Any, shard: Shard = Shard()) -> GenerationSummary:
     Finished ids (listed in any manifest of the folder, their PNG intact) are skipped; listed ids whose PNG
     is missing or does not match its recorded checksum are regenerated (byte-identical: per-image seeds) and
     counted as repaired. With one shard, shard manifests left by an earlier sharded run are merged into
-    `manifest.jsonl` at the end.
+    `manifest.jsonl` at the end. One process per shard: a second one on it is `locks.LockHeld` naming the first.
     """
+    folder = output_folder(cfg)
+    with shard_lock(lock_path(folder / shard.manifest_name), shard, f"{folder.parent.name}/{folder.name}"):
+        return _run(cfg, shard)
+
+
+def _run(cfg: Any, shard: Shard) -> GenerationSummary:
     params = cfg.sd
     check_steps(cfg)
     real_train = data.real_data(cfg).train if params.mode == "img2img" else None

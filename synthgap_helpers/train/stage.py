@@ -46,8 +46,11 @@ from tqdm.auto import tqdm
 
 from synthgap_helpers import config, data, imagesets, sets
 from synthgap_helpers.imagesets import ImageSet
+from synthgap_helpers.locks import acquire, holding, lock_path, release
 from synthgap_helpers.results import (
     MISSING,
+    RECORD_FIX,
+    RECORD_WAIT_SECONDS,
     frame_records,
     gains_over,
     record,
@@ -192,6 +195,7 @@ class TrainingSummary:
     trained: list[tuple[str, int]] = field(default_factory=list)  # jobs this call trained
     reused: list[tuple[str, int]] = field(default_factory=list)  # jobs this call found finished
     pending: list[tuple[str, int]] = field(default_factory=list)  # jobs of other shards not finished yet
+    held: dict[tuple[str, int], str] = field(default_factory=dict)  # of `pending`: jobs another process was training
     files: list[Path] = field(default_factory=list)
     problems: dict[tuple[str, int], str] = field(default_factory=dict)  # jobs found unusable: short reason
     messages: dict[tuple[str, int], str] = field(default_factory=dict)  # the same: file, reason and fix in one line
@@ -337,7 +341,8 @@ class TrainingSummary:
         return table
 
     def jobs_table(self) -> pd.DataFrame:
-        """Per (arm, seed): trained by this call, reused from an earlier run, or pending (another shard); a job
+        """Per (arm, seed): trained by this call, reused from an earlier run, pending (another shard) or left to the
+        process that was training it when this call came to it; a job
         whose earlier model was unusable says why ("retrained: model file corrupt", "pending: unfinished"), a
         resumed one the step it continued from."""
         def trained(job: tuple[str, int]) -> str:
@@ -346,6 +351,7 @@ class TrainingSummary:
             return text + (f" (resumed at step {self.resumed[job]})" if job in self.resumed else "")
 
         status = {**{job: f"pending: {self.problems[job]}" if job in self.problems else "pending" for job in self.pending},
+                  **{job: f"left to {holder}" for job, holder in self.held.items()},
                   **{job: "reused" for job in self.reused}, **{job: trained(job) for job in self.trained}}
         rows = [{"arm": arm.name, "seed": s, "status": status.get((arm.name, s), "pending")}
                 for arm in self.arms for s in self.seeds]
@@ -392,6 +398,8 @@ class TrainingSummary:
     def __repr__(self) -> str:
         notes = "".join(f"\n{'retrained' if job in self.trained else 'not used'}: {message}"
                         for job, message in self.messages.items())
+        notes += "".join(f"\nleft to another process: {arm} seed {seed}, being trained by {holder}"
+                         for (arm, seed), holder in self.held.items())
         return (f"TrainingSummary({self.run_dir}: {len(self.arms)} arms x {len(self.seeds)} seeds; "
                 f"{len(self.trained)} trained now, {len(self.reused)} reused, {len(self.pending)} pending)\n"
                 f"{self.accuracy_table().to_string()}{f'{chr(10)}* {REPORTED_NOTE}' if self.original_study else ''}{notes}")
@@ -415,6 +423,10 @@ def run(cfg: Any, shard: Shard = Shard(), train: bool = True) -> TrainingSummary
     """Train every planned (arm, seed) this shard owns that is not finished, and summarise all finished ones.
 
     With `train=False` nothing is trained: the summary of what is finished (what later chapters read).
+
+    Several processes may train one run directory: each job is trained by the first process to take its lock
+    (`locks.acquire` on the job folder); the others skip it and train the rest, and their summary names the
+    process that holds it.
 
     Every arm's data is loaded and checked before any training starts: a requested arm whose folder is
     missing or empty, or a synthetic set lacking a class, raises ArmError naming the arm and the folder.
@@ -451,28 +463,42 @@ def run(cfg: Any, shard: Shard = Shard(), train: bool = True) -> TrainingSummary
             else:
                 pending.append((arm.name, seed))
 
-    trained, resumed = [], {}
+    trained, resumed, held = [], {}, {}
     for arm, seed, params, key in tqdm(todo, desc="training jobs", unit="model", disable=not todo):
-        _, resumed_at = train_job(arm, seed, arm_data[arm.name], real, params, device,
-                                  job_dir(cfg.run_dir, arm.name, seed), key)
+        folder = job_dir(cfg.run_dir, arm.name, seed)
+        holder = acquire(lock_path(folder))
+        if holder is not None:  # another process trains it: take other work
+            held[(arm.name, seed)] = holder
+            pending.append((arm.name, seed))
+            continue
+        try:
+            if check_model(folder, key).usable:  # another process finished it since the plan was made
+                reused.append((arm.name, seed))
+                continue
+            _, resumed_at = train_job(arm, seed, arm_data[arm.name], real, params, device, folder, key)
+        finally:
+            release(lock_path(folder))
         trained.append((arm.name, seed))
         if resumed_at is not None:
             resumed[(arm.name, seed)] = resumed_at
 
-    records = {}
-    for (arm_name, seed), key in keys.items():
-        record = read_finished(job_dir(cfg.run_dir, arm_name, seed), key)
-        if record is not None:
-            records[(arm_name, seed)] = record
-    summary = TrainingSummary(
-        run_dir=cfg.run_dir, arms=arms, seeds=seeds, records=records,
-        arm_sizes={arm.name: {"real": len(real.train) if arm.real else 0,
-                              "synthetic": len(arm_data[arm.name].synthetic) if arm.synthetic else 0}
-                   for arm in arms},
-        real_sizes={"train": len(real.train), "val": len(real.val), "test": len(real.test)},
-        test_fingerprint=prints["test"], skipped=skipped, trained=trained, reused=reused, pending=pending,
-        problems=problems, messages=messages, resumed=resumed, original_study=data.dataset_info(cfg).is_cifar10)
-    summary.files = write_results(summary)
+    tables = cfg.run_dir / "results" / "accuracy.csv"
+    with holding(lock_path(tables), str(tables.parent), RECORD_FIX, wait=RECORD_WAIT_SECONDS):
+        # the process that writes the tables last has read every job finished before: none is left out
+        records = {}
+        for (arm_name, seed), key in keys.items():
+            record = read_finished(job_dir(cfg.run_dir, arm_name, seed), key)
+            if record is not None:
+                records[(arm_name, seed)] = record
+        summary = TrainingSummary(
+            run_dir=cfg.run_dir, arms=arms, seeds=seeds, records=records,
+            arm_sizes={arm.name: {"real": len(real.train) if arm.real else 0,
+                                  "synthetic": len(arm_data[arm.name].synthetic) if arm.synthetic else 0}
+                       for arm in arms},
+            real_sizes={"train": len(real.train), "val": len(real.val), "test": len(real.test)},
+            test_fingerprint=prints["test"], skipped=skipped, trained=trained, reused=reused, pending=pending, held=held,
+            problems=problems, messages=messages, resumed=resumed, original_study=data.dataset_info(cfg).is_cifar10)
+        summary.files = write_results(summary)
     return summary
 
 
