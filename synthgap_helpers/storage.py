@@ -225,7 +225,7 @@ class Manifest:
         """Truncate an unterminated last line so that the next append starts on a fresh line."""
         if not self.path.exists():
             return
-        data = self.path.read_bytes()
+        data = read_regular_file(self.path)
         end = data.rfind(b"\n") + 1
         if end != len(data):
             with open(self.path, "r+b") as handle:

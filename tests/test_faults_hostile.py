@@ -30,7 +30,7 @@ from PIL import Image
 from test_faults_generation import SD
 from test_faults_inputs import assert_one_line, run_cli, write_classes
 
-from synthgap_helpers import config, data, imagesets, sets, storage, workload
+from synthgap_helpers import config, data, imagesets, sets, storage
 from synthgap_helpers.sd import stage as sd_generate
 
 CHILD_TIMEOUT = 120  # seconds: far above a normal run (a few seconds), so only a hang reaches it
