@@ -112,8 +112,9 @@ def special_file_problem(path: Path) -> str | None:
 
 
 def read_regular_file(path: Path, limit: int | None = None) -> bytes:
-    """The bytes of a regular file, opened without blocking (a FIFO put in its place would block `open()` until a
-    writer comes) and checked on the open descriptor; anything else, or a file over `limit` bytes, is a DataError."""
+    """The bytes of a regular file, as long as it was when opened: opened without blocking (a FIFO put in its place
+    would block `open()` until a writer comes) and checked on the open descriptor; anything else, or a file over
+    `limit` bytes, is a DataError."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as exc:
@@ -127,10 +128,7 @@ def read_regular_file(path: Path, limit: int | None = None) -> bytes:
         if limit is not None and info.st_size > limit:
             raise DataError(f"{path}: {info.st_size} bytes, over the bound of {limit} bytes for this kind of file; "
                             "shrink it, or remove it")
-        data = handle.read() if limit is None else handle.read(limit + 1)
-    if limit is not None and len(data) > limit:  # grew while read
-        raise DataError(f"{path}: over the bound of {limit} bytes for this kind of file; shrink it, or remove it")
-    return data
+        return handle.read(info.st_size)  # what the file held when opened: a writer appending meanwhile adds nothing
 
 
 MAX_NAME_BYTES = 200  # bytes of each part of an id: `<name>.png` and its `.<name>.png.*.tmp` stay under 255
