@@ -13,6 +13,7 @@ folders given, or end in a traceback; each is skipped or refused with its name a
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -213,12 +214,23 @@ def png(width: int, height: int) -> bytes:
             + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b""))
 
 
-def test_a_png_declaring_a_huge_image_is_refused_from_its_header_and_a_short_one_is_a_named_bad_image(tmp_path):
+def jpeg(width: int, height: int) -> bytes:
+    """A small JPEG whose frame header is edited to declare `width` x `height` pixels."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="JPEG")
+    payload = bytearray(buffer.getvalue())
+    frame = payload.index(b"\xff\xc0")
+    payload[frame + 5:frame + 9] = struct.pack(">HH", height, width)
+    return bytes(payload)
+
+
+def test_an_image_declaring_a_huge_size_is_refused_from_its_header_and_a_short_png_is_a_named_bad_image(tmp_path):
     folder = tmp_path / "mine"
     write_classes(folder, per_class=1)
     (folder / "cat" / "bomb.png").write_bytes(png(100_000, 100_000))
     (folder / "cat" / "large.png").write_bytes(png(12_000, 12_000))  # over our bound, under twice Pillow's
     (folder / "cat" / "short.png").write_bytes(png(32, 32))  # torchvision 0.29's decoder segfaults on it
+    (folder / "cat" / "jpeg_bomb.jpg").write_bytes(jpeg(65_000, 65_000))
     done = child("""
         import json, resource, sys
         from synthgap_helpers import imagesets
@@ -229,11 +241,12 @@ def test_a_png_declaring_a_huge_image_is_refused_from_its_header_and_a_short_one
     """, str(folder))
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout)
-    assert result["loaded"] == 10 and result["grown_mb"] < 200, result
+    assert result["loaded"] == 10 and len(result["skipped"]) == 4 and result["grown_mb"] < 200, result
     reasons = dict(result["skipped"])
     bomb = reasons[str(folder / "cat" / "bomb.png")]
     assert "declares 10000000000 pixels" in bomb and f"bound of {imagesets.MAX_IMAGE_PIXELS} pixels" in bomb
     assert "declares 12000 x 12000 = 144000000 pixels" in reasons[str(folder / "cat" / "large.png")]
+    assert "declares 65000 x 65000 = 4225000000 pixels" in reasons[str(folder / "cat" / "jpeg_bomb.jpg")]
     assert "cannot read image" in reasons[str(folder / "cat" / "short.png")]
     with pytest.raises(data.DataError, match="bomb.png: declares 10000000000 pixels"):
         imagesets.load_image_folder(folder)  # the default policy refuses, naming it
