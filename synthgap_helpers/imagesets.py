@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
+import struct
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,11 +23,20 @@ from torchvision.io import ImageReadMode, decode_image
 from tqdm.auto import tqdm
 
 from synthgap_helpers.errors import DataError
-from synthgap_helpers.storage import Manifest, atomic_write_bytes
+from synthgap_helpers.storage import (
+    Manifest,
+    atomic_write_bytes,
+    id_problem,
+    read_regular_file,
+    special_file_problem,
+    unique_records,
+)
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 DEFAULT_IMAGE_SIZE = 32  # CIFAR-10's side; data.image_size sets a run's
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # width x height an image may declare (Pillow's default)
+MAX_IMAGE_BYTES = 256 * 2**20  # bytes read from one image file
 BadImagePolicy = Literal["error", "skip"]
 
 
@@ -91,50 +102,102 @@ def fit_square(image: Image.Image, size: int) -> Image.Image:
     return ImageOps.fit(image, (size, size), method=Image.Resampling.BICUBIC, centering=(0.5, 0.5))
 
 
-def _decode_with_pil(data: bytes, name: str, size: int) -> tuple[np.ndarray, bool, bool]:
+def _decode_with_pil(image: Image.Image, name: str, size: int) -> tuple[np.ndarray, bool, bool]:
     """Slow path for anything but 3-channel 8-bit images of the run's size: convert to RGB, `fit_square`.
 
     16-bit grey images (PIL modes I;16*, and I, as older Pillow opens 16-bit PNGs) keep their high byte
     (v >> 8), the reduction Pillow itself applies to 16-bit colour PNGs; PIL's own I -> RGB conversion would
     clip every value above 255 to white.
     """
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            converted = image.mode != "RGB"
-            if image.mode.startswith("I"):
-                values = np.asarray(image).astype(np.int64)
-                if values.size and (values.min() < 0 or values.max() > 0xFFFF):
-                    raise DataError(f"image {name}: {image.mode} values {values.min()}..{values.max()} exceed 16 bits; "
-                                    "save it as an 8- or 16-bit PNG")
-                rgb = Image.fromarray((values >> 8).astype(np.uint8)).convert("RGB")
-            else:
-                rgb = image.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        if isinstance(exc, DataError):
-            raise
-        raise DataError(f"cannot read image {name}: {exc}") from None
+    image.load()
+    ImageOps.exif_transpose(image, in_place=True)
+    converted = image.mode != "RGB"
+    if image.mode.startswith("I"):
+        values = np.asarray(image).astype(np.int64)
+        if values.size and (values.min() < 0 or values.max() > 0xFFFF):
+            raise DataError(f"image {name}: {image.mode} values {values.min()}..{values.max()} exceed 16 bits; "
+                            "save it as an 8- or 16-bit PNG")
+        rgb = Image.fromarray((values >> 8).astype(np.uint8)).convert("RGB")
+    else:
+        rgb = image.convert("RGB")
     resized = rgb.size != (size, size)
     if resized:
         rgb = fit_square(rgb, size)
     return np.asarray(rgb).transpose(2, 0, 1), converted, resized
 
 
-def decode_file(path: Path, size: int = DEFAULT_IMAGE_SIZE) -> tuple[np.ndarray, bool, bool]:
-    """One image file as uint8 3 x size x size, with flags (converted to 8-bit RGB, resized by `fit_square`).
+def _decode_jpeg(data: bytes, size: int) -> np.ndarray | None:
+    """A JPEG of the run's size and 3 channels through libjpeg (torchvision, fast), upright (EXIF orientation);
+    None for anything else, which PIL decodes instead."""
+    try:
+        decoded = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED,
+                               apply_exif_orientation=True)
+    except RuntimeError:
+        return None  # PIL gets a second chance, and names the problem if it fails too
+    return decoded.numpy() if decoded.dtype == torch.uint8 and tuple(decoded.shape) == (3, size, size) else None
 
-    libjpeg/libpng through torchvision for the common case (fast), PIL for the rest (16-bit images among them,
-    reduced to 8 bits by their high byte, v >> 8).
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) a JPEG's frame header declares, read from its markers without decoding; None when `data`
+    is not a JPEG with a frame header. (Pillow's own header parse costs about as much as libjpeg's whole decode of
+    a CIFAR-10 image.)"""
+    if data[:2] != b"\xff\xd8":
+        return None
+    position = 2
+    while position + 9 <= len(data) and data[position] == 0xFF:
+        marker = data[position + 1]
+        if marker == 0xFF or 0xD0 <= marker <= 0xD7 or marker == 0x01:  # fill byte, markers without a length
+            position += 1 if marker == 0xFF else 2
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a start of frame
+            height, width = struct.unpack(">HH", data[position + 5:position + 9])
+            return width, height
+        position += 2 + int.from_bytes(data[position + 2:position + 4], "big")
+    return None
+
+
+def _check_pixels(path: Path, width: int, height: int) -> None:
+    """Refuse an image whose header declares more than MAX_IMAGE_PIXELS pixels, before anything is decoded."""
+    if width * height > MAX_IMAGE_PIXELS:
+        raise _too_large(path, f"{width} x {height} = {width * height} pixels")
+
+
+def _too_large(path: Path, declared: str) -> DataError:
+    """The error for an image whose header declares more pixels than MAX_IMAGE_PIXELS."""
+    return DataError(f"image {path}: declares {declared}, over the bound of {MAX_IMAGE_PIXELS} pixels "
+                     "(imagesets.MAX_IMAGE_PIXELS); a decompression bomb or a damaged header: remove it, or scale "
+                     "it down")
+
+
+def decode_file(path: Path, size: int = DEFAULT_IMAGE_SIZE) -> tuple[np.ndarray, bool, bool]:
+    """One image file as uint8 3 x size x size, upright (EXIF orientation), with flags (converted to 8-bit RGB,
+    resized by `fit_square`).
+
+    The file must be a regular file of at most MAX_IMAGE_BYTES bytes whose header declares at most
+    MAX_IMAGE_PIXELS pixels, checked before anything is decoded (a small file may declare a huge image). JPEGs
+    of the run's size go through torchvision's libjpeg (fast); everything else through PIL (16-bit images
+    reduced to 8 bits by their high byte, v >> 8). PNGs never go through torchvision: its decoder (0.29) crashes
+    the process on a PNG whose image data ends early.
     """
-    data = path.read_bytes()
-    if data:
-        try:
-            decoded = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
-            if decoded.dtype == torch.uint8 and tuple(decoded.shape) == (3, size, size):
-                return decoded.numpy(), False, False
-        except RuntimeError:
-            pass  # PIL gets a second chance, and names the problem if it fails too
-    return _decode_with_pil(data, str(path), size)
+    data = read_regular_file(path, MAX_IMAGE_BYTES)
+    try:
+        if (declared := jpeg_size(data)) is not None:
+            _check_pixels(path, *declared)
+            if (array := _decode_jpeg(data, size)) is not None:
+                return array, False, False
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # _check_pixels decides
+            image = Image.open(io.BytesIO(data))
+        with image:
+            _check_pixels(path, *image.size)
+            return _decode_with_pil(image, str(path), size)
+    except DataError:
+        raise
+    except Image.DecompressionBombError as exc:  # Pillow's own bound, checked as it opens: twice MAX_IMAGE_PIXELS
+        declared_pixels = re.search(r"\((\d+) pixels\)", str(exc))
+        raise _too_large(path, f"{declared_pixels.group(1) if declared_pixels else 'too many'} pixels") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise DataError(f"cannot read image {path}: {exc}") from None
 
 
 def _try_decode(path: Path, size: int) -> tuple[np.ndarray, bool, bool] | Exception:
@@ -201,7 +264,8 @@ def folder_files(path: Path, classes: Sequence[str] = CIFAR10_CLASSES) -> list[t
     for class_dir in class_dirs(path, classes):
         seen: dict[str, Path] = {}
         for file in sorted(class_dir.iterdir()):
-            if file.suffix.lower() in IMAGE_SUFFIXES and not file.name.startswith("."):
+            if file.suffix.lower() in IMAGE_SUFFIXES and not file.name.startswith(".") \
+                    and special_file_problem(file) is None:
                 image_id = f"{class_dir.name}/{file.stem}"
                 if image_id in seen:
                     raise DataError(f"{seen[image_id]} and {file} have the same image id {image_id!r} (the name without "
@@ -213,15 +277,16 @@ def folder_files(path: Path, classes: Sequence[str] = CIFAR10_CLASSES) -> list[t
 
 def unusable_files(path: Path, classes: Sequence[str] = CIFAR10_CLASSES, warn: bool = True) -> list[tuple[str, str]]:
     """(file, reason) for every entry of the class folders that is not an image the loader reads
-    (with `warn`, a warning names the first few)."""
+    (with `warn`, a warning names the first few): hidden and temporary files, other types, and whatever is not a
+    regular file (folders, FIFOs, sockets, devices, dangling symlinks, symlink loops: never opened)."""
     found = []
     for class_dir in class_dirs(path, classes):
         for entry in sorted(class_dir.iterdir()):
             if entry.name.startswith("."):
                 reason = ("temporary file of an unfinished write (a crash); safe to delete" if entry.suffix == ".tmp"
                           else "hidden file")
-            elif entry.is_dir():
-                reason = "a folder inside a class folder; class folders hold image files only"
+            elif (kind := special_file_problem(entry)) is not None:
+                reason = f"{kind}, not an image file; class folders hold image files only (and symlinks to them)"
             elif entry.suffix.lower() not in IMAGE_SUFFIXES:
                 reason = (f"not an image type this loader reads ({', '.join(IMAGE_SUFFIXES)}); convert it to PNG "
                           "to use it")
@@ -241,12 +306,8 @@ def folder_manifests(path: Path) -> list[Manifest]:
 
 
 def listed_records(path: Path) -> list[dict[str, Any]]:
-    """Every manifest record of an image folder, once per id, in write order."""
-    records: dict[str, dict[str, Any]] = {}
-    for manifest in folder_manifests(path):
-        for record in manifest.records():
-            records.setdefault(record["id"], record)
-    return list(records.values())
+    """Every manifest record of an image folder, once per id, in write order (`storage.unique_records`)."""
+    return unique_records(folder_manifests(path))
 
 
 def has_manifest(path: Path) -> bool:
@@ -277,9 +338,12 @@ def listed_image_problem(record: dict[str, Any], file: Path | None, decode: bool
     Records written before checksums were recorded have none: their file is accepted if it decodes
     (`decode`; a truncated PNG does not), as the writer only ever listed complete files.
     """
-    if file is None or not file.is_file():
+    if file is None or not (file.exists() or file.is_symlink()):
         return "missing"
-    payload = file.read_bytes()
+    try:
+        payload = read_regular_file(file, MAX_IMAGE_BYTES)
+    except DataError as exc:
+        return str(exc)
     expected = record.get(CHECKSUM_KEY)
     if expected is not None:
         actual = hashlib.sha256(payload).hexdigest()
@@ -421,9 +485,11 @@ class ImageFolderWriter:
         finished = []
         for image, record in zip(array, records):
             class_name, _, name = record["id"].partition("/")
-            if class_name not in self.classes or not name:
-                raise ValueError(f"record id {record['id']!r} must be '<class>/<name>' with a class of the dataset "
-                                 f"({', '.join(self.classes)})")
+            if class_name not in self.classes or id_problem(record["id"]):
+                raise DataError(f"{self.root}: cannot write image id {record['id']!r}: it must be '<class>/<name>' "
+                                f"with a class of the dataset ({', '.join(self.classes)}) and a plain file name "
+                                f"({id_problem(record['id']) or 'another class'}); rename the source image it "
+                                "derives from")
             buffer = io.BytesIO()
             Image.fromarray(image.transpose(1, 2, 0)).save(buffer, format="PNG")
             payload = buffer.getvalue()

@@ -9,6 +9,7 @@ import functools
 import json
 import os
 import re
+import stat
 import struct
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -145,32 +146,128 @@ def safetensors_bytes(tensors: dict[str, Any], metadata: dict[str, str] | None =
     return struct.pack("<Q", len(text)) + text + raw[8 + length:]
 
 
+def file_kind(mode: int) -> str:
+    """What a file that is not a regular file is, in words (for messages naming a skipped entry)."""
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+    return next((kind for test, kind in kinds if test(mode)), "not a regular file")
+
+
+def special_file_problem(path: Path) -> str | None:
+    """Why `path` is not a regular file one may open and read (a folder, FIFO, socket, device, dangling symlink,
+    symlink loop), or None; found with `stat` alone, so nothing blocks. Symlinks to regular files are followed."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        return "a symlink loop" if exc.errno == errno.ELOOP else (
+            "a dangling symlink (its target does not exist)" if path.is_symlink() else f"unreadable ({exc.strerror})")
+    return None if stat.S_ISREG(mode) else file_kind(mode)
+
+
+def read_regular_file(path: Path, limit: int | None = None) -> bytes:
+    """The bytes of a regular file, as long as it was when opened: opened without blocking (a FIFO put in its place
+    would block `open()` until a writer comes) and checked on the open descriptor; anything else, or a file over
+    `limit` bytes, is a DataError."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        problem = special_file_problem(path) or exc.strerror
+        raise DataError(f"{path}: {problem}; put a regular file there, or remove it") from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise DataError(f"{path}: {file_kind(info.st_mode)}, not a regular file; put a regular file there, or "
+                            "remove it")
+        if limit is not None and info.st_size > limit:
+            raise DataError(f"{path}: {info.st_size} bytes, over the bound of {limit} bytes for this kind of file; "
+                            "shrink it, or remove it")
+        return handle.read(info.st_size)  # what the file held when opened: a writer appending meanwhile adds nothing
+
+
+MAX_NAME_BYTES = 200  # bytes of each part of an id: `<name>.png` and its `.<name>.png.*.tmp` stay under 255
+RECORD_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    **dict.fromkeys(("class", "prompt", "source_id", "partner", "group", "uncond", "sha256", "model", "mode",
+                     "scheduler"), (str,)),
+    **dict.fromkeys(("guidance", "strength"), (int, float)),
+    **dict.fromkeys(("seed", "steps", "resolution", "sample", "size"), (int,)),
+}
+"""Manifest fields that stages read, and the JSON types they must have when present and not null."""
+
+
+def id_problem(image_id: object) -> str | None:
+    """Why `image_id` cannot name an image file inside its folder, or None: an id is `<class>/<name>`, two plain
+    names (no `..`, no leading dot, no backslash or control character, at most MAX_NAME_BYTES bytes each)."""
+    if not isinstance(image_id, str):
+        return f"its id {image_id!r} is {type(image_id).__name__}, not a string"
+    parts = image_id.split("/")
+    bad = len(parts) != 2 or any(
+        not part or part.startswith(".") or "\\" in part or any(ord(c) < 32 or c == "\x7f" for c in part)
+        or len(part.encode()) > MAX_NAME_BYTES for part in parts)
+    if bad:
+        shown = image_id if len(image_id) <= 80 else image_id[:80] + "..."
+        return (f"its id {shown!r} is not '<class>/<name>' with two plain names (no '..' or leading dot, no "
+                f"absolute path, no control character, at most {MAX_NAME_BYTES} bytes each)")
+    return None
+
+
+def record_problem(record: object) -> str | None:
+    """Why a manifest record cannot be used (not an object, no usable `id`, a field of the wrong type), or None."""
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not an object"
+    if "id" not in record:
+        return "no id"
+    problem = id_problem(record["id"])
+    if problem:
+        return problem
+    for name, types in RECORD_FIELD_TYPES.items():
+        value = record.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, types)):
+            expected = " or ".join(t.__name__ for t in types)
+            return f"its field {name!r} is {type(value).__name__} {str(value)[:40]!r}, not {expected}"
+    return None
+
+
 class Manifest:
     """A JSONL file with one record per finished item, keyed by its `id`.
 
     Appends are writes on an O_APPEND descriptor followed by fsync, so a crash can at worst leave one
     unterminated last line; `records` drops it (and `repair` truncates it). An append that fails (the write or
     its fsync), or is interrupted part-way, is cut back to the file's previous size: no partial line stays.
+    Every complete line must be a usable record (`record_problem`); one that is not is refused, naming the
+    file, the line and why, in every stage, since no reader could tell which image it meant.
     """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
-    def records(self) -> list[dict[str, Any]]:
-        """Complete records in file order; an unterminated last line (a crash mid-append) is ignored."""
-        if not self.path.exists():
+    def numbered_records(self) -> list[tuple[int, dict[str, Any]]]:
+        """(line number, record) of the complete records in file order; an unterminated last line (a crash
+        mid-append) is ignored."""
+        if not self.path.exists() and not self.path.is_symlink():
             return []
-        lines = self.path.read_bytes().split(b"\n")
+        lines = read_regular_file(self.path).split(b"\n")
         records = []
         for number, line in enumerate(lines[:-1], start=1):  # the last element is '' or an unterminated line
             if not line.strip():
                 continue
             try:
-                records.append(json.loads(line))
+                record = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                problem: str | None = f"not valid UTF-8 (byte {exc.start})"
             except json.JSONDecodeError as exc:
-                raise DataError(f"{self.path}, line {number}: not valid JSON ({exc.msg}); the manifest was edited or "
-                                f"damaged: restore it, or delete the line (its image is then made again)") from None
+                problem = f"not valid JSON ({exc.msg})"
+            else:
+                problem = record_problem(record)
+            if problem:
+                raise DataError(f"{self.path}, line {number}: {problem}; the manifest was edited or damaged: "
+                                "restore it, or delete the line (rerunning the stage that wrote the folder makes its "
+                                "image again)")
+            records.append((number, record))
         return records
+
+    def records(self) -> list[dict[str, Any]]:
+        """Complete records in file order (`numbered_records` without the line numbers)."""
+        return [record for _, record in self.numbered_records()]
 
     def ids(self) -> set[str]:
         """Ids of the finished items."""
@@ -180,7 +277,7 @@ class Manifest:
         """Truncate an unterminated last line so that the next append starts on a fresh line."""
         if not self.path.exists():
             return
-        data = self.path.read_bytes()
+        data = read_regular_file(self.path)
         end = data.rfind(b"\n") + 1
         if end != len(data):
             with reporting_write_failures(self.path), open(self.path, "r+b") as handle:
@@ -211,3 +308,19 @@ class Manifest:
                     raise
             finally:
                 os.close(fd)
+
+
+def unique_records(manifests: Iterable[Manifest]) -> list[dict[str, Any]]:
+    """The records of `manifests`, once per id, in order of first appearance. A repeat of an identical record
+    (two processes that wrote one image) collapses into the first; a repeat that differs is a DataError naming
+    both lines, as nothing tells which of them describes the file."""
+    seen: dict[str, tuple[dict[str, Any], Path, int]] = {}
+    for manifest in manifests:
+        for number, record in manifest.numbered_records():
+            first, path, line = seen.setdefault(record["id"], (record, manifest.path, number))
+            if first != record:
+                raise DataError(f"{manifest.path}, line {number}: id {record['id']!r} differs from its record at "
+                                f"{path}, line {line} (runs with different parameters, or an edit); delete the "
+                                "lines of that id (rerunning the stage that wrote the folder makes its image again), "
+                                "or delete the folder and generate it with one set of parameters")
+    return [record for record, _, _ in seen.values()]

@@ -18,7 +18,7 @@ from typing import TypeVar
 
 from synthgap_helpers.errors import DataError, UserError
 from synthgap_helpers.locks import holding, lock_path
-from synthgap_helpers.storage import Manifest, atomic_write_bytes
+from synthgap_helpers.storage import Manifest, atomic_write_bytes, unique_records
 
 T = TypeVar("T")
 
@@ -146,7 +146,7 @@ def image_seed(base_seed: int, image_id: str) -> int:
 def merge_shards(folder: str | Path) -> int:
     """Join the shard manifests of an image folder into `manifest.jsonl`; returns the number of records.
 
-    Checks that no id appears twice with different records and that every listed image exists,
+    Checks that no id appears twice with different records (`unique_records`) and that every listed image exists,
     then writes the merged manifest atomically and removes the shard manifests. A folder that does not
     exist or holds no manifest at all is a DataError (a mistyped folder must not become an empty set).
     """
@@ -167,14 +167,7 @@ def merge_shards(folder: str | Path) -> int:
 
 def _merge_parts(folder: Path, parts: list[Manifest]) -> int:
     """`merge_shards` of the manifests `parts` (manifest.jsonl first), their writers locked out."""
-    merged: dict[str, dict] = {}
-    for part in parts:
-        for record in part.records():
-            previous = merged.setdefault(record["id"], record)
-            if previous != record:
-                raise DataError(f"{part.path}: id {record['id']!r} differs from an earlier record of it; "
-                                "the shards were run with different parameters: delete the folder and generate "
-                                "it again with one set of parameters")
+    merged = {record["id"]: record for record in unique_records(parts)}
     missing = [i for i in merged if not any((folder / f"{i}{suffix}").exists() for suffix in (".png", ".jpg"))]
     if missing:
         raise DataError(f"{folder}: {len(missing)} listed image(s) missing, e.g. {missing[:3]}; rerun the stage "

@@ -57,7 +57,7 @@ def test_manifest_ignores_and_repairs_a_line_cut_by_a_crash(tmp_path):
 
 def test_manifest_with_a_corrupt_complete_line_names_the_line(tmp_path):
     path = tmp_path / "manifest.jsonl"
-    path.write_text('{"id": "a"}\nnot json\n')
+    path.write_text('{"id": "cat/a"}\nnot json\n')
     with pytest.raises(ValueError, match="manifest.jsonl, line 2"):
         Manifest(path).records()
 
