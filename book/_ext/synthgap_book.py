@@ -381,6 +381,14 @@ def _read_run(app, config) -> None:
     config.html_title = book_title(config.html_title, config.synthgap_run)
 
 
+def _refuse_unmarked(app, env, docnames) -> None:
+    """At env-before-read-docs: a direct `jupyter-book build` too refuses an executed notebook that the runner has
+    not marked as run to the end (`synthgap_helpers.runner.check_executed`: killed, failed or edited)."""
+    from synthgap_helpers.runner import check_executed
+
+    check_executed(Path(app.srcdir), sorted(env.found_docs))
+
+
 class OriginalStudyTable(SphinxDirective):
     """``{original-study-table}``: the original study's reported accuracies (`tab-original`), from the code; nothing
     in a run on another dataset."""
@@ -444,6 +452,7 @@ class BuildRecord(SphinxDirective):
 def setup(app):
     app.add_config_value("synthgap_run", None, "env")  # set from build.json at config-inited; a change re-reads all
     app.connect("config-inited", _read_run)
+    app.connect("env-before-read-docs", _refuse_unmarked)
     app.add_role("run", run_role)
     for name, directive in (("only-cifar10", OnlyCifar10), ("unless-cifar10", UnlessCifar10),
                             ("only-generator", OnlyGenerator), ("unless-generator", UnlessGenerator),
