@@ -40,8 +40,8 @@ def recipe(cfg: Any, source: str) -> dict[str, Any]:
                                   if key not in FREE[source]}}
     if source == "sd":
         found["data.image_size"] = cfg.data.image_size  # to_cifar resizes to it
-        if cfg.sd.captions is not None:  # the prompts come from the file's contents, not its name
-            found["sd.captions.sha256"] = hashlib.sha256(Path(cfg.sd.captions).read_bytes()).hexdigest()
+        captions = found.pop("sd.captions")  # the prompts come from the file's contents, wherever it lies
+        found["sd.captions.sha256"] = hashlib.sha256(Path(captions).read_bytes()).hexdigest() if captions else None
     return found
 
 

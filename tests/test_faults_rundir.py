@@ -19,6 +19,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import nbformat
 import pytest
@@ -31,6 +32,7 @@ from synthgap_helpers.sd import stage as sd_generate
 from synthgap_helpers.sd.pipelines import tiny_pipeline
 from synthgap_helpers.workload import Shard
 
+REPO = Path(__file__).resolve().parents[1]
 SD = ["sd.model=tiny", "sd.mode=txt2img", "sd.classes=[cat,dog]", "sd.images_per_class=2", "sd.steps=2",
       "sd.batch_size=4", "generators=[sd]"]
 
@@ -109,7 +111,7 @@ def test_invert_sample_refuses_samples_drawn_with_other_sampling_settings(tmp_pa
             inversion_stage.sample(inversion_cfg(tmp_path, **changed), pipe=pipe, progress=False)
         assert named in str(refused.value) and str(folder) in str(refused.value)
     (folder / "generation.json").unlink()
-    with pytest.raises(recipes.RecipeError, match=r"its manifest records.*sample_steps|steps: 2 -> 3"):
+    with pytest.raises(recipes.RecipeError, match=r"its manifest records.*steps: 2 -> 3 \(e.g. "):
         inversion_stage.sample(inversion_cfg(tmp_path, sample_steps=3), pipe=pipe, progress=False)
     assert pngs(folder) == before
     assert inversion_stage.sample(cfg, pipe=pipe, progress=False).written == 0
@@ -207,8 +209,9 @@ def test_a_notebook_killed_mid_run_is_not_published_until_a_rerun_completes(tmp_
 
 
 def test_the_book_builder_refuses_a_partial_notebook_in_one_line(tmp_path, capsys, monkeypatch):
-    """What a killed run of the old runner left (papermill writes into book/executed/ as it goes): a notebook with
-    no success mark, or one edited after its mark, is refused by `run`'s build before jupyter-book runs."""
+    """What a killed run of the old runner left (papermill writes into book/executed/ as it goes): a notebook whose
+    bytes its success mark does not match is refused by `run`'s build before jupyter-book runs, and by the book's
+    Sphinx extension in a `jupyter-book build` without the runner."""
     root = tmp_path / "root"
     (root / "notebooks").mkdir(parents=True)
     (root / "_toc.yml").write_text("format: jb-book\nroot: book/intro\nchapters:\n  - file: book/executed/01_data\n")
@@ -223,3 +226,9 @@ def test_the_book_builder_refuses_a_partial_notebook_in_one_line(tmp_path, capsy
     err = capsys.readouterr().err
     assert status == 2
     assert_one_line(err, "book/executed/01_data.ipynb", "not marked as executed to the end", "run --only 01")
+    monkeypatch.syspath_prepend(str(REPO / "book" / "_ext"))
+    import synthgap_book
+
+    with pytest.raises(runner.NotExecuted, match="01_data.ipynb"):
+        synthgap_book._refuse_unmarked(SimpleNamespace(srcdir=str(root)),
+                                       SimpleNamespace(found_docs={"book/intro", "book/executed/01_data"}), [])

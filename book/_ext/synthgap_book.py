@@ -35,6 +35,10 @@ the table renders nothing in another run, and a quoted number there is a build e
 ``not-this-run`` marks a passage about something else than the run (the original study, the shipped profiles),
 which the check for data the run did not use (`synthgap_helpers.runner.book_mentions`) skips.
 
+An executed notebook of the build that the runner has not marked as run to the end (book/executed/executed.json:
+killed, failed or edited after its run) is a build error naming it, even in a `jupyter-book build` without the
+runner (`synthgap_helpers.runner.check_executed`).
+
 Sphinx 7.4 (jupyter-book 1 pins Sphinx 7) writes an inline script twice when an extension adds it after the builder
 has started (the registry keeps its file name as None, the builder as ''): sphinx-thebe's `const THEBE_JS_URL = ...`
 is then declared twice and every page logs "SyntaxError: Identifier 'THEBE_JS_URL' has already been declared".
