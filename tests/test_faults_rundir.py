@@ -99,6 +99,19 @@ def test_generate_sd_refuses_old_images_of_other_settings_once_config_json_is_go
     assert pngs(folder) == before and recipes.read(folder)["finished"] is True
 
 
+def test_a_damaged_generation_record_is_refused_in_one_line_and_rebuilt_from_the_manifest(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert generate(capsys, run_dir)[0] == 0
+    record = run_dir / "synthetic" / "sd" / "generation.json"
+    good = record.read_bytes()
+    record.write_bytes(b'{"recipe": ')
+    status, err = generate(capsys, run_dir)
+    assert status == 2
+    assert_one_line(err, str(record), "is not a generation record", "delete it")
+    record.unlink()
+    assert generate(capsys, run_dir)[0] == 0 and record.read_bytes() == good
+
+
 def test_invert_sample_refuses_samples_drawn_with_other_sampling_settings(tmp_path, fake_data, pipe):
     cfg = inversion_cfg(tmp_path)
     inversion_stage.train_embeddings(cfg, pipe=pipe, progress=False)
