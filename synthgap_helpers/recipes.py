@@ -73,15 +73,18 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 def _shown(value: Any) -> str:
+    """A value as an error message shows it: its repr, cut to 60 characters (templates can be long)."""
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _command(folder: Path) -> str:
+    """The command that writes `folder` (synthetic/sd or synthetic/di)."""
     return GENERATING_COMMANDS.get(Path(folder).name, "the stage that wrote it")
 
 
 def _refusal(folder: Path, changed: list[str], where: str) -> RecipeError:
+    """The one-line refusal of a folder made with other settings: the keys, old -> new, and the two fixes."""
     return RecipeError(f"{folder} holds images made with other settings ({where}): {'; '.join(changed)}; delete "
                        f"{folder} to generate them with the new settings, or restore the old settings")
 
@@ -104,12 +107,8 @@ def claim(folder: Path, source: str, wanted: dict[str, Any],
     (made before records, or the record deleted), check its manifest records per image (`expected`, as in
     `manifest_differences`) and adopt it; a mismatch is a RecipeError naming the keys, old -> new. With
     `pending` (images left to write) the folder is marked unfinished."""
-    record = read(folder)
-    if record is not None:
-        changed = differences(record["recipe"], wanted)
-        if changed:
-            raise _refusal(folder, changed, f"recorded in {record_path(folder)}")
-    else:
+    record = _recorded(folder, wanted)
+    if record is None:
         changed = manifest_differences(listed_records(folder), expected)
         if changed:
             raise _refusal(folder, changed, "its manifest records")
@@ -128,21 +127,33 @@ def finished(folder: Path, planned: set[str]) -> bool:
     return planned <= {record["id"] for record in listed_records(folder)}
 
 
+def _recorded(folder: Path, wanted: dict[str, Any]) -> dict[str, Any] | None:
+    """The folder's record, or None; a RecipeError when it records other settings than `wanted`."""
+    record = read(folder)
+    if record is not None:
+        changed = differences(record["recipe"], wanted)
+        if changed:
+            raise _refusal(folder, changed, f"recorded in {record_path(folder)}")
+    return record
+
+
+def check_run(cfg: Any) -> None:
+    """Every generated folder of the run (its `generators`) that has a record must record the run's settings: what
+    `config.load` asks before it records the parameters of a run directory that has lost its config.json."""
+    for source in cfg.generators:
+        _recorded(cfg.run_dir / "synthetic" / source, recipe(cfg, source))
+
+
 def check(folder: Path, wanted: dict[str, Any]) -> None:
     """For a reader: a folder whose record differs from `wanted`, or that its producer has not marked finished, is
     a RecipeError naming the folder, the keys (old -> new) and the fix. A folder without a record (written before
     records existed, or by other tools) is read as before."""
-    record = read(folder)
-    if record is None:
-        return
-    changed = differences(record["recipe"], wanted)
-    if changed:
-        raise _refusal(folder, changed, f"recorded in {record_path(folder)}")
-    if not record["finished"]:
+    record = _recorded(folder, wanted)
+    if record is not None and not record["finished"]:
         raise RecipeError(f"{folder} is not finished: its generation was interrupted or some shards have not run "
                           f"({record_path(folder)}); rerun `{_command(folder)}` with the run's settings (every shard) "
                           "to finish it")
 
 
-__all__ = ["RECORD_NAME", "RecipeError", "check", "claim", "differences", "finished", "manifest_differences", "mark",
+__all__ = ["RECORD_NAME", "RecipeError", "check", "check_run", "claim", "differences", "finished", "manifest_differences", "mark",
            "read", "recipe", "record_path"]

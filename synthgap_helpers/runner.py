@@ -133,6 +133,7 @@ def execute_notebooks(notebooks: list[Path], out_dir: Path, parameters: dict[str
 
 
 def _digest(path: Path) -> str:
+    """SHA-256 of a file's bytes: a success mark holds it, so a notebook changed after its run loses its mark."""
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 

@@ -85,16 +85,15 @@ def test_generate_sd_refuses_old_images_of_other_settings_once_config_json_is_go
     status, err = generate(capsys, run_dir, changed)
     assert status == 2
     assert_one_line(err, str(folder), named, "generation.json", "delete", "restore the old settings")
-    assert pngs(folder) == before
+    assert pngs(folder) == before and not (run_dir / "config.json").exists()  # refused before config.json is written
 
     (folder / "generation.json").unlink()  # without its record, the manifest records tell what the images were made with
-    (run_dir / "config.json").unlink()
     status, err = generate(capsys, run_dir, changed)
     assert status == 2
     assert_one_line(err, str(folder), "its manifest records", named.partition(":")[0].split(".")[-1], "e.g. cat/sd_0000")
     assert not (folder / "generation.json").exists()
 
-    (run_dir / "config.json").unlink()
+    (run_dir / "config.json").unlink()  # without a record, only the stage could tell: config.json took the new settings
     assert generate(capsys, run_dir)[0] == 0  # the old settings: the folder is adopted, nothing is redrawn
     assert pngs(folder) == before and recipes.read(folder)["finished"] is True
 
