@@ -30,6 +30,7 @@ from synthgap_helpers import cli, config, data, recipes, runner, sets
 from synthgap_helpers.inversion import stage as inversion_stage
 from synthgap_helpers.sd import stage as sd_generate
 from synthgap_helpers.sd.pipelines import tiny_pipeline
+from synthgap_helpers.train import arms as train_arms
 from synthgap_helpers.workload import Shard
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,7 +148,8 @@ def test_readers_refuse_a_generated_set_of_other_settings_or_unfinished(tmp_path
     assert len(sets.load_set(cfg, found)) == 10
 
     other = config.resolve("smoke", run_dir=run_dir, overrides=[*overrides, "sd.steps=3"])
-    for read in (lambda: sets.load_set(other, found), lambda: sets.reading(other).folder(folder)):
+    arm = train_arms.Arm("real+sd", True, "sd", (folder,))  # what the train stage reads for the arm real+sd
+    for read in (lambda: sets.load_set(other, found), lambda: train_arms.load_synthetic(arm, sets.reading(other))):
         with pytest.raises(recipes.RecipeError) as refused:
             read()
         assert "sd.steps: 2 -> 3" in str(refused.value) and str(folder) in str(refused.value)
