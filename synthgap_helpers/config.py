@@ -370,6 +370,12 @@ def load(profile: str = "smoke", run_dir: str | Path | None = None,
         return cfg
     _usable_run_dir(cfg.run_dir)
     path = cfg.run_dir / "config.json"
+    if not path.exists():
+        if (cfg.run_dir / "synthetic").is_dir():  # config.json lost: the generated sets still say what made them
+            # imported here: recipes reads images, hence torch, which loading a config does not need otherwise
+            from synthgap_helpers import recipes
+
+            recipes.check_run(cfg)
     if not path.exists() and create_once(path, _record_bytes(cfg)):
         return cfg
     record = read_record(path)  # another process may have created it since: its parameters must match

@@ -6,6 +6,7 @@ use are skipped and left out of the build's table of contents (`write_build_toc`
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -23,6 +24,7 @@ from synthgap_helpers.errors import UserError
 EXECUTED_DIR = Path("book") / "executed"
 BUILD_RECORD = EXECUTED_DIR / "build.json"  # what the last build measured; the reproducing page shows it
 BUILD_TOC = EXECUTED_DIR / "_toc.yml"  # the root _toc.yml less the chapters of generators the run did not use
+EXECUTION_MARKS = EXECUTED_DIR / "executed.json"  # notebook name -> SHA-256 of its copy executed to the end
 # The chapter of each generator: skipped (and left out of the book's table of contents) when the run does not use it.
 GENERATOR_NOTEBOOKS = {"sd": "02_stable_diffusion", "di": "03_diffusion_inversion"}
 # What a book root needs besides book/executed/ (written by the runner): `run(root=...)` copies them there.
@@ -35,6 +37,10 @@ class NotebookFailed(RuntimeError, UserError):
 
 class BuildFailed(RuntimeError, UserError):
     """An external tool of the build (jupyter-book, ghp-import) failed; its own messages are printed above."""
+
+
+class NotExecuted(RuntimeError, UserError):
+    """An executed notebook the book would publish that the runner has not marked as run to the end."""
 
 
 def project_root() -> Path:
@@ -93,7 +99,11 @@ def notebooks_for_run(notebooks: list[Path], generators: list[str] | tuple[str, 
 
 
 def execute_notebooks(notebooks: list[Path], out_dir: Path, parameters: dict[str, Any]) -> list[tuple[str, float]]:
-    """Run each notebook with papermill (cwd: its own folder); stop at the first failure."""
+    """Run each notebook with papermill (cwd: its own folder); stop at the first failure.
+
+    A notebook is executed into a hidden file beside its book copy, renamed into place when it ran to the end and
+    marked in `executed.json` with its digest (`mark_executed`); its old mark is dropped before it starts, so a
+    run killed or failed midway leaves no notebook that the book builder publishes (`check_executed`)."""
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
@@ -105,19 +115,69 @@ def execute_notebooks(notebooks: list[Path], out_dir: Path, parameters: dict[str
     for number, notebook in enumerate(notebooks, start=1):
         print(f"[{number}/{len(notebooks)}] {notebook.name}", flush=True)
         start = time.perf_counter()
-        output = out_dir / notebook.name
+        output, running = out_dir / notebook.name, out_dir / f".{notebook.stem}.running.ipynb"
+        mark_executed(out_dir, notebook.name, None)
         try:
-            papermill.execute_notebook(str(notebook), str(output), parameters=parameters, cwd=str(notebook.parent),
+            papermill.execute_notebook(str(notebook), str(running), parameters=parameters, cwd=str(notebook.parent),
                                        kernel_name="python3", progress_bar=True)
         except PapermillExecutionError as exc:
             if exc.ename == "KeyboardInterrupt":  # Ctrl-C reached the kernel too (one process group): interrupted
                 raise KeyboardInterrupt(f"{notebook.name}, cell {exc.cell_index}") from None
+            os.replace(running, output)
             raise NotebookFailed(f"{notebook.name} failed in cell {exc.cell_index} (execution count {exc.exec_count}):"
                                  f" {exc.ename}: {exc.evalue}\nThe executed notebook, with the traceback, is {output}") from None
-        strip_test_markers(output)
+        strip_test_markers(running)
+        os.replace(running, output)
+        mark_executed(out_dir, notebook.name, output)
         timings.append((notebook.stem, time.perf_counter() - start))
         print(f"    done in {timings[-1][1]:.1f} s", flush=True)
     return timings
+
+
+def _digest(path: Path) -> str:
+    """SHA-256 of a file's bytes: a success mark holds it, so a notebook changed after its run loses its mark."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def read_marks(out_dir: Path) -> dict[str, str]:
+    """The success marks of `out_dir` (book/executed/): notebook file name -> SHA-256 of its executed copy."""
+    path = out_dir / EXECUTION_MARKS.name
+    try:
+        marks = json.loads(path.read_bytes()) if path.is_file() else {}
+    except (ValueError, UnicodeDecodeError):
+        marks = {}  # unreadable marks mark nothing: every notebook must run again
+    return {name: digest for name, digest in marks.items() if isinstance(digest, str)} if isinstance(marks, dict) else {}
+
+
+def mark_executed(out_dir: Path, name: str, executed: Path | None) -> None:
+    """Record that the notebook `name` ran to the end into `executed` (its digest), or with None drop its mark."""
+    from synthgap_helpers.storage import atomic_write_json
+
+    marks = read_marks(out_dir)
+    marks.pop(name, None)
+    if executed is not None:
+        marks[name] = _digest(executed)
+    atomic_write_json(out_dir / EXECUTION_MARKS.name, dict(sorted(marks.items())))
+
+
+def unmarked_notebooks(root: Path, files: list[str]) -> list[str]:
+    """Of the book's `files` (toc entries), the executed notebooks with no success mark matching their bytes:
+    killed or failed midway, left by an older runner, or edited after their run."""
+    out_dir = root / EXECUTED_DIR
+    marks = read_marks(out_dir)
+    executed = [root / f"{f}.ipynb" for f in files if f.startswith(EXECUTED_DIR.as_posix() + "/")]
+    return [path.name for path in executed if path.is_file() and marks.get(path.name) != _digest(path)]
+
+
+def check_executed(root: Path, files: list[str]) -> None:
+    """Refuse (NotExecuted) to publish an executed notebook that `unmarked_notebooks` finds, naming it and the fix."""
+    unmarked = unmarked_notebooks(root, files)
+    if unmarked:
+        numbers = ",".join(name[:2] for name in unmarked)
+        raise NotExecuted(f"{', '.join(str(EXECUTED_DIR / name) for name in unmarked)}: not marked as executed to the "
+                          f"end in {EXECUTION_MARKS} (a run killed or failed midway, or the file was edited); rerun "
+                          f"`python -m synthgap_helpers run --only {numbers}` (same profile and run directory), then "
+                          "build again")
 
 
 def toc_files(root: Path, toc: Path | None = None) -> list[str]:
@@ -182,13 +242,15 @@ def prepare_root(root: Path, source: Path) -> Path:
 
 def build_book(root: Path, toc: Path | None = None) -> Path:
     """`jupyter-book build . -W -n --keep-going` (warnings are errors), with `--toc toc` when given (this build's
-    table of contents, `write_build_toc`); returns the HTML index."""
+    table of contents, `write_build_toc`); returns the HTML index. Every executed notebook of the table of contents
+    must be there and marked as run to the end (`check_executed`)."""
     executed = EXECUTED_DIR.as_posix()
     missing = [f for f in toc_files(root, toc) if f.startswith(executed) and not (root / f"{f}.ipynb").exists()
                and not (root / f).exists()]
     if missing:
         raise FileNotFoundError(f"the book needs executed notebooks that are missing: {', '.join(missing)}; "
                                 "run them first (drop --only)")
+    check_executed(root, toc_files(root, toc))
     executable = shutil.which("jupyter-book", path=str(Path(sys.executable).parent)) or shutil.which("jupyter-book")
     if executable is None:
         raise FileNotFoundError("jupyter-book is not installed in this environment (pip install -e '.[dev]')")

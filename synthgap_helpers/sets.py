@@ -8,13 +8,14 @@ stage (training arms, Grad-CAM, geometry, the domain gap, the low-data sweep, cu
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from synthgap_helpers import data
+from synthgap_helpers import data, recipes
 from synthgap_helpers.errors import DataError
 from synthgap_helpers.imagesets import (
     ImageSet,
@@ -50,22 +51,30 @@ class SyntheticSet:
 
 @dataclass(frozen=True)
 class Reading:
-    """How the run reads image folders: the dataset's classes (label order), its image side, and what to do with
-    an unreadable image."""
+    """How the run reads image folders: the dataset's classes (label order), its image side, what to do with
+    an unreadable image, and the settings each folder of the run's generators must have been made with."""
 
     classes: tuple[str, ...]
     size: int
     on_bad_image: str
+    generated: tuple[tuple[Path, str], ...] = ()  # (folder, its recipe as JSON): `recipes.check` before reading
 
     def folder(self, path: str | Path) -> ImageSet:
-        """One class-folder image set, labelled and sized as the run's real data."""
+        """One class-folder image set, labelled and sized as the run's real data; a generated folder made with
+        other settings, or unfinished, is refused (`recipes.check`)."""
+        wanted = dict(self.generated).get(Path(path))
+        if wanted is not None:
+            recipes.check(Path(path), json.loads(wanted))
         return load_image_folder(path, self.on_bad_image, self.classes, self.size)
 
 
 def reading(cfg: Any) -> Reading:
-    """The run's `Reading`: classes and image size of its dataset (`data.dataset_info`), `data.on_bad_image`."""
+    """The run's `Reading`: classes and image size of its dataset (`data.dataset_info`), `data.on_bad_image`, and
+    the settings of its generators (`recipes.recipe`)."""
     info = data.dataset_info(cfg)
-    return Reading(info.classes, info.image_size, cfg.data.on_bad_image)
+    generated = tuple((cfg.run_dir / "synthetic" / source, json.dumps(recipes.recipe(cfg, source)))
+                      for source in cfg.generators)
+    return Reading(info.classes, info.image_size, cfg.data.on_bad_image, generated)
 
 
 def synthetic_sets(cfg: Any) -> dict[str, SyntheticSet]:

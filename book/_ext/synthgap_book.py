@@ -35,6 +35,10 @@ the table renders nothing in another run, and a quoted number there is a build e
 ``not-this-run`` marks a passage about something else than the run (the original study, the shipped profiles),
 which the check for data the run did not use (`synthgap_helpers.runner.book_mentions`) skips.
 
+An executed notebook of the build that the runner has not marked as run to the end (book/executed/executed.json:
+killed, failed or edited after its run) is a build error naming it, even in a `jupyter-book build` without the
+runner (`synthgap_helpers.runner.check_executed`).
+
 Sphinx 7.4 (jupyter-book 1 pins Sphinx 7) writes an inline script twice when an extension adds it after the builder
 has started (the registry keeps its file name as None, the builder as ''): sphinx-thebe's `const THEBE_JS_URL = ...`
 is then declared twice and every page logs "SyntaxError: Identifier 'THEBE_JS_URL' has already been declared".
@@ -381,6 +385,14 @@ def _read_run(app, config) -> None:
     config.html_title = book_title(config.html_title, config.synthgap_run)
 
 
+def _refuse_unmarked(app, env, docnames) -> None:
+    """At env-before-read-docs: a direct `jupyter-book build` too refuses an executed notebook that the runner has
+    not marked as run to the end (`synthgap_helpers.runner.check_executed`: killed, failed or edited)."""
+    from synthgap_helpers.runner import check_executed
+
+    check_executed(Path(app.srcdir), sorted(env.found_docs))
+
+
 class OriginalStudyTable(SphinxDirective):
     """``{original-study-table}``: the original study's reported accuracies (`tab-original`), from the code; nothing
     in a run on another dataset."""
@@ -444,6 +456,7 @@ class BuildRecord(SphinxDirective):
 def setup(app):
     app.add_config_value("synthgap_run", None, "env")  # set from build.json at config-inited; a change re-reads all
     app.connect("config-inited", _read_run)
+    app.connect("env-before-read-docs", _refuse_unmarked)
     app.add_role("run", run_role)
     for name, directive in (("only-cifar10", OnlyCifar10), ("unless-cifar10", UnlessCifar10),
                             ("only-generator", OnlyGenerator), ("unless-generator", UnlessGenerator),

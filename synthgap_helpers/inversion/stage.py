@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from synthgap_helpers import config, data, imagesets
+from synthgap_helpers import config, data, imagesets, recipes
 from synthgap_helpers.config import ConfigError
 from synthgap_helpers.inversion.embeddings import (
     CLASS_PROMPT,
@@ -357,7 +357,8 @@ def sample(cfg: Any, shard: Shard = Shard(), pipe: Any | None = None, progress: 
     """Write `samples_per_image` images per inverted real image of this shard's groups; skip those already written.
 
     A listed sample whose PNG is missing or differs from its recorded checksum is drawn again (byte-identical:
-    its draws depend on the run seed and its id only) and counted as repaired.
+    its draws depend on the run seed and its id only) and counted as repaired. A folder sampled with other settings
+    is refused before any sample is drawn (`recipes.claim`); it is marked finished once every sample is listed.
     """
     folder = cfg.run_dir / "synthetic" / SOURCE
     with shard_lock(lock_path(folder / shard.manifest_name), shard, f"synthetic/{SOURCE}"), \
@@ -375,6 +376,10 @@ def _sample(cfg: Any, shard: Shard, pipe: Any | None, progress: bool) -> SampleS
     done = check.done
     sampler = sampling_pipeline(pipe, params.scheduler)
     effective = params.perturbation
+    settings = {"guidance": params.guidance, "steps": params.sample_steps, "scheduler": params.scheduler,
+                "eta": params.eta, "uncond": params.uncond, "noise_std": params.noise_std,
+                "interpolation_strength": params.interpolation_strength, "resolution": params.resolution,
+                "size": params.save_size, "model": params.model}  # what every sample's manifest record holds
     unconds = {group.name: unconditional(pipe, loaded[group.name][0], params.uncond, params.num_tokens)
                for group in owned}
 
@@ -389,10 +394,7 @@ def _sample(cfg: Any, shard: Shard, pipe: Any | None, progress: bool) -> SampleS
         record = {"id": name, "class": train.classes[group.labels[index]], "source_id": group.ids[index],
                   "group": group.name, "perturbation": effective,
                   "partner": group.ids[partner] if partner is not None else None,
-                  "sample": k, "seed": seed, "guidance": params.guidance, "steps": params.sample_steps,
-                  "scheduler": params.scheduler, "eta": params.eta, "uncond": params.uncond,
-                  "noise_std": params.noise_std, "interpolation_strength": params.interpolation_strength,
-                  "resolution": params.resolution, "size": params.save_size, "model": params.model,
+                  "sample": k, "seed": seed, **settings,
                   "embedding": f"{EMBEDDINGS_DIR.as_posix()}/{group.name}.safetensors#{index}"}
         return embedding, unconds[group.name], seed, record
 
@@ -403,6 +405,10 @@ def _sample(cfg: Any, shard: Shard, pipe: Any | None, progress: bool) -> SampleS
                 planned += 1
                 if sample_id(train.classes[group.labels[index]], source, k) not in done:
                     todo.append((group, index, k))
+    planned_ids = sample_ids(train, groups, params.samples_per_image)
+    wanted = recipes.recipe(cfg, SOURCE)
+    recipes.claim(folder, SOURCE, wanted, lambda name: {"perturbation": effective, "seed": image_seed(cfg.seed, name),
+                                                        **settings} if name in planned_ids else None, pending=bool(todo))
     start = time.perf_counter()
     batches = range(0, len(todo), params.sample_batch_size)
     repaired = 0
@@ -414,8 +420,8 @@ def _sample(cfg: Any, shard: Shard, pipe: Any | None, progress: bool) -> SampleS
                                         guidance=params.guidance, steps=params.sample_steps,
                                         resolution=params.resolution, eta=params.eta)
         writer.write(downsample(images, params.save_size), [job[3] for job in chunk])
-    notes = check.notes(folder, sample_ids(train, owned, params.samples_per_image),
-                        sample_ids(train, groups, params.samples_per_image))
+    notes = check.notes(folder, sample_ids(train, owned, params.samples_per_image), planned_ids)
+    recipes.settle(folder, SOURCE, wanted, planned_ids)
     return SampleSummary(folder, planned, len(todo), planned - len(todo), time.perf_counter() - start, repaired, notes)
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from synthgap_helpers import config, data, imagesets
+from synthgap_helpers import config, data, imagesets, recipes
 from synthgap_helpers.config import ConfigError
 from synthgap_helpers.imagesets import DEFAULT_IMAGE_SIZE
 from synthgap_helpers.locks import lock_path
@@ -283,8 +283,11 @@ def run(cfg: Any, shard: Shard = Shard()) -> GenerationSummary:
 
     Finished ids (listed in any manifest of the folder, their PNG intact) are skipped; listed ids whose PNG
     is missing or does not match its recorded checksum are regenerated (byte-identical: per-image seeds) and
-    counted as repaired. With one shard, shard manifests left by an earlier sharded run are merged into
-    `manifest.jsonl` at the end. One process per shard: a second one on it is `locks.LockHeld` naming the first.
+    counted as repaired. A folder made with other settings (its `generation.json`, or for a folder without one
+    its manifest records) is refused before any image is written (`recipes.claim`); the folder is marked
+    finished once every image of every shard is listed. With one shard, shard manifests left by an earlier
+    sharded run are merged into `manifest.jsonl` at the end. One process per shard: a second one on it is
+    `locks.LockHeld` naming the first.
     """
     folder = output_folder(cfg)
     with shard_lock(lock_path(folder / shard.manifest_name), shard, f"{folder.parent.name}/{folder.name}"):
@@ -306,6 +309,10 @@ def _run(cfg: Any, shard: Shard) -> GenerationSummary:
     mine = shard.select(plans)
     check = writer.check()
     todo = [plan for plan in mine if plan.id not in check.done]
+    planned = {plan.id: plan for plan in plans}
+    wanted = recipes.recipe(cfg, SOURCE)
+    recipes.claim(folder, SOURCE, wanted, lambda image_id: record(planned[image_id], cfg, resolution)
+                  if image_id in planned else None, pending=bool(todo))
     notes = check.notes(folder, {plan.id for plan in mine}, {plan.id for plan in plans})
     start = time.perf_counter()
     with tqdm(total=len(todo), desc=f"sd {params.mode} {shard.index}/{shard.count}", unit="img",
@@ -323,6 +330,7 @@ def _run(cfg: Any, shard: Shard) -> GenerationSummary:
     merged = None
     if shard.count == 1 and any(folder.glob("manifest.shard-*.jsonl")):
         merged = merge_shards(folder)
+    recipes.settle(folder, SOURCE, wanted, set(planned))
     return GenerationSummary(
         folder=folder, model=params.model, mode=params.mode, shard=f"{shard.index}/{shard.count}", planned=len(mine),
         skipped=len(mine) - len(todo), written=len(todo), seconds=seconds, resolution=resolution, steps=params.steps,
