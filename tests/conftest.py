@@ -56,3 +56,17 @@ def isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     cache = tmp_path_factory.mktemp("cache")
     monkeypatch.setenv("SYNTHGAP_CACHE_DIR", str(cache))
     return cache
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    """The tiny random-weight SD pipeline, run single-threaded: its ops are far too small to gain from a thread
+    pool, and on a busy CPU the pool's spinning threads make each op wait for a core (10x slower)."""
+    import torch
+
+    from synthgap_helpers.sd.pipelines import tiny_pipeline
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield tiny_pipeline(seed=0)
+    torch.set_num_threads(threads)

@@ -23,13 +23,11 @@ from types import SimpleNamespace
 
 import nbformat
 import pytest
-import torch
 from test_faults_generation import fake_real_data, inversion_cfg
 
 from synthgap_helpers import cli, config, data, recipes, runner, sets
 from synthgap_helpers.inversion import stage as inversion_stage
 from synthgap_helpers.sd import stage as sd_generate
-from synthgap_helpers.sd.pipelines import tiny_pipeline
 from synthgap_helpers.train import arms as train_arms
 from synthgap_helpers.workload import Shard
 
@@ -53,14 +51,6 @@ def assert_one_line(err: str, *parts: str) -> None:
 
 def pngs(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*.png"))}
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield tiny_pipeline(seed=0)
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

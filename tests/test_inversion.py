@@ -20,16 +20,6 @@ from synthgap_helpers.workload import Shard, merge_shards
 RES = 16  # pixels: the tiny pipeline works at any multiple of 4; 16 keeps every test fast on a CPU
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    # The tiny model's ops are far too small to gain from a thread pool, and on a busy CPU the pool's spinning
-    # threads make each op wait for a core (10x slower): run this module single-threaded, then restore.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield tiny_pipeline(seed=0)
-    torch.set_num_threads(threads)
-
-
 def fake_real_data(per_class: int = 1, seed: int = 0) -> data.RealData:
     """A small balanced 'train subset' of smooth random images (no CIFAR-10 needed)."""
     generator = torch.Generator().manual_seed(seed)
