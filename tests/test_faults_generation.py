@@ -371,7 +371,7 @@ CHILD = textwrap.dedent("""
 
         stage.write_checkpoint = write_then_kill
         summary = stage.train_embeddings(inversion_cfg(Path(run_dir), dtype="fp16", steps=12), progress=False)
-        print(summary.resumed, summary.steps_run)
+        print(summary.resumed, summary.steps_run, flush=True)  # a SIGKILL later loses a buffered line
 """)
 
 
