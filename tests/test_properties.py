@@ -220,13 +220,22 @@ def synthetic_records(draw):
 @SETTINGS
 @given(synthetic_records(), st.sets(st.sampled_from(REAL)), st.sets(st.sampled_from(REAL)))
 def test_containment_is_monotone_in_the_k_subset(records, small, extra):
-    """A larger k-subset keeps every image a smaller one keeps, and covers at least as many real images."""
+    """A larger k-subset keeps every image a smaller one keeps and covers at least as many (at most all) of its real
+    images; every kept image draws only on the subset (source, partner, its group's sources under a mean uncond)."""
     large = small | extra
     a = contained(records, small, 1, "set")
     b = contained(records, large, 2, "set")
     assert set(a.ids) <= set(b.ids)
-    assert a.covered <= b.covered
-    assert b.covered <= len(large)
+    assert a.covered <= b.covered <= len(large)
+    groups = {}
+    for record in records:
+        if "group" in record:
+            groups.setdefault(record["group"], set()).add(record["source_id"])
+    for record in records:
+        uses = {record.get("source_id"), record.get("partner")} - {None}
+        if record.get("uncond") == "mean":
+            uses |= groups[record["group"]]
+        assert (record["id"] in a.ids) == (uses <= small)
 
 
 # --- selections -----------------------------------------------------------------------------------------------------
