@@ -29,6 +29,7 @@ from synthgap_helpers.errors import UserError
 from synthgap_helpers.locks import create_once
 from synthgap_helpers.params import Config, preset_values
 from synthgap_helpers.storage import atomic_write_json
+from synthgap_helpers.workload import is_ascii_number
 
 PROFILES = ("smoke", "gpu-small", "paper", "cpu-analysis")
 _PROVENANCE_PACKAGES = ("torch", "torchvision", "numpy", "diffusers", "transformers", "opencv-python-headless",
@@ -310,7 +311,7 @@ def resolve_device(name: str) -> str:
             name = "cuda" if visible else "cpu"
     if name == "cuda" and "LOCAL_RANK" in os.environ:
         local_rank = os.environ["LOCAL_RANK"]
-        if not (local_rank.isascii() and local_rank.isdigit()):
+        if not is_ascii_number(local_rank):
             raise ConfigError(f"device = cuda: $LOCAL_RANK is {local_rank!r}, not a GPU number; launch with "
                               "torchrun/accelerate (which set it), or unset it and set device=cuda:N")
         name = f"cuda:{int(local_rank)}"
@@ -320,7 +321,7 @@ def resolve_device(name: str) -> str:
             raise ConfigError(f"device = {name}: this machine shows no GPU to torch (no NVIDIA driver, "
                               "CUDA_VISIBLE_DEVICES empty, or a CPU-only torch build); set device=cpu (or device=auto), "
                               "or run on a machine with a GPU")
-        if not (index.isascii() and index.isdigit()) or int(index) >= visible:
+        if not is_ascii_number(index) or int(index) >= visible:
             raise ConfigError(f"device = {name}: only {visible} GPU(s) are visible (cuda:0 ... cuda:{visible - 1}); "
                               "choose one of them, or device=cuda")
     return name
@@ -360,9 +361,9 @@ def load(profile: str = "smoke", run_dir: str | Path | None = None,
 
     The first call on a run directory writes the parameters and provenance (of first calls racing on it,
     exactly one: `locks.create_once`); later calls must resolve to the same values, else the error lists the
-    keys that differ. Parameters the record lacks (added by a newer version) are added to it. Before anything is written, every path parameter that
-    is set must exist (`check_paths`), and the run directory must be a folder that can be written to (created
-    if missing): otherwise a ConfigError names the parameter or folder and the fix.
+    keys that differ. Parameters the record lacks (added by a newer version) are added to it. Before anything is
+    written, every path parameter that is set must exist (`check_paths`), and the run directory must be a folder
+    that can be written to (created if missing): otherwise a ConfigError names the parameter or folder and the fix.
     """
     cfg = resolve(profile, run_dir, overrides)
     check_paths(cfg)
@@ -376,8 +377,8 @@ def load(profile: str = "smoke", run_dir: str | Path | None = None,
             from synthgap_helpers import recipes
 
             recipes.check_run(cfg)
-    if not path.exists() and create_once(path, _record_bytes(cfg)):
-        return cfg
+        if create_once(path, _record_bytes(cfg)):
+            return cfg
     record = read_record(path)  # another process may have created it since: its parameters must match
     previous = record["params"]
     differences = _differences(previous, cfg.params())
