@@ -244,13 +244,13 @@ def build_book(root: Path, toc: Path | None = None) -> Path:
     """`jupyter-book build . -W -n --keep-going` (warnings are errors), with `--toc toc` when given (this build's
     table of contents, `write_build_toc`); returns the HTML index. Every executed notebook of the table of contents
     must be there and marked as run to the end (`check_executed`)."""
-    executed = EXECUTED_DIR.as_posix()
-    missing = [f for f in toc_files(root, toc) if f.startswith(executed) and not (root / f"{f}.ipynb").exists()
+    executed, files = EXECUTED_DIR.as_posix(), toc_files(root, toc)
+    missing = [f for f in files if f.startswith(executed) and not (root / f"{f}.ipynb").exists()
                and not (root / f).exists()]
     if missing:
         raise FileNotFoundError(f"the book needs executed notebooks that are missing: {', '.join(missing)}; "
                                 "run them first (drop --only)")
-    check_executed(root, toc_files(root, toc))
+    check_executed(root, files)
     executable = shutil.which("jupyter-book", path=str(Path(sys.executable).parent)) or shutil.which("jupyter-book")
     if executable is None:
         raise FileNotFoundError("jupyter-book is not installed in this environment (pip install -e '.[dev]')")
