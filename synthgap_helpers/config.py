@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from synthgap_helpers import exact
 from synthgap_helpers.errors import UserError
 from synthgap_helpers.locks import create_once
 from synthgap_helpers.params import Config, preset_values
@@ -365,6 +366,7 @@ def load(profile: str = "smoke", run_dir: str | Path | None = None,
     written, every path parameter that is set must exist (`check_paths`), and the run directory must be a folder
     that can be written to (created if missing): otherwise a ConfigError names the parameter or folder and the fix.
     """
+    exact.use_in_process()  # first: before this process computes anything
     cfg = resolve(profile, run_dir, overrides)
     check_paths(cfg)
     if not record:

@@ -457,6 +457,7 @@ class Config(_Section):
     run_dir: Path
     seed: int = Field(default=0, ge=0, le=SEED_MAX)  # the run seed, 0 ... 2**32 - 1; every other seed derives from it
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    exact_cpu: bool = False  # the runner starts the notebooks on the exact CPU path (synthgap_helpers.exact): the same bytes on every x86-64 CPU with AVX2, one thread
     generators: list[Literal["sd", "di"]] = ["sd", "di"]  # synthetic sets the run makes (Stable Diffusion, Diffusion Inversion); []: none, no diffusion model is loaded
     synthetic: dict[str, ExternalSetParams] = Field(default_factory=dict)  # synthetic sets made elsewhere, by name: {name: {paths: [...]}}
     data: DataParams = DataParams()

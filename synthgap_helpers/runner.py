@@ -446,7 +446,7 @@ def run(profile: str = "smoke", run_dir: str | Path | None = None, only: list[st
     another folder gets copies of the book's sources (`prepare_root`), its own book/executed/, runs/ and _build/.
     Relative paths in `overrides` are made absolute against the current directory first (the notebooks run in
     `notebooks/`, where they would mean another folder)."""
-    from synthgap_helpers import config
+    from synthgap_helpers import config, exact
 
     overrides = config.absolute_overrides(overrides)
     for variable in ("SYNTHGAP_DATA_DIR", "SYNTHGAP_CACHE_DIR", "SYNTHGAP_SHARED_DATA"):  # the kernels inherit them
@@ -461,6 +461,8 @@ def run(profile: str = "smoke", run_dir: str | Path | None = None, only: list[st
     root = prepare_root(root, checkout)
     notebooks = [root / "notebooks" / p.name for p in notebooks]
     cfg = config.load(profile, run_dir=run_dir, overrides=overrides)
+    if cfg.exact_cpu:  # the kernels inherit the environment, and their libraries read it when they load
+        os.environ.update(exact.ENVIRONMENT)
     print(describe_run(run_description(cfg)), flush=True)
     if Path(profile).suffix in (".yaml", ".yml"):
         profile = for_notebooks(Path(profile).resolve(), root)  # the notebooks run in notebooks/, not here

@@ -1,33 +1,44 @@
-"""Every number of a smoke run, and its check against committed reference values with tolerance bands.
+"""Every number of a smoke run, and its check against committed reference values: exact where the exact CPU path
+exists, with tolerance bands elsewhere.
 
-CPU float results differ from machine to machine (vector width, oneDNN kernels, thread count), and the smoke
-run's tiny trainings amplify the differences, so nbval compares no float of training or analysis. This module
-does: `collect` reads the numbers a smoke run recorded, `compare` checks them against
-`tests/reference/smoke.json` with the bands of `TOLERANCES`, each wide enough for another CPU code path
-(measured: `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2` against AVX-512, see the issue note) and
-narrow enough that a real change fails (an arm at chance, a changed metric formula, other normalisation).
+The smoke profile computes on the exact CPU path (`synthgap_helpers.exact`: one code path, one thread), so on Linux
+x86-64 with AVX2 (Intel or AMD, with or without AVX-512) and the package versions the reference was made with
+(`tests/reference/smoke_environment.json`), a run reproduces every number of `tests/reference/smoke.json` and the
+bytes of its `results.json`. Elsewhere (ARM, macOS, other versions of the numeric packages) floats differ and the
+tiny trainings amplify the differences: there `compare` applies the bands of `TOLERANCES`, each wide enough for
+another CPU code path (measured before the exact path existed: AVX-512 against `ATEN_CPU_CAPABILITY=avx2
+ONEDNN_MAX_CPU_ISA=AVX2`, one and two threads) and narrow enough that a gross change fails (an arm at chance, a
+changed metric formula, other normalisation). `tier` says which check applies, and why.
 
-Refresh the reference after an intended change of results, from a fresh smoke run:
+Refresh the reference after an intended change of results, from a fresh smoke run made on the exact path
+(`make notebooks`):
 
     python tests/smoke_reference.py write runs/smoke
 
-Measure the spread the bands must cover over smoke runs computed on other CPU code paths (e.g. one run as is,
-one with `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`, each with OMP_NUM_THREADS=1 and 2):
+Measure the spread of smoke runs made on other code paths (e.g. without the exact path):
 
     python tests/smoke_reference.py spread RUN_DIR RUN_DIR ...
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import pandas as pd
 
+from synthgap_helpers import exact
+
 REFERENCE = Path(__file__).resolve().parent / "reference" / "smoke.json"
+ENVIRONMENT = REFERENCE.with_name("smoke_environment.json")  # where and with what the reference was made
+# The distributions whose code computes the smoke run's numbers: another version may round differently.
+NUMERIC_PACKAGES = ("torch", "torchvision", "numpy", "scipy", "pillow", "opencv-python-headless", "diffusers",
+                    "pandas", "captum", "torchmetrics")
 
 # (key pattern, absolute band, relative band, why): the band of a key is max(absolute, relative * |reference|),
 # from the first pattern that matches. Counts fixed by the parameters must match exactly. The other bands are
@@ -120,13 +131,18 @@ def band(key: str, reference: float) -> float:
     return max(absolute, relative * abs(reference))
 
 
-def compare(values: dict[str, float], reference: dict[str, float]) -> list[str]:
-    """One line per key outside its band, missing from the run, or not in the reference."""
+def compare(values: dict[str, float], reference: dict[str, float], exact: bool = False) -> list[str]:
+    """One line per key outside its band (`exact`: not the very same value), missing from the run, or not in the
+    reference."""
     problems = [f"{key}: in the reference, missing from the run" for key in sorted(set(reference) - set(values))]
     problems += [f"{key}: new in the run, not in the reference ({values[key]!r})"
                  for key in sorted(set(values) - set(reference))]
     for key in sorted(set(values) & set(reference)):
         got, want = values[key], reference[key]
+        if exact:  # repr: NaN equals NaN, and 12 (a count) is not 12.0
+            if repr(got) != repr(want):
+                problems.append(f"{key}: {got!r}, reference {want!r} exactly")
+            continue
         if got is None or want is None or (isinstance(got, float) and math.isnan(got)):
             if got != want:
                 problems.append(f"{key}: {got!r}, reference {want!r}")
@@ -143,6 +159,34 @@ def spread(runs: list[dict[str, float]]) -> dict[str, float]:
             if all(r.get(key) is not None for r in runs)}
 
 
+def versions() -> dict[str, str | None]:
+    """The installed version of each numeric package (None: not installed)."""
+    found: dict[str, str | None] = {}
+    for name in NUMERIC_PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def digest(run_dir: str | Path) -> str:
+    """SHA-256 of the run's results.json: the exact check compares its bytes, not only the collected numbers."""
+    return hashlib.sha256((Path(run_dir) / "results.json").read_bytes()).hexdigest()
+
+
+def tier() -> tuple[str, str]:
+    """("exact" or "bands", why): exact on the exact CPU path's platforms with the reference's package versions."""
+    if exact.tier() != "exact":
+        return "bands", "no exact CPU path on this platform (it needs Linux on x86-64 with AVX2)"
+    recorded = json.loads(ENVIRONMENT.read_text())["versions"]
+    changed = [f"{name} {have or 'absent'} (reference: {recorded.get(name) or 'absent'})"
+               for name, have in versions().items() if have != recorded.get(name)]
+    if changed:
+        return "bands", "other package versions than the reference's: " + ", ".join(changed)
+    return "exact", "Linux x86-64 with AVX2 and the reference's package versions"
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] == ["spread"] and len(argv) > 2:
         runs = [collect(run) for run in argv[1:]]
@@ -150,15 +194,22 @@ def main(argv: list[str]) -> int:
             if width:
                 print(f"{key:55s} spread {width:.4g}  band {band(key, runs[0][key]):.4g}")
         return 0
+    if argv == ["tier"]:  # the Makefile's choice of nbval sanitizer; the reason goes to stderr, for the log
+        name, why = tier()
+        print(f"smoke reference: {name} ({why})", file=sys.stderr)
+        print(name)
+        return 0
     if len(argv) != 2 or argv[0] not in ("write", "check"):
-        print("usage: python tests/smoke_reference.py write|check RUN_DIR  |  spread RUN_DIR RUN_DIR ...",
+        print("usage: python tests/smoke_reference.py write|check RUN_DIR  |  spread RUN_DIR RUN_DIR ...  |  tier",
               file=sys.stderr)
         return 2
     values = collect(argv[1])
     if argv[0] == "write":
         REFERENCE.parent.mkdir(exist_ok=True)
         REFERENCE.write_text(json.dumps(values, indent=1, sort_keys=True) + "\n")
-        print(f"wrote {len(values)} values to {REFERENCE}")
+        ENVIRONMENT.write_text(json.dumps({"versions": versions(), "results_sha256": digest(argv[1])}, indent=1)
+                               + "\n")
+        print(f"wrote {len(values)} values to {REFERENCE} and the package versions to {ENVIRONMENT}")
         return 0
     problems = compare(values, json.loads(REFERENCE.read_text()))
     print("\n".join(problems) or f"all {len(values)} values within their bands")

@@ -1,7 +1,8 @@
 """The smoke run's numbers against their committed reference values, and proof that the check can fail.
 
 `make test` computes runs/smoke afresh (nbval executes the notebooks into it; the suite-and-book test of
-test_runner.py completes it), so these checks never pass on results of older code.
+test_runner.py completes it), so these checks never pass on results of older code. The exact check runs where
+`smoke_reference.tier()` says the exact CPU path reproduces the reference; the band check runs everywhere.
 """
 
 from __future__ import annotations
@@ -10,7 +11,17 @@ import json
 from pathlib import Path
 
 import pytest
-from smoke_reference import REFERENCE, TOLERANCES, collect, compare, rule, spread
+import smoke_reference
+from smoke_reference import (
+    ENVIRONMENT,
+    REFERENCE,
+    TOLERANCES,
+    collect,
+    compare,
+    digest,
+    rule,
+    spread,
+)
 
 RUN_DIR = Path(__file__).resolve().parents[1] / "runs" / "smoke"
 
@@ -26,6 +37,39 @@ def test_every_number_of_the_smoke_run_lies_within_its_reference_band(reference)
         pytest.fail(f"{RUN_DIR} holds no finished smoke run: `make test` executes the notebooks into it first")
     problems = compare(collect(RUN_DIR), reference)
     assert not problems, f"{len(problems)} number(s) of {RUN_DIR} outside their bands:\n" + "\n".join(problems)
+
+
+@pytest.mark.slow
+def test_the_smoke_run_reproduces_its_reference_and_results_json_exactly(reference):
+    name, why = smoke_reference.tier()
+    if name != "exact":
+        pytest.skip(f"exact check not applicable: {why}; the band check applies")
+    if not (RUN_DIR / "results.json").is_file():
+        pytest.fail(f"{RUN_DIR} holds no finished smoke run: `make test` executes the notebooks into it first")
+    problems = compare(collect(RUN_DIR), reference, exact=True)
+    assert not problems, (f"{len(problems)} number(s) of {RUN_DIR} differ from the reference ({why}):\n"
+                          + "\n".join(problems))
+    assert digest(RUN_DIR) == json.loads(ENVIRONMENT.read_text())["results_sha256"], \
+        f"{RUN_DIR}/results.json differs from the reference run's bytes although every collected number matches"
+
+
+def test_a_change_in_the_last_digit_fails_the_exact_check_but_not_the_bands(reference):
+    key = "headline/real/test_accuracy"
+    changed = dict(reference, **{key: reference[key] + 1e-12})
+    assert compare(changed, reference) == []
+    assert compare(changed, reference, exact=True) == [f"{key}: {changed[key]!r}, reference {reference[key]!r} exactly"]
+
+
+def test_the_exact_tier_needs_the_reference_s_package_versions(monkeypatch):
+    monkeypatch.setattr(smoke_reference.exact, "tier", lambda: "exact")
+    recorded = json.loads(ENVIRONMENT.read_text())["versions"]
+    monkeypatch.setattr(smoke_reference, "versions", lambda: dict(recorded))
+    assert smoke_reference.tier()[0] == "exact"
+    monkeypatch.setattr(smoke_reference, "versions", lambda: dict(recorded, numpy="0.0"))
+    name, why = smoke_reference.tier()
+    assert name == "bands" and f"numpy 0.0 (reference: {recorded['numpy']})" in why
+    monkeypatch.setattr(smoke_reference.exact, "tier", lambda: "bands")
+    assert smoke_reference.tier() == ("bands", "no exact CPU path on this platform (it needs Linux on x86-64 with AVX2)")
 
 
 def test_every_reference_key_has_a_tolerance_rule_and_every_rule_is_used(reference):
