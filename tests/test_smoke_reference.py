@@ -7,7 +7,9 @@ test_runner.py completes it), so these checks never pass on results of older cod
 
 from __future__ import annotations
 
+import configparser
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -70,6 +72,21 @@ def test_the_exact_tier_needs_the_reference_s_package_versions(monkeypatch):
     assert name == "bands" and f"numpy 0.0 (reference: {recorded['numpy']})" in why
     monkeypatch.setattr(smoke_reference.exact, "tier", lambda: "bands")
     assert smoke_reference.tier() == ("bands", "no exact CPU path on this platform (it needs Linux on x86-64 with AVX2)")
+
+
+def _sanitized(tier: str, text: str) -> str:
+    """`text` as nbval sees it through the Makefile's sanitizer file of `tier`, its sections applied in order."""
+    parser = configparser.ConfigParser()
+    assert parser.read(Path(__file__).parent / f"nbval_sanitize_{tier}.cfg")
+    for section in parser.sections():
+        text = re.sub(parser[section]["regex"], parser[section]["replace"], text)
+    return text
+
+
+def test_the_bands_sanitizer_masks_the_numbers_that_the_exact_one_compares():
+    row = "real+sd     1   22.40 ± 0.50   -0.125   3e-05   (1 seed)"
+    assert _sanitized("exact", row) == row
+    assert _sanitized("bands", row) == "real+sd     NUMBER   NUMBER ± NUMBER   NUMBER   NUMBER   (NUMBER seed)"
 
 
 def test_every_reference_key_has_a_tolerance_rule_and_every_rule_is_used(reference):
