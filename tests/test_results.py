@@ -298,3 +298,88 @@ def test_generation_settings_are_read_from_each_sets_manifest_and_quoted_as_a_se
         "`sd`: base model sd-1-5, generated at 512 px, mode img2img at strength 0.75, guidance scale 7.5, "
         "unconditional input the empty prompt, sampler dpm++, 25 steps; `di`: base model sd-1-4, generated at "
         "128 px, mode inverted embeddings, guidance scale 2, unconditional input the group's mean embedding")
+
+
+# ------------------------------------------------------------------ edge cases pinned by the mutation score (#24)
+
+
+def test_t_p_value_without_spread_is_1_for_no_difference_and_0_for_any_other():
+    """_t_p_value(): se = 0 (every seed gave one number) gives p = 1 for a zero difference, 0 for any other."""
+    assert results._t_p_value(0.0, 0.0, 3) == 1.0
+    assert results._t_p_value(1.0, 0.0, 3) == 0.0 and results._t_p_value(-0.5, 0.0, 3) == 0.0
+    assert results._t_p_value(1.0, 1.0, 1e9) == pytest.approx(2 * scipy.stats.norm.sf(1.0))
+
+
+def test_welch_difference_needs_two_values_on_both_sides_and_takes_zero_spread_as_an_exact_difference():
+    """welch_difference(): interval and p only with >= 2 values on each side; no spread: df inf, a 0-wide interval."""
+    for values, reference in (([1.0], [2.0, 3.0]), ([1.0, 2.0], [3.0])):
+        one_side = results.welch_difference(values, reference)
+        assert all(math.isnan(one_side[key]) for key in ("ci95_low", "ci95_high", "df", "p"))
+    two = results.welch_difference([1.0, 2.0], [3.0, 5.0])
+    assert two["p"] == pytest.approx(scipy.stats.ttest_ind([1.0, 2.0], [3.0, 5.0], equal_var=False).pvalue)
+    exact = results.welch_difference([2.0, 2.0], [1.0, 1.0])
+    assert exact == {"difference": 1.0, "ci95_low": 1.0, "ci95_high": 1.0, "df": math.inf, "p": 0.0}
+
+
+def test_paired_difference_of_one_pair_has_no_df_or_p_and_of_two_pairs_has_both():
+    """paired_difference(): df and p are NaN for one pair and defined (df = 1) from two pairs on."""
+    one = results.paired_difference([3.0], [1.0])
+    assert one["difference"] == 2.0 and math.isnan(one["df"]) and math.isnan(one["p"])
+    two = results.paired_difference([3.0, 5.0], [1.0, 2.0])
+    assert two["df"] == 1.0 and two["p"] == pytest.approx(scipy.stats.ttest_rel([3.0, 5.0], [1.0, 2.0]).pvalue)
+
+
+def test_holm_allows_p_1_caps_adjusted_values_at_1():
+    """holm(): p = 1 is a valid p-value, and adjusted p-values never exceed 1."""
+    assert results.holm([1.0]).tolist() == [1.0]
+    assert results.holm([0.6, 0.7]).tolist() == [1.0, 1.0]
+    with pytest.raises(ValueError, match="must lie in"):
+        results.holm([1.5])
+
+
+def test_bootstrap_p_value_per_column_and_without_defined_draws():
+    """bootstrap_p_value(): along `axis` only; a column with one defined draw has a p, one with none NaN; a 1-D
+    input gives a float, NaN without draws."""
+    draws = np.array([[1.0, 2.0, -1.0, np.nan], [np.nan, np.nan, np.nan, np.nan], [np.nan, 3.0, np.nan, np.nan]])
+    p = results.bootstrap_p_value(draws, axis=1)
+    assert p[0] == pytest.approx(2 * (1 + 1) / 4) and math.isnan(p[1]) and p[2] == pytest.approx(1.0)
+    assert results.bootstrap_p_value(draws.T, axis=0)[0] == pytest.approx(1.0)
+    scalar = results.bootstrap_p_value([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0])
+    assert type(scalar) is float and scalar == pytest.approx(2 / 8)
+    assert math.isnan(results.bootstrap_p_value([np.nan, np.nan]))
+
+
+def test_with_holm_flags_only_p_below_alpha_and_takes_an_empty_family():
+    """with_holm(): significant means adjusted p < alpha (not <=); the default column is ``p``; no rows, no flags."""
+    table = results.with_holm(pd.DataFrame({"p": [0.05, 0.01]}), alpha=0.1)
+    assert table["p (Holm)"].tolist() == pytest.approx([0.05, 0.02])
+    assert table["significant after Holm"].tolist() == [True, True]
+    at_alpha = results.with_holm(pd.DataFrame({"p": [0.05]}))
+    assert at_alpha["significant after Holm"].tolist() == [False]
+    empty = results.with_holm(pd.DataFrame({"p": []}))
+    assert empty.empty and list(empty.columns) == ["p", "p (Holm)", "significant after Holm"]
+
+
+def test_holm_cells_and_p_text_print_na_and_no():
+    """holm_cells()/p_text(): 'n/a' for a missing p, 'no' where not significant after Holm."""
+    assert results.p_text(math.nan) == "n/a" and results.p_text(0.012345) == "0.0123"
+    row = pd.Series({"p": math.nan, "p (Holm)": 0.2, "significant after Holm": False})
+    assert results.holm_cells(row) == ["n/a", "0.2", "no"]
+
+
+def test_gains_over_keeps_the_order_of_appearance_and_its_columns():
+    """gains_over(): arms in order of appearance (not sorted), with the columns GAIN_COLUMNS; an arm whose seeds
+    repeat is not paired."""
+    per_seed = pd.DataFrame({"arm": ["real", "real", "zz", "zz", "aa", "aa"], "seed": [0, 1, 0, 1, 0, 0],
+                             "test_accuracy": [80.0, 82.0, 70.0, 71.0, 90.0, 91.0]})
+    gains = results.gains_over(per_seed, "real", paired=True)
+    assert list(gains.index) == ["zz", "aa"] and list(gains.columns) == results.GAIN_COLUMNS
+    assert gains.loc["zz", "seeds"] == 2 and gains.loc["zz", "baseline seeds"] == 2
+    assert gains.loc["zz", "test"] == "paired" and gains.loc["aa", "test"] == "Welch"
+
+
+def test_one_seed_texts_say_so():
+    """accuracy_text()/gain_text(): one seed gives no ± and no interval."""
+    assert results.accuracy_text(81.234, math.nan, 1) == "81.2 % (1 seed)"
+    assert results.accuracy_text(81.234, 0.5, 2) == "81.2 ± 0.5 % (2 seeds)"
+    assert results.gain_text(4.26, math.nan, math.nan) == "+4.3 points (one seed per arm: no interval)"
