@@ -15,8 +15,10 @@ from torch import nn
 from synthgap_helpers.train.batches import (
     CIFAR10_MEAN,
     BatchIndices,
+    IndexStream,
     normalize,
     random_crop_flip,
+    real_per_batch,
 )
 from synthgap_helpers.train.models import build_model
 from synthgap_helpers.train.trainer import (
@@ -371,3 +373,41 @@ def test_budget_needs_exactly_one_of_epochs_and_steps():
         TrainParams()
     with pytest.raises(ValueError, match="TrainParams.epochs=2"):
         TrainParams(epochs=2, steps=10)
+
+
+# ------------------------------------------------------------------ batch state and mixing, pinned by the mutation score (#24)
+
+
+def test_real_per_batch_rounds_and_keeps_at_least_one_of_each_source():
+    """real_per_batch(): round(batch_size * real_share), at least 1 real and at least 1 synthetic image."""
+    assert [real_per_batch(4, share) for share in (0.0, 0.1, 0.5, 0.9, 1.0)] == [1, 1, 2, 3, 3]
+    assert real_per_batch(2, 1.0) == 1 and real_per_batch(10, 0.34) == 3
+
+
+def test_a_restored_stream_and_batches_continue_where_the_state_was_taken():
+    """IndexStream/BatchIndices state() and restore(): the same next indices; a state of other sets is refused."""
+    batches = BatchIndices(6, 4, 3, torch.Generator().manual_seed(0), mix="fixed_share")
+    batches.next()
+    perms, positions = batches.state()
+    assert len(perms) == len(positions) == 2 and positions == [2, 1]
+    generator_state = batches._sources[0][0]._generator.get_state()
+    expected = [batches.next() for _ in range(4)]
+    again = BatchIndices(6, 4, 3, torch.Generator().manual_seed(0), mix="fixed_share")
+    again._sources[0][0]._generator.set_state(generator_state)
+    again.restore(perms, positions)
+    assert all(torch.equal(a, b) for a, b in zip(expected, [again.next() for _ in range(4)]))
+    with pytest.raises(ValueError, match="holds 1 sources; these batches draw from 2"):
+        again.restore(perms[:1], positions[:1])
+    with pytest.raises(ValueError, match="holds 2 sources"):
+        again.restore(perms, positions[:1])
+    stream = IndexStream(4, torch.Generator().manual_seed(0))
+    stream.restore(torch.empty(0, dtype=torch.long), 0)  # a fresh stream's state
+    stream.restore(torch.tensor([3, 1, 0, 2]), 4)
+    assert stream.state()[1] == 4 and stream.take(1).tolist() != []
+    stream.restore(torch.tensor([3, 1, 0, 2]), 1)
+    assert stream.take(3).tolist() == [1, 0, 2]
+    for perm, pos in ((torch.tensor([3.0, 1.0, 0.0, 2.0]), 0), (torch.tensor([[3, 1, 0, 2]]), 0),
+                      (torch.tensor([1, 0, 2]), 0), (torch.tensor([3, 1, 0, 2]), 5), (torch.tensor([3, 1, 0, 2]), -1),
+                      (torch.empty(0, dtype=torch.long), 1)):
+        with pytest.raises(ValueError, match="not the state of a stream over 4 indices"):
+            stream.restore(perm, pos)
