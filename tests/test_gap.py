@@ -309,3 +309,79 @@ def test_bad_inputs_raise_value_errors_naming_the_parameter(call, message) -> No
     a, b = _clusters(torch.zeros(1, 4), 20, 0), _clusters(torch.zeros(1, 4), 20, 1)
     with pytest.raises(ValueError, match=message):
         call(a, b)
+
+
+# ------------------------------------------------------------------ wiring and defaults, pinned by the mutation score (#24)
+
+
+def test_gap_table_rows_come_from_the_seeded_halves_and_subsets_of_each_set_paired_with_the_floor() -> None:
+    """gap_table(): the reference's halves and KID subsets from `_set_generator(seed, reference)`, each set's from
+    its own generator; the floor difference's interval from the paired half values; the row's sizes and kid_se."""
+    from synthgap_helpers.gap import measures as m
+
+    sets = {"real": _clusters(torch.zeros(1, 3), 24, 0), "floor": _clusters(torch.zeros(1, 3), 20, 1),
+            "far": _clusters(torch.full((1, 3), 2.0), 22, 2)}
+    raw = gap_table(sets, "real", "floor", k=2, kid_subsets=3, kid_subset_size=6, n_splits=8, seed=3, progress=False)
+    assert list(raw.columns[:3]) == ["set", "n", "n_reference"] and "kid_se" in raw.columns
+    table = raw.set_index("set")
+    real = sets["real"].double()
+    real_halves = m.random_halves(24, 8, m._set_generator(3, "real"))
+    real_subsets = m.disjoint_subsets(24, 3, 6, m._set_generator(3, "real"))
+    halves, kid = {}, {}
+    for name in ("floor", "far"):
+        fake, generator = sets[name].double(), m._set_generator(3, name)
+        fake_halves = m.random_halves(len(fake), 8, generator)
+        halves[name] = m.half_values(real, fake, real_halves, fake_halves, manifolds=m.KnnManifolds(real, fake, 2))
+        kid[name] = m.mmd2_unbiased(real, fake, real_subsets, m.disjoint_subsets(len(fake), 3, 6, generator)).numpy()
+    far = table.loc["far"]
+    assert (far["n"], far["n_reference"], far["kid_subsets"], far["kid_subset_size"]) == (22, 24, 3, 6)
+    error = m.split_standard_error(halves["far"])[0]
+    assert (far["fd_low"], far["fd_high"]) == pytest.approx(m.normal_interval(far["fd"], error, 0.95, m.RANGES["fd"]))
+    error = m.split_standard_error(halves["far"][0] - halves["floor"][0])
+    assert (far["fd_diff_low"], far["fd_diff_high"]) == pytest.approx(
+        m.normal_interval(far["fd_diff"], error, 0.95, (-math.inf, math.inf)))
+    assert far["kid"] == pytest.approx(kid["far"].mean()) and far["kid_se"] == pytest.approx(m.mean_and_error(kid["far"])[1])
+    assert far["kid_diff_p"] == pytest.approx(m.t_p_value(kid["far"] - kid["floor"]))
+
+
+def test_the_measures_defaults_are_k_3_1000_splits_seed_0_and_100_kid_subsets_of_1000() -> None:
+    """gap_intervals/gap_table/kernel_inception_distance/precision_recall: the documented defaults; `k` reaches the
+    manifolds."""
+    real, fake = _clusters(torch.zeros(1, 2), 202, 0), _clusters(torch.ones(1, 2), 202, 1)
+    assert gap_intervals(real[:12], fake[:12]) == gap_intervals(real[:12], fake[:12], k=3, n_splits=1000, seed=0)
+    one = gap_intervals(real[:12], fake[:12], k=1, n_splits=4)
+    assert (one["precision"][0], one["recall"][0]) == precision_recall(real[:12], fake[:12], k=1)
+    assert precision_recall(real, fake) == precision_recall(real, fake, k=3)
+    small = {"real": real[:12], "sd": fake[:12]}
+    pd.testing.assert_frame_equal(gap_table(small, progress=False), gap_table(
+        small, k=3, kid_subsets=100, kid_subset_size=1000, n_splits=1000, seed=0, progress=False))
+    assert gap_table({"real": real, "sd": fake}, n_splits=4, kid_subset_size=2, progress=False).loc[0, "kid_subsets"] == 100
+    assert kernel_inception_distance(real, fake, subset_size=2) == kernel_inception_distance(
+        real, fake, subsets=100, subset_size=2, seed=0)
+    big_real, big_fake = _clusters(torch.zeros(1, 2), 1001, 2), _clusters(torch.zeros(1, 2), 1001, 3)
+    assert kernel_inception_distance(big_real, big_fake)[0] == kernel_inception_distance(
+        big_real, big_fake, subset_size=1000)[0]
+
+
+def test_edge_sizes_of_knn_balls_kid_subsets_and_t_p_value() -> None:
+    """knn_balls needs k below the distinct rows; KID takes subsets of 2 rows; t_p_value without spread is NaN."""
+    from synthgap_helpers.gap.measures import knn_balls
+
+    with pytest.raises(ValueError, match="below the number of distinct rows"):
+        knn_balls(torch.eye(3, dtype=torch.float64), 3)
+    assert knn_balls(torch.eye(3, dtype=torch.float64), 2)[1].tolist() == pytest.approx([math.sqrt(2)] * 3)
+    mean, error = kernel_inception_distance(torch.eye(4), torch.eye(4) * 2, subset_size=2)
+    assert math.isfinite(mean) and math.isfinite(error)
+    assert math.isnan(t_p_value(np.array([1.0, 1.0])))
+
+
+def test_balanced_split_is_seeded_and_holds_out_from_one_to_all_but_one() -> None:
+    """balanced_split(): the same split for the same generator seed; 1 held-out image per set is enough, all is not."""
+    from synthgap_helpers.gap.detection import balanced_split
+
+    first = balanced_split(10, 8, 0.5, torch.Generator().manual_seed(4))
+    again = balanced_split(10, 8, 0.5, torch.Generator().manual_seed(4))
+    assert all(torch.equal(a, b) for a, b in zip(first, again)) and [len(x) for x in first] == [4, 4, 4, 4]
+    assert [len(x) for x in balanced_split(4, 4, 0.25, torch.Generator().manual_seed(0))] == [3, 3, 1, 1]
+    with pytest.raises(ValueError, match="holds out 4 of 4"):
+        balanced_split(4, 4, 1.0, torch.Generator().manual_seed(0))
