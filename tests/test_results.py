@@ -383,3 +383,40 @@ def test_one_seed_texts_say_so():
     assert results.accuracy_text(81.234, math.nan, 1) == "81.2 % (1 seed)"
     assert results.accuracy_text(81.234, 0.5, 2) == "81.2 ± 0.5 % (2 seeds)"
     assert results.gain_text(4.26, math.nan, math.nan) == "+4.3 points (one seed per arm: no interval)"
+
+
+def test_record_keeps_sections_and_moves_an_unreadable_file_aside_while_read_records_leaves_it(tmp_path):
+    """record()/read_records()/_read(): sections add up in results.json; a file that is not a JSON mapping is moved
+    aside unchanged to results.json.corrupt-<UTC time> by record and left in place by read_records."""
+    assert results.read_records(tmp_path) == {}
+    results.record(tmp_path, "a", {"x": np.float64(1.5), "bad": math.nan})
+    path = results.record(tmp_path, "b", [1, 2])
+    assert path == tmp_path / "results.json" and results.read_records(tmp_path) == {"a": {"x": 1.5, "bad": None},
+                                                                                       "b": [1, 2]}
+    path.write_text("[1, 2]")
+    with pytest.raises(results.CorruptResults, match="is a JSON list, not the mapping of sections"):
+        results.read_records(tmp_path)
+    assert path.read_text() == "[1, 2]"
+    with pytest.raises(results.CorruptResults, match="section 'c' was not recorded") as caught:
+        results.record(tmp_path, "c", 1)
+    aside = list(tmp_path.glob("results.json.corrupt-*"))
+    assert len(aside) == 1 and aside[0].read_text() == "[1, 2]" and not path.exists()
+    assert str(aside[0]) in str(caught.value) and str(path) in str(caught.value)
+    assert len(aside[0].name) == len("results.json.corrupt-20260101T000000.000000Z")
+
+
+def test_frame_records_comparison_index_and_holm_family():
+    """frame_records(): a named index becomes the first field; comparison_index(): '<name> − <reference>' beside
+    the metric; holm_family(): the family's size in words, saying when only some comparisons have a p."""
+    frame = pd.DataFrame({"v": [1.0, math.nan]}, index=pd.Index(["a", "b"], name="arm"))
+    assert results.frame_records(frame) == [{"arm": "a", "v": 1.0}, {"arm": "b", "v": None}]
+    assert results.frame_records(frame.reset_index(drop=True)) == [{"v": 1.0}, {"v": None}]
+    index = results.comparison_index(["sd", "di"], ["fd", "kid"], "real")
+    assert list(index) == [("sd − real", "fd"), ("di − real", "kid")] and list(index.names) == ["comparison", "metric"]
+    table = pd.DataFrame({"metric": ["fd", "kid", "fd", "kid"], "set": ["sd", "sd", "di", "di"],
+                          "p": [0.1, 0.2, 0.3, 0.4]})
+    assert repr(results.holm_family(table, "set", "synthetic sets", "real/test")) == (
+        "the 4 comparisons of the table (2 metrics × 2 synthetic sets against real/test)")
+    table.loc[3, "p"] = math.nan
+    assert repr(results.holm_family(table, "set", "synthetic sets", "real/test")) == (
+        "the 3 comparisons of the table (2 metrics × 2 synthetic sets against real/test, those with a p-value)")
