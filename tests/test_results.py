@@ -420,3 +420,32 @@ def test_frame_records_comparison_index_and_holm_family():
     table.loc[3, "p"] = math.nan
     assert repr(results.holm_family(table, "set", "synthetic sets", "real/test")) == (
         "the 3 comparisons of the table (2 metrics × 2 synthetic sets against real/test, those with a p-value)")
+
+
+def test_contained_text_lists_two_arms_with_and_more_with_commas():
+    """contained_text(): per k, 'a and b' for two arms, 'a, b and c' from three on; k rows joined by '; '."""
+    counts = pd.DataFrame({"real+sd": ["100", "5", "1"], "real+di": ["500", "6", None], "real+x": ["7", "8", None],
+                           "real+y": ["9", None, None]}, index=[10, 50, 90])
+    assert results.contained_text(counts) == ("k = 10: `real+sd` 100, `real+di` 500, `real+x` 7 and `real+y` 9; "
+                                              "k = 50: `real+sd` 5, `real+di` 6 and `real+x` 8; k = 90: `real+sd` 1")
+    assert results.contained_text(counts[["real+sd", "real+di"]].iloc[:1]) == "k = 10: `real+sd` 100 and `real+di` 500"
+
+
+def test_quoted_gains_holds_the_arm_gains_and_the_sd_di_comparisons_as_one_holm_family():
+    """quoted_gains(): one row per glue key (index 'glue key'), the arms' gains over real and the SD-vs-DI rows by
+    SIZE_KEYS (with or without real+), Holm-adjusted at `alpha`."""
+    per_seed = pd.DataFrame({"arm": ["real"] * 3 + ["real+sd"] * 3,
+                             "test_accuracy": [80.0, 81.0, 82.0, 90.0, 91.0, 92.5]})
+    sizes = pd.DataFrame({"arm": ["real+di", "di@sd-size"], "against": ["real+sd", "sd"], "with real": [True, False],
+                          "size": ["native", "equal"], "test": ["paired", "Welch"], "gain (points)": [1.0, 2.0],
+                          "ci95_low": [0.5, 1.0], "ci95_high": [1.5, 3.0], "p": [0.04, 0.2]})
+    headline = types.SimpleNamespace(gains=results.gains_over(per_seed, "real"), sizes=sizes)
+    table = results.quoted_gains(headline, alpha=0.1)
+    assert table.index.name == "glue key"
+    assert list(table.index) == ["gain_real+sd", "real_sd_di_native_size", "sd_di_equal_size"]
+    assert list(table.columns) == ["comparison", "test", "gain (points)", "ci95_low", "ci95_high", "p", "p (Holm)",
+                                   "significant after Holm"]
+    assert table.loc["gain_real+sd", "comparison"] == "real+sd − real" and table.loc["gain_real+sd", "test"] == "Welch"
+    assert table.loc["real_sd_di_native_size", "comparison"] == "real+di − real+sd"
+    assert table.loc["real_sd_di_native_size", "p (Holm)"] == pytest.approx(0.08)
+    assert table["significant after Holm"].tolist() == [True, True, False]
