@@ -385,3 +385,40 @@ def test_balanced_split_is_seeded_and_holds_out_from_one_to_all_but_one() -> Non
     assert [len(x) for x in balanced_split(4, 4, 0.25, torch.Generator().manual_seed(0))] == [3, 3, 1, 1]
     with pytest.raises(ValueError, match="holds out 4 of 4"):
         balanced_split(4, 4, 1.0, torch.Generator().manual_seed(0))
+
+
+def test_batched_measures_equal_the_measures_of_each_materialised_half() -> None:
+    """frechet_distances/half_values: each resample pair of a batch gets its own FD, precision and recall, those of
+    the materialised rows; split_standard_error is sqrt(mean(((a - b) / 2)^2))."""
+    from synthgap_helpers.gap import measures as m
+
+    real, fake = _clusters(torch.zeros(1, 3), 16, 0).double(), _clusters(torch.ones(1, 3), 14, 1).double()
+    generator = torch.Generator().manual_seed(0)
+    real_halves, fake_halves = m.random_halves(16, 2, generator), m.random_halves(14, 2, generator)
+    values = m.half_values(real, fake, real_halves, fake_halves, manifolds=m.KnnManifolds(real, fake, 2), batch=3)
+    for split in range(2):
+        for half in range(2):
+            r, f = real[real_halves[split, half]], fake[fake_halves[split, half]]
+            expected = [frechet_distance(r, f), *precision_recall(r, f, k=2)]
+            assert values[:, split, half].tolist() == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert m.split_standard_error(np.array([[1.0, 3.0], [2.0, 2.0]])) == pytest.approx(math.sqrt(0.5))
+
+
+def test_interval_helpers_and_their_argument_checks() -> None:
+    """normal_interval is value -/+ z se; a NaN bound makes both NaN; the level must lie strictly inside (0, 1);
+    random halves need >= 4 rows and >= 2 splits."""
+    from synthgap_helpers.gap import measures as m
+
+    z = scipy.stats.norm.ppf(0.975)
+    assert m.normal_interval(1.0, 2.0, 0.95, (-math.inf, math.inf)) == pytest.approx((1 - 2 * z, 1 + 2 * z))
+    assert all(math.isnan(v) for v in m.clipped_interval(0.5, math.nan, 1.0, (0.0, 1.0)))
+    assert all(math.isnan(v) for v in m.clipped_interval(0.5, 0.0, math.nan, (0.0, 1.0)))
+    for level in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match="confidence_level"):
+            m.check_level(level)
+    m.check_level(0.5)
+    assert m.random_halves(4, 2, torch.Generator().manual_seed(0)).shape == (2, 2, 2)
+    with pytest.raises(ValueError, match="needs >= 4 rows"):
+        m.random_halves(3, 2, torch.Generator())
+    with pytest.raises(ValueError, match="n_splits=1"):
+        m.random_halves(4, 1, torch.Generator())
