@@ -362,3 +362,18 @@ def test_bad_curation_parameters_name_the_parameter_and_the_fix(run_dir):
     with pytest.raises(config.ConfigError, match="reference_per_class=4 .* at most 3"):  # 3 per class in the fixture
         curation.reference_set(data.real_data(too_many).train, too_many)
     assert curation.reference_set(data.real_data(cfg).train, cfg).class_counts().tolist() == [2] * 10
+
+
+def test_quotas_and_selections_of_edge_shares_empty_sets_and_ties():
+    """class_quota(): shares in (0, 1] only, no classes for no labels; top_per_class(): an empty int64 selection of
+    an empty set, and tied scores keep the earlier images (a stable sort, also past numpy's small-array cutoff)."""
+    labels = np.zeros(5, dtype=int)
+    assert selection.class_quota(labels, 1.0).tolist() == [5]
+    for fraction in (0.0, 1.5):
+        with pytest.raises(ValueError, match="must be in"):
+            selection.class_quota(labels, fraction)
+    assert selection.class_quota(np.zeros(0, dtype=int), 0.5).tolist() == []
+    empty = selection.top_per_class(np.zeros(0), np.zeros(0, dtype=int), 0.5)
+    assert empty.dtype == np.int64 and empty.tolist() == []
+    tied = selection.top_per_class(np.ones(40), np.zeros(40, dtype=int), 0.25)
+    assert tied.tolist() == list(range(10))

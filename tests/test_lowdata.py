@@ -247,7 +247,7 @@ def test_the_arm_files_lie_in_lowdata_k_and_seed_folders_and_hold_only_the_kept_
     seeded = containment.write_real_ids(tmp_path, 2, 7, ["r3"], seed=1)
     assert seeded == tmp_path / "lowdata" / "k2" / "seed1" / "real_ids.json"
     assert json.loads(seeded.read_text())["seed"] == 1
-    records = [{"id": "a", "source_id": "r1", "z": 1}, {"id": "b", "source_id": "r2"}, {"id": "c", "source_id": "r1"}]
+    records = [{"z": 1, "source_id": "r1", "id": "a"}, {"id": "b", "source_id": "r2"}, {"id": "c", "source_id": "r1"}]
     manifest = containment.write_manifest(tmp_path, 2, "sd", records, ["c", "a"])
     assert manifest == tmp_path / "lowdata" / "k2" / "sd" / "manifest.jsonl"
     assert manifest.read_text() == '{"id": "a", "source_id": "r1", "z": 1}\n{"id": "c", "source_id": "r1"}\n'
