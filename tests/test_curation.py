@@ -375,5 +375,6 @@ def test_quotas_and_selections_of_edge_shares_empty_sets_and_ties():
     assert selection.class_quota(np.zeros(0, dtype=int), 0.5).tolist() == []
     empty = selection.top_per_class(np.zeros(0), np.zeros(0, dtype=int), 0.5)
     assert empty.dtype == np.int64 and empty.tolist() == []
-    tied = selection.top_per_class(np.ones(40), np.zeros(40, dtype=int), 0.25)
-    assert tied.tolist() == list(range(10))
+    scores = np.tile([1.0, 2.0, 0.0], 40)  # 40 tied images at each of three scores
+    tied = selection.top_per_class(scores, np.zeros(120, dtype=int), 0.5)  # 60: the 40 of score 2, then 20 of 1
+    assert tied.tolist() == sorted(list(range(1, 120, 3)) + list(range(0, 60, 3)))
