@@ -422,3 +422,24 @@ def test_interval_helpers_and_their_argument_checks() -> None:
         m.random_halves(3, 2, torch.Generator())
     with pytest.raises(ValueError, match="n_splits=1"):
         m.random_halves(4, 1, torch.Generator())
+
+
+def test_t_interval_ball_boundaries_and_the_tables_columns() -> None:
+    """t_interval is scipy's t interval of the mean; a row at exactly a ball's radius is inside the manifold; 1-D
+    features are refused; KnnManifolds defaults to k=3; gap_table passes its k on and keeps its column order."""
+    from synthgap_helpers.gap import measures as m
+
+    values = np.array([1.0, 2.0, 4.0])
+    low, high = scipy.stats.t.interval(0.9, 2, loc=values.mean(), scale=scipy.stats.sem(values))
+    assert m.t_interval(values, 0.9, (-math.inf, math.inf)) == pytest.approx((values.mean(), low, high))
+    real = torch.tensor([[0.0], [10.0], [30.0]])  # k=1 radii 10, 10, 20
+    fake = torch.tensor([[-10.0], [50.0], [100.0]])  # -10 and 50 lie exactly on a ball's edge
+    assert precision_recall(real, fake, k=1)[0] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="2-D tensor"):
+        m.check_feature_sets(torch.zeros(4), torch.zeros(4, 2))
+    sets = {"real": _clusters(torch.zeros(1, 2), 8, 0), "sd": _clusters(torch.ones(1, 2), 8, 1)}
+    assert KnnManifolds(sets["real"], sets["sd"]).k == 3
+    table = gap_table(sets, k=1, n_splits=2, progress=False)
+    assert (table.loc[0, "precision"], table.loc[0, "recall"]) == precision_recall(sets["real"], sets["sd"], k=1)
+    assert list(table.columns[3:6]) == ["fd", "fd_low", "fd_high"] and list(table.columns[10:13]) == [
+        "kid", "kid_low", "kid_high"]
