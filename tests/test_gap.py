@@ -443,3 +443,14 @@ def test_t_interval_ball_boundaries_and_the_tables_columns() -> None:
     assert (table.loc[0, "precision"], table.loc[0, "recall"]) == precision_recall(sets["real"], sets["sd"], k=1)
     assert list(table.columns[3:6]) == ["fd", "fd_low", "fd_high"] and list(table.columns[10:13]) == [
         "kid", "kid_low", "kid_high"]
+
+
+def test_distances_are_exact_for_identical_rows_and_kid_subsets_default_to_1000_rows() -> None:
+    """pairwise_distances: no matrix-product shortcut, so a row is at distance exactly 0 from itself (duplicates
+    stay duplicates) even past torch's 25-row cutoff; gap_table's KID subsets hold 1000 rows by default."""
+    from synthgap_helpers.gap.measures import pairwise_distances
+
+    rows = torch.randn(40, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 1000 + 1e4
+    assert (pairwise_distances(rows, rows).diagonal() == 0).all()
+    sets = {"real": _clusters(torch.zeros(1, 2), 1001, 0), "sd": _clusters(torch.ones(1, 2), 1001, 1)}
+    assert gap_table(sets, n_splits=2, progress=False).loc[0, "kid_subset_size"] == 1000
