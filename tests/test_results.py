@@ -449,3 +449,27 @@ def test_quoted_gains_holds_the_arm_gains_and_the_sd_di_comparisons_as_one_holm_
     assert table.loc["real_sd_di_native_size", "comparison"] == "real+di − real+sd"
     assert table.loc["real_sd_di_native_size", "p (Holm)"] == pytest.approx(0.08)
     assert table["significant after Holm"].tolist() == [True, True, False]
+
+
+def test_pairing_needs_each_seed_once_and_an_empty_gains_table_keeps_its_columns():
+    """gains_over(): an arm that repeats a seed is not paired even when its set of seeds is the baseline's; no
+    comparison still gives the GAIN_COLUMNS (and quoted_gains its columns)."""
+    per_seed = pd.DataFrame({"arm": ["real", "real", "sd", "sd", "sd"], "seed": [0, 1, 0, 1, 1],
+                             "test_accuracy": [80.0, 82.0, 70.0, 71.0, 72.0]})
+    assert results.gains_over(per_seed, "real", paired=True).loc["sd", "test"] == "Welch"
+    empty = results.gains_over(per_seed[per_seed["arm"] != "real"], "real")
+    assert empty.empty and list(empty.columns) == results.GAIN_COLUMNS
+    headline = types.SimpleNamespace(gains=empty, sizes=pd.DataFrame(columns=["arm", "against", "with real", "size"]))
+    quoted = results.quoted_gains(headline)
+    assert quoted.empty and list(quoted.columns)[:6] == ["comparison", "test", "gain (points)", "ci95_low",
+                                                          "ci95_high", "p"]
+
+
+def test_bootstrap_high_counts_along_the_axis_and_the_markdown_tables_headers():
+    """bootstrap_p_value() counts draws >= 0 per column; quoted_gains_markdown() starts with its header rows."""
+    draws = np.array([[-1.0, 1.0], [-2.0, 2.0], [-3.0, 3.0], [4.0, 4.0]])
+    assert results.bootstrap_p_value(draws, axis=0).tolist() == pytest.approx([2 * 2 / 5, 2 * 1 / 5])
+    text = results.quoted_gains_markdown(pd.DataFrame(columns=["comparison", "test", "gain (points)", "ci95_low",
+                                                               "ci95_high", "p", "p (Holm)", "significant after Holm"]))
+    assert text == ("| comparison | difference | p | p (Holm) | significant after Holm |\n"
+                    "| --- | --- | --- | --- | --- |")
