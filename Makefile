@@ -1,6 +1,7 @@
 # make book   : run the notebook suite (PROFILE=smoke by default) and build the HTML book in _build/html
 # make test   : every test (unit, integration, nbval on the notebooks, the smoke suite and book build)
 # make publish: push the built _build/html to the gh-pages branch of REMOTE (default origin); builds nothing
+# make mutation: mutation score of the core modules (mutmut, fast tests; not in CI), see scripts/mutation_report.py
 # Each bootstraps the virtual environment (VENV=.venv by default) from pyproject.toml.
 VENV ?= .venv
 PYTHON ?= python3
@@ -15,7 +16,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 notebooks: export TQDM_MININTERVAL ?= 5
 STAMP := $(VENV)/.synthgap-installed
 
-.PHONY: book test venv notebooks clean publish
+.PHONY: book test venv notebooks clean publish mutation
 
 venv: $(STAMP)
 
@@ -53,3 +54,10 @@ publish: $(STAMP)
 
 clean:
 	rm -rf _build book/executed runs/smoke
+
+# Mutation testing of the core computations with their fast unit tests (mutmut 3, config in pyproject.toml
+# [tool.mutmut]); not in CI: it takes about an hour on two cores. Prints the per-package scores at the end.
+mutation: $(STAMP)
+	$(PY) -m pip install --quiet 'mutmut>=3.8,<4'
+	OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run $$($(PY) scripts/mutation_report.py --scope) || true
+	$(PY) scripts/mutation_report.py

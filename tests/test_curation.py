@@ -64,6 +64,81 @@ def test_typicality_follows_the_references_correlation_and_treats_missing_and_co
     assert with_nan[0] == pytest.approx(0.0)  # a missing measure counts as the median
 
 
+def test_realism_defaults_to_k_3_with_pruning():
+    """realism(): the defaults are the paper's k=3 and the pruned half of the balls."""
+    generator = torch.Generator().manual_seed(0)
+    real, fake = torch.randn(30, 2, generator=generator), torch.randn(10, 2, generator=generator)
+    default = scores.realism(real, fake)
+    assert default.tolist() == scores.realism(real, fake, k=3, prune=True).tolist()
+    assert default.tolist() != scores.realism(real, fake, k=4, prune=True).tolist()
+    assert default.tolist() != scores.realism(real, fake, k=3, prune=False).tolist()
+
+
+def test_label_fidelity_refuses_a_label_count_that_differs_from_the_rows():
+    """label_fidelity(): N x classes logits need exactly N labels (a ValueError, not a wrong gather)."""
+    with pytest.raises(ValueError, match="one label per row"):
+        scores.label_fidelity(torch.zeros(3, 10), torch.tensor([0, 1]))
+
+
+def test_robust_scale_is_the_scaled_mad_or_the_std_where_the_mad_is_0():
+    """robust_scale(): 1.4826 MAD per column (also for scales below 1); the std where the MAD is 0; 0 if constant."""
+    reference = np.array([[0.0, 1.0, 0.01, 2.0], [0.0, 3.0, 0.03, 2.0], [0.0, 5.0, 0.05, 2.0], [4.0, 7.0, 0.07, 2.0]])
+    median, scale = scores.robust_scale(reference)
+    assert median.tolist() == pytest.approx([0.0, 4.0, 0.04, 2.0])
+    assert scale.tolist() == pytest.approx([math.sqrt(3.0), 1.4826 * 2, 1.4826 * 0.02, 0.0])
+
+
+def _typicality_by_hand(reference: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """The formula of `scores.typicality`, column by column and row by row."""
+    z_ref, z_val = [], []
+    for j in range(reference.shape[1]):
+        column = reference[:, j]
+        median = np.nanmedian(column)
+        scale = 1.4826 * np.nanmedian(np.abs(column - median))
+        scale = scale if scale > 0 else np.nanstd(column)
+        if scale > 0:
+            z_ref.append(np.nan_to_num((column - median) / scale))
+            z_val.append(np.nan_to_num((values[:, j] - median) / scale))
+    z_ref, z_val = np.array(z_ref).T, np.array(z_val).T
+    clipped = np.minimum(np.maximum(z_ref, -3.0), 3.0)
+    d = clipped.shape[1]
+    corr = np.array([[np.corrcoef(clipped[:, a], clipped[:, b])[0, 1] if a != b else 1.0 for b in range(d)]
+                     for a in range(d)])
+    inverse = np.linalg.inv(0.9 * corr + 0.1 * np.eye(d))
+    return np.array([-math.sqrt(row @ inverse @ row) for row in z_val])
+
+
+def test_typicality_is_the_shrunk_mahalanobis_distance_of_clipped_robust_z_scores():
+    """typicality(): centred on the median, scaled by the (small or MAD-0) robust scale, the correlation taken from
+    z-scores clipped to +-3 on both sides, shrunk by 0.1 towards I."""
+    rng = np.random.default_rng(0)
+    reference = rng.normal(size=(40, 3)) * [0.01, 2.0, 1.0] + [5.0, -1.0, 0.0]
+    reference[:, 1] += 150 * (reference[:, 0] - 5.0)  # correlated with the small-scale first column
+    reference[0, 0], reference[1, 1], reference[2, 0] = 4.7, 60.0, 5.2  # outliers far below and above
+    reference[6:, 2] = 0.0  # MAD 0, std > 0
+    values = rng.normal(size=(6, 3)) * [0.01, 2.0, 1.0] + [5.0, -1.0, 0.0]
+    values[0, 1] = np.nan
+    expected = _typicality_by_hand(reference, values)
+    assert scores.typicality(reference, values) == pytest.approx(expected, rel=1e-9)
+    assert scores.typicality(pd.DataFrame(reference), pd.DataFrame(values)) == pytest.approx(expected, rel=1e-9)
+
+
+def test_typicality_of_one_column_and_of_two_rows_and_its_refusals():
+    """typicality(): one measure gives -|z|; two reference rows suffice; a constant reference gives zeros;
+    1-D input, one row or different columns are refused with a ValueError."""
+    one = np.array([[1.0], [2.0], [4.0]])  # median 2, scale 1.4826
+    assert scores.typicality(one, np.array([[2.0], [5.0], [-1.0]])).tolist() == pytest.approx(
+        [0.0, -3 / 1.4826, -3 / 1.4826])
+    two = scores.typicality(np.array([[0.0, 0.0], [2.0, 1.0]]), np.array([[1.0, 0.5], [3.0, 0.5]]))
+    assert two[0] == pytest.approx(0.0) and two[1] < 0
+    assert scores.typicality(np.full((4, 2), 3.0), np.ones((5, 2))).tolist() == [0.0] * 5
+    for reference, values, message in ((np.zeros(4), np.zeros((2, 1)), "2-D"),
+                                       (np.zeros((4, 2)), np.zeros(2), "2-D"),
+                                       (np.zeros((4, 2)), np.zeros((2, 3)), "same columns"),
+                                       (np.zeros((1, 2)), np.zeros((2, 2)), "at least 2")):
+        with pytest.raises(ValueError, match=message):
+            scores.typicality(reference, values)
+
 def test_combined_rank_is_the_mean_within_class_percentile_rank():
     frame = pd.DataFrame({"a": [1.0, 2.0, 3.0, 10.0], "b": [3.0, 2.0, 1.0, 0.0]})
     labels = np.array([0, 0, 0, 1])
@@ -100,6 +175,14 @@ def test_k_center_starts_near_the_mean_then_takes_the_farthest_point_each_time()
     points = torch.tensor([[0.0], [1.0], [2.0], [10.0]])  # mean 3.25: nearest is 2; then 10; then 0 (2 away); then 1
     assert selection.k_center_order(points).tolist() == [2, 3, 0, 1]
     assert selection.diversity_scores(points, np.zeros(4, dtype=int)).tolist() == [-2.0, -3.0, 0.0, -1.0]
+
+
+def test_k_center_order_of_no_row_and_of_one_row():
+    """k_center_order(): no rows give an empty int64 order, one row the order [0]."""
+    empty = selection.k_center_order(torch.zeros(0, 3))
+    assert empty.dtype == np.int64 and empty.tolist() == []
+    single = selection.k_center_order(torch.ones(1, 3))
+    assert single.dtype == np.int64 and single.tolist() == [0]
 
 
 # -------------------------------------------------------------------------------------------- the stage
@@ -279,3 +362,19 @@ def test_bad_curation_parameters_name_the_parameter_and_the_fix(run_dir):
     with pytest.raises(config.ConfigError, match="reference_per_class=4 .* at most 3"):  # 3 per class in the fixture
         curation.reference_set(data.real_data(too_many).train, too_many)
     assert curation.reference_set(data.real_data(cfg).train, cfg).class_counts().tolist() == [2] * 10
+
+
+def test_quotas_and_selections_of_edge_shares_empty_sets_and_ties():
+    """class_quota(): shares in (0, 1] only, no classes for no labels; top_per_class(): an empty int64 selection of
+    an empty set, and tied scores keep the earlier images (a stable sort, also past numpy's small-array cutoff)."""
+    labels = np.zeros(5, dtype=int)
+    assert selection.class_quota(labels, 1.0).tolist() == [5]
+    for fraction in (0.0, 1.5):
+        with pytest.raises(ValueError, match="must be in"):
+            selection.class_quota(labels, fraction)
+    assert selection.class_quota(np.zeros(0, dtype=int), 0.5).tolist() == []
+    empty = selection.top_per_class(np.zeros(0), np.zeros(0, dtype=int), 0.5)
+    assert empty.dtype == np.int64 and empty.tolist() == []
+    scores = np.tile([1.0, 2.0, 0.0], 40)  # 40 tied images at each of three scores
+    tied = selection.top_per_class(scores, np.zeros(120, dtype=int), 0.5)  # 60: the 40 of score 2, then 20 of 1
+    assert tied.tolist() == sorted(list(range(1, 120, 3)) + list(range(0, 60, 3)))

@@ -259,3 +259,58 @@ def test_a_run_refuses_other_data_than_its_split_was_drawn_from(tmp_path):
     data.real_data(config.resolve("smoke", tmp_path / "run", [*overrides, f"data.root={tmp_path / 'a'}"]))
     with pytest.raises(DataError, match="was drawn from other data"):
         data.real_data(config.resolve("smoke", tmp_path / "run", [*overrides, f"data.root={tmp_path / 'b'}"]))
+
+
+# ------------------------------------------------------------------ the split, pinned by the mutation score (#24)
+
+THREE = ("cat", "dog", "frog")
+
+
+def _split_params(val=1, train=None, test=None):
+    import types
+
+    return types.SimpleNamespace(val_per_class=val, train_per_class=train, test_per_class=test)
+
+
+def test_make_split_draws_val_then_train_then_test_with_their_own_seeds():
+    """make_split(): val from `seed`, a balanced train from seed + 1 outside val, a balanced test from seed + 2, for
+    the classes given; null counts keep every remaining train image and the whole test set."""
+    train_labels, test_labels = np.repeat(np.arange(3), 6), np.repeat(np.arange(3), 4)
+    whole = data.make_split(train_labels, test_labels, _split_params(), 5, classes=THREE)
+    val = data.balanced_indices(train_labels, 1, 5, classes=THREE)
+    assert whole["val"] == val.tolist() and whole["test"] == list(range(12))
+    assert whole["train"] == sorted(set(range(18)) - set(val.tolist()))
+    balanced = data.make_split(train_labels, test_labels, _split_params(1, 2, 1), 5, classes=THREE)
+    assert balanced["val"] == val.tolist()
+    assert balanced["train"] == data.balanced_indices(train_labels, 2, 6, exclude=val, classes=THREE).tolist()
+    assert balanced["test"] == data.balanced_indices(test_labels, 1, 7, classes=THREE).tolist()
+    assert balanced == data.make_split(train_labels, test_labels, _split_params(1, 2, 1), 5, classes=THREE)
+
+
+def test_split_problem_accepts_the_drawn_split_and_names_each_kind_of_damage():
+    """_split_problem(): None for the split make_split drew; the exact reason for each problem of a stored split."""
+    train_labels, test_labels = np.repeat(np.arange(3), 6), np.repeat(np.arange(3), 4)
+    params = _split_params()
+    good = {**data.make_split(train_labels, test_labels, params, 5, classes=THREE), "seed": 5}
+
+    def problem(split, params=params):
+        return data._split_problem(split, train_labels, test_labels, params, 5, 3)
+
+    assert problem(good) is None
+    assert problem([1, 2]) == "it holds a JSON list, not the split record"
+    for values in ([True, 2], [0.5, 2], (0, 1)):
+        assert problem({**good, "val": values}) == "'val' is not a list of integer indices"
+    assert problem({**good, "test": [0, 12, 13, 14, 15]}) == "'test' holds indices outside 0..11 (e.g. [12, 13, 14])"
+    assert problem({**good, "test": [-1, 0]}) == "'test' holds indices outside 0..11 (e.g. [-1])"
+    assert problem({**good, "test": [0, 1, 1, 2, 2]}) == "'test' lists 2 index(es) twice"
+    assert problem({**good, "test": [1, 0]}) == "'test' is not in increasing order, as the split was drawn"
+    overlap = good["train"][:4]
+    assert problem({**good, "val": overlap}) == f"4 index(es) are in both 'train' and 'val' (e.g. {overlap[:3]})"
+    assert problem({**good, "seed": 4}) == "it was drawn with seed 4, the run's seed is 5"
+    assert problem({**good, "train": good["train"][1:]}) == (
+        "'train' holds 14 indices; with data.train_per_class=null it holds every one of the 18 train images that "
+        "'val' does not (15)")
+    assert problem({**good, "test": good["test"][1:]}) == (
+        "'test' holds 11 indices; with data.test_per_class=null it is the whole test set (12)")
+    assert problem({**good, "val": [], "train": list(range(18))}) == (
+        "'val' holds [0, 0, 0] images per class; data.val_per_class=1 asks for 1 of each class")

@@ -309,3 +309,148 @@ def test_bad_inputs_raise_value_errors_naming_the_parameter(call, message) -> No
     a, b = _clusters(torch.zeros(1, 4), 20, 0), _clusters(torch.zeros(1, 4), 20, 1)
     with pytest.raises(ValueError, match=message):
         call(a, b)
+
+
+# ------------------------------------------------------------------ wiring and defaults, pinned by the mutation score (#24)
+
+
+def test_gap_table_rows_come_from_the_seeded_halves_and_subsets_of_each_set_paired_with_the_floor() -> None:
+    """gap_table(): the reference's halves and KID subsets from `_set_generator(seed, reference)`, each set's from
+    its own generator; the floor difference's interval from the paired half values; the row's sizes and kid_se."""
+    from synthgap_helpers.gap import measures as m
+
+    sets = {"real": _clusters(torch.zeros(1, 3), 24, 0), "floor": _clusters(torch.zeros(1, 3), 20, 1),
+            "far": _clusters(torch.full((1, 3), 2.0), 22, 2)}
+    raw = gap_table(sets, "real", "floor", k=2, kid_subsets=3, kid_subset_size=6, n_splits=8, seed=3, progress=False)
+    assert list(raw.columns[:3]) == ["set", "n", "n_reference"] and "kid_se" in raw.columns
+    table = raw.set_index("set")
+    real = sets["real"].double()
+    real_halves = m.random_halves(24, 8, m._set_generator(3, "real"))
+    real_subsets = m.disjoint_subsets(24, 3, 6, m._set_generator(3, "real"))
+    halves, kid = {}, {}
+    for name in ("floor", "far"):
+        fake, generator = sets[name].double(), m._set_generator(3, name)
+        fake_halves = m.random_halves(len(fake), 8, generator)
+        halves[name] = m.half_values(real, fake, real_halves, fake_halves, manifolds=m.KnnManifolds(real, fake, 2))
+        kid[name] = m.mmd2_unbiased(real, fake, real_subsets, m.disjoint_subsets(len(fake), 3, 6, generator)).numpy()
+    far = table.loc["far"]
+    assert (far["n"], far["n_reference"], far["kid_subsets"], far["kid_subset_size"]) == (22, 24, 3, 6)
+    error = m.split_standard_error(halves["far"])[0]
+    assert (far["fd_low"], far["fd_high"]) == pytest.approx(m.normal_interval(far["fd"], error, 0.95, m.RANGES["fd"]))
+    error = m.split_standard_error(halves["far"][0] - halves["floor"][0])
+    assert (far["fd_diff_low"], far["fd_diff_high"]) == pytest.approx(
+        m.normal_interval(far["fd_diff"], error, 0.95, (-math.inf, math.inf)))
+    assert far["kid"] == pytest.approx(kid["far"].mean()) and far["kid_se"] == pytest.approx(m.mean_and_error(kid["far"])[1])
+    assert far["kid_diff_p"] == pytest.approx(m.t_p_value(kid["far"] - kid["floor"]))
+
+
+def test_the_measures_defaults_are_k_3_1000_splits_seed_0_and_100_kid_subsets_of_1000() -> None:
+    """gap_intervals/gap_table/kernel_inception_distance/precision_recall: the documented defaults; `k` reaches the
+    manifolds."""
+    real, fake = _clusters(torch.zeros(1, 2), 202, 0), _clusters(torch.ones(1, 2), 202, 1)
+    assert gap_intervals(real[:12], fake[:12]) == gap_intervals(real[:12], fake[:12], k=3, n_splits=1000, seed=0)
+    one = gap_intervals(real[:12], fake[:12], k=1, n_splits=4)
+    assert (one["precision"][0], one["recall"][0]) == precision_recall(real[:12], fake[:12], k=1)
+    assert precision_recall(real, fake) == precision_recall(real, fake, k=3)
+    small = {"real": real[:12], "sd": fake[:12]}
+    pd.testing.assert_frame_equal(gap_table(small, progress=False), gap_table(
+        small, k=3, kid_subsets=100, kid_subset_size=1000, n_splits=1000, seed=0, progress=False))
+    assert gap_table({"real": real, "sd": fake}, n_splits=4, kid_subset_size=2, progress=False).loc[0, "kid_subsets"] == 100
+    assert kernel_inception_distance(real, fake, subset_size=2) == kernel_inception_distance(
+        real, fake, subsets=100, subset_size=2, seed=0)
+    big_real, big_fake = _clusters(torch.zeros(1, 2), 1001, 2), _clusters(torch.zeros(1, 2), 1001, 3)
+    assert kernel_inception_distance(big_real, big_fake)[0] == kernel_inception_distance(
+        big_real, big_fake, subset_size=1000)[0]
+
+
+def test_edge_sizes_of_knn_balls_kid_subsets_and_t_p_value() -> None:
+    """knn_balls needs k below the distinct rows; KID takes subsets of 2 rows; t_p_value without spread is NaN."""
+    from synthgap_helpers.gap.measures import knn_balls
+
+    with pytest.raises(ValueError, match="below the number of distinct rows"):
+        knn_balls(torch.eye(3, dtype=torch.float64), 3)
+    assert knn_balls(torch.eye(3, dtype=torch.float64), 2)[1].tolist() == pytest.approx([math.sqrt(2)] * 3)
+    mean, error = kernel_inception_distance(torch.eye(4), torch.eye(4) * 2, subset_size=2)
+    assert math.isfinite(mean) and math.isfinite(error)
+    assert math.isnan(t_p_value(np.array([1.0, 1.0])))
+
+
+def test_balanced_split_is_seeded_and_holds_out_from_one_to_all_but_one() -> None:
+    """balanced_split(): the same split for the same generator seed; 1 held-out image per set is enough, all is not."""
+    from synthgap_helpers.gap.detection import balanced_split
+
+    first = balanced_split(10, 8, 0.5, torch.Generator().manual_seed(4))
+    again = balanced_split(10, 8, 0.5, torch.Generator().manual_seed(4))
+    assert all(torch.equal(a, b) for a, b in zip(first, again)) and [len(x) for x in first] == [4, 4, 4, 4]
+    assert [len(x) for x in balanced_split(4, 4, 0.25, torch.Generator().manual_seed(0))] == [3, 3, 1, 1]
+    with pytest.raises(ValueError, match="holds out 4 of 4"):
+        balanced_split(4, 4, 1.0, torch.Generator().manual_seed(0))
+
+
+def test_batched_measures_equal_the_measures_of_each_materialised_half() -> None:
+    """frechet_distances/half_values: each resample pair of a batch gets its own FD, precision and recall, those of
+    the materialised rows; split_standard_error is sqrt(mean(((a - b) / 2)^2))."""
+    from synthgap_helpers.gap import measures as m
+
+    real, fake = _clusters(torch.zeros(1, 3), 16, 0).double(), _clusters(torch.ones(1, 3), 14, 1).double()
+    generator = torch.Generator().manual_seed(0)
+    real_halves, fake_halves = m.random_halves(16, 2, generator), m.random_halves(14, 2, generator)
+    values = m.half_values(real, fake, real_halves, fake_halves, manifolds=m.KnnManifolds(real, fake, 2), batch=3)
+    for split in range(2):
+        for half in range(2):
+            r, f = real[real_halves[split, half]], fake[fake_halves[split, half]]
+            expected = [frechet_distance(r, f), *precision_recall(r, f, k=2)]
+            assert values[:, split, half].tolist() == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert m.split_standard_error(np.array([[1.0, 3.0], [2.0, 2.0]])) == pytest.approx(math.sqrt(0.5))
+
+
+def test_interval_helpers_and_their_argument_checks() -> None:
+    """normal_interval is value -/+ z se; a NaN bound makes both NaN; the level must lie strictly inside (0, 1);
+    random halves need >= 4 rows and >= 2 splits."""
+    from synthgap_helpers.gap import measures as m
+
+    z = scipy.stats.norm.ppf(0.975)
+    assert m.normal_interval(1.0, 2.0, 0.95, (-math.inf, math.inf)) == pytest.approx((1 - 2 * z, 1 + 2 * z))
+    assert all(math.isnan(v) for v in m.clipped_interval(0.5, math.nan, 1.0, (0.0, 1.0)))
+    assert all(math.isnan(v) for v in m.clipped_interval(0.5, 0.0, math.nan, (0.0, 1.0)))
+    for level in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match="confidence_level"):
+            m.check_level(level)
+    m.check_level(0.5)
+    assert m.random_halves(4, 2, torch.Generator().manual_seed(0)).shape == (2, 2, 2)
+    with pytest.raises(ValueError, match="needs >= 4 rows"):
+        m.random_halves(3, 2, torch.Generator())
+    with pytest.raises(ValueError, match="n_splits=1"):
+        m.random_halves(4, 1, torch.Generator())
+
+
+def test_t_interval_ball_boundaries_and_the_tables_columns() -> None:
+    """t_interval is scipy's t interval of the mean; a row at exactly a ball's radius is inside the manifold; 1-D
+    features are refused; KnnManifolds defaults to k=3; gap_table passes its k on and keeps its column order."""
+    from synthgap_helpers.gap import measures as m
+
+    values = np.array([1.0, 2.0, 4.0])
+    low, high = scipy.stats.t.interval(0.9, 2, loc=values.mean(), scale=scipy.stats.sem(values))
+    assert m.t_interval(values, 0.9, (-math.inf, math.inf)) == pytest.approx((values.mean(), low, high))
+    real = torch.tensor([[0.0], [10.0], [30.0]])  # k=1 radii 10, 10, 20
+    fake = torch.tensor([[-10.0], [50.0], [100.0]])  # -10 and 50 lie exactly on a ball's edge
+    assert precision_recall(real, fake, k=1)[0] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="2-D tensor"):
+        m.check_feature_sets(torch.zeros(4), torch.zeros(4, 2))
+    sets = {"real": _clusters(torch.zeros(1, 2), 8, 0), "sd": _clusters(torch.ones(1, 2), 8, 1)}
+    assert KnnManifolds(sets["real"], sets["sd"]).k == 3
+    table = gap_table(sets, k=1, n_splits=2, progress=False)
+    assert (table.loc[0, "precision"], table.loc[0, "recall"]) == precision_recall(sets["real"], sets["sd"], k=1)
+    assert list(table.columns[3:6]) == ["fd", "fd_low", "fd_high"] and list(table.columns[10:13]) == [
+        "kid", "kid_low", "kid_high"]
+
+
+def test_distances_are_exact_for_identical_rows_and_kid_subsets_default_to_1000_rows() -> None:
+    """pairwise_distances: no matrix-product shortcut, so a row is at distance exactly 0 from itself (duplicates
+    stay duplicates) even past torch's 25-row cutoff; gap_table's KID subsets hold 1000 rows by default."""
+    from synthgap_helpers.gap.measures import pairwise_distances
+
+    rows = torch.randn(40, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 1000 + 1e4
+    assert (pairwise_distances(rows, rows).diagonal() == 0).all()
+    sets = {"real": _clusters(torch.zeros(1, 2), 1001, 0), "sd": _clusters(torch.ones(1, 2), 1001, 1)}
+    assert gap_table(sets, n_splits=2, progress=False).loc[0, "kid_subset_size"] == 1000

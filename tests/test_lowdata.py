@@ -226,6 +226,35 @@ def test_an_image_drawing_on_a_group_mean_outside_the_subset_is_left_out_and_the
     assert txt2img.ids == ["t"] and not txt2img.derived and txt2img.skipped is None
 
 
+def test_a_set_with_no_image_inside_the_subset_is_skipped_and_a_derived_set_says_so():
+    """contained(): an empty selection is always skipped with its reason, and `derived` is True for img2img/DI sets."""
+    records = [{"id": "a", "source_id": "r1"}, {"id": "b", "source_id": "r2", "partner": "r1"}]
+    none_left = containment.contained(records, ["r9"], 1, "sd")
+    assert none_left.ids == [] and none_left.derived is True and none_left.covered == 0
+    assert none_left.skipped == "no image of synthetic set 'sd' derives only from the 1 real images of k=1"
+    kept = containment.contained(records, ["r1", "r2"], 2, "sd")
+    assert kept.ids == ["a", "b"] and kept.derived is True and kept.covered == 2 and kept.skipped is None
+
+
+def test_the_arm_files_lie_in_lowdata_k_and_seed_folders_and_hold_only_the_kept_records(tmp_path):
+    """arm_folder/write_real_ids/write_manifest: the paths and contents anyone checks the containment with."""
+    assert containment.arm_folder(tmp_path, 2) == tmp_path / "lowdata" / "k2"
+    assert containment.arm_folder(tmp_path, 2, 3) == tmp_path / "lowdata" / "k2" / "seed3"
+    assert containment.arm_folder(tmp_path, 2, 0) == tmp_path / "lowdata" / "k2" / "seed0"
+    path = containment.write_real_ids(tmp_path, 2, 7, ("r1", "r2"))
+    assert path == tmp_path / "lowdata" / "k2" / "real_ids.json"
+    assert json.loads(path.read_text()) == {"k": 2, "order_seed": 7, "seed": None, "ids": ["r1", "r2"]}
+    seeded = containment.write_real_ids(tmp_path, 2, 7, ["r3"], seed=1)
+    assert seeded == tmp_path / "lowdata" / "k2" / "seed1" / "real_ids.json"
+    assert json.loads(seeded.read_text())["seed"] == 1
+    records = [{"z": 1, "source_id": "r1", "id": "a"}, {"id": "b", "source_id": "r2"}, {"id": "c", "source_id": "r1"}]
+    manifest = containment.write_manifest(tmp_path, 2, "sd", records, ["c", "a"])
+    assert manifest == tmp_path / "lowdata" / "k2" / "sd" / "manifest.jsonl"
+    assert manifest.read_text() == '{"id": "a", "source_id": "r1", "z": 1}\n{"id": "c", "source_id": "r1"}\n'
+    seeded = containment.write_manifest(tmp_path, 2, "di", records, [], seed=4)
+    assert seeded == tmp_path / "lowdata" / "k2" / "seed4" / "di" / "manifest.jsonl" and seeded.read_text() == ""
+
+
 @pytest.mark.slow
 def test_every_lowdata_arm_of_the_smoke_run_trains_only_on_images_of_its_k_subset():
     run_dir = Path(__file__).resolve().parents[1] / "runs" / "smoke"

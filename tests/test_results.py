@@ -298,3 +298,178 @@ def test_generation_settings_are_read_from_each_sets_manifest_and_quoted_as_a_se
         "`sd`: base model sd-1-5, generated at 512 px, mode img2img at strength 0.75, guidance scale 7.5, "
         "unconditional input the empty prompt, sampler dpm++, 25 steps; `di`: base model sd-1-4, generated at "
         "128 px, mode inverted embeddings, guidance scale 2, unconditional input the group's mean embedding")
+
+
+# ------------------------------------------------------------------ edge cases pinned by the mutation score (#24)
+
+
+def test_t_p_value_without_spread_is_1_for_no_difference_and_0_for_any_other():
+    """_t_p_value(): se = 0 (every seed gave one number) gives p = 1 for a zero difference, 0 for any other."""
+    assert results._t_p_value(0.0, 0.0, 3) == 1.0
+    assert results._t_p_value(1.0, 0.0, 3) == 0.0 and results._t_p_value(-0.5, 0.0, 3) == 0.0
+    assert results._t_p_value(1.0, 1.0, 1e9) == pytest.approx(2 * scipy.stats.norm.sf(1.0))
+
+
+def test_welch_difference_needs_two_values_on_both_sides_and_takes_zero_spread_as_an_exact_difference():
+    """welch_difference(): interval and p only with >= 2 values on each side; no spread: df inf, a 0-wide interval."""
+    for values, reference in (([1.0], [2.0, 3.0]), ([1.0, 2.0], [3.0])):
+        one_side = results.welch_difference(values, reference)
+        assert all(math.isnan(one_side[key]) for key in ("ci95_low", "ci95_high", "df", "p"))
+    two = results.welch_difference([1.0, 2.0], [3.0, 5.0])
+    assert two["p"] == pytest.approx(scipy.stats.ttest_ind([1.0, 2.0], [3.0, 5.0], equal_var=False).pvalue)
+    exact = results.welch_difference([2.0, 2.0], [1.0, 1.0])
+    assert exact == {"difference": 1.0, "ci95_low": 1.0, "ci95_high": 1.0, "df": math.inf, "p": 0.0}
+
+
+def test_paired_difference_of_one_pair_has_no_df_or_p_and_of_two_pairs_has_both():
+    """paired_difference(): df and p are NaN for one pair and defined (df = 1) from two pairs on."""
+    one = results.paired_difference([3.0], [1.0])
+    assert one["difference"] == 2.0 and math.isnan(one["df"]) and math.isnan(one["p"])
+    two = results.paired_difference([3.0, 5.0], [1.0, 2.0])
+    assert two["df"] == 1.0 and two["p"] == pytest.approx(scipy.stats.ttest_rel([3.0, 5.0], [1.0, 2.0]).pvalue)
+
+
+def test_holm_allows_p_1_caps_adjusted_values_at_1():
+    """holm(): p = 1 is a valid p-value, and adjusted p-values never exceed 1."""
+    assert results.holm([1.0]).tolist() == [1.0]
+    assert results.holm([0.6, 0.7]).tolist() == [1.0, 1.0]
+    with pytest.raises(ValueError, match="must lie in"):
+        results.holm([1.5])
+
+
+def test_bootstrap_p_value_per_column_and_without_defined_draws():
+    """bootstrap_p_value(): along `axis` only; a column with one defined draw has a p, one with none NaN; a 1-D
+    input gives a float, NaN without draws."""
+    draws = np.array([[1.0, 2.0, -1.0, np.nan], [np.nan, np.nan, np.nan, np.nan], [np.nan, 3.0, np.nan, np.nan]])
+    p = results.bootstrap_p_value(draws, axis=1)
+    assert p[0] == pytest.approx(2 * (1 + 1) / 4) and math.isnan(p[1]) and p[2] == pytest.approx(1.0)
+    assert results.bootstrap_p_value(draws.T, axis=0)[0] == pytest.approx(1.0)
+    scalar = results.bootstrap_p_value([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0])
+    assert type(scalar) is float and scalar == pytest.approx(2 / 8)
+    assert math.isnan(results.bootstrap_p_value([np.nan, np.nan]))
+
+
+def test_with_holm_flags_only_p_below_alpha_and_takes_an_empty_family():
+    """with_holm(): significant means adjusted p < alpha (not <=); the default column is ``p``; no rows, no flags."""
+    table = results.with_holm(pd.DataFrame({"p": [0.05, 0.01]}), alpha=0.1)
+    assert table["p (Holm)"].tolist() == pytest.approx([0.05, 0.02])
+    assert table["significant after Holm"].tolist() == [True, True]
+    at_alpha = results.with_holm(pd.DataFrame({"p": [0.05]}))
+    assert at_alpha["significant after Holm"].tolist() == [False]
+    empty = results.with_holm(pd.DataFrame({"p": []}))
+    assert empty.empty and list(empty.columns) == ["p", "p (Holm)", "significant after Holm"]
+
+
+def test_holm_cells_and_p_text_print_na_and_no():
+    """holm_cells()/p_text(): 'n/a' for a missing p, 'no' where not significant after Holm."""
+    assert results.p_text(math.nan) == "n/a" and results.p_text(0.012345) == "0.0123"
+    row = pd.Series({"p": math.nan, "p (Holm)": 0.2, "significant after Holm": False})
+    assert results.holm_cells(row) == ["n/a", "0.2", "no"]
+
+
+def test_gains_over_keeps_the_order_of_appearance_and_its_columns():
+    """gains_over(): arms in order of appearance (not sorted), with the columns GAIN_COLUMNS; an arm whose seeds
+    repeat is not paired."""
+    per_seed = pd.DataFrame({"arm": ["real", "real", "zz", "zz", "aa", "aa"], "seed": [0, 1, 0, 1, 0, 0],
+                             "test_accuracy": [80.0, 82.0, 70.0, 71.0, 90.0, 91.0]})
+    gains = results.gains_over(per_seed, "real", paired=True)
+    assert list(gains.index) == ["zz", "aa"] and list(gains.columns) == results.GAIN_COLUMNS
+    assert gains.loc["zz", "seeds"] == 2 and gains.loc["zz", "baseline seeds"] == 2
+    assert gains.loc["zz", "test"] == "paired" and gains.loc["aa", "test"] == "Welch"
+
+
+def test_one_seed_texts_say_so():
+    """accuracy_text()/gain_text(): one seed gives no ± and no interval."""
+    assert results.accuracy_text(81.234, math.nan, 1) == "81.2 % (1 seed)"
+    assert results.accuracy_text(81.234, 0.5, 2) == "81.2 ± 0.5 % (2 seeds)"
+    assert results.gain_text(4.26, math.nan, math.nan) == "+4.3 points (one seed per arm: no interval)"
+
+
+def test_record_keeps_sections_and_moves_an_unreadable_file_aside_while_read_records_leaves_it(tmp_path):
+    """record()/read_records()/_read(): sections add up in results.json; a file that is not a JSON mapping is moved
+    aside unchanged to results.json.corrupt-<UTC time> by record and left in place by read_records."""
+    assert results.read_records(tmp_path) == {}
+    results.record(tmp_path, "a", {"x": np.float64(1.5), "bad": math.nan})
+    path = results.record(tmp_path, "b", [1, 2])
+    assert path == tmp_path / "results.json" and results.read_records(tmp_path) == {"a": {"x": 1.5, "bad": None},
+                                                                                       "b": [1, 2]}
+    path.write_text("[1, 2]")
+    with pytest.raises(results.CorruptResults, match="is a JSON list, not the mapping of sections"):
+        results.read_records(tmp_path)
+    assert path.read_text() == "[1, 2]"
+    with pytest.raises(results.CorruptResults, match="section 'c' was not recorded") as caught:
+        results.record(tmp_path, "c", 1)
+    aside = list(tmp_path.glob("results.json.corrupt-*"))
+    assert len(aside) == 1 and aside[0].read_text() == "[1, 2]" and not path.exists()
+    assert str(aside[0]) in str(caught.value) and str(path) in str(caught.value)
+    assert len(aside[0].name) == len("results.json.corrupt-20260101T000000.000000Z")
+
+
+def test_frame_records_comparison_index_and_holm_family():
+    """frame_records(): a named index becomes the first field; comparison_index(): '<name> − <reference>' beside
+    the metric; holm_family(): the family's size in words, saying when only some comparisons have a p."""
+    frame = pd.DataFrame({"v": [1.0, math.nan]}, index=pd.Index(["a", "b"], name="arm"))
+    assert results.frame_records(frame) == [{"arm": "a", "v": 1.0}, {"arm": "b", "v": None}]
+    assert results.frame_records(frame.reset_index(drop=True)) == [{"v": 1.0}, {"v": None}]
+    index = results.comparison_index(["sd", "di"], ["fd", "kid"], "real")
+    assert list(index) == [("sd − real", "fd"), ("di − real", "kid")] and list(index.names) == ["comparison", "metric"]
+    table = pd.DataFrame({"metric": ["fd", "kid", "fd", "kid"], "set": ["sd", "sd", "di", "di"],
+                          "p": [0.1, 0.2, 0.3, 0.4]})
+    assert repr(results.holm_family(table, "set", "synthetic sets", "real/test")) == (
+        "the 4 comparisons of the table (2 metrics × 2 synthetic sets against real/test)")
+    table.loc[3, "p"] = math.nan
+    assert repr(results.holm_family(table, "set", "synthetic sets", "real/test")) == (
+        "the 3 comparisons of the table (2 metrics × 2 synthetic sets against real/test, those with a p-value)")
+
+
+def test_contained_text_lists_two_arms_with_and_more_with_commas():
+    """contained_text(): per k, 'a and b' for two arms, 'a, b and c' from three on; k rows joined by '; '."""
+    counts = pd.DataFrame({"real+sd": ["100", "5", "1"], "real+di": ["500", "6", None], "real+x": ["7", "8", None],
+                           "real+y": ["9", None, None]}, index=[10, 50, 90])
+    assert results.contained_text(counts) == ("k = 10: `real+sd` 100, `real+di` 500, `real+x` 7 and `real+y` 9; "
+                                              "k = 50: `real+sd` 5, `real+di` 6 and `real+x` 8; k = 90: `real+sd` 1")
+    assert results.contained_text(counts[["real+sd", "real+di"]].iloc[:1]) == "k = 10: `real+sd` 100 and `real+di` 500"
+
+
+def test_quoted_gains_holds_the_arm_gains_and_the_sd_di_comparisons_as_one_holm_family():
+    """quoted_gains(): one row per glue key (index 'glue key'), the arms' gains over real and the SD-vs-DI rows by
+    SIZE_KEYS (with or without real+), Holm-adjusted at `alpha`."""
+    per_seed = pd.DataFrame({"arm": ["real"] * 3 + ["real+sd"] * 3,
+                             "test_accuracy": [80.0, 81.0, 82.0, 90.0, 91.0, 92.5]})
+    sizes = pd.DataFrame({"arm": ["real+di", "di@sd-size"], "against": ["real+sd", "sd"], "with real": [True, False],
+                          "size": ["native", "equal"], "test": ["paired", "Welch"], "gain (points)": [1.0, 2.0],
+                          "ci95_low": [0.5, 1.0], "ci95_high": [1.5, 3.0], "p": [0.04, 0.2]})
+    headline = types.SimpleNamespace(gains=results.gains_over(per_seed, "real"), sizes=sizes)
+    table = results.quoted_gains(headline, alpha=0.1)
+    assert table.index.name == "glue key"
+    assert list(table.index) == ["gain_real+sd", "real_sd_di_native_size", "sd_di_equal_size"]
+    assert list(table.columns) == ["comparison", "test", "gain (points)", "ci95_low", "ci95_high", "p", "p (Holm)",
+                                   "significant after Holm"]
+    assert table.loc["gain_real+sd", "comparison"] == "real+sd − real" and table.loc["gain_real+sd", "test"] == "Welch"
+    assert table.loc["real_sd_di_native_size", "comparison"] == "real+di − real+sd"
+    assert table.loc["real_sd_di_native_size", "p (Holm)"] == pytest.approx(0.08)
+    assert table["significant after Holm"].tolist() == [True, True, False]
+
+
+def test_pairing_needs_each_seed_once_and_an_empty_gains_table_keeps_its_columns():
+    """gains_over(): an arm that repeats a seed is not paired even when its set of seeds is the baseline's; no
+    comparison still gives the GAIN_COLUMNS (and quoted_gains its columns)."""
+    per_seed = pd.DataFrame({"arm": ["real", "real", "sd", "sd", "sd"], "seed": [0, 1, 0, 1, 1],
+                             "test_accuracy": [80.0, 82.0, 70.0, 71.0, 72.0]})
+    assert results.gains_over(per_seed, "real", paired=True).loc["sd", "test"] == "Welch"
+    empty = results.gains_over(per_seed[per_seed["arm"] != "real"], "real")
+    assert empty.empty and list(empty.columns) == results.GAIN_COLUMNS
+    headline = types.SimpleNamespace(gains=empty, sizes=pd.DataFrame(columns=["arm", "against", "with real", "size"]))
+    quoted = results.quoted_gains(headline)
+    assert quoted.empty and list(quoted.columns)[:6] == ["comparison", "test", "gain (points)", "ci95_low",
+                                                          "ci95_high", "p"]
+
+
+def test_bootstrap_high_counts_along_the_axis_and_the_markdown_tables_headers():
+    """bootstrap_p_value() counts draws >= 0 per column; quoted_gains_markdown() starts with its header rows."""
+    draws = np.array([[-1.0, 1.0], [-2.0, 2.0], [-3.0, 3.0], [4.0, 4.0]])
+    assert results.bootstrap_p_value(draws, axis=0).tolist() == pytest.approx([2 * 2 / 5, 2 * 1 / 5])
+    text = results.quoted_gains_markdown(pd.DataFrame(columns=["comparison", "test", "gain (points)", "ci95_low",
+                                                               "ci95_high", "p", "p (Holm)", "significant after Holm"]))
+    assert text == ("| comparison | difference | p | p (Holm) | significant after Holm |\n"
+                    "| --- | --- | --- | --- | --- |")

@@ -15,8 +15,10 @@ from torch import nn
 from synthgap_helpers.train.batches import (
     CIFAR10_MEAN,
     BatchIndices,
+    IndexStream,
     normalize,
     random_crop_flip,
+    real_per_batch,
 )
 from synthgap_helpers.train.models import build_model
 from synthgap_helpers.train.trainer import (
@@ -371,3 +373,73 @@ def test_budget_needs_exactly_one_of_epochs_and_steps():
         TrainParams()
     with pytest.raises(ValueError, match="TrainParams.epochs=2"):
         TrainParams(epochs=2, steps=10)
+
+
+# ------------------------------------------------------------------ batch state and mixing, pinned by the mutation score (#24)
+
+
+def test_real_per_batch_rounds_and_keeps_at_least_one_of_each_source():
+    """real_per_batch(): round(batch_size * real_share), at least 1 real and at least 1 synthetic image."""
+    assert [real_per_batch(4, share) for share in (0.0, 0.1, 0.5, 0.9, 1.0)] == [1, 1, 2, 3, 3]
+    assert real_per_batch(2, 1.0) == 1 and real_per_batch(10, 0.34) == 3
+
+
+def test_a_restored_stream_and_batches_continue_where_the_state_was_taken():
+    """IndexStream/BatchIndices state() and restore(): the same next indices; a state of other sets is refused."""
+    batches = BatchIndices(6, 4, 3, torch.Generator().manual_seed(0), mix="fixed_share")
+    batches.next()
+    perms, positions = batches.state()
+    assert len(perms) == len(positions) == 2 and positions == [2, 1]
+    generator_state = batches._sources[0][0]._generator.get_state()
+    expected = [batches.next() for _ in range(4)]
+    again = BatchIndices(6, 4, 3, torch.Generator().manual_seed(0), mix="fixed_share")
+    again._sources[0][0]._generator.set_state(generator_state)
+    again.restore(perms, positions)
+    assert all(torch.equal(a, b) for a, b in zip(expected, [again.next() for _ in range(4)]))
+    with pytest.raises(ValueError, match="holds 1 sources; these batches draw from 2"):
+        again.restore(perms[:1], positions[:1])
+    with pytest.raises(ValueError, match="holds 2 sources"):
+        again.restore(perms, positions[:1])
+    stream = IndexStream(4, torch.Generator().manual_seed(0))
+    stream.restore(torch.empty(0, dtype=torch.long), 0)  # a fresh stream's state
+    stream.restore(torch.tensor([3, 1, 0, 2]), 4)
+    assert stream.state()[1] == 4 and stream.take(1).tolist() != []
+    stream.restore(torch.tensor([3, 1, 0, 2]), 1)
+    assert stream.take(3).tolist() == [1, 0, 2]
+    for perm, pos in ((torch.tensor([3.0, 1.0, 0.0, 2.0]), 0), (torch.tensor([[3, 1, 0, 2]]), 0),
+                      (torch.tensor([1, 0, 2]), 0), (torch.tensor([3, 1, 0, 2]), 5), (torch.tensor([3, 1, 0, 2]), -1),
+                      (torch.empty(0, dtype=torch.long), 1)):
+        with pytest.raises(ValueError, match="not the state of a stream over 4 indices"):
+            stream.restore(perm, pos)
+
+
+def test_streams_are_seeded_and_a_fresh_streams_state_restores():
+    """IndexStream: the same generator seed gives the same passes; a fresh stream's state is an empty long pass."""
+    first, second = (IndexStream(7, torch.Generator().manual_seed(3)) for _ in range(2))
+    assert first.take(10).tolist() == second.take(10).tolist()
+    fresh = IndexStream(5, torch.Generator().manual_seed(0))
+    perm, pos = fresh.state()
+    assert perm.dtype == torch.long and len(perm) == 0 and pos == 0
+    IndexStream(5, torch.Generator().manual_seed(1)).restore(perm, pos)
+
+
+def test_fixed_share_defaults_to_half_real_and_mixes_a_single_synthetic_image():
+    """BatchIndices: fixed_share's default real_share is 0.5; one synthetic image is mixed in (not concatenated),
+    and without synthetic images fixed_share shuffles the real set alone."""
+    half = BatchIndices(8, 8, 4, torch.Generator().manual_seed(0), mix="fixed_share").next()
+    assert (half < 8).sum().item() == 2
+    single = BatchIndices(8, 1, 4, torch.Generator().manual_seed(0), mix="fixed_share", real_share=0.75)
+    for _ in range(3):
+        batch = single.next()
+        assert (batch[:3] < 8).all() and batch[3].item() == 8
+    alone = BatchIndices(8, 0, 4, torch.Generator().manual_seed(0), mix="fixed_share")
+    assert sorted(torch.cat([alone.next(), alone.next()]).tolist()) == list(range(8))
+
+
+def test_normalize_uses_the_given_stats_and_the_requested_memory_format():
+    """normalize(): (x / 255 - mean) / std with `stats` when given; channels_last only when asked."""
+    images = torch.tensor([0, 51, 255], dtype=torch.uint8).view(1, 3, 1, 1).expand(2, 3, 2, 2).contiguous()
+    x = normalize(images, channels_last=False, stats=((0.0, 0.2, 0.5), (1.0, 0.5, 0.25)))
+    assert x[0, :, 0, 0].tolist() == pytest.approx([0.0, 0.0, 2.0], abs=1e-6)
+    assert x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    assert normalize(images).is_contiguous(memory_format=torch.channels_last)
