@@ -183,6 +183,7 @@ def test_error_summary_by_hand():
     assert summary["auc_10deg"] == pytest.approx((10 + 9 + 6 + 0) / 40)
 
 
+@pytest.mark.slow
 def test_calibrated_detector_beats_auc_floor_on_all_of_york_urban(york_urban_root):
     table, summary = evaluate_york_urban(york_urban_root, use_focal=True)
     assert summary["n_images"] == 51 and len(table) == 153
