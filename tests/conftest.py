@@ -50,6 +50,15 @@ def cifar_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     return target / "cifar10"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def session_cache(tmp_path_factory: pytest.TempPathFactory):
+    """The decoded-array cache of session- and module-scoped fixtures (set up before `isolated_cache`): never the
+    user's ~/.cache/synthgap, which other test processes (pytest -n, another checkout's tests) also write."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SYNTHGAP_CACHE_DIR", str(tmp_path_factory.mktemp("session-cache")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Every test gets its own decoded-array cache unless it shares the session one explicitly."""
