@@ -10,6 +10,13 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
+    # pytest -n N: N workers share the cores, so each worker (and every process it starts) gets its share of
+    # torch's threads instead of one per core each, which oversubscribes the CPU and makes them wait for
+    # one another. Results do not depend on it (the smoke reference holds for 1 and 2 threads).
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1))
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+
 
 def needs_or_skip(reason: str) -> None:
     """Something a test needs is missing: skip it with `reason` shown in pytest's summary, except under `CI=true`,
