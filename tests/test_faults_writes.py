@@ -141,6 +141,7 @@ def test_a_full_disk_mid_run_is_one_line_and_a_rerun_completes_the_same_bytes(tm
     rerun_completes(run_dir, reference, capsys)
 
 
+@pytest.mark.slow
 def test_a_read_only_cache_is_one_line_naming_it_and_a_writable_one_completes(tmp_path, capsys):
     """img2img reads the real images, whose decoded arrays go to data.cache_dir."""
     cache, run_dir = tmp_path / "cache", tmp_path / "run"
