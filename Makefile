@@ -1,5 +1,6 @@
 # make book   : run the notebook suite (PROFILE=smoke by default) and build the HTML book in _build/html
 # make test   : every test (unit, integration, nbval on the notebooks, the smoke suite and book build)
+# make fast   : the fast tests only (not marked slow), on every core (pytest-xdist): quick feedback while editing
 # make publish: push the built _build/html to the gh-pages branch of REMOTE (default origin); builds nothing
 # make mutation: mutation score of the core modules (mutmut, fast tests; not in CI), see scripts/mutation_report.py
 # Each bootstraps the virtual environment (VENV=.venv by default) from pyproject.toml.
@@ -16,7 +17,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 notebooks: export TQDM_MININTERVAL ?= 5
 STAMP := $(VENV)/.synthgap-installed
 
-.PHONY: book test venv notebooks clean publish mutation
+.PHONY: book test fast venv notebooks clean publish mutation
 
 venv: $(STAMP)
 
@@ -35,12 +36,18 @@ book: $(STAMP)
 # tests/test_smoke_reference.py checks its numbers. Where the exact path reproduces the committed outputs (Linux
 # x86-64 with AVX2 and the reference's package versions: `python tests/smoke_reference.py tier`), nbval compares
 # the marked cells exactly; elsewhere it masks their numbers, which the reference's bands check instead.
+# Then the fast tests in parallel, then the slow ones in order (those that read runs/smoke are all slow).
 test: $(STAMP)
 	rm -rf runs/smoke
 	tier=$$($(PY) tests/smoke_reference.py tier) && \
 	$(PY) -m synthgap_helpers.exact $(PY) -m pytest --nbval-lax --nbval-sanitize-with tests/nbval_sanitize_$$tier.cfg \
 		-p no:cacheprovider notebooks/
-	$(PY) -m pytest tests
+	$(PY) -m pytest -m "not slow" -n auto tests
+	$(PY) -m pytest -m slow tests
+
+# The tests not marked slow, in parallel (each test is independent of the others and of runs/smoke).
+fast: $(STAMP)
+	$(PY) -m pytest -m "not slow" -n auto -p no:cacheprovider tests
 
 # Re-execute the committed notebooks in place, in order, on a fresh smoke run: their outputs are nbval's
 # reference, so they must be what a clean clone computes (later chapters see the sets earlier ones made).

@@ -10,6 +10,13 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
+    # pytest -n N: N workers share the cores, so each worker (and every process it starts) gets its share of
+    # torch's threads instead of one per core each, which oversubscribes the CPU and makes them wait for
+    # one another. Results do not depend on it (the smoke reference holds for 1 and 2 threads).
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1))
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+
 
 def needs_or_skip(reason: str) -> None:
     """Something a test needs is missing: skip it with `reason` shown in pytest's summary, except under `CI=true`,
@@ -48,6 +55,15 @@ def cifar_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     with tarfile.open(shared_data_dir / "cifar10-jpeg.tar.gz") as archive:
         archive.extractall(target, filter="data")
     return target / "cifar10"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def session_cache(tmp_path_factory: pytest.TempPathFactory):
+    """The decoded-array cache of session- and module-scoped fixtures (set up before `isolated_cache`): never the
+    user's ~/.cache/synthgap, which other test processes (pytest -n, another checkout's tests) also write."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SYNTHGAP_CACHE_DIR", str(tmp_path_factory.mktemp("session-cache")))
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -24,7 +24,9 @@ import pytest
 from study_files import TINY_TRAINING, write_batches, write_synthetic
 from test_faults_inputs import assert_one_line, run_cli
 
-from synthgap_helpers import cli, imagesets, locks
+from synthgap_helpers import cli, config, imagesets, locks
+from synthgap_helpers.train import arms as train_arms
+from synthgap_helpers.train import stage as train_stage
 
 SD = ["sd.model=tiny", "sd.mode=txt2img", "sd.classes=[cat,dog]", "sd.images_per_class=3", "sd.steps=2", "device=cpu"]
 DEADLINE = 120  # seconds a process may take to reach a point the test waits for: far more than it needs
@@ -132,6 +134,7 @@ def sd_args(run_dir: Path) -> list[str]:
     return ["generate", "sd", "--run-dir", str(run_dir), *[arg for pair in SD for arg in ("--set", pair)]]
 
 
+@pytest.mark.slow
 def test_two_generate_sd_on_one_shard_one_writes_the_other_stops_in_one_line(tmp_path, capsys):
     run_dir = tmp_path / "run"
     folder = run_dir / "synthetic" / "sd"
@@ -237,6 +240,7 @@ COUNTED_TRAIN = """
 """
 
 
+@pytest.mark.slow
 def test_two_train_processes_train_every_job_once_and_the_second_takes_other_work(tmp_path):
     write_batches(tmp_path / "cifar" / "cifar-10-batches-py")
     run_dir = tmp_path / "run"
@@ -258,6 +262,21 @@ def test_two_train_processes_train_every_job_once_and_the_second_takes_other_wor
     assert starts == finished == ["real 0", "sd 0"]  # every job trained, none twice
     left = [(out, other) for (out, _), other in zip(outputs, processes[::-1]) if "left to another process:" in out]
     assert left and all(f"being trained by pid {other.pid} on host" in out for out, other in left), outputs
+
+
+def test_a_job_another_process_trains_is_left_to_it_and_the_rest_trained(tmp_path, holder):
+    """In-process twin of the slow two-process test above: a job whose lock another process holds is skipped,
+    named in the summary with its holder, and left pending; the other jobs are trained."""
+    write_batches(tmp_path / "cifar" / "cifar-10-batches-py")
+    run_dir = tmp_path / "run"
+    write_synthetic(run_dir / "synthetic" / "sd")
+    sets = {**TINY_TRAINING, "data.root": str(tmp_path / "cifar"), "device": "cpu", "train.arms": ["real", "sd"]}
+    process = holder(locks.lock_path(train_arms.job_dir(run_dir, "real", 0)))
+    summary = train_stage.run(config.load("smoke", run_dir=run_dir, overrides=sets))
+    assert summary.trained == [("sd", 0)] and summary.pending == [("real", 0)]
+    assert f"left to another process: real seed 0, being trained by pid {process.pid} on host" in repr(summary)
+    assert not (train_arms.job_dir(run_dir, "real", 0) / "metrics.json").exists()
+    assert (train_arms.job_dir(run_dir, "sd", 0) / "metrics.json").is_file()
 
 
 # --------------------------------------------------------------------------------------------- results.json
@@ -302,6 +321,8 @@ def test_a_file_system_without_locks_is_refused_in_one_line_naming_the_folder(tm
     (["invert", "train"], ".locks/inversion-embeddings.shard-0-of-1.lock", "inversion embeddings shard 0/1"),
     (["invert", "sample"], "synthetic/di/.locks/manifest.jsonl.lock", "synthetic/di shard 0/1"),
     (["curate"], "results/.locks/curation.shard-0-of-1.lock", "results/curation shard 0/1"),
+    (["generate", "sd", "--set", "sd.mode=txt2img"], "synthetic/sd/.locks/manifest.jsonl.lock",
+     "synthetic/sd shard 0/1"),  # in-process twin of the slow two-process test above
 ])
 def test_the_other_writing_stages_stop_a_second_process_on_a_shard_in_one_line(tmp_path, capsys, holder, command,
                                                                                lock, what):

@@ -202,6 +202,7 @@ def test_split_is_disjoint_balanced_and_reused(tmp_path):
     assert data.real_data(cfg).train.ids == real.train.ids
 
 
+@pytest.mark.slow
 def test_real_cifar10_jpegs_load_whole_with_official_counts(cifar_dir):
     train, test = load_cifar10("train", root=cifar_dir), load_cifar10("test", root=cifar_dir)
     assert train.images.shape == (50000, 3, 32, 32) and test.images.shape == (10000, 3, 32, 32)

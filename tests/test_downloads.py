@@ -89,12 +89,12 @@ def server() -> Iterator[Server]:
 
 
 @pytest.fixture
-def refused_url() -> str:
-    """A URL on a local port nothing listens on (connection refused, as offline)."""
+def refused_url() -> Iterator[str]:
+    """A URL on a local port nothing listens on (connection refused, as offline). The port stays bound, not
+    listening, for the test's duration, so no other test running at the same time (pytest -n) can take it."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    return f"http://127.0.0.1:{port}/archive"
+        yield f"http://127.0.0.1:{probe.getsockname()[1]}/archive"
 
 
 def leftovers(folder: Path) -> list[str]:

@@ -375,6 +375,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_fp16_inversion_killed_after_a_checkpoint_and_resumed_is_byte_identical(tmp_path):
     script = tmp_path / "child.py"
     script.write_text(CHILD.format(tests=str(REPO / "tests")))

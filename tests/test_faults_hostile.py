@@ -187,6 +187,7 @@ def test_entries_that_are_not_regular_files_are_skipped_with_their_reason_and_ne
     server.close()
 
 
+@pytest.mark.slow
 def test_a_fifo_in_place_of_a_listed_png_is_regenerated_not_waited_on(sd_run):
     cfg, folder = sd_run
     victim = folder / "cat" / "sd_000001.png"

@@ -371,6 +371,7 @@ sys.exit(cli.main(sys.argv[3:]))
 """
 
 
+@pytest.mark.slow
 def test_a_training_killed_with_sigkill_resumes_to_the_same_bytes_as_an_uninterrupted_one(tmp_path):
     write_batches(tmp_path / "cifar" / "cifar-10-batches-py")
     overrides = {**TINY_TRAINING, "data.root": str(tmp_path / "cifar"), "train.arms": ["real"], "train.steps": 9,

@@ -114,6 +114,7 @@ def reference(tmp_path_factory) -> tuple[dict[str, bytes], bytes]:
 # --------------------------------------------------------------------------------------------- refused writes
 
 
+@pytest.mark.slow
 def test_a_file_size_limit_is_one_line_and_a_rerun_completes_the_same_bytes(tmp_path, reference, capsys):
     """The issue's repro: the last manifest append cut by `ulimit -f` reported "N written" and left fewer lines
     (a limit hit earlier was a traceback; the full disk below covers a fault mid-run)."""
@@ -128,6 +129,7 @@ def test_a_file_size_limit_is_one_line_and_a_rerun_completes_the_same_bytes(tmp_
     rerun_completes(run_dir, reference, capsys)
 
 
+@pytest.mark.slow
 def test_a_full_disk_mid_run_is_one_line_and_a_rerun_completes_the_same_bytes(tmp_path, reference, capsys):
     run_dir = tmp_path / "run"
     (run_dir / "synthetic").mkdir(parents=True)
@@ -139,6 +141,7 @@ def test_a_full_disk_mid_run_is_one_line_and_a_rerun_completes_the_same_bytes(tm
     rerun_completes(run_dir, reference, capsys)
 
 
+@pytest.mark.slow
 def test_a_read_only_cache_is_one_line_naming_it_and_a_writable_one_completes(tmp_path, capsys):
     """img2img reads the real images, whose decoded arrays go to data.cache_dir."""
     cache, run_dir = tmp_path / "cache", tmp_path / "run"
@@ -186,6 +189,7 @@ def test_short_writes_are_completed_and_a_refused_append_is_taken_back(tmp_path,
 # --------------------------------------------------------------------------------------------- interruptions
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sent, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_an_interrupted_generate_is_one_line_and_a_rerun_completes_the_same_bytes(tmp_path, reference, capsys,
                                                                                    sent, status):

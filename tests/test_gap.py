@@ -182,6 +182,7 @@ def test_every_interval_stays_in_its_measures_range() -> None:
         assert (table[f"{measure}_low"] <= table[measure]).all() and (table[measure] <= table[f"{measure}_high"]).all()
 
 
+@pytest.mark.slow
 def test_intervals_cover_their_targets_for_two_samples_of_one_distribution() -> None:
     """Equal Gaussians (reference, floor and set: n = 40, d = 4), 120 repeats. Every difference from the floor has
     target 0 (the floor and the set are alike), KID's target is the population MMD^2 = 0, those of FD, precision and

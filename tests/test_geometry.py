@@ -183,6 +183,7 @@ def test_error_summary_by_hand():
     assert summary["auc_10deg"] == pytest.approx((10 + 9 + 6 + 0) / 40)
 
 
+@pytest.mark.slow
 def test_calibrated_detector_beats_auc_floor_on_all_of_york_urban(york_urban_root):
     table, summary = evaluate_york_urban(york_urban_root, use_focal=True)
     assert summary["n_images"] == 51 and len(table) == 153
@@ -190,6 +191,7 @@ def test_calibrated_detector_beats_auc_floor_on_all_of_york_urban(york_urban_roo
     assert summary["median_deg"] < 1.5
 
 
+@pytest.mark.slow
 def test_uncalibrated_detector_beats_auc_floor_on_york_urban_subset(york_urban_root):
     names = sorted(p.name for p in york_urban_root.glob("*.jpg"))[::2]
     _, summary = evaluate_york_urban(york_urban_root, use_focal=False, images=names)
@@ -197,6 +199,7 @@ def test_uncalibrated_detector_beats_auc_floor_on_york_urban_subset(york_urban_r
     assert summary["auc_10deg"] > 0.72  # measured 0.845 on all 51 images
 
 
+@pytest.mark.slow
 def test_resolution_calibration_counts_fewer_and_less_consistent_segments_at_32_pixels(york_urban_root):
     table, summary = resolution_calibration(york_urban_root)
     assert len(table) == 51

@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_gpu_check_passes_every_check_on_the_tiny_pipeline_on_cpu(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--tiny", "--device", "cpu",
                              "--work", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=1200)

@@ -198,6 +198,7 @@ def test_evaluation_does_not_depend_on_its_batch_size_the_set_size_or_the_other_
     assert metrics[0] == metrics[1] == metrics[2]
 
 
+@pytest.mark.slow
 def test_a_narrow_resnet_learns_20_images_to_full_training_accuracy():
     images, labels = blocky_images(20), labels_for(20)
     params = TrainParams(model="resnet18_cifar_narrow", batch_size=10, epochs=30, lr_per_128=1.0, eval_every=20,
