@@ -473,3 +473,159 @@ def test_bootstrap_high_counts_along_the_axis_and_the_markdown_tables_headers():
                                                                "ci95_high", "p", "p (Holm)", "significant after Holm"]))
     assert text == ("| comparison | difference | p | p (Holm) | significant after Holm |\n"
                     "| --- | --- | --- | --- | --- |")
+
+
+def story_inputs():
+    """A hand-built headline (3-seed, 1-seed and untrained arms, an SD-vs-DI size row after one of other sets, one
+    set's generation settings) with a low-data sweep and a fine-tuning summary, both with a planned comparison."""
+    values = pd.DataFrame({"n_seeds": [3, 3, 1, 0], "mean": [81.234, 71.19, 85.5, np.nan],
+                           "std": [0.456, 1.04, np.nan, np.nan]}, index=["real", "sd", "real+di", "di"])
+    gains = pd.DataFrame([["real", 3, 3, "paired", -10.04, -12.0, -8.1, 0.001],
+                          ["real", 1, 3, "Welch", 4.26, np.nan, np.nan, np.nan]],
+                         index=["sd", "real+di"], columns=results.GAIN_COLUMNS)
+    sizes = pd.DataFrame([
+        {"with real": True, "size": "native", "arm": "real+di", "against": "real", "images": 100, "against images": 0,
+         "mean": 85.5, "std": np.nan, "seeds": 1, "against mean": 81.2, "against std": 0.5, "against seeds": 3,
+         "test": "Welch", "gain (points)": 4.3, "ci95_low": np.nan, "ci95_high": np.nan, "p": np.nan},
+        {"with real": False, "size": "equal", "arm": "di@sd-size", "against": "sd", "images": 5000,
+         "against images": 5000, "mean": 75.0, "std": 0.5, "seeds": 3, "against mean": 71.19, "against std": 1.04,
+         "against seeds": 3, "test": "paired", "gain (points)": 3.81, "ci95_low": 1.0, "ci95_high": 6.6, "p": 0.03}],
+        columns=train_stage.SIZE_COLUMNS)
+    settings = pd.DataFrame({"base model": ["sd-1-5", "—"], "sampler": ["—", "—"]}, index=["sd", "di"])
+    headline = train_stage.Headline(table=None, values=values, per_seed=None, gains=gains, note="", test_images=10000,
+                                    path=None, sizes=sizes, settings=settings)
+    lowdata = pd.DataFrame({"k": [10, 50], "arm": ["real+di", "real+di"], "over": "real", "seeds": 3,
+                            "baseline seeds": 3, "test": "paired", "gain (points)": [4.0, 0.5],
+                            "ci95_low": [1.0, -1.0], "ci95_high": [7.0, 2.0], "p": [0.012, 0.4]})
+    sweep = types.SimpleNamespace(planned=(10, "real+di"), gains=lambda: lowdata,
+                                  contained_counts=lambda: pd.DataFrame({"real+sd": ["100"], "real+di": ["500"]},
+                                                                        index=pd.Index([10], name="k")))
+    tuned = lowdata.assign(over="di", **{"gain (points)": [2.0, 1.0], "p": [0.2, 0.5]})
+    finetuned = types.SimpleNamespace(planned=(10, "real+di"), gains=lambda: tuned)
+    return headline, sweep, finetuned
+
+
+STORY = {
+    "profile": "paper", "profile_meaning": config.profile_meaning("paper"), "test_images": "10,000",
+    "accuracy_real": "81.2 ± 0.5 % (3 seeds)", "accuracy_sd": "71.2 ± 1.0 % (3 seeds)",
+    "accuracy_real+di": "85.5 % (1 seed)", "accuracy_di": "not trained",
+    "gain_sd": "-10.0 points (95% paired interval -12.0 to -8.1)",
+    "gain_real+di": "+4.3 points (one seed per arm: no interval)", "gain_di": "not trained",
+    "sd_di_equal_size": "`di@sd-size` 75.0 ± 0.5 % (3 seeds, 5,000 synthetic images) against `sd` 71.2 ± 1.0 % "
+                        "(3 seeds, 5,000 synthetic images): +3.8 points (95% paired interval +1.0 to +6.6)",
+    "sd_di_native_size": "not trained", "real_sd_di_equal_size": "not trained", "real_sd_di_native_size": "not trained",
+    "generation_settings": "`sd`: base model sd-1-5",
+    "lowdata_planned_gain": "real+di at k = 10 real images per class, +4.0 points (95% paired interval +1.0 to +7.0) "
+                            "over real",
+    "finetune_planned_gain": "real+di at k = 10 real images per class, +2.0 points (95% paired interval +1.0 to "
+                             "+7.0) over di",
+    "lowdata_contained": "k = 10: `real+sd` 100 and `real+di` 500",
+    "headline_md": "| training data | test accuracy | change against `real` |\n| --- | --- | --- |\n"
+                   "| `real` | 81.2 ± 0.5 % (3 seeds) | (the baseline) |\n"
+                   "| `sd` | 71.2 ± 1.0 % (3 seeds) | -10.0 points (95% paired interval -12.0 to -8.1) |\n"
+                   "| `real+di` | 85.5 % (1 seed) | +4.3 points (one seed per arm: no interval) |\n"
+                   "| `di` | not trained | not trained |",
+    "quoted_family": "5 comparisons, 4 of them with a p-value (an arm of one seed has no test)",
+}
+
+
+def test_story_numbers_pin_every_text_of_a_hand_built_run():
+    """story_numbers(): every glue key and its exact text (profile, accuracies, gains, SD vs DI, settings, planned
+    low-data and fine-tuning gains, contained counts, the headline table, the Holm family) for hand-built inputs;
+    an arm set without `real` and curves without a planned comparison; a family of one is singular."""
+    headline, sweep, finetuned = story_inputs()
+    texts = results.story_numbers(config.resolve("paper"), headline, sweep, finetuned)
+    assert all(type(texts[key]) is results.GlueText for key in STORY if not key.endswith("_md"))
+    assert type(texts["headline_md"]) is type(texts["quoted_gains_md"]) is results.GlueMarkdown
+    assert {key: text.text for key, text in texts.items() if key != "quoted_gains_md"} == STORY
+    assert list(texts) == [*STORY][:-2] + ["headline_md", "quoted_family", "quoted_gains_md"]
+    family = results.quoted_gains(headline, sweep, finetuned)
+    assert list(family.index) == ["gain_sd", "gain_real+di", "sd_di_equal_size", "lowdata_planned_gain",
+                                  "finetune_planned_gain"]
+    assert texts["quoted_gains_md"].text == results.quoted_gains_markdown(family)
+    assert texts["quoted_gains_md"].text.splitlines()[-1] == (
+        "| `real+di − di at k = 10` | +2.0 points (95% paired interval +1.0 to +7.0) | 0.2 | 0.2 | no |")  # Holm: 4th smallest of 4
+    # no `real` arm; curves without a planned comparison; a family of one comparison
+    alone = dataclasses.replace(headline, values=headline.values.loc[["sd"]], gains=headline.gains.loc[["sd"]],
+                                sizes=headline.sizes.iloc[:0], settings=headline.settings.iloc[:0])
+    unplanned = types.SimpleNamespace(planned=None, gains=lambda: pd.DataFrame())
+    texts = results.story_numbers(config.resolve("smoke"), alone, finetuned=unplanned)
+    assert {key: text.text for key, text in texts.items() if not key.endswith("_md")} == {
+        "profile": "smoke", "profile_meaning": config.profile_meaning("smoke"), "test_images": "10,000",
+        "accuracy_sd": STORY["accuracy_sd"], "gain_sd": STORY["gain_sd"],
+        **dict.fromkeys(results.SIZE_KEYS.values(), "not trained"), "generation_settings": "not trained",
+        "finetune_planned_gain": "not trained",
+        "quoted_family": "1 comparison, 1 of them with a p-value (an arm of one seed has no test)"}
+
+
+def test_glue_story_glues_every_story_number_and_shows_them_keyed():
+    """glue_story(): glues each story_numbers text under its key, not displayed here, and returns them as a table
+    indexed by 'glue key' (sweep and fine-tuning passed through)."""
+    import myst_nb
+
+    glued = []
+    headline, sweep, finetuned = story_inputs()
+    cfg = config.resolve("paper")
+    original = myst_nb.glue
+    try:
+        myst_nb.glue = lambda name, variable, display=True: glued.append((name, variable, display))
+        shown = results.glue_story(cfg, headline, sweep, finetuned)
+    finally:
+        myst_nb.glue = original
+    texts = results.story_numbers(cfg, headline, sweep, finetuned)
+    assert [(name, variable) for name, variable, _ in glued] == list(texts.items())
+    assert not any(display for _, _, display in glued)
+    assert shown.index.name == "glue key" and list(shown.index) == list(texts)
+    assert list(shown.columns) == ["quoted in the introduction as"]
+    assert shown["quoted in the introduction as"].tolist() == [text.text for text in texts.values()]
+
+
+def test_settings_size_texts_and_planned_rows_skip_what_they_do_not_quote():
+    """settings_text(): clauses of the known cells only, joined with '; ' (MISSING for none); size_texts() goes on
+    past a row of other sets; planned_gain() of an empty gains table is MISSING; quoted_gains() takes the planned
+    fine-tuning row (with its test) without a sweep."""
+    settings = pd.DataFrame({"base model": ["sd-1-5", "—", "sd-1-4"], "sampler": ["dpm++", "—", "—"]},
+                            index=["sd", "ext", "di"])
+    assert results.settings_text(settings) == "`sd`: base model sd-1-5, sampler dpm++; `di`: base model sd-1-4"
+    assert results.settings_text(settings.loc[["ext"]]) == results.MISSING
+    headline, _, finetuned = story_inputs()
+    assert results.size_texts(headline.sizes)["sd_di_equal_size"] == STORY["sd_di_equal_size"]
+    assert results.planned_gain(pd.DataFrame(), 10, "real+di") == results.MISSING
+    table = results.quoted_gains(headline, finetuned=finetuned)
+    assert list(table.index) == ["gain_sd", "gain_real+di", "sd_di_equal_size", "finetune_planned_gain"]
+    assert table.loc["finetune_planned_gain"].iloc[:3].tolist() == ["real+di − di at k = 10", "paired", 2.0]
+
+
+def test_record_waits_for_the_lock_and_names_the_moved_aside_file_in_utc(tmp_path, monkeypatch):
+    """record(): takes the results lock with RECORD_WAIT_SECONDS; the moved-aside name is the UTC time even where
+    the local zone is not UTC."""
+    import contextlib
+    import datetime
+    import time
+
+    waits = []
+    real_holding = results.holding
+
+    @contextlib.contextmanager
+    def holding(*args, **kwargs):
+        waits.append(kwargs.get("wait"))
+        with real_holding(*args, **kwargs):
+            yield
+
+    monkeypatch.setattr(results, "holding", holding)
+    results.record(tmp_path, "a", 1)
+    assert waits == [results.RECORD_WAIT_SECONDS]
+    (tmp_path / "results.json").write_text("not json")
+    monkeypatch.setenv("TZ", "Etc/GMT-5")  # five hours east of UTC
+    try:
+        time.tzset()
+        before = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+        with pytest.raises(results.CorruptResults):
+            results.record(tmp_path, "b", 1)
+        after = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    [aside] = tmp_path.glob("results.json.corrupt-*")
+    stamp = datetime.datetime.strptime(aside.name.removeprefix("results.json.corrupt-"), "%Y%m%dT%H%M%S.%fZ")
+    assert before <= stamp <= after

@@ -444,3 +444,46 @@ def test_normalize_uses_the_given_stats_and_the_requested_memory_format():
     assert x[0, :, 0, 0].tolist() == pytest.approx([0.0, 0.0, 2.0], abs=1e-6)
     assert x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
     assert normalize(images).is_contiguous(memory_format=torch.channels_last)
+
+
+class _RecordingPass:
+    """Stands in for a pass tensor given to IndexStream.restore(): records the device it is moved to."""
+
+    dtype, ndim, shape = torch.long, 1, (0,)
+
+    def __init__(self) -> None:
+        self.moved_to = []
+
+    def __len__(self) -> int:
+        return 0
+
+    def to(self, device):
+        self.moved_to.append(device)
+        return torch.empty(0, dtype=torch.long, device=device)
+
+
+def test_batch_ops_make_their_tensors_on_the_batch_device_not_the_default_one():
+    """normalize/random_crop_flip build their helper tensors on the images' device (meta images stay meta, and CPU
+    images under a meta default device give the same values); IndexStream's passes live on its generator's device,
+    and restore() moves a pass there."""
+    meta = torch.empty(3, 3, 8, 8, dtype=torch.uint8, device="meta")
+    for channels_last in (True, False):
+        out = normalize(meta, channels_last=channels_last)
+        assert out.device.type == "meta" and out.shape == meta.shape and out.dtype == torch.float32
+    out = random_crop_flip(meta, torch.Generator().manual_seed(0))
+    assert out.device.type == "meta" and out.shape == meta.shape
+    images = blocky_images(4)
+    expected_crop = random_crop_flip(images, torch.Generator().manual_seed(1))
+    expected_norm = normalize(images)
+    expected_take = IndexStream(5, torch.Generator().manual_seed(2)).take(7)
+    with torch.device("meta"):
+        crop = random_crop_flip(images, torch.Generator().manual_seed(1))
+        norm = normalize(images)
+        stream = IndexStream(5, torch.Generator().manual_seed(2))
+        assert stream.state()[0].device.type == "cpu"
+        take = stream.take(7)
+    assert crop.device.type == norm.device.type == take.device.type == "cpu"
+    assert torch.equal(crop, expected_crop) and torch.equal(norm, expected_norm) and torch.equal(take, expected_take)
+    moved = _RecordingPass()
+    IndexStream(5, torch.Generator().manual_seed(0)).restore(moved, 0)
+    assert moved.moved_to == [torch.device("cpu")]
