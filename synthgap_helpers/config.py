@@ -328,14 +328,20 @@ def resolve_device(name: str) -> str:
     return name
 
 
+def package_versions(names: Sequence[str]) -> dict[str, str | None]:
+    """The installed version of each distribution (None: not installed)."""
+    versions: dict[str, str | None] = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
 def provenance(cfg: Config) -> dict[str, Any]:
     """Versions, commit, device and start time: what a reader needs to trust or repeat a run."""
-    versions = {}
-    for package in _PROVENANCE_PACKAGES:
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
+    versions = package_versions(_PROVENANCE_PACKAGES)
     device = resolve_device(cfg.device)
     device_name = platform.processor() or platform.machine()
     if device.startswith("cuda"):

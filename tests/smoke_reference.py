@@ -27,12 +27,11 @@ import json
 import math
 import re
 import sys
-from importlib import metadata
 from pathlib import Path
 
 import pandas as pd
 
-from synthgap_helpers import exact
+from synthgap_helpers import config, exact
 
 REFERENCE = Path(__file__).resolve().parent / "reference" / "smoke.json"
 ENVIRONMENT = REFERENCE.with_name("smoke_environment.json")  # where and with what the reference was made
@@ -161,13 +160,7 @@ def spread(runs: list[dict[str, float]]) -> dict[str, float]:
 
 def versions() -> dict[str, str | None]:
     """The installed version of each numeric package (None: not installed)."""
-    found: dict[str, str | None] = {}
-    for name in NUMERIC_PACKAGES:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = None
-    return found
+    return config.package_versions(NUMERIC_PACKAGES)
 
 
 def digest(run_dir: str | Path) -> str:
